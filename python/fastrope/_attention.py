@@ -1,0 +1,217 @@
+"""The public entry points: :func:`attention`, :func:`attention_grad` and :func:`plan`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _fastrope as _native
+from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
+from ._plan import Plan, make_plan
+from ._types import ApproximationError, Gradients
+
+__all__ = ["attention", "attention_grad", "plan"]
+
+
+def _resolve(call: Call, eps: float, method: str, memory_limit: Any, backward: bool) -> Plan:
+    p = make_plan(call, eps, method, memory_limit, backward=backward)
+    if p.method == "fast":  # pragma: no cover - planner never picks it until the fast path lands
+        raise ApproximationError("the fast method is not available in this build")
+    return p
+
+
+def _finish_forward(call: Call, out4: np.ndarray, lse3: np.ndarray):
+    batch, hq, hk, nq, nk, d, dv = call.shape
+    if call.dv_padded:
+        out4 = out4[..., :0]
+        dv = 0
+    out = out4.reshape(call.lead_q + (nq, dv))
+    lse = lse3.reshape(call.lead_q + (nq,))
+    return out, lse
+
+
+def _forward(call: Call, threads: Optional[int]):
+    out4, lse3 = _native.exact_forward(call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads)
+    return out4, lse3
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    eps: float = 0.0,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window: Optional[tuple] = None,
+    bias: Any = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    method: str = "auto",
+    memory_limit: Optional[int] = None,
+    return_lse: bool = False,
+    check_finite: bool = True,
+    num_threads: Optional[int] = None,
+) -> Union[np.ndarray, "tuple[np.ndarray, np.ndarray]"]:
+    """Attention with relative-position matrices ``W_δ``.
+
+    For query ``i`` at position ``p_i = q_offset + i`` and key ``j`` at ``p'_j = k_offset + j``,
+    with ``δ = p_i - p'_j``::
+
+        M_ij = scale * q_i^T W_δ k_j                    (scale defaults to 1/sqrt(d))
+        A_ij = exp(M_ij + bias(δ))                       (0 where causal/window drop δ)
+        out_i = Σ_j A_ij v_j / Σ_j A_ij,   lse_i = log Σ_j A_ij
+
+    Args:
+        q: ``(..., n_q, d)`` float32 or float64.  The axis -3, if any, is the heads axis.
+        k: ``(..., n_k, d)``; its heads axis may divide q's (grouped-query attention).
+        v: ``(..., n_k, d_v)``.
+        w: :class:`Rotary`, :class:`BlockW`, :class:`SparseW` or an array ``(..., 2L-1, d, d)``
+            (row ``δ + L - 1`` holds ``W_δ``); leading dims broadcast against q's leading dims.
+        eps: the largest error allowed in any output entry; 0 means exact.
+        scale: score scale, default ``1/sqrt(d)``.
+        causal: drop pairs with ``δ < 0`` (top-left aligned with zero offsets, like PyTorch's
+            ``is_causal``; ``q_offset = n_k - n_q`` gives flash-attn's bottom-right alignment).
+        window: ``(left, right)``: keep ``-right <= δ <= left`` (None on a side: unbounded).
+        bias: additive score bias per δ, ``(..., 2L-1)`` (e.g. :func:`alibi`); ``-inf`` masks.
+        q_offset, k_offset: positions of the first query and key (a KV cache: ``q_offset =
+            n_k - n_q``).
+        method: ``"auto"``, ``"exact"`` or ``"fast"``.
+        memory_limit: bytes the working set may use (default: 80% of available memory);
+            ``MemoryError`` is raised before allocating beyond it.
+        return_lse: also return ``lse`` of shape ``(..., n_q)``.
+        check_finite: scan inputs for NaN/Inf and raise ``ValueError`` (default True).
+        num_threads: threads to use (default: rayon's pool, ``RAYON_NUM_THREADS`` or all cores).
+
+    Returns:
+        ``out`` of shape ``(..., n_q, d_v)`` in the input dtype, and ``lse`` if asked for.  A row
+        with no visible key returns ``out = 0`` and ``lse = -inf``.
+    """
+    eps = check_eps(eps)
+    method = check_method(method)
+    threads = check_threads(num_threads)
+    call = prepare(
+        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
+        k_offset=k_offset, check_finite=check_finite,
+    )
+    _resolve(call, eps, method, memory_limit, backward=False)
+    out, lse = _finish_forward(call, *_forward(call, threads))
+    return (out, lse) if return_lse else out
+
+
+def attention_grad(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    dout: Any,
+    eps: float = 0.0,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window: Optional[tuple] = None,
+    bias: Any = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    method: str = "auto",
+    memory_limit: Optional[int] = None,
+    check_finite: bool = True,
+    num_threads: Optional[int] = None,
+    out: Any = None,
+    lse: Any = None,
+) -> Gradients:
+    """Gradients of ``sum(attention(q, k, v, w, ...) * dout)``.
+
+    With ``P = A / l`` and ``dS = P ∘ (dout V^T - rowsum(dout ∘ out))``::
+
+        dv_j = Σ_i P_ij dout_i
+        dq_i = scale Σ_j dS_ij W_δ k_j          dk_j = scale Σ_i dS_ij W_δ^T q_i
+        dW_δ = scale Σ_{i-j=δ} dS_ij q_i k_j^T   dbias(δ) = Σ_{i-j=δ} dS_ij
+
+    ``out`` and ``lse`` from a forward with ``return_lse=True`` may be passed to skip
+    recomputing them.  Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
+    layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).
+    Other arguments as in :func:`attention`.
+    """
+    eps = check_eps(eps)
+    method = check_method(method)
+    threads = check_threads(num_threads)
+    call = prepare(
+        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
+        k_offset=k_offset, check_finite=check_finite, full_dense_support=True,
+    )
+    batch, hq, hk, nq, nk, d, dv = call.shape
+    out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
+    dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
+    _resolve(call, eps, method, memory_limit, backward=True)
+    if out is None or lse is None:
+        out4, lse3 = _forward(call, threads)
+    else:
+        out4 = _like(out, "out", out_shape, call.dtype, check_finite)
+        lse3 = _like(lse, "lse", call.lead_q + (nq,), call.dtype, False)
+        if call.dv_padded:
+            out4 = np.zeros(call.lead_q + (nq, 1), call.dtype)
+        out4 = out4.reshape(batch, hq, nq, dv)
+        lse3 = lse3.reshape(batch, hq, nq)
+    dout4 = dout_a.reshape(batch, hq, nq, 0 if call.dv_padded else dv)
+    if call.dv_padded:
+        dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
+    dq, dk, dv4, dw3, db2 = _native.exact_backward(
+        call.q4, call.k4, call.v4, out4, lse3, dout4, **call.native_args(),
+        want_dw=call.values is not None, want_dbias=call.bias is not None, num_threads=threads,
+    )
+    if call.dv_padded:
+        dv4 = dv4[..., :0]
+    dbias = None if db2 is None else db2.reshape(call.bias_shape)
+    return Gradients(
+        dq.reshape(call.lead_q + (nq, d)),
+        dk.reshape(call.lead_k + (nk, d)),
+        dv4.reshape(call.lead_k + (nk, dv4.shape[-1])),
+        restore_dw(call, dw3),
+        dbias,
+    )
+
+
+def _like(x: Any, name: str, shape: tuple, dtype: np.dtype, check_finite: bool) -> np.ndarray:
+    from ._api import _check_finite, as_float_array
+
+    a = as_float_array(x, name)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
+    if check_finite:
+        _check_finite(a, name)
+    return np.asarray(a, dtype=dtype)
+
+
+def plan(
+    q: Any,
+    k: Any,
+    v: Any,
+    w: Any,
+    eps: float = 0.0,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window: Optional[tuple] = None,
+    bias: Any = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    method: str = "auto",
+    memory_limit: Optional[int] = None,
+    backward: bool = False,
+    check_finite: bool = True,
+) -> Plan:
+    """What :func:`attention` (or, with ``backward=True``, :func:`attention_grad`) would do.
+
+    Returns a :class:`Plan`: the method, its predicted cost and working set, the polynomial
+    degree and certified error when the fast method is considered, and ``why``.
+    """
+    eps = check_eps(eps)
+    method = check_method(method)
+    call = prepare(
+        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
+        k_offset=k_offset, check_finite=check_finite, full_dense_support=backward,
+    )
+    return make_plan(call, eps, method, memory_limit, backward=backward)

@@ -1,0 +1,280 @@
+//! Position matrices `W_δ` and Toeplitz biases, and their sequences along the score diagonals.
+//!
+//! Two kinds reach the kernels. [`RotaryW`] is analytic: `W_δ = f² blockdiag_m R(-δ θ_m)`, so
+//! rotating `q_i` by `p_i θ` and `k_j` by `p'_j θ` (times `f`) turns the score into a plain dot
+//! product. [`SparseW`] is everything else: a support `S` of entries `(l1, l2)` and a table of
+//! values per `δ`. `BlockW` (2x2 blocks) and dense `W` are `SparseW` whose support is the blocks
+//! or all `d²` entries; the Python layer reshapes them without copying.
+
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+use crate::real::Real;
+use ndarray::{Array2, ArrayView2, ArrayView3};
+
+/// Rotary position matrices: `theta` (`d/2` frequencies), attention factor `f`, and the pairs
+/// `(p_m, r_m)` rotated by `θ_m` (layout).
+#[derive(Clone, Debug)]
+pub struct RotaryW {
+    pub theta: Vec<f64>,
+    pub factor: f64,
+    pub pairs: Vec<(usize, usize)>,
+}
+
+impl RotaryW {
+    pub fn validate(&self, d: usize) -> Result<()> {
+        if 2 * self.pairs.len() != d || self.theta.len() != self.pairs.len() {
+            return Err(Error::Value(format!(
+                "w: rotary needs d/2 = {} frequencies and pairs, got {} and {}",
+                d / 2,
+                self.theta.len(),
+                self.pairs.len()
+            )));
+        }
+        let mut seen = vec![false; d];
+        for &(p, r) in &self.pairs {
+            if p >= d || r >= d || p == r || seen[p] || seen[r] {
+                return Err(Error::Value(format!(
+                    "w: rotary pairs must partition 0..{d}, got pair ({p}, {r})"
+                )));
+            }
+            seen[p] = true;
+            seen[r] = true;
+        }
+        if !self.factor.is_finite() || self.theta.iter().any(|t| !t.is_finite()) {
+            return Err(Error::Value("w: rotary frequencies must be finite".into()));
+        }
+        Ok(())
+    }
+
+    /// Rotates `rows` (`n x d`, row-major, in place) of positions `offset + i` and multiplies
+    /// them by `mult`: `x_p' = x_p cos φ - x_r sin φ`, `x_r' = x_p sin φ + x_r cos φ`, `φ = p θ_m`.
+    pub fn rotate<T: Real>(&self, rows: &mut [T], d: usize, offset: i64, mult: f64) {
+        for (i, row) in rows.chunks_exact_mut(d).enumerate() {
+            let pos = (offset + i as i64) as f64;
+            for (&(p, r), &th) in self.pairs.iter().zip(&self.theta) {
+                let (s, c) = (pos * th).sin_cos();
+                let (xp, xr) = (row[p].f64(), row[r].f64());
+                row[p] = T::of(mult * (xp * c - xr * s));
+                row[r] = T::of(mult * (xp * s + xr * c));
+            }
+        }
+    }
+
+    /// The inverse of [`RotaryW::rotate`]'s rotation (the transpose), times `mult`.
+    pub fn rotate_back<T: Real>(&self, rows: &mut [T], d: usize, offset: i64, mult: f64) {
+        for (i, row) in rows.chunks_exact_mut(d).enumerate() {
+            let pos = (offset + i as i64) as f64;
+            for (&(p, r), &th) in self.pairs.iter().zip(&self.theta) {
+                let (s, c) = (pos * th).sin_cos();
+                let (xp, xr) = (row[p].f64(), row[r].f64());
+                row[p] = T::of(mult * (xp * c + xr * s));
+                row[r] = T::of(mult * (-xp * s + xr * c));
+            }
+        }
+    }
+
+    /// The same matrices as a sparse support with their diagonal sequences (for the fast
+    /// method): per pair, entries `(p,p), (p,r), (r,p), (r,r)` with `f² [cos, sin, -sin, cos](δθ)`.
+    pub fn as_sparse(&self, prob: &Problem) -> (Vec<(usize, usize)>, Array2<f64>) {
+        let glen = prob.glen();
+        let f2 = self.factor * self.factor;
+        let mut support = Vec::with_capacity(4 * self.pairs.len());
+        for &(p, r) in &self.pairs {
+            support.extend_from_slice(&[(p, p), (p, r), (r, p), (r, r)]);
+        }
+        let mut seqs = Array2::zeros((support.len(), glen));
+        for (m, &th) in self.theta.iter().enumerate() {
+            for g in 0..glen {
+                let (s, c) = (prob.delta(g) as f64 * th).sin_cos();
+                seqs[[4 * m, g]] = f2 * c;
+                seqs[[4 * m + 1, g]] = f2 * s;
+                seqs[[4 * m + 2, g]] = -f2 * s;
+                seqs[[4 * m + 3, g]] = f2 * c;
+            }
+        }
+        (support, seqs)
+    }
+}
+
+/// General position matrices: `values[w, δ + L - 1, s] = W_δ[l1_s, l2_s]` for `δ` in
+/// `[-(L-1), L-1]`; `index[b * hq + h]` says which table query head `h` of batch entry `b` uses.
+#[derive(Clone, Debug)]
+pub struct SparseW<'a, T> {
+    pub support: Vec<(usize, usize)>,
+    pub values: ArrayView3<'a, T>,
+    pub index: Vec<usize>,
+}
+
+/// A table of values per `δ` (rows `δ + L - 1`), shared by the position matrices and the bias.
+fn half_width(rows: usize, what: &str) -> Result<i64> {
+    if rows % 2 == 0 {
+        return Err(Error::Value(format!(
+            "{what}: expected an odd number 2L-1 of rows along the δ axis, got {rows}"
+        )));
+    }
+    Ok((rows as i64 - 1) / 2)
+}
+
+fn check_covers(prob: &Problem, rows: usize, what: &str) -> Result<i64> {
+    let half = half_width(rows, what)?;
+    if let Some((lo, hi)) = prob.visible_delta_range() {
+        if lo < -half || hi > half {
+            return Err(Error::Value(format!(
+                "{what}: the call needs δ in [{lo}, {hi}], but the table has {rows} rows \
+                 covering δ in [{}, {half}] (L = {})",
+                -half,
+                half + 1
+            )));
+        }
+    }
+    Ok(half)
+}
+
+fn check_index(index: &[usize], n_tables: usize, prob: &Problem, what: &str) -> Result<()> {
+    if index.len() != prob.batch * prob.hq || index.iter().any(|&i| i >= n_tables) {
+        return Err(Error::Value(format!(
+            "{what}: expected one table index < {n_tables} per (batch, head) = {}, got {} entries",
+            prob.batch * prob.hq,
+            index.len()
+        )));
+    }
+    Ok(())
+}
+
+impl<T: Real> SparseW<'_, T> {
+    pub fn validate(&self, prob: &Problem) -> Result<()> {
+        let (nw, rows, ns) = self.values.dim();
+        if ns != self.support.len() {
+            return Err(Error::Value(format!(
+                "w: expected {} values per δ (one per support entry), got {ns}",
+                self.support.len()
+            )));
+        }
+        if let Some(&(a, b)) = self.support.iter().find(|&&(a, b)| a >= prob.d || b >= prob.d) {
+            return Err(Error::Value(format!(
+                "w: support entries must be < d = {}, got ({a}, {b})",
+                prob.d
+            )));
+        }
+        check_covers(prob, rows, "w")?;
+        check_index(&self.index, nw, prob, "w")
+    }
+
+    /// Sequences along the diagonals for table `w`: `out[s * glen + g] = w_s(δ(g))`, 0 outside
+    /// the table (only masked diagonals can be outside after [`SparseW::validate`]).
+    pub fn diagonals(&self, w: usize, prob: &Problem) -> Vec<T> {
+        let glen = prob.glen();
+        let rows = self.values.dim().1;
+        let half = (rows as i64 - 1) / 2;
+        let mut out = vec![T::zero(); self.support.len() * glen];
+        for g in 0..glen {
+            let row = prob.delta(g) + half;
+            if row < 0 || row >= rows as i64 {
+                continue;
+            }
+            let vals = self.values.slice(ndarray::s![w, row as usize, ..]);
+            for (s, &x) in vals.iter().enumerate() {
+                out[s * glen + g] = x;
+            }
+        }
+        out
+    }
+}
+
+/// Additive Toeplitz bias `b(δ)`: `values[t, δ + L_b - 1]`, `index` as for [`SparseW`].
+#[derive(Clone, Debug)]
+pub struct Bias<'a, T> {
+    pub values: ArrayView2<'a, T>,
+    pub index: Vec<usize>,
+}
+
+impl<T: Real> Bias<'_, T> {
+    pub fn validate(&self, prob: &Problem) -> Result<()> {
+        let (nb, rows) = self.values.dim();
+        check_covers(prob, rows, "bias")?;
+        check_index(&self.index, nb, prob, "bias")
+    }
+}
+
+/// The additive log-factor along the diagonals: `b(δ(g))`, or `-inf` where a mask drops `δ(g)`.
+/// One sequence per bias table (or one in all without a bias). `visible_prefix[g]` counts the
+/// visible diagonals before `g`, so a tile's visibility is two lookups.
+#[derive(Clone, Debug)]
+pub struct LogFactor<T> {
+    pub seqs: Vec<Vec<T>>,
+    pub visible_prefix: Vec<usize>,
+    /// No bias and nothing masked: kernels may skip adding the sequence.
+    pub trivial: bool,
+}
+
+impl<T: Real> LogFactor<T> {
+    pub fn new(prob: &Problem, bias: Option<&Bias<'_, T>>) -> Self {
+        let glen = prob.glen();
+        let mut visible_prefix = Vec::with_capacity(glen + 1);
+        visible_prefix.push(0);
+        let mut all_visible = true;
+        for g in 0..glen {
+            let keep = prob.keeps(prob.delta(g));
+            all_visible &= keep;
+            visible_prefix.push(visible_prefix[g] + keep as usize);
+        }
+        let one = |b: Option<(&ArrayView2<'_, T>, usize)>| -> Vec<T> {
+            (0..glen)
+                .map(|g| {
+                    let delta = prob.delta(g);
+                    if !prob.keeps(delta) {
+                        return T::neg_infinity();
+                    }
+                    match b {
+                        None => T::zero(),
+                        Some((vals, t)) => {
+                            let half = (vals.dim().1 as i64 - 1) / 2;
+                            vals[[t, (delta + half) as usize]]
+                        }
+                    }
+                })
+                .collect()
+        };
+        let seqs = match bias {
+            None => vec![one(None)],
+            Some(b) => (0..b.values.dim().0).map(|t| one(Some((&b.values, t)))).collect(),
+        };
+        Self { seqs, visible_prefix, trivial: all_visible && bias.is_none() }
+    }
+
+    /// The sequence for query head `bh` (flattened `b * hq + h`).
+    pub fn for_head<'s>(&'s self, bias: Option<&Bias<'_, T>>, bh: usize) -> &'s [T] {
+        match bias {
+            None => &self.seqs[0],
+            Some(b) => &self.seqs[b.index[bh]],
+        }
+    }
+
+    /// Whether any diagonal in `g_lo..=g_hi` is visible.
+    #[inline]
+    pub fn any_visible(&self, g_lo: usize, g_hi: usize) -> bool {
+        self.visible_prefix[g_hi + 1] > self.visible_prefix[g_lo]
+    }
+
+    /// Whether every diagonal in `g_lo..=g_hi` is visible.
+    #[inline]
+    pub fn all_visible(&self, g_lo: usize, g_hi: usize) -> bool {
+        self.visible_prefix[g_hi + 1] - self.visible_prefix[g_lo] == g_hi + 1 - g_lo
+    }
+}
+
+/// The position matrices of a call.
+#[derive(Clone, Debug)]
+pub enum Position<'a, T> {
+    Rotary(RotaryW),
+    Sparse(SparseW<'a, T>),
+}
+
+impl<T: Real> Position<'_, T> {
+    pub fn validate(&self, prob: &Problem) -> Result<()> {
+        match self {
+            Position::Rotary(r) => r.validate(prob.d),
+            Position::Sparse(s) => s.validate(prob),
+        }
+    }
+}

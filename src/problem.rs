@@ -1,0 +1,190 @@
+//! The shape of one attention call, its masks and positions, and the diagonal indexing that every
+//! kernel shares.
+//!
+//! Query `i` sits at `q_offset + i`, key `j` at `k_offset + j`, and `δ_ij = c + i - j` with
+//! `c = q_offset - k_offset`. Kernels index the diagonals of the `n_q x n_k` score matrix by
+//! `g = j - i + n_q - 1` in `0..n_q + n_k - 1`, so that along a row `g` increases with `j` and a
+//! tile's entries of one sequence are a contiguous slice: `δ(g) = c + n_q - 1 - g`.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Shapes, scale, masks and offsets of one call. Batch dims are flattened into `batch`; `hq` query
+/// heads share `hk` key/value heads (`hq % hk == 0`, query head `h` reads kv head `h / (hq/hk)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub batch: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+    pub dv: usize,
+    pub scale: f64,
+    pub causal: bool,
+    /// `(left, right)`: keep `-right <= δ <= left` (flash-attn's `window_size`).
+    pub window: Option<(i64, i64)>,
+    pub q_offset: i64,
+    pub k_offset: i64,
+}
+
+impl Problem {
+    pub fn validate(&self) -> Result<()> {
+        if self.hk == 0 || self.hq % self.hk != 0 {
+            return Err(Error::Value(format!(
+                "k: expected a number of heads that divides q's {}, got {}",
+                self.hq, self.hk
+            )));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::Value(format!("scale: expected a finite float, got {}", self.scale)));
+        }
+        if let Some((l, r)) = self.window {
+            if l < 0 || r < 0 {
+                return Err(Error::Value(format!(
+                    "window: expected non-negative (left, right), got ({l}, {r})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Query heads per key/value head.
+    pub fn group(&self) -> usize {
+        self.hq / self.hk
+    }
+
+    /// Number of diagonals `n_q + n_k - 1`.
+    pub fn glen(&self) -> usize {
+        (self.nq + self.nk).saturating_sub(1)
+    }
+
+    /// `δ` of diagonal `g`.
+    #[inline]
+    pub fn delta(&self, g: usize) -> i64 {
+        self.q_offset - self.k_offset + self.nq as i64 - 1 - g as i64
+    }
+
+    /// Whether the masks keep relative position `δ`.
+    #[inline]
+    pub fn keeps(&self, delta: i64) -> bool {
+        if self.causal && delta < 0 {
+            return false;
+        }
+        match self.window {
+            Some((left, right)) => -right <= delta && delta <= left,
+            None => true,
+        }
+    }
+
+    /// The smallest and largest `δ` of a visible pair, or `None` when every pair is masked.
+    pub fn visible_delta_range(&self) -> Option<(i64, i64)> {
+        if self.nq == 0 || self.nk == 0 {
+            return None;
+        }
+        let c = self.q_offset - self.k_offset;
+        let mut lo = c - (self.nk as i64 - 1);
+        let mut hi = c + self.nq as i64 - 1;
+        if self.causal {
+            lo = lo.max(0);
+        }
+        if let Some((left, right)) = self.window {
+            lo = lo.max(-right);
+            hi = hi.min(left);
+        }
+        (lo <= hi).then_some((lo, hi))
+    }
+
+    /// Flops of the exact forward per the usual model: `4 n_q n_k d` per head (`2` for `Q K^T`,
+    /// `2` for `P V`, taking `d_v = d`), counting only visible pairs.
+    pub fn visible_pairs(&self) -> f64 {
+        let (nq, nk) = (self.nq as i64, self.nk as i64);
+        let Some((lo, hi)) = self.visible_delta_range() else {
+            return 0.0;
+        };
+        // Pairs on diagonal δ: i - j = δ - c with 0 <= i < nq, 0 <= j < nk.
+        let c = self.q_offset - self.k_offset;
+        let mut total = 0i128;
+        for delta in lo..=hi {
+            let t = delta - c; // i - j
+            let i_lo = t.max(0);
+            let i_hi = (nq - 1).min(nk - 1 + t);
+            if i_hi >= i_lo {
+                total += (i_hi - i_lo + 1) as i128;
+            }
+        }
+        total as f64
+    }
+}
+
+/// Cancellation and progress shared with the caller: kernels poll `cancelled()` between tiles.
+#[derive(Debug, Default)]
+pub struct Control {
+    cancel: AtomicBool,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+    pub fn check(&self) -> Result<()> {
+        if self.cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(nq: usize, nk: usize, qo: i64, ko: i64) -> Problem {
+        Problem {
+            batch: 1,
+            hq: 1,
+            hk: 1,
+            nq,
+            nk,
+            d: 2,
+            dv: 1,
+            scale: 1.0,
+            causal: false,
+            window: None,
+            q_offset: qo,
+            k_offset: ko,
+        }
+    }
+
+    #[test]
+    fn diagonal_indexing_matches_positions() {
+        let pr = p(5, 7, 3, 1);
+        for i in 0..5 {
+            for j in 0..7 {
+                let g = j + 5 - 1 - i;
+                assert_eq!(pr.delta(g), (3 + i as i64) - (1 + j as i64));
+            }
+        }
+    }
+
+    #[test]
+    fn visible_pairs_counts() {
+        let mut pr = p(4, 6, 0, 0);
+        assert_eq!(pr.visible_pairs(), 24.0);
+        pr.causal = true;
+        assert_eq!(pr.visible_pairs(), 4.0 + 3.0 + 2.0 + 1.0);
+        pr.q_offset = 2; // bottom-right alignment
+        assert_eq!(pr.visible_pairs(), 3.0 + 4.0 + 5.0 + 6.0);
+        pr.window = Some((1, 0));
+        assert_eq!(pr.visible_pairs(), 8.0);
+        assert_eq!(pr.visible_delta_range(), Some((0, 1)));
+    }
+}

@@ -1,0 +1,358 @@
+//! The only code that knows about Python: NumPy views in, the GIL released while the core runs,
+//! owned arrays out, and every `Error` mapped to a Python exception in one place.
+//!
+//! The Python package (`python/fastrope/_api.py`) validates and normalises arguments; these
+//! functions take canonical shapes: q `(B, Hq, n_q, d)`, k `(B, Hk, n_k, d)`,
+//! v `(B, Hk, n_k, d_v)`, position tables `(tables, 2L-1, |S|)`, bias `(tables, 2L_b-1)`.
+
+use crate::error::Error;
+use crate::exact::backward::BackwardInputs;
+use crate::position::{Bias, Position, RotaryW, SparseW};
+use crate::problem::{Control, Problem};
+use crate::real::Real;
+use numpy::{
+    Element, IntoPyArray, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4,
+};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
+    match e {
+        Error::Value(m) => PyValueError::new_err(m),
+        Error::Memory(m) => PyMemoryError::new_err(m),
+        Error::Approximation(m) => match py
+            .import("fastrope._types")
+            .and_then(|m| m.getattr("ApproximationError"))
+        {
+            Ok(cls) => PyErr::from_type(cls.cast_into().map_err(PyErr::from).unwrap_or_else(|_| py.get_type::<PyValueError>()), m),
+            Err(_) => PyValueError::new_err(m),
+        },
+        Error::Cancelled => match py.check_signals() {
+            Err(e) => e,
+            Ok(()) => pyo3::exceptions::PyKeyboardInterrupt::new_err("fastrope: computation cancelled"),
+        },
+    }
+}
+
+/// Thread pools by size, for `num_threads=`; `None` uses rayon's global pool (which honours
+/// `RAYON_NUM_THREADS`).
+fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
+    let Some(n) = n else { return Ok(None) };
+    if n == 0 {
+        return Err(PyValueError::new_err("num_threads: expected a positive int, got 0"));
+    }
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let pools = POOLS.get_or_init(Default::default);
+    let mut map = pools.lock().map_err(|_| PyRuntimeError::new_err("thread pool cache poisoned"))?;
+    if let Some(p) = map.get(&n) {
+        return Ok(Some(p.clone()));
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| PyRuntimeError::new_err(format!("num_threads: cannot start {n} threads: {e}")))?;
+    let p = Arc::new(p);
+    map.insert(n, p.clone());
+    Ok(Some(p))
+}
+
+/// Runs `f` without the GIL on a worker thread, polling for Python signals (Ctrl-C) every 50 ms:
+/// on a pending signal the kernels are told to stop at their next tile and the signal's
+/// exception is raised. A panic becomes a `RuntimeError`, never an abort of the interpreter.
+fn run<R: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    f: impl FnOnce(&Control) -> crate::Result<R> + Send,
+) -> PyResult<R> {
+    let pool = pool(threads)?;
+    let ctl = Control::new();
+    let mut interrupt: Option<PyErr> = None;
+    let res = py.detach(|| {
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<()>();
+            let ctl_ref = &ctl;
+            let pool = pool.as_deref();
+            let worker = scope.spawn(move || {
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| match pool {
+                    Some(p) => p.install(|| f(ctl_ref)),
+                    None => f(ctl_ref),
+                }));
+                let _ = tx.send(());
+                r
+            });
+            loop {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if interrupt.is_none() {
+                            if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                interrupt = Some(e);
+                                ctl.cancel();
+                            }
+                        }
+                    }
+                }
+            }
+            worker.join()
+        })
+    });
+    if let Some(e) = interrupt {
+        return Err(e);
+    }
+    match res {
+        Ok(Ok(r)) => r.map_err(|e| to_pyerr(py, e)),
+        _ => Err(PyRuntimeError::new_err("fastrope: internal error (a Rust panic); please report it")),
+    }
+}
+
+/// Canonical call description shared by the entry points.
+struct Spec {
+    prob: Problem,
+    rotary: Option<RotaryW>,
+    support: Vec<(usize, usize)>,
+    w_index: Vec<usize>,
+    bias_index: Vec<usize>,
+}
+
+fn usize_vec(a: Option<PyReadonlyArray1<'_, i64>>, what: &str) -> PyResult<Vec<usize>> {
+    match a {
+        None => Ok(Vec::new()),
+        Some(a) => a
+            .as_array()
+            .iter()
+            .map(|&x| usize::try_from(x).map_err(|_| PyValueError::new_err(format!("{what}: negative index {x}"))))
+            .collect(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spec(
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    q_offset: i64,
+    k_offset: i64,
+    rotary: Option<(PyReadonlyArray1<'_, f64>, f64, PyReadonlyArray2<'_, i64>)>,
+    support: Option<PyReadonlyArray2<'_, i64>>,
+    w_index: Option<PyReadonlyArray1<'_, i64>>,
+    bias_index: Option<PyReadonlyArray1<'_, i64>>,
+) -> PyResult<Spec> {
+    let (batch, hq, hk, nq, nk, d, dv) = shape;
+    let prob = Problem { batch, hq, hk, nq, nk, d, dv, scale, causal, window, q_offset, k_offset };
+    let rotary = match rotary {
+        None => None,
+        Some((theta, factor, pairs)) => {
+            let pairs = pairs.as_array();
+            if pairs.ncols() != 2 {
+                return Err(PyValueError::new_err("w: rotary pairs must have shape (d/2, 2)"));
+            }
+            let p: PyResult<Vec<(usize, usize)>> = pairs
+                .outer_iter()
+                .map(|r| Ok((usize::try_from(r[0]).map_err(|_| PyValueError::new_err("w: bad pair"))?, usize::try_from(r[1]).map_err(|_| PyValueError::new_err("w: bad pair"))?)))
+                .collect();
+            Some(RotaryW { theta: theta.as_array().to_vec(), factor, pairs: p? })
+        }
+    };
+    let support = match support {
+        None => Vec::new(),
+        Some(s) => {
+            let s = s.as_array();
+            if s.ncols() != 2 {
+                return Err(PyValueError::new_err(format!("w: support must have shape (|S|, 2), got {:?}", s.dim())));
+            }
+            s.outer_iter()
+                .map(|r| match (usize::try_from(r[0]), usize::try_from(r[1])) {
+                    (Ok(a), Ok(b)) => Ok((a, b)),
+                    _ => Err(PyValueError::new_err(format!("w: support entries must be >= 0, got ({}, {})", r[0], r[1]))),
+                })
+                .collect::<PyResult<_>>()?
+        }
+    };
+    Ok(Spec { prob, rotary, support, w_index: usize_vec(w_index, "w")?, bias_index: usize_vec(bias_index, "bias")? })
+}
+
+fn dtype_of(x: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    if x.cast::<numpy::PyArray4<f32>>().is_ok() {
+        Ok("float32")
+    } else if x.cast::<numpy::PyArray4<f64>>().is_ok() {
+        Ok("float64")
+    } else {
+        Err(PyTypeError::new_err("q: expected a 4-d float32 or float64 array"))
+    }
+}
+
+fn arr4<'py, T: Element>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray4<'py, T>> {
+    x.extract::<PyReadonlyArray4<'py, T>>()
+        .map_err(|_| PyTypeError::new_err(format!("{name}: expected a 4-d array of the dtype of q")))
+}
+
+fn position<'a, T: Real + Element>(
+    sp: &Spec,
+    values: Option<&'a PyReadonlyArray3<'_, T>>,
+) -> PyResult<Position<'a, T>> {
+    match (&sp.rotary, values) {
+        (Some(r), _) => Ok(Position::Rotary(r.clone())),
+        (None, Some(vals)) => Ok(Position::Sparse(SparseW {
+            support: sp.support.clone(),
+            values: vals.as_array(),
+            index: sp.w_index.clone(),
+        })),
+        (None, None) => Err(PyValueError::new_err("w: expected rotary parameters or a table of values")),
+    }
+}
+
+macro_rules! dispatch {
+    ($q:expr, $body:ident, $($args:expr),*) => {
+        match dtype_of($q)? {
+            "float32" => $body::<f32>($($args),*),
+            _ => $body::<f64>($($args),*),
+        }
+    };
+}
+
+#[allow(clippy::type_complexity)]
+fn forward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    values: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    sp: &Spec,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
+    let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let (out, lse) = run(py, threads, |ctl| {
+        crate::exact::attention_forward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, ctl)
+    })?;
+    PyTuple::new(py, [out.into_pyarray(py).into_any(), lse.into_pyarray(py).into_any()])
+}
+
+#[allow(clippy::type_complexity)]
+fn backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    arrays: [&Bound<'py, PyAny>; 6],
+    values: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    want: (bool, bool),
+    sp: &Spec,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let [q, k, v, out, lse, dout] = arrays;
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let (out, dout) = (arr4::<T>(out, "out")?, arr4::<T>(dout, "dout")?);
+    let lse: PyReadonlyArray3<'py, T> = lse.extract().map_err(|_| PyTypeError::new_err("lse: expected a 3-d array of the dtype of q"))?;
+    let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
+    let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let inp = BackwardInputs {
+        out: out.as_array(),
+        lse: lse.as_array(),
+        dout: dout.as_array(),
+        want_dw: want.0,
+        want_dbias: want.1,
+        threads: nthreads,
+    };
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let g = run(py, threads, |ctl| {
+        crate::exact::attention_backward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl)
+    })?;
+    let none = || py.None().into_bound(py);
+    PyTuple::new(
+        py,
+        [
+            g.dq.into_pyarray(py).into_any(),
+            g.dk.into_pyarray(py).into_any(),
+            g.dv.into_pyarray(py).into_any(),
+            g.dw.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+            g.dbias.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+        ],
+    )
+}
+
+/// Exact forward on canonical arrays; returns `(out, lse)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn exact_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    q_offset: i64,
+    k_offset: i64,
+    rotary: Option<(PyReadonlyArray1<'py, f64>, f64, PyReadonlyArray2<'py, i64>)>,
+    support: Option<PyReadonlyArray2<'py, i64>>,
+    values: Option<&Bound<'py, PyAny>>,
+    w_index: Option<PyReadonlyArray1<'py, i64>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    bias_index: Option<PyReadonlyArray1<'py, i64>>,
+    num_threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
+    dispatch!(q, forward_typed, py, q, k, v, values, bias, &sp, num_threads)
+}
+
+/// Exact backward on canonical arrays; returns `(dq, dk, dv, dw, dbias)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, dout, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, want_dw, want_dbias, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn exact_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
+    dout: &Bound<'py, PyAny>,
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    q_offset: i64,
+    k_offset: i64,
+    rotary: Option<(PyReadonlyArray1<'py, f64>, f64, PyReadonlyArray2<'py, i64>)>,
+    support: Option<PyReadonlyArray2<'py, i64>>,
+    values: Option<&Bound<'py, PyAny>>,
+    w_index: Option<PyReadonlyArray1<'py, i64>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    bias_index: Option<PyReadonlyArray1<'py, i64>>,
+    want_dw: bool,
+    want_dbias: bool,
+    num_threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
+    dispatch!(q, backward_typed, py, [q, k, v, out, lse, dout], values, bias, (want_dw, want_dbias), &sp, num_threads)
+}
+
+/// Threads rayon's global pool runs (what `num_threads=None` uses).
+#[pyfunction]
+fn default_num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(exact_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(exact_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
