@@ -37,7 +37,9 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
         try:
             arr = np.asarray(x)
         except Exception as e:  # torch tensors that require grad, ragged lists, ...
-            raise TypeError(f"{name}: expected a float32 or float64 array, got {_describe(x)} ({e})")
+            raise TypeError(
+                f"{name}: expected a float32 or float64 array, got {_describe(x)} ({e})"
+            ) from None
     if arr.dtype not in _FLOATS:
         raise TypeError(
             f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}"
@@ -159,7 +161,8 @@ def _window(window: Any) -> Optional[tuple]:
         x = _as_int(x, f"window[{side}]")
         if x < 0:
             raise ValueError(
-                f"window: expected non-negative (left, right) sizes (None for unbounded), got {window!r}"
+                f"window: expected non-negative (left, right) sizes (None for unbounded),"
+                f" got {window!r}"
             )
         out.append(x)
     return tuple(out)
@@ -173,7 +176,8 @@ def _table(values: np.ndarray, name: str, axis_name: str, tail: tuple, tail_desc
     rows = values.shape[values.ndim - nt - 1]
     if rows % 2 == 0:
         raise ValueError(
-            f"{name}: expected an odd number 2L-1 of rows along the δ axis ({axis_name}), got {rows}"
+            f"{name}: expected an odd number 2L-1 of rows along the δ axis ({axis_name}),"
+            f" got {rows}"
         )
     return rows
 
@@ -247,7 +251,9 @@ def prepare(
     if scale is None:
         scale_f = 1.0 / math.sqrt(d)
     else:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating)):
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(
+            scale, (numbers.Real, np.floating)
+        ):
             raise TypeError(f"scale: expected a float or None, got {_describe(scale)}")
         scale_f = float(scale)
         if not math.isfinite(scale_f):
@@ -286,7 +292,10 @@ def prepare(
                     f"w.support: expected an int array of shape (|S|, 2), got {_describe(sup)}"
                 )
             if sup.size and (sup.min() < 0 or sup.max() >= d):
-                raise ValueError(f"w.support: expected entries in [0, {d}) (d of q), got {sup.min()}..{sup.max()}")
+                raise ValueError(
+                    f"w.support: expected entries in [0, {d}) (d of q),"
+                    f" got {sup.min()}..{sup.max()}"
+                )
             if len({(int(a), int(b)) for a, b in sup}) != len(sup):
                 raise ValueError("w.support: expected distinct (l1, l2) entries, got duplicates")
             vals = as_float_array(w.values, "w.values")
@@ -311,7 +320,8 @@ def prepare(
             w_restore = ("dense", dense.shape)
         else:
             raise TypeError(
-                "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or an array of shape"
+                "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or an array of"
+                " shape"
                 f" (..., 2L-1, d, d), got {_describe(w)}"
             )
         _check_cover(rows, rng, "w")
@@ -327,7 +337,9 @@ def prepare(
             raise ValueError(f"bias: expected shape (..., 2L-1), got {b.shape}")
         rows_b = b.shape[-1]
         if rows_b % 2 == 0:
-            raise ValueError(f"bias: expected an odd number 2L-1 of entries along the last axis, got {rows_b}")
+            raise ValueError(
+                f"bias: expected an odd number 2L-1 of entries along the last axis, got {rows_b}"
+            )
         _check_cover(rows_b, rng, "bias")
         bias_index = _broadcast_index(tuple(b.shape[:-1]), lead_q, "bias", "the last axis")
         bias_shape = b.shape

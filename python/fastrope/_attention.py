@@ -32,7 +32,9 @@ def _finish_forward(call: Call, out4: np.ndarray, lse3: np.ndarray):
 
 
 def _forward(call: Call, threads: Optional[int]):
-    out4, lse3 = _native.exact_forward(call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads)
+    out4, lse3 = _native.exact_forward(
+        call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads
+    )
     return out4, lse3
 
 
@@ -54,7 +56,7 @@ def attention(
     return_lse: bool = False,
     check_finite: bool = True,
     num_threads: Optional[int] = None,
-) -> Union[np.ndarray, "tuple[np.ndarray, np.ndarray]"]:
+) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Attention with relative-position matrices ``W_δ``.
 
     For query ``i`` at position ``p_i = q_offset + i`` and key ``j`` at ``p'_j = k_offset + j``,
@@ -93,8 +95,17 @@ def attention(
     method = check_method(method)
     threads = check_threads(num_threads)
     call = prepare(
-        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
-        k_offset=k_offset, check_finite=check_finite,
+        q,
+        k,
+        v,
+        w,
+        scale=scale,
+        causal=causal,
+        window=window,
+        bias=bias,
+        q_offset=q_offset,
+        k_offset=k_offset,
+        check_finite=check_finite,
     )
     _resolve(call, eps, method, memory_limit, backward=False)
     out, lse = _finish_forward(call, *_forward(call, threads))
@@ -139,8 +150,18 @@ def attention_grad(
     method = check_method(method)
     threads = check_threads(num_threads)
     call = prepare(
-        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
-        k_offset=k_offset, check_finite=check_finite, full_dense_support=True,
+        q,
+        k,
+        v,
+        w,
+        scale=scale,
+        causal=causal,
+        window=window,
+        bias=bias,
+        q_offset=q_offset,
+        k_offset=k_offset,
+        check_finite=check_finite,
+        full_dense_support=True,
     )
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
@@ -159,8 +180,16 @@ def attention_grad(
     if call.dv_padded:
         dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
     dq, dk, dv4, dw3, db2 = _native.exact_backward(
-        call.q4, call.k4, call.v4, out4, lse3, dout4, **call.native_args(),
-        want_dw=call.values is not None, want_dbias=call.bias is not None, num_threads=threads,
+        call.q4,
+        call.k4,
+        call.v4,
+        out4,
+        lse3,
+        dout4,
+        **call.native_args(),
+        want_dw=call.values is not None,
+        want_dbias=call.bias is not None,
+        num_threads=threads,
     )
     if call.dv_padded:
         dv4 = dv4[..., :0]
@@ -211,7 +240,17 @@ def plan(
     eps = check_eps(eps)
     method = check_method(method)
     call = prepare(
-        q, k, v, w, scale=scale, causal=causal, window=window, bias=bias, q_offset=q_offset,
-        k_offset=k_offset, check_finite=check_finite, full_dense_support=backward,
+        q,
+        k,
+        v,
+        w,
+        scale=scale,
+        causal=causal,
+        window=window,
+        bias=bias,
+        q_offset=q_offset,
+        k_offset=k_offset,
+        check_finite=check_finite,
+        full_dense_support=backward,
     )
     return make_plan(call, eps, method, memory_limit, backward=backward)

@@ -55,17 +55,27 @@ class Plan:
     details: dict = field(default_factory=dict, compare=False)
 
     def __str__(self) -> str:
-        lines = [f"method: {self.method}  (eps={self.eps:g}, certified error {self.certified_error:.3g})"]
+        lines = [
+            f"method: {self.method}  (eps={self.eps:g}, certified error {self.certified_error:.3g})"
+        ]
         lines.append(
             f"exact: {self.exact_flops:.3g} flop, ~{self.exact_seconds:.3g} s"
-            + (f"; fast: {self.fast_flops:.3g} flop, ~{self.fast_seconds:.3g} s" if self.fast_flops else "")
+            + (
+                f"; fast: {self.fast_flops:.3g} flop, ~{self.fast_seconds:.3g} s"
+                if self.fast_flops
+                else ""
+            )
         )
         if self.degree is not None:
             lines.append(
-                f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R], R = {self.bound_r:.4g};"
+                f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R],"
+                f" R = {self.bound_r:.4g};"
                 f" {self.terms} terms, {self.n_alpha} α x {self.n_beta} β, {self.n_pairs} pairs"
             )
-        lines.append(f"working set: {self.working_set_bytes / 2**20:.1f} MiB of {self.memory_limit / 2**20:.0f} MiB")
+        lines.append(
+            f"working set: {self.working_set_bytes / 2**20:.1f} MiB"
+            f" of {self.memory_limit / 2**20:.0f} MiB"
+        )
         lines.append(f"why: {self.why}")
         return "\n".join(lines)
 
@@ -89,7 +99,9 @@ def resolve_memory_limit(memory_limit: Any) -> int:
     if memory_limit is None:
         return int(0.8 * available_memory())
     if isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, np.integer, float)):
-        raise TypeError(f"memory_limit: expected a number of bytes or None, got {type(memory_limit).__name__}")
+        raise TypeError(
+            f"memory_limit: expected a number of bytes or None, got {type(memory_limit).__name__}"
+        )
     if not memory_limit > 0:
         raise ValueError(f"memory_limit: expected a positive number of bytes, got {memory_limit!r}")
     return int(memory_limit)
@@ -125,7 +137,12 @@ def exact_cost(call, backward: bool) -> tuple:
     seconds = flops / EXACT_FLOPS_PER_SECOND[kind]
     outputs = batch * hq * nq * (dv + 1) * item
     keys = batch * hk * nk * d * item
-    ws = outputs + keys + tables + (nq + nk) * 8 * (1 + (0 if call.bias is None else call.bias.shape[0]))
+    ws = (
+        outputs
+        + keys
+        + tables
+        + (nq + nk) * 8 * (1 + (0 if call.bias is None else call.bias.shape[0]))
+    )
     if backward:
         grads = (batch * hq * nq * d + batch * hk * nk * (d + dv)) * item
         ws += grads + batch * hq * nq * d * item + min(256 << 20, 4 * grads)
@@ -143,15 +160,26 @@ def make_plan(call, eps: float, method: str, memory_limit: Any, backward: bool =
             " method='exact' or 'auto'"
         )
     why = (
-        "eps = 0 asks for the exact result" if eps == 0.0
-        else "exact is the only method in this build; it meets any eps >= 0"
-    ) if method == "auto" else "method='exact' was requested"
+        (
+            "eps = 0 asks for the exact result"
+            if eps == 0.0
+            else "exact is the only method in this build; it meets any eps >= 0"
+        )
+        if method == "auto"
+        else "method='exact' was requested"
+    )
     if ws > limit:
         raise MemoryError(
             f"fastrope: the exact method needs a working set of {ws / 2**20:.1f} MiB, more than"
             f" memory_limit = {limit / 2**20:.1f} MiB (shapes {call.shape})"
         )
     return Plan(
-        method="exact", eps=eps, certified_error=0.0, exact_flops=flops, exact_seconds=seconds,
-        working_set_bytes=ws, memory_limit=limit, why=why,
+        method="exact",
+        eps=eps,
+        certified_error=0.0,
+        exact_flops=flops,
+        exact_seconds=seconds,
+        working_set_bytes=ws,
+        memory_limit=limit,
+        why=why,
     )

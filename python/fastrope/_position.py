@@ -75,7 +75,8 @@ class Rotary:
         _check_layout(self.layout)
         if self.scaling is not None and not isinstance(self.scaling, Mapping):
             raise TypeError(
-                f"scaling: expected a dict such as {{'rope_type': 'linear', 'factor': 2.0}} or None,"
+                f"scaling: expected a dict such as {{'rope_type': 'linear', 'factor': 2.0}}"
+                f" or None,"
                 f" got {type(self.scaling).__name__}"
             )
 
@@ -91,7 +92,8 @@ class Rotary:
 class BlockW:
     """2x2-block relative position matrices with arbitrary values.
 
-    ``blocks``: ``(..., 2L-1, d/2, 2, 2)``; ``blocks[..., δ+L-1, m, a, b] = W_δ[pair_m[a], pair_m[b]]``
+    ``blocks``: ``(..., 2L-1, d/2, 2, 2)``;
+    ``blocks[..., δ+L-1, m, a, b] = W_δ[pair_m[a], pair_m[b]]``
     where ``pair_m`` is ``(2m, 2m+1)`` for ``layout="interleaved"`` and ``(m, m+d/2)`` for
     ``"half"``.  ``Rotary`` is the case ``[[cos, sin], [-sin, cos]](δθ_m)``.
     """
