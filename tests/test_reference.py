@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+
 from fastrope import BlockW, Rotary, SparseW, reference
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fastrope import Rotary
 from fastrope._rotary import rotary_frequencies
 
