@@ -150,7 +150,11 @@ impl<T: Real> SparseW<'_, T> {
                 self.support.len()
             )));
         }
-        if let Some(&(a, b)) = self.support.iter().find(|&&(a, b)| a >= prob.d || b >= prob.d) {
+        if let Some(&(a, b)) = self
+            .support
+            .iter()
+            .find(|&&(a, b)| a >= prob.d || b >= prob.d)
+        {
             return Err(Error::Value(format!(
                 "w: support entries must be < d = {}, got ({a}, {b})",
                 prob.d
@@ -237,9 +241,15 @@ impl<T: Real> LogFactor<T> {
         };
         let seqs = match bias {
             None => vec![one(None)],
-            Some(b) => (0..b.values.dim().0).map(|t| one(Some((&b.values, t)))).collect(),
+            Some(b) => (0..b.values.dim().0)
+                .map(|t| one(Some((&b.values, t))))
+                .collect(),
         };
-        Self { seqs, visible_prefix, trivial: all_visible && bias.is_none() }
+        Self {
+            seqs,
+            visible_prefix,
+            trivial: all_visible && bias.is_none(),
+        }
     }
 
     /// The sequence for query head `bh` (flattened `b * hq + h`).

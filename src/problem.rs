@@ -37,7 +37,10 @@ impl Problem {
             )));
         }
         if !self.scale.is_finite() {
-            return Err(Error::Value(format!("scale: expected a finite float, got {}", self.scale)));
+            return Err(Error::Value(format!(
+                "scale: expected a finite float, got {}",
+                self.scale
+            )));
         }
         if let Some((l, r)) = self.window {
             if l < 0 || r < 0 {

@@ -29,12 +29,19 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             .import("fastrope._types")
             .and_then(|m| m.getattr("ApproximationError"))
         {
-            Ok(cls) => PyErr::from_type(cls.cast_into().map_err(PyErr::from).unwrap_or_else(|_| py.get_type::<PyValueError>()), m),
+            Ok(cls) => PyErr::from_type(
+                cls.cast_into()
+                    .map_err(PyErr::from)
+                    .unwrap_or_else(|_| py.get_type::<PyValueError>()),
+                m,
+            ),
             Err(_) => PyValueError::new_err(m),
         },
         Error::Cancelled => match py.check_signals() {
             Err(e) => e,
-            Ok(()) => pyo3::exceptions::PyKeyboardInterrupt::new_err("fastrope: computation cancelled"),
+            Ok(()) => {
+                pyo3::exceptions::PyKeyboardInterrupt::new_err("fastrope: computation cancelled")
+            }
         },
     }
 }
@@ -44,18 +51,24 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
 fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
     let Some(n) = n else { return Ok(None) };
     if n == 0 {
-        return Err(PyValueError::new_err("num_threads: expected a positive int, got 0"));
+        return Err(PyValueError::new_err(
+            "num_threads: expected a positive int, got 0",
+        ));
     }
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let pools = POOLS.get_or_init(Default::default);
-    let mut map = pools.lock().map_err(|_| PyRuntimeError::new_err("thread pool cache poisoned"))?;
+    let mut map = pools
+        .lock()
+        .map_err(|_| PyRuntimeError::new_err("thread pool cache poisoned"))?;
     if let Some(p) = map.get(&n) {
         return Ok(Some(p.clone()));
     }
     let p = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build()
-        .map_err(|e| PyRuntimeError::new_err(format!("num_threads: cannot start {n} threads: {e}")))?;
+        .map_err(|e| {
+            PyRuntimeError::new_err(format!("num_threads: cannot start {n} threads: {e}"))
+        })?;
     let p = Arc::new(p);
     map.insert(n, p.clone());
     Ok(Some(p))
@@ -106,7 +119,9 @@ fn run<R: Send>(
     }
     match res {
         Ok(Ok(r)) => r.map_err(|e| to_pyerr(py, e)),
-        _ => Err(PyRuntimeError::new_err("fastrope: internal error (a Rust panic); please report it")),
+        _ => Err(PyRuntimeError::new_err(
+            "fastrope: internal error (a Rust panic); please report it",
+        )),
     }
 }
 
@@ -125,7 +140,10 @@ fn usize_vec(a: Option<PyReadonlyArray1<'_, i64>>, what: &str) -> PyResult<Vec<u
         Some(a) => a
             .as_array()
             .iter()
-            .map(|&x| usize::try_from(x).map_err(|_| PyValueError::new_err(format!("{what}: negative index {x}"))))
+            .map(|&x| {
+                usize::try_from(x)
+                    .map_err(|_| PyValueError::new_err(format!("{what}: negative index {x}")))
+            })
             .collect(),
     }
 }
@@ -144,19 +162,43 @@ fn spec(
     bias_index: Option<PyReadonlyArray1<'_, i64>>,
 ) -> PyResult<Spec> {
     let (batch, hq, hk, nq, nk, d, dv) = shape;
-    let prob = Problem { batch, hq, hk, nq, nk, d, dv, scale, causal, window, q_offset, k_offset };
+    let prob = Problem {
+        batch,
+        hq,
+        hk,
+        nq,
+        nk,
+        d,
+        dv,
+        scale,
+        causal,
+        window,
+        q_offset,
+        k_offset,
+    };
     let rotary = match rotary {
         None => None,
         Some((theta, factor, pairs)) => {
             let pairs = pairs.as_array();
             if pairs.ncols() != 2 {
-                return Err(PyValueError::new_err("w: rotary pairs must have shape (d/2, 2)"));
+                return Err(PyValueError::new_err(
+                    "w: rotary pairs must have shape (d/2, 2)",
+                ));
             }
             let p: PyResult<Vec<(usize, usize)>> = pairs
                 .outer_iter()
-                .map(|r| Ok((usize::try_from(r[0]).map_err(|_| PyValueError::new_err("w: bad pair"))?, usize::try_from(r[1]).map_err(|_| PyValueError::new_err("w: bad pair"))?)))
+                .map(|r| {
+                    Ok((
+                        usize::try_from(r[0]).map_err(|_| PyValueError::new_err("w: bad pair"))?,
+                        usize::try_from(r[1]).map_err(|_| PyValueError::new_err("w: bad pair"))?,
+                    ))
+                })
                 .collect();
-            Some(RotaryW { theta: theta.as_array().to_vec(), factor, pairs: p? })
+            Some(RotaryW {
+                theta: theta.as_array().to_vec(),
+                factor,
+                pairs: p?,
+            })
         }
     };
     let support = match support {
@@ -164,17 +206,29 @@ fn spec(
         Some(s) => {
             let s = s.as_array();
             if s.ncols() != 2 {
-                return Err(PyValueError::new_err(format!("w: support must have shape (|S|, 2), got {:?}", s.dim())));
+                return Err(PyValueError::new_err(format!(
+                    "w: support must have shape (|S|, 2), got {:?}",
+                    s.dim()
+                )));
             }
             s.outer_iter()
                 .map(|r| match (usize::try_from(r[0]), usize::try_from(r[1])) {
                     (Ok(a), Ok(b)) => Ok((a, b)),
-                    _ => Err(PyValueError::new_err(format!("w: support entries must be >= 0, got ({}, {})", r[0], r[1]))),
+                    _ => Err(PyValueError::new_err(format!(
+                        "w: support entries must be >= 0, got ({}, {})",
+                        r[0], r[1]
+                    ))),
                 })
                 .collect::<PyResult<_>>()?
         }
     };
-    Ok(Spec { prob, rotary, support, w_index: usize_vec(w_index, "w")?, bias_index: usize_vec(bias_index, "bias")? })
+    Ok(Spec {
+        prob,
+        rotary,
+        support,
+        w_index: usize_vec(w_index, "w")?,
+        bias_index: usize_vec(bias_index, "bias")?,
+    })
 }
 
 fn dtype_of(x: &Bound<'_, PyAny>) -> PyResult<&'static str> {
@@ -183,13 +237,16 @@ fn dtype_of(x: &Bound<'_, PyAny>) -> PyResult<&'static str> {
     } else if x.cast::<numpy::PyArray4<f64>>().is_ok() {
         Ok("float64")
     } else {
-        Err(PyTypeError::new_err("q: expected a 4-d float32 or float64 array"))
+        Err(PyTypeError::new_err(
+            "q: expected a 4-d float32 or float64 array",
+        ))
     }
 }
 
 fn arr4<'py, T: Element>(x: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray4<'py, T>> {
-    x.extract::<PyReadonlyArray4<'py, T>>()
-        .map_err(|_| PyTypeError::new_err(format!("{name}: expected a 4-d array of the dtype of q")))
+    x.extract::<PyReadonlyArray4<'py, T>>().map_err(|_| {
+        PyTypeError::new_err(format!("{name}: expected a 4-d array of the dtype of q"))
+    })
 }
 
 fn position<'a, T: Real + Element>(
@@ -203,7 +260,9 @@ fn position<'a, T: Real + Element>(
             values: vals.as_array(),
             index: sp.w_index.clone(),
         })),
-        (None, None) => Err(PyValueError::new_err("w: expected rotary parameters or a table of values")),
+        (None, None) => Err(PyValueError::new_err(
+            "w: expected rotary parameters or a table of values",
+        )),
     }
 }
 
@@ -231,12 +290,21 @@ fn forward_typed<'py, T: Real + Element>(
     let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
     let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
     let pos = position(sp, values.as_ref())?;
-    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let bias = bias_arr.as_ref().map(|b| Bias {
+        values: b.as_array(),
+        index: sp.bias_index.clone(),
+    });
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let (out, lse) = run(py, threads, |ctl| {
         crate::exact::attention_forward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, ctl)
     })?;
-    PyTuple::new(py, [out.into_pyarray(py).into_any(), lse.into_pyarray(py).into_any()])
+    PyTuple::new(
+        py,
+        [
+            out.into_pyarray(py).into_any(),
+            lse.into_pyarray(py).into_any(),
+        ],
+    )
 }
 
 #[allow(clippy::type_complexity)]
@@ -252,11 +320,16 @@ fn backward_typed<'py, T: Real + Element>(
     let [q, k, v, out, lse, dout] = arrays;
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let (out, dout) = (arr4::<T>(out, "out")?, arr4::<T>(dout, "dout")?);
-    let lse: PyReadonlyArray3<'py, T> = lse.extract().map_err(|_| PyTypeError::new_err("lse: expected a 3-d array of the dtype of q"))?;
+    let lse: PyReadonlyArray3<'py, T> = lse
+        .extract()
+        .map_err(|_| PyTypeError::new_err("lse: expected a 3-d array of the dtype of q"))?;
     let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
     let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
     let pos = position(sp, values.as_ref())?;
-    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let bias = bias_arr.as_ref().map(|b| Bias {
+        values: b.as_array(),
+        index: sp.bias_index.clone(),
+    });
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let inp = BackwardInputs {
         out: out.as_array(),
@@ -306,8 +379,21 @@ fn exact_forward<'py>(
     bias_index: Option<PyReadonlyArray1<'py, i64>>,
     num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
-    dispatch!(q, forward_typed, py, q, k, v, values, bias, &sp, num_threads)
+    let sp = spec(
+        shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index,
+    )?;
+    dispatch!(
+        q,
+        forward_typed,
+        py,
+        q,
+        k,
+        v,
+        values,
+        bias,
+        &sp,
+        num_threads
+    )
 }
 
 /// Exact backward on canonical arrays; returns `(dq, dk, dv, dw, dbias)`.
@@ -338,8 +424,20 @@ fn exact_backward<'py>(
     want_dbias: bool,
     num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
-    dispatch!(q, backward_typed, py, [q, k, v, out, lse, dout], values, bias, (want_dw, want_dbias), &sp, num_threads)
+    let sp = spec(
+        shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index,
+    )?;
+    dispatch!(
+        q,
+        backward_typed,
+        py,
+        [q, k, v, out, lse, dout],
+        values,
+        bias,
+        (want_dw, want_dbias),
+        &sp,
+        num_threads
+    )
 }
 
 /// Threads rayon's global pool runs (what `num_threads=None` uses).

@@ -132,7 +132,8 @@ pub fn attention_backward<'a, T: Real>(
         if let Position::Rotary(r) = pos {
             let mult = prob.scale * r.factor;
             if let Some(all) = g.dq.as_slice_mut() {
-                all.par_chunks_mut(nq * d).for_each(|rows| r.rotate_back(rows, d, prob.q_offset, mult));
+                all.par_chunks_mut(nq * d)
+                    .for_each(|rows| r.rotate_back(rows, d, prob.q_offset, mult));
             }
         }
     }
@@ -193,9 +194,11 @@ fn reduce_unit<T: Real>(
     let (nq, d, dv, glen) = (prob.nq, prob.d, prob.dv, prob.glen());
     let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
     let rows = part.dk.len() / d;
-    let mut dk = g.dk.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
+    let mut dk =
+        g.dk.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
     dk.iter_mut().zip(&part.dk).for_each(|(x, &y)| *x = y);
-    let mut dvv = g.dv.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
+    let mut dvv =
+        g.dv.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
     dvv.iter_mut().zip(&part.dv).for_each(|(x, &y)| *x = y);
     let grp = prob.group();
     for hg in 0..grp {
@@ -211,7 +214,10 @@ fn reduce_unit<T: Real>(
         }
         let len = buf.len() / ns.max(1);
         for s in 0..ns {
-            for (o, &x) in acc[s * glen + part.g0..s * glen + part.g0 + len].iter_mut().zip(&buf[s * len..(s + 1) * len]) {
+            for (o, &x) in acc[s * glen + part.g0..s * glen + part.g0 + len]
+                .iter_mut()
+                .zip(&buf[s * len..(s + 1) * len])
+            {
                 *o += x.f64();
             }
         }
@@ -262,16 +268,35 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                     .map(|i| {
                         let o = inp.out.slice(ndarray::s![b, h, i, ..]);
                         let d_o = inp.dout.slice(ndarray::s![b, h, i, ..]);
-                        T::of(o.iter().zip(d_o.iter()).map(|(&x, &y)| x.f64() * y.f64()).sum())
+                        T::of(
+                            o.iter()
+                                .zip(d_o.iter())
+                                .map(|(&x, &y)| x.f64() * y.f64())
+                                .sum(),
+                        )
                     })
                     .collect()
             })
             .collect();
-        Self { sh, v, inp, qpack, dvec }
+        Self {
+            sh,
+            v,
+            inp,
+            qpack,
+            dvec,
+        }
     }
 
     /// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against every query of its group.
-    fn unit(&self, kvh: usize, jc0: usize, rows: usize, want_dw: bool, want_db: bool, ctl: &Control) -> UnitGrad<T> {
+    fn unit(
+        &self,
+        kvh: usize,
+        jc0: usize,
+        rows: usize,
+        want_dw: bool,
+        want_db: bool,
+        ctl: &Control,
+    ) -> UnitGrad<T> {
         let sh = self.sh;
         let prob = sh.prob;
         let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
@@ -295,7 +320,11 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
             db: Vec::new(),
         };
         // Sparse W accumulates dk transposed (d x rows) so its inner loops run over keys.
-        let mut dkt = if sparse.is_some() { vec![T::zero(); d * rows] } else { Vec::new() };
+        let mut dkt = if sparse.is_some() {
+            vec![T::zero(); d * rows]
+        } else {
+            Vec::new()
+        };
         let vh = self.v.slice(ndarray::s![b, hk, .., ..]);
         let (vrs, vcs) = (vh.strides()[0], vh.strides()[1]);
         let keys = &sh.keys[kvh];
@@ -348,14 +377,45 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                         let op = dout.as_ptr().offset(i0 as isize * ors);
                         let vp = vh.as_ptr().offset(j0 as isize * vrs);
                         // dP = dO V^T
-                        T::gemm(nb, dv, nbk, T::one(), op, ors, ocs, vp, vcs, vrs, T::zero(), ds.as_mut_ptr(), nbk as isize, 1);
+                        T::gemm(
+                            nb,
+                            dv,
+                            nbk,
+                            T::one(),
+                            op,
+                            ors,
+                            ocs,
+                            vp,
+                            vcs,
+                            vrs,
+                            T::zero(),
+                            ds.as_mut_ptr(),
+                            nbk as isize,
+                            1,
+                        );
                         // dV += P^T dO
                         let dvp = u.dv.as_mut_ptr().add((j0 - jc0) * dv);
-                        T::gemm(nbk, nb, dv, T::one(), s.as_ptr(), 1, nbk as isize, op, ors, ocs, T::one(), dvp, dv as isize, 1);
+                        T::gemm(
+                            nbk,
+                            nb,
+                            dv,
+                            T::one(),
+                            s.as_ptr(),
+                            1,
+                            nbk as isize,
+                            op,
+                            ors,
+                            ocs,
+                            T::one(),
+                            dvp,
+                            dv as isize,
+                            1,
+                        );
                     }
                     for i in 0..nb {
                         let di = dvec[i0 + i];
-                        let (prow, drow) = (&s[i * nbk..(i + 1) * nbk], &mut ds[i * nbk..(i + 1) * nbk]);
+                        let (prow, drow) =
+                            (&s[i * nbk..(i + 1) * nbk], &mut ds[i * nbk..(i + 1) * nbk]);
                         for (x, &p) in drow.iter_mut().zip(prow) {
                             *x = p * (*x - di);
                         }
@@ -364,14 +424,40 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                     match sparse {
                         None => {
                             // dQ̃ += dS K̃,  dK̃ += dS^T Q̃
-                            gemm_rm(nb, nbk, d, T::one(), &ds, nbk, &keys[j0 * d..], d, false, T::one(), &mut dq[i0 * d..], d);
-                            gemm_tn(nbk, nb, d, T::one(), &ds, nbk, qb, d, T::one(), &mut u.dk[(j0 - jc0) * d..], d);
+                            gemm_rm(
+                                nb,
+                                nbk,
+                                d,
+                                T::one(),
+                                &ds,
+                                nbk,
+                                &keys[j0 * d..],
+                                d,
+                                false,
+                                T::one(),
+                                &mut dq[i0 * d..],
+                                d,
+                            );
+                            gemm_tn(
+                                nbk,
+                                nb,
+                                d,
+                                T::one(),
+                                &ds,
+                                nbk,
+                                qb,
+                                d,
+                                T::one(),
+                                &mut u.dk[(j0 - jc0) * d..],
+                                d,
+                            );
                         }
                         Some(sp) => {
                             let table = &sh.tables[sp.index[bh]];
                             let dwbuf = dw_slot.map(|k| &mut u.dw[k].1);
                             sparse_tile_grads(
-                                prob, sp, table, keys, qb, &ds, i0, nb, j0, nbk, jc0, rows, g0, glen_u, scale, dq, &mut dkt, dwbuf,
+                                prob, sp, table, keys, qb, &ds, i0, nb, j0, nbk, jc0, rows, g0,
+                                glen_u, scale, dq, &mut dkt, dwbuf,
                             );
                         }
                     }
@@ -379,7 +465,10 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                         let buf = &mut u.db[kslot].1;
                         for i in 0..nb {
                             let base = j0 + nq - 1 - (i0 + i) - g0;
-                            for (o, &x) in buf[base..base + nbk].iter_mut().zip(&ds[i * nbk..(i + 1) * nbk]) {
+                            for (o, &x) in buf[base..base + nbk]
+                                .iter_mut()
+                                .zip(&ds[i * nbk..(i + 1) * nbk])
+                            {
                                 *o = *o + x;
                             }
                         }
@@ -388,7 +477,9 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
             }
         }
         match sh.pos {
-            Position::Rotary(r) => r.rotate_back(&mut u.dk, d, prob.k_offset + jc0 as i64, r.factor),
+            Position::Rotary(r) => {
+                r.rotate_back(&mut u.dk, d, prob.k_offset + jc0 as i64, r.factor)
+            }
             Position::Sparse(_) => {
                 for l in 0..d {
                     for j in 0..rows {

@@ -28,7 +28,9 @@ pub(crate) fn check_shapes<T: Real>(
     ];
     for (name, got, exp) in want {
         if got != exp {
-            return Err(Error::Value(format!("{name}: expected shape {exp:?}, got {got:?}")));
+            return Err(Error::Value(format!(
+                "{name}: expected shape {exp:?}, got {got:?}"
+            )));
         }
     }
     Ok(())
@@ -124,7 +126,9 @@ fn forward_block<T: Real>(
             }
             l[i] = l[i] * alpha + sum;
             if alpha != T::one() {
-                out[i * dv..(i + 1) * dv].iter_mut().for_each(|x| *x = *x * alpha);
+                out[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x = *x * alpha);
             }
             m[i] = m_new;
         }

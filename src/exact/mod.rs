@@ -30,7 +30,11 @@ pub const BK: usize = 128;
 
 /// Keys prepared once per `(batch, kv head)`: rotated (`n_k x d`, row-major, times the attention
 /// factor) for rotary, transposed (`d x n_k`) for sparse `W`.
-pub(crate) fn pack_keys<T: Real>(prob: &Problem, pos: &Position<'_, T>, k: &ArrayView4<'_, T>) -> Vec<Vec<T>> {
+pub(crate) fn pack_keys<T: Real>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    k: &ArrayView4<'_, T>,
+) -> Vec<Vec<T>> {
     let (nk, d) = (prob.nk, prob.d);
     (0..prob.batch * prob.hk)
         .into_par_iter()
@@ -71,9 +75,12 @@ pub(crate) fn pack_queries<T: Real>(
     out.clear();
     out.extend(qh.iter().copied());
     match pos {
-        Position::Rotary(r) => {
-            r.rotate(out, prob.d, prob.q_offset + i0 as i64, prob.scale * r.factor)
-        }
+        Position::Rotary(r) => r.rotate(
+            out,
+            prob.d,
+            prob.q_offset + i0 as i64,
+            prob.scale * r.factor,
+        ),
         Position::Sparse(_) => {
             let s = T::of(prob.scale);
             out.iter_mut().for_each(|x| *x = *x * s);
@@ -90,7 +97,13 @@ pub(crate) fn diagonal_tables<T: Real>(prob: &Problem, pos: &Position<'_, T>) ->
             sp.index.iter().for_each(|&w| used[w] = true);
             (0..used.len())
                 .into_par_iter()
-                .map(|w| if used[w] { sp.diagonals(w, prob) } else { Vec::new() })
+                .map(|w| {
+                    if used[w] {
+                        sp.diagonals(w, prob)
+                    } else {
+                        Vec::new()
+                    }
+                })
                 .collect()
         }
     }
@@ -116,7 +129,14 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         let keys = pack_keys(prob, pos, k);
         let tables = diagonal_tables(prob, pos);
         let logf = LogFactor::new(prob, bias);
-        Self { prob, pos, bias, keys, tables, logf }
+        Self {
+            prob,
+            pos,
+            bias,
+            keys,
+            tables,
+            logf,
+        }
     }
 
     /// The diagonal range `g_lo..=g_hi` of tile rows `i0..i0+nb`, keys `j0..j0+nbk`.
@@ -144,7 +164,20 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         let keys = &self.keys[kvh];
         match self.pos {
             Position::Rotary(_) => {
-                crate::real::gemm_rm(nb, d, nbk, T::one(), qb, d, &keys[j0 * d..], d, true, T::zero(), s, nbk);
+                crate::real::gemm_rm(
+                    nb,
+                    d,
+                    nbk,
+                    T::one(),
+                    qb,
+                    d,
+                    &keys[j0 * d..],
+                    d,
+                    true,
+                    T::zero(),
+                    s,
+                    nbk,
+                );
             }
             Position::Sparse(sp) => {
                 let glen = self.prob.glen();
@@ -181,3 +214,6 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
