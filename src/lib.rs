@@ -27,6 +27,7 @@ pub mod poly;
 pub mod position;
 pub mod problem;
 pub mod real;
+pub mod simd;
 pub mod toeplitz;
 
 #[cfg(feature = "python")]

@@ -50,10 +50,12 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
 /// `RAYON_NUM_THREADS`).
 fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
     let Some(n) = n else { return Ok(None) };
-    if n == 0 {
-        return Err(PyValueError::new_err(
-            "num_threads: expected a positive int, got 0",
-        ));
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let limit = (4 * cores).max(64);
+    if n == 0 || n > limit {
+        return Err(PyValueError::new_err(format!(
+            "num_threads: expected an int in [1, {limit}], got {n}"
+        )));
     }
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let pools = POOLS.get_or_init(Default::default);

@@ -10,6 +10,8 @@ pub trait Real: Float + Debug + Default + Send + Sync + Sum + 'static {
 
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
+    /// `e^x`, vectorisable (see [`crate::simd`]); exactly 0 for `-inf`.
+    fn exp_lane(self) -> Self;
 
     /// `C = alpha * A B + beta * C` with arbitrary (row, column) strides, via `matrixmultiply`.
     ///
@@ -45,6 +47,10 @@ impl Real for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn exp_lane(self) -> Self {
+        crate::simd::exp_f32(self)
+    }
     unsafe fn gemm(
         m: usize,
         k: usize,
@@ -74,6 +80,10 @@ impl Real for f64 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn exp_lane(self) -> Self {
+        crate::simd::exp_f64(self)
     }
     unsafe fn gemm(
         m: usize,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -410,6 +411,10 @@ def check_threads(num_threads: Any) -> Optional[int]:
     if num_threads is None:
         return None
     n = _as_int(num_threads, "num_threads")
-    if n < 1:
-        raise ValueError(f"num_threads: expected a positive int or None, got {n}")
+    limit = max(64, 4 * (os.cpu_count() or 1))
+    if not 1 <= n <= limit:
+        raise ValueError(
+            f"num_threads: expected an int in [1, {limit}] (4x the cores, at least 64) or None,"
+            f" got {n}"
+        )
     return n

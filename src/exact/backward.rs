@@ -368,7 +368,7 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                         if l == T::neg_infinity() {
                             row.iter_mut().for_each(|x| *x = T::zero());
                         } else {
-                            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                            crate::simd::exp_shift_sum(row, l);
                         }
                     }
                     // SAFETY: every pointer below addresses rows i0..i0+nb of dout and
@@ -416,9 +416,7 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                         let di = dvec[i0 + i];
                         let (prow, drow) =
                             (&s[i * nbk..(i + 1) * nbk], &mut ds[i * nbk..(i + 1) * nbk]);
-                        for (x, &p) in drow.iter_mut().zip(prow) {
-                            *x = p * (*x - di);
-                        }
+                        crate::simd::softmax_grad(drow, prow, di);
                     }
                     let dq = &mut u.dq[hg * nq * d..(hg + 1) * nq * d];
                     match sparse {
@@ -534,12 +532,7 @@ fn sparse_tile_grads<T: Real>(
             let w = &seq[base..base + nbk];
             let dsr = &ds[i * nbk..(i + 1) * nbk];
             let a = qb[i * d + l1];
-            let mut acc = T::zero();
-            for ((&x, &wv), (&kv, dk)) in dsr.iter().zip(w).zip(krow.iter().zip(dkrow.iter_mut())) {
-                let xw = x * wv;
-                acc = acc + xw * kv;
-                *dk = *dk + a * xw;
-            }
+            let acc = crate::simd::sparse_dq_dk(dsr, w, krow, dkrow, a);
             dq[(i0 + i) * d + l1] = dq[(i0 + i) * d + l1] + scale * acc;
             if let Some(buf) = dw.as_deref_mut() {
                 let out = &mut buf[si * glen_u + base - g0..si * glen_u + base - g0 + nbk];

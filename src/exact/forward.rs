@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
+use crate::simd;
 use ndarray::{Array3, Array4, ArrayView4};
 use rayon::prelude::*;
 
@@ -112,18 +113,14 @@ fn forward_block<T: Real>(
         sh.tile_scores(bh, kvh, &qb, i0, nb, j0, nbk, &mut s);
         for i in 0..nb {
             let row = &mut s[i * nbk..(i + 1) * nbk];
-            let mx = row.iter().copied().fold(T::neg_infinity(), T::max);
+            let mx = simd::max(row);
             if mx == T::neg_infinity() {
                 row.iter_mut().for_each(|x| *x = T::zero());
                 continue;
             }
             let m_new = m[i].max(mx);
             let alpha = (m[i] - m_new).exp();
-            let mut sum = T::zero();
-            for x in row.iter_mut() {
-                *x = (*x - m_new).exp();
-                sum = sum + *x;
-            }
+            let sum = simd::exp_shift_sum(row, m_new);
             l[i] = l[i] * alpha + sum;
             if alpha != T::one() {
                 out[i * dv..(i + 1) * dv]

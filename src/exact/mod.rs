@@ -193,10 +193,7 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
                         }
                         let base = j0 + nq - 1 - (i0 + i);
                         let w = &seq[base..base + nbk];
-                        let row = &mut s[i * nbk..(i + 1) * nbk];
-                        for ((x, &wv), &kv) in row.iter_mut().zip(w).zip(krow) {
-                            *x = *x + a * wv * kv;
-                        }
+                        crate::simd::axpy_prod(&mut s[i * nbk..(i + 1) * nbk], a, w, krow);
                     }
                 }
             }
@@ -206,10 +203,7 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
             let lf = self.logf.for_head(self.bias, bh);
             for i in 0..nb {
                 let base = j0 + nq - 1 - (i0 + i);
-                let row = &mut s[i * nbk..(i + 1) * nbk];
-                for (x, &b) in row.iter_mut().zip(&lf[base..base + nbk]) {
-                    *x = *x + b;
-                }
+                crate::simd::add_assign(&mut s[i * nbk..(i + 1) * nbk], &lf[base..base + nbk]);
             }
         }
     }
