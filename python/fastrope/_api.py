@@ -160,6 +160,8 @@ def _window(window: Any) -> Optional[tuple]:
             out.append(2**62)
             continue
         x = _as_int(x, f"window[{side}]")
+        if x > 2**62:  # wider than any sequence: the same as unbounded
+            x = 2**62
         if x < 0:
             raise ValueError(
                 f"window: expected non-negative (left, right) sizes (None for unbounded),"
@@ -263,6 +265,10 @@ def prepare(
         raise TypeError(f"causal: expected a bool, got {_describe(causal)}")
     win = _window(window)
     q_off, k_off = _as_int(q_offset, "q_offset"), _as_int(k_offset, "k_offset")
+    for name, off in (("q_offset", q_off), ("k_offset", k_off)):
+        # positions are exact in float64 (rotary angles) and their differences fit in int64
+        if abs(off) > 2**52:
+            raise ValueError(f"{name}: expected an int with |{name}| <= 2**52, got {off}")
     rng = visible_delta_range(nq, nk, q_off - k_off, bool(causal), win)
 
     if check_finite:
@@ -288,7 +294,11 @@ def prepare(
             w_restore = ("reshape", blocks.shape)
         elif isinstance(w, SparseW):
             sup = np.asarray(w.support)
-            if sup.dtype.kind not in "iu" or sup.ndim != 2 or sup.shape[1] != 2:
+            if sup.dtype.kind not in "iu":
+                raise TypeError(
+                    f"w.support: expected an int array of shape (|S|, 2), got {_describe(sup)}"
+                )
+            if sup.ndim != 2 or sup.shape[1] != 2:
                 raise ValueError(
                     f"w.support: expected an int array of shape (|S|, 2), got {_describe(sup)}"
                 )
@@ -327,7 +337,8 @@ def prepare(
             )
         _check_cover(rows, rng, "w")
         w_index = _broadcast_index(tuple(lead_w), lead_q, "w", "the δ axis")
-        values = np.asarray(values, dtype=dtype).reshape((-1, rows, len(support)))
+        n_tables = int(np.prod(lead_w, dtype=np.int64))
+        values = np.asarray(values, dtype=dtype).reshape((n_tables, rows, len(support)))
         if check_finite:
             _check_finite(values, "w")
 
