@@ -20,6 +20,7 @@
 //! [`plan`] predicts the cost of both and picks. The mathematics and the contract are in
 //! `DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
 
+pub mod dispatch;
 pub mod error;
 pub mod exact;
 pub mod fast;

@@ -5,7 +5,10 @@
 //! functions take canonical shapes: q `(B, Hq, n_q, d)`, k `(B, Hk, n_k, d)`,
 //! v `(B, Hk, n_k, d_v)`, position tables `(tables, 2L-1, |S|)`, bias `(tables, 2L_b-1)`.
 
+use crate::dispatch::{plan_fast, run_fast, FastCall};
 use crate::error::Error;
+use crate::fast::FastLimits;
+use crate::poly::PolyKind;
 use crate::exact::backward::BackwardInputs;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
@@ -15,7 +18,7 @@ use numpy::{
 };
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -442,6 +445,120 @@ fn exact_backward<'py>(
     )
 }
 
+
+fn limits(max_terms: usize, max_degree: usize, memory_limit: usize, threads: usize) -> FastLimits {
+    FastLimits {
+        max_degree,
+        max_terms,
+        // One head's working set per thread, within the call's memory limit.
+        max_working_bytes: (memory_limit / threads.max(1)).max(1 << 20),
+    }
+}
+
+fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let Some(p) = call.representative() else {
+        return Err(PyValueError::new_err("fast plan: no heads"));
+    };
+    d.set_item("degree", p.poly.degree)?;
+    d.set_item(
+        "poly_kind",
+        match p.poly.kind {
+            PolyKind::Taylor => "taylor",
+            PolyKind::Chebyshev => "chebyshev",
+        },
+    )?;
+    let r = call.groups.iter().map(|g| g.plan.bounds.r).fold(0.0, f64::max);
+    d.set_item("bound_r", r)?;
+    d.set_item("rho", p.poly.rho)?;
+    d.set_item("terms", p.counts.terms)?;
+    d.set_item("n_alpha", p.counts.n_alpha)?;
+    d.set_item("n_beta", p.counts.n_beta)?;
+    d.set_item("n_pairs", p.counts.n_pairs)?;
+    d.set_item("fft_len", p.fft_len)?;
+    d.set_item("column_tile", p.column_tile)?;
+    d.set_item("groups", call.groups.len())?;
+    d.set_item("support_size", call.support.len())?;
+    d.set_item("flops", call.flops)?;
+    d.set_item("working_bytes", call.working_bytes)?;
+    d.set_item("certified_error", call.certified_error)?;
+    d.set_item("certified_lse_error", call.certified_lse_error)?;
+    d.set_item("approximation_error", call.groups.iter().map(|g| g.plan.approximation_error).fold(0.0, f64::max))?;
+    d.set_item("rounding_error", call.groups.iter().map(|g| g.plan.rounding_error).fold(0.0, f64::max))?;
+    Ok(d)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fast_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    values: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    sp: &Spec,
+    eps: f64,
+    lim: (usize, usize, usize),
+    run_it: bool,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
+    let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let limits = limits(lim.0, lim.1, lim.2, nthreads);
+    let (call, res) = run(py, threads, |ctl| {
+        let call = plan_fast(&sp.prob, &pos, bias.as_ref(), qv.view(), kv.view(), vv.view(), eps, &limits, nthreads)?;
+        if !run_it {
+            return Ok((call, None));
+        }
+        let r = run_fast(&call, &sp.prob, &pos, bias.as_ref(), qv, kv, vv, &limits, ctl)?;
+        Ok((call, Some(r)))
+    })?;
+    let info = plan_dict(py, &call)?.into_any();
+    match res {
+        None => PyTuple::new(py, [py.None().into_bound(py), py.None().into_bound(py), info]),
+        Some((out, lse)) => PyTuple::new(py, [out.into_pyarray(py).into_any(), lse.into_pyarray(py).into_any(), info]),
+    }
+}
+
+/// The fast method on canonical arrays: `(out, lse, plan)`, or `(None, None, plan)` with
+/// `run=False`. Raises `ApproximationError` when `eps` cannot be certified.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, max_terms, max_degree, memory_limit, run, num_threads))]
+#[allow(clippy::too_many_arguments)]
+fn fast_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    q_offset: i64,
+    k_offset: i64,
+    rotary: Option<(PyReadonlyArray1<'py, f64>, f64, PyReadonlyArray2<'py, i64>)>,
+    support: Option<PyReadonlyArray2<'py, i64>>,
+    values: Option<&Bound<'py, PyAny>>,
+    w_index: Option<PyReadonlyArray1<'py, i64>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    bias_index: Option<PyReadonlyArray1<'py, i64>>,
+    eps: f64,
+    max_terms: usize,
+    max_degree: usize,
+    memory_limit: usize,
+    run: bool,
+    num_threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
+    let lim = (max_terms, max_degree, memory_limit);
+    dispatch!(q, fast_typed, py, q, k, v, values, bias, &sp, eps, lim, run, num_threads)
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -452,6 +569,7 @@ fn default_num_threads() -> usize {
 fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exact_forward, m)?)?;
     m.add_function(wrap_pyfunction!(exact_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(fast_forward, m)?)?;
     m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -320,14 +320,21 @@ def test_bad_scale_and_window() -> None:
             fastrope.attention(q, k, v, ROT, window=window)
 
 
-def test_method_fast_raises_approximation_error() -> None:
+def test_method_fast_raises_approximation_error_when_it_cannot_certify() -> None:
     assert issubclass(fastrope.ApproximationError, ValueError)
     q, k, v = qkv()
-    for eps in (0.0, 1e-3, 0.5):
-        with pytest.raises(fastrope.ApproximationError):
-            fastrope.attention(q, k, v, ROT, eps, method="fast")
-        with pytest.raises(ValueError):  # catchable as a ValueError
-            fastrope.attention_grad(q, k, v, ROT, np.zeros((2, 5, 3)), eps, method="fast")
+    # eps = 0 asks for the exact result
+    with pytest.raises(fastrope.ApproximationError, match="eps = 0"):
+        fastrope.attention(q, k, v, ROT, 0.0, method="fast")
+    # entries far outside the bounded regime: no polynomial of a sane degree certifies eps
+    with pytest.raises(fastrope.ApproximationError, match="method='fast'"):
+        fastrope.attention(q * 40, k * 40, v, ROT, 1e-3, method="fast")
+    # the fast backward is not there yet: catchable as a ValueError
+    with pytest.raises(ValueError, match="fast backward"):
+        fastrope.attention_grad(q, k, v, ROT, np.zeros((2, 5, 3)), 1e-3, method="fast")
+    # method="auto" falls back to exact and says why
+    p = fastrope.plan(q * 40, k * 40, v, ROT, 1e-3)
+    assert p.method == "exact" and "cannot" in p.why
 
 
 def test_tiny_memory_limit_raises_memory_error() -> None:

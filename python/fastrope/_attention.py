@@ -8,17 +8,35 @@ import numpy as np
 
 from . import _fastrope as _native
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
-from ._plan import Plan, make_plan
-from ._types import ApproximationError, Gradients
+from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, make_plan
+from ._plan import kernel_eps as _kernel_eps
+from ._types import Gradients
 
 __all__ = ["attention", "attention_grad", "plan"]
 
 
-def _resolve(call: Call, eps: float, method: str, memory_limit: Any, backward: bool) -> Plan:
-    p = make_plan(call, eps, method, memory_limit, backward=backward)
-    if p.method == "fast":  # pragma: no cover - planner never picks it until the fast path lands
-        raise ApproximationError("the fast method is not available in this build")
-    return p
+def _fast(call: Call, eps: float, limit: int, run: bool, threads: Optional[int]):
+    return _native.fast_forward(
+        call.q4,
+        call.k4,
+        call.v4,
+        **call.native_args(),
+        eps=eps,
+        max_terms=FAST_MAX_TERMS,
+        max_degree=FAST_MAX_DEGREE,
+        memory_limit=limit,
+        run=run,
+        num_threads=threads,
+    )
+
+
+def _resolve(
+    call: Call, eps: float, method: str, memory_limit: Any, backward: bool, threads: Optional[int]
+) -> Plan:
+    def probe(kernel_eps: float, limit: int) -> dict:
+        return _fast(call, kernel_eps, limit, False, threads)[2]
+
+    return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)
 
 
 def _finish_forward(call: Call, out4: np.ndarray, lse3: np.ndarray):
@@ -107,8 +125,19 @@ def attention(
         k_offset=k_offset,
         check_finite=check_finite,
     )
-    _resolve(call, eps, method, memory_limit, backward=False)
-    out, lse = _finish_forward(call, *_forward(call, threads))
+    p = _resolve(call, eps, method, memory_limit, False, threads)
+    if p.method == "fast":
+        try:
+            out4, lse3, _ = _fast(call, _kernel_eps(call, eps), p.memory_limit, True, threads)
+        except ApproximationError:
+            # A head's own data failed the run-time certificate (the plan's a-priori bound was
+            # too loose to certify every head in advance): never return an uncertified result.
+            if method == "fast":
+                raise
+            out4, lse3 = _forward(call, threads)
+    else:
+        out4, lse3 = _forward(call, threads)
+    out, lse = _finish_forward(call, out4, lse3)
     return (out, lse) if return_lse else out
 
 
@@ -166,7 +195,7 @@ def attention_grad(
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
     dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
-    _resolve(call, eps, method, memory_limit, backward=True)
+    _resolve(call, eps, method, memory_limit, True, threads)
     if out is None or lse is None:
         out4, lse3 = _forward(call, threads)
     else:
@@ -253,4 +282,9 @@ def plan(
         check_finite=check_finite,
         full_dense_support=backward,
     )
-    return make_plan(call, eps, method, memory_limit, backward=backward)
+    threads = None
+
+    def probe(kernel_eps: float, limit: int) -> dict:
+        return _fast(call, kernel_eps, limit, False, threads)[2]
+
+    return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)

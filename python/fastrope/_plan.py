@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from ._types import ApproximationError
 # Sustained throughput of the exact kernels on the reference machine (2 cores, AVX-512), in
 # flop/s; used only to turn flops into the predicted seconds a Plan reports.
 EXACT_FLOPS_PER_SECOND = {"rotary": 40e9, "sparse": 4e9}
+# Throughput of the fast method in the flop model of fastrope::fast::certify (2.5 N log2 N per
+# FFT plus the frequency-domain products), measured on the same machine.
+FAST_FLOPS_PER_SECOND = 3e9
 
 
 @dataclass(frozen=True)
@@ -151,35 +154,149 @@ def exact_cost(call, backward: bool) -> tuple:
     return flops, seconds, int(ws)
 
 
-def make_plan(call, eps: float, method: str, memory_limit: Any, backward: bool = False) -> Plan:
+def output_rounding(call) -> float:
+    """float32 results are rounded once more when the float64 fast result is cast back."""
+    if call.dtype != np.float32 or call.v4.size == 0:
+        return 0.0
+    return float(np.abs(call.v4).max()) * 2.0**-24
+
+
+def kernel_eps(call, eps: float) -> float:
+    """The part of ``eps`` left to the float64 fast kernel."""
+    return eps - output_rounding(call)
+
+
+FAST_MAX_TERMS = 1_000_000
+FAST_MAX_DEGREE = 40
+
+
+def _fast_fields(info: dict) -> dict:
+    return dict(
+        fast_flops=float(info["flops"]),
+        fast_seconds=float(info["flops"]) / FAST_FLOPS_PER_SECOND,
+        fast_working_set_bytes=int(info["working_bytes"]),
+        degree=int(info["degree"]),
+        poly_kind=str(info["poly_kind"]),
+        bound_r=float(info["bound_r"]),
+        terms=int(info["terms"]),
+        n_alpha=int(info["n_alpha"]),
+        n_beta=int(info["n_beta"]),
+        n_pairs=int(info["n_pairs"]),
+    )
+
+
+def make_plan(
+    call,
+    eps: float,
+    method: str,
+    memory_limit: Any,
+    backward: bool = False,
+    fast_probe: Optional[Callable[[float, int], dict]] = None,
+) -> Plan:
+    """Choose the method for ``call``.
+
+    ``fast_probe(eps_for_kernel, limit)`` returns the native fast plan (a dict) or raises
+    :class:`ApproximationError` with the reason it cannot certify ``eps``.
+    """
     limit = resolve_memory_limit(memory_limit)
     flops, seconds, ws = exact_cost(call, backward)
+    exact = dict(exact_flops=flops, exact_seconds=seconds, memory_limit=limit, eps=eps)
+    batch, hq, hk, nq, nk, d, dv = call.shape
+
+    def exact_plan(why: str, fast: Optional[dict] = None) -> Plan:
+        if ws > limit:
+            raise MemoryError(
+                f"fastrope: the exact method needs a working set of {ws / 2**20:.1f} MiB, more"
+                f" than memory_limit = {limit / 2**20:.1f} MiB (shapes {call.shape})"
+            )
+        return Plan(
+            method="exact",
+            certified_error=0.0,
+            working_set_bytes=ws,
+            why=why,
+            **exact,
+            **(fast or {}),
+        )
+
+    if method == "exact":
+        return exact_plan("method='exact' was requested")
+    if eps == 0.0:
+        if method == "fast":
+            raise ApproximationError(
+                "method='fast': eps = 0 asks for the exact result; the fast method approximates"
+                " (pass eps > 0, e.g. eps=1e-3, or method='exact')"
+            )
+        return exact_plan("eps = 0 asks for the exact result")
+    if backward:
+        why = "the fast backward is not available in this build"
+        if method == "fast":
+            raise ApproximationError(f"method='fast': {why}; use method='exact' or 'auto'")
+        return exact_plan(f"{why}; exact gradients meet any eps")
+    if nq == 0 or nk == 0 or batch * hq == 0 or fast_probe is None:
+        if method == "fast":
+            raise ApproximationError("method='fast': an empty axis leaves nothing to approximate")
+        return exact_plan("an empty axis: the exact method is immediate")
+    out_rounding = output_rounding(call)
+    kernel_eps = eps - out_rounding
+    try:
+        if kernel_eps <= 0:
+            raise ApproximationError(
+                f"eps = {eps:.3g} is below the float32 rounding of the output ({out_rounding:.3g})"
+            )
+        info = fast_probe(kernel_eps, limit)
+    except ApproximationError as e:
+        if method == "fast":
+            raise ApproximationError(f"method='fast': {e}") from None
+        return exact_plan(f"the fast method cannot serve this call: {e}")
+    fast = _fast_fields(info)
+    # When the a-priori bound exceeds eps, each head is certified from its own data before its
+    # FFTs run (and refused otherwise): what a result guarantees is then eps.
+    certified = min(float(info["certified_error"]), kernel_eps) + out_rounding
+    details = {
+        k: info[k]
+        for k in (
+            "rho",
+            "fft_len",
+            "groups",
+            "support_size",
+            "column_tile",
+            "approximation_error",
+            "rounding_error",
+            "certified_lse_error",
+        )
+    }
+    if fast["fast_working_set_bytes"] > limit:
+        msg = (
+            f"the fast method needs {fast['fast_working_set_bytes'] / 2**20:.1f} MiB, more than"
+            f" memory_limit = {limit / 2**20:.1f} MiB"
+        )
+        if method == "fast":
+            raise ApproximationError(f"method='fast': {msg}")
+        return exact_plan(msg, fast)
+    ratio = seconds / max(fast["fast_seconds"], 1e-12)
+    summary = (
+        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R],"
+        f" R = {fast['bound_r']:.3g}, certifies {certified:.2g} <= eps = {eps:.2g};"
+        f" predicted fast {fast['fast_seconds']:.3g} s vs exact {seconds:.3g} s"
+    )
     if method == "fast":
-        raise ApproximationError(
-            "method='fast': the polynomial + FFT method is not available in this build; use"
-            " method='exact' or 'auto'"
+        return Plan(
+            method="fast",
+            certified_error=certified,
+            why=f"method='fast' was requested: {summary}",
+            working_set_bytes=fast["fast_working_set_bytes"],
+            details=details,
+            **exact,
+            **fast,
         )
-    why = (
-        (
-            "eps = 0 asks for the exact result"
-            if eps == 0.0
-            else "exact is the only method in this build; it meets any eps >= 0"
+    if ratio > 1.0:
+        return Plan(
+            method="fast",
+            certified_error=certified,
+            why=f"fast is predicted {ratio:.1f}x cheaper: {summary}",
+            working_set_bytes=fast["fast_working_set_bytes"],
+            details=details,
+            **exact,
+            **fast,
         )
-        if method == "auto"
-        else "method='exact' was requested"
-    )
-    if ws > limit:
-        raise MemoryError(
-            f"fastrope: the exact method needs a working set of {ws / 2**20:.1f} MiB, more than"
-            f" memory_limit = {limit / 2**20:.1f} MiB (shapes {call.shape})"
-        )
-    return Plan(
-        method="exact",
-        eps=eps,
-        certified_error=0.0,
-        exact_flops=flops,
-        exact_seconds=seconds,
-        working_set_bytes=ws,
-        memory_limit=limit,
-        why=why,
-    )
+    return exact_plan(f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}", fast)

@@ -1,0 +1,194 @@
+//! Runs the fast method over every `(batch, head)` of a call.
+//!
+//! The kernel spectra `Ĉ_αβ` of the fast method depend on the position matrices, the scale, the
+//! mask/bias factor and the shape, not on q, k or v. Heads that share a `w` table and a bias
+//! table form a group: one certified plan (for the largest bounds among the group's heads), one
+//! [`FastKernel`], applied to each head. Groups run one after another so that at most one set of
+//! kernel spectra is alive; the heads of a group run in parallel.
+
+use crate::error::{Error, Result};
+use crate::fast::bounds::WNorms;
+use crate::fast::{fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape};
+use crate::position::{Bias, LogFactor, Position};
+use crate::problem::{Control, Problem};
+use crate::real::Real;
+use ndarray::{Array2, Array3, Array4, ArrayView4};
+use rayon::prelude::*;
+
+/// One group of heads sharing a kernel, with its certified plan.
+#[derive(Clone, Debug)]
+pub struct FastGroup {
+    /// Flattened `b * hq + h` of the heads.
+    pub heads: Vec<usize>,
+    pub w_table: usize,
+    pub bias_table: usize,
+    pub plan: FastPlan,
+}
+
+/// The fast method's plan for a whole call.
+#[derive(Clone, Debug)]
+pub struct FastCall {
+    pub support: Vec<(usize, usize)>,
+    pub groups: Vec<FastGroup>,
+    /// Predicted flops: kernel spectra once per group, the rest once per head.
+    pub flops: f64,
+    /// Peak bytes: the largest group's kernel spectra plus one head's working set per thread.
+    pub working_bytes: usize,
+    /// The largest certified error over the groups.
+    pub certified_error: f64,
+    pub certified_lse_error: f64,
+}
+
+impl FastCall {
+    /// The plan of the group with the highest degree (what a report shows).
+    pub fn representative(&self) -> Option<&FastPlan> {
+        self.groups.iter().map(|g| &g.plan).max_by_key(|p| (p.poly.degree, p.counts.n_pairs))
+    }
+}
+
+/// The support and its diagonal sequences (f64, `|S| x glen`) of `w` table `t`.
+fn sequences<T: Real>(prob: &Problem, pos: &Position<'_, T>, t: usize) -> (Vec<(usize, usize)>, Array2<f64>) {
+    match pos {
+        Position::Rotary(r) => r.as_sparse(prob),
+        Position::Sparse(sp) => {
+            let glen = prob.glen();
+            let flat = sp.diagonals(t, prob);
+            let seqs = Array2::from_shape_fn((sp.support.len(), glen), |(s, g)| flat[s * glen + g].f64());
+            (sp.support.clone(), seqs)
+        }
+    }
+}
+
+/// `exp(b(δ(g)))`, 0 where masked, for bias table `t`.
+fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
+    logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
+}
+
+fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
+    x.slice(ndarray::s![b, h, .., ..]).mapv(|v| v.f64())
+}
+
+fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
+    match pos {
+        Position::Rotary(_) => 0,
+        Position::Sparse(sp) => sp.index[bh],
+    }
+}
+
+/// Certified plans for every group of heads, or the reason the fast method cannot serve the call.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_fast<'a, T: Real>(
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    eps: f64,
+    limits: &FastLimits,
+    threads: usize,
+) -> Result<FastCall> {
+    crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
+    pos.validate(prob)?;
+    if let Some(b) = bias {
+        b.validate(prob)?;
+    }
+    if prob.nq == 0 || prob.nk == 0 || prob.batch * prob.hq == 0 {
+        return Err(Error::Approximation("fast method: nothing to approximate (an empty axis)".into()));
+    }
+    let logf = LogFactor::new(prob, bias);
+    let shape = FastShape { nq: prob.nq, nk: prob.nk, d: prob.d, dv: prob.dv };
+    // Group heads by (w table, bias table), in order of first appearance.
+    let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for bh in 0..prob.batch * prob.hq {
+        let key = (w_table(pos, bh), bias.map_or(0, |b| b.index[bh]));
+        match groups.iter_mut().find(|g| (g.0, g.1) == key) {
+            Some(g) => g.2.push(bh),
+            None => groups.push((key.0, key.1, vec![bh])),
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    let mut support_all = Vec::new();
+    for (wt, bt, heads) in groups {
+        let (support, seqs) = sequences(prob, pos, wt);
+        let fac = factor(&logf, bt);
+        let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+        let bounds: Vec<FastBounds> = heads
+            .par_iter()
+            .map(|&bh| {
+                let (b, h) = (bh / prob.hq, bh % prob.hq);
+                let kvh = h / prob.group();
+                let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                let vh = v.slice(ndarray::s![b, kvh, .., ..]);
+                let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
+                let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
+                FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac)
+            })
+            .collect();
+        let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| a.worst(b));
+        let plan = fast_plan(shape, &support, &worst, eps, limits)?;
+        support_all = support;
+        out.push(FastGroup { heads, w_table: wt, bias_table: bt, plan });
+    }
+    let flops = out
+        .iter()
+        .map(|g| g.plan.kernel_flops + g.heads.len() as f64 * (g.plan.flops - g.plan.kernel_flops))
+        .sum();
+    let working_bytes = out
+        .iter()
+        .map(|g| {
+            let per_head = g.plan.working_bytes.saturating_sub(g.plan.kernel_bytes);
+            g.plan.kernel_bytes + per_head * threads.min(g.heads.len()).max(1)
+        })
+        .max()
+        .unwrap_or(0);
+    let certified_error = out.iter().map(|g| g.plan.certified_error).fold(0.0, f64::max);
+    let certified_lse_error = out.iter().map(|g| g.plan.certified_lse_error).fold(0.0, f64::max);
+    Ok(FastCall { support: support_all, groups: out, flops, working_bytes, certified_error, certified_lse_error })
+}
+
+/// Runs a planned fast call: `(out, lse)` like [`crate::exact::attention_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_fast<'a, T: Real>(
+    call: &FastCall,
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    limits: &FastLimits,
+    ctl: &Control,
+) -> Result<(Array4<T>, Array3<T>)> {
+    let (nq, dv) = (prob.nq, prob.dv);
+    let mut out = Array4::<T>::zeros((prob.batch, prob.hq, nq, dv));
+    let mut lse = Array3::<T>::from_elem((prob.batch, prob.hq, nq), T::neg_infinity());
+    let logf = LogFactor::new(prob, bias);
+    for g in &call.groups {
+        ctl.check()?;
+        let (support, seqs) = sequences(prob, pos, g.w_table);
+        let fac = factor(&logf, g.bias_table);
+        let kernel = FastKernel::new(&g.plan, &support, seqs.view(), &fac, prob.scale, limits)?;
+        let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
+            .heads
+            .par_iter()
+            .map(|&bh| {
+                ctl.check()?;
+                let (b, h) = (bh / prob.hq, bh % prob.hq);
+                let kvh = h / prob.group();
+                let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                let vh = head_f64(&v, b, kvh);
+                Ok((bh, kernel.apply(qh.view(), kh.view(), vh.view())?))
+            })
+            .collect();
+        for r in results {
+            let (bh, fo) = r?;
+            let (b, h) = (bh / prob.hq, bh % prob.hq);
+            let mut o = out.slice_mut(ndarray::s![b, h, .., ..]);
+            o.zip_mut_with(&fo.out, |x, &y| *x = T::of(y));
+            let mut l = lse.slice_mut(ndarray::s![b, h, ..]);
+            l.zip_mut_with(&fo.lse, |x, &y| *x = T::of(y));
+        }
+    }
+    Ok((out, lse))
+}

@@ -1,0 +1,570 @@
+//! The certificate and the cost model of the fast method: which polynomial, how many terms, how
+//! much work and memory, and a bound on `max |out - exact|` — all before any heavy computation.
+//!
+//! # Error budget
+//!
+//! *Approximation.* `|p(x) - e^x| <= ρ e^x` on `[-R, R]` makes every weight `A_ij` wrong by a
+//! relative `ρ`, so each output (a weighted mean of the `v_jc`) moves by at most
+//! `2ρ/(1-ρ) max_j |v_jc|`.
+//!
+//! *Rounding (a-priori).* Let `P = Σ_t |c_t| R_abs^t`: since `Σ_s |a_s| <= R_abs`, the expanded
+//! terms satisfy `Σ_{α,β} max|q^α| G_αβ max|k^β| <= P`, with `G_αβ` the magnitude of the kernel
+//! `|C_αβ(g)| <= G_αβ f(g)`. For one column `x` (`|x| <= X`) and one `α`, the product
+//! `z = Σ_β T[C_αβ](k^β ∘ x)` is `G_N^{-1}(Σ_β a_β ⊙ b_β)`, `a = FFT(rev C)/N`, `b = FFT(k^β∘x)`.
+//! A computed FFT of length N has normwise relative error `ε_f = 8u (⌈log2 N⌉ + 2)` (Higham,
+//! *Accuracy and Stability*, Thm 24.2: `log2 N · η` with `η = μ + γ_4(√2 + μ) ≈ 7.7u` per radix-2
+//! stage; rustfft's radix-3/4/5 passes and realfft's real-to-complex pass are covered by the two
+//! extra stages — a model of the library, not a proof about its code). Using
+//! `||FFT c||_∞ <= ||c||_1`, `||FFT y||_2 = √N ||y||_2` and `||·||_∞ <= ||·||_2`, the error of one
+//! output entry of `z` is at most
+//!
+//! ```text
+//! Σ_β [ ε_f ||C||_2 ||y||_1 + (2 ε_f + (3 + 2 n_β) u) ||C||_1 ||y||_2 ]
+//! ```
+//!
+//! (forward FFTs of both operands, the product, the frequency-domain sum over `n_β` pairs, the
+//! inverse FFT). With `||C||_1 <= G F1`, `||C||_2 <= G F2` (`F1`, `F2`: 1- and 2-norms of the
+//! factor), `||y||_1 <= K nk X`, `||y||_2 <= K √nk X`, and adding the rounding of the kernels
+//! (`(g + 3 + terms per pair) u`), of `k^β ∘ x` and `q^α` (`(2g + 1) u`) and of the sum over the
+//! `n_α` groups, each entry of the numerator (column x) and of the denominator (`x = 1`) is off by
+//!
+//! ```text
+//! E X,   E = 1.01 P [ ε_f F2 nk + (2 ε_f + (3 + 2 n_β) u) F1 √nk + (3g + 4 + n_α + terms/pair) u F1 ].
+//! ```
+//!
+//! This bound is global (FFT errors spread over all rows), while a row's denominator can be as
+//! small as `L = (1-ρ) e^{-R} F_min` (`F_min`: the smallest visible row mass — 1 for the first
+//! row of a causal mask). Hence `|out - out_p| <= (E V + V E) / (L - E)` and
+//!
+//! ```text
+//! certified_error = V (2ρ/(1-ρ) + 2E/(L-E)),   certified_lse_error = ρ/(1-ρ) + E/(L-E).
+//! ```
+//!
+//! # Two tiers
+//!
+//! The a-priori `E` above needs only the bounds (`R`, `R_abs`, `max|v|`, factor norms), so the
+//! planner can predict it without data — but `Σ_t |c_t| R_abs^t` ignores all cancellation, and
+//! `R_abs` (sums of per-coordinate maxima) can be 2-3x `R`, i.e. a factor `e^{R_abs - R}`.
+//! [`data_rounding`] evaluates the same estimate with the measured `max_i |q^α_i|`,
+//! `||C_αβ||_{1,2}` and `||k^β||_{1,2,∞}` (all `O(n_α nq + n_β nk + n_pairs)` once the monomials
+//! and kernels exist) and is what [`super::FastKernel::apply`] certifies each head with, before
+//! any FFT. [`fast_plan`] therefore accepts a polynomial either when the a-priori total fits
+//! `eps`, or when its approximation error fits `15/16 eps` and an estimate of the cancellation
+//! floor of the expansion at a score of `-R`, `2 V ε_f Σ|c_t| R^t e^R`, fits `eps/16`; a head
+//! whose data-dependent total still exceeds `eps` is refused (`Error::Approximation`).
+//!
+//! Both bounds remain pessimistic (normwise FFT bounds used per entry, a global error against
+//! the smallest row's mass): measured rounding is typically 1e-8 of the per-head bound. That is
+//! the price of certifying; the exact method serves what is refused.
+
+use super::blocks::{spectrum_blocks, BLOCK};
+use super::bounds::FastBounds;
+use super::expansion::{term_count, Expansion, ExpansionCounts};
+use super::FastLimits;
+use crate::error::{Error, Result};
+use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
+use crate::toeplitz::fft_len;
+
+/// The sizes the fast method's cost depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastShape {
+    pub nq: usize,
+    pub nk: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// A certified plan for the fast method (plain data): the polynomial, the expansion's size,
+/// predicted cost and memory, and the certificate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FastPlan {
+    pub shape: FastShape,
+    pub bounds: FastBounds,
+    pub poly: Polynomial,
+    pub counts: ExpansionCounts,
+    pub fft_len: usize,
+    /// Columns of `[V, 1]` processed together (memory tiling; 0 when even one column exceeds
+    /// the memory limit — [`plan_for_polynomial`] and [`fast_plan`] never return such a plan).
+    pub column_tile: usize,
+    /// Predicted floating-point operations, kernel spectra included.
+    pub flops: f64,
+    /// The part of `flops` spent on kernel spectra (shared by heads with the same W, scale,
+    /// mask/bias and shape).
+    pub kernel_flops: f64,
+    /// Peak bytes held at once, kernel spectra included.
+    pub working_bytes: usize,
+    /// Bytes of the kernel spectra alone.
+    pub kernel_bytes: usize,
+    /// The `eps` this plan was chosen for (`inf` from [`plan_for_polynomial`]): a kernel built
+    /// from it refuses heads whose data-dependent certificate exceeds it.
+    pub eps: f64,
+    /// `V 2ρ/(1-ρ)`.
+    pub approximation_error: f64,
+    /// `V 2E/(L-E)` with the a-priori `E` (an upper bound on what
+    /// [`super::FastKernel::apply`] certifies from the head's actual norms).
+    pub rounding_error: f64,
+    /// A-priori bound on `max |out - exact|`. When it exceeds `eps` the plan was accepted on
+    /// its approximation error alone (at most `15/16 eps`) and each head is certified by its
+    /// data-dependent rounding bound before any FFT runs.
+    pub certified_error: f64,
+    pub certified_lse_error: f64,
+}
+
+/// `ε_f`: normwise relative error of one FFT of length `n` (see the module docs).
+pub fn fft_relative_error(n: usize) -> f64 {
+    8.0 * U * ((n.max(2) as f64).log2().ceil() + 2.0)
+}
+
+/// Predicted flops of one FFT of length `n` (`2.5 N log2 N`, the usual complex-FFT count; real
+/// transforms do about half, which the model leaves as headroom).
+pub fn fft_flops(n: usize) -> f64 {
+    2.5 * n as f64 * (n.max(2) as f64).log2()
+}
+
+/// Bytes per column of `[V, 1]` in a tile: the key spectra and accumulators of
+/// [`super::forward`] (`n_α + n_β` spectra of `N/2 + 1` frequencies) plus each thread's
+/// cache-resident block buffers.
+fn per_column_bytes(c: &ExpansionCounts, n: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    (c.n_alpha + c.n_beta)
+        .saturating_mul(n / 2 + 1 + threads * BLOCK)
+        .saturating_mul(16)
+}
+
+/// `(kernel spectra bytes, total working bytes)` for a column tile.
+fn working_bytes(
+    shape: &FastShape,
+    ns: usize,
+    c: &ExpansionCounts,
+    n: usize,
+    tile: usize,
+) -> (usize, usize) {
+    let glen = shape.nq.saturating_add(shape.nk).saturating_sub(1);
+    let threads = rayon::current_num_threads();
+    let mul = |a: usize, b: usize| a.saturating_mul(b);
+    // Kernel spectra are stored in blocks of BLOCK frequencies, padded.
+    let kernel = mul(mul(c.n_pairs, spectrum_blocks(n) * BLOCK), 16);
+    let fixed = [
+        kernel,
+        mul(
+            8,
+            mul(c.n_alpha, shape.nq).saturating_add(mul(c.n_beta, shape.nk)),
+        ), // q^α, k^β
+        mul(8, mul(ns + 2, glen)), // contiguous seqs, one kernel and scratch
+        mul(8, mul(shape.nq, shape.dv + 1)), // numerators and denominators
+        mul(threads, mul(56, n).saturating_add(mul(8, shape.nk))), // per-thread FFT buffers
+    ]
+    .iter()
+    .fold(0usize, |a, &b| a.saturating_add(b));
+    (
+        kernel,
+        fixed.saturating_add(per_column_bytes(c, n).saturating_mul(tile)),
+    )
+}
+
+/// The plan for a given polynomial: counts, cost, memory tile and certificate (no `eps` test).
+/// Refuses with `Error::Approximation` when even one column at a time exceeds
+/// `limits.max_working_bytes`.
+pub fn plan_for_polynomial(
+    shape: FastShape,
+    support: &[(usize, usize)],
+    bounds: &FastBounds,
+    poly: &Polynomial,
+    limits: &FastLimits,
+) -> Result<FastPlan> {
+    let plan = plan_unchecked(shape, support, bounds, poly, limits)?;
+    if plan.column_tile == 0 {
+        return Err(memory_refusal(&plan, limits));
+    }
+    Ok(plan)
+}
+
+fn memory_refusal(plan: &FastPlan, limits: &FastLimits) -> Error {
+    let c = &plan.counts;
+    Error::Approximation(format!(
+        "fast method: degree {} needs at least {:.3} GB ({} kernel spectra of {} frequencies, plus {} \
+         spectra per column of [V, 1]) but max_working_bytes is {:.3} GB",
+        plan.poly.degree,
+        plan.working_bytes as f64 / 1e9,
+        c.n_pairs,
+        plan.fft_len / 2 + 1,
+        c.n_alpha + c.n_beta,
+        limits.max_working_bytes as f64 / 1e9
+    ))
+}
+
+/// [`plan_for_polynomial`] with `column_tile = 0` (and the one-column working set) when the
+/// memory limit cannot be met.
+fn plan_unchecked(
+    shape: FastShape,
+    support: &[(usize, usize)],
+    bounds: &FastBounds,
+    poly: &Polynomial,
+    limits: &FastLimits,
+) -> Result<FastPlan> {
+    if shape.nq == 0 || shape.nk == 0 || shape.nq > 1 << 40 || shape.nk > 1 << 40 {
+        return Err(Error::Value(format!(
+            "fast plan: expected 1 <= nq, nk <= 2^40, got ({}, {})",
+            shape.nq, shape.nk
+        )));
+    }
+    let ns = support.len();
+    let expansion = Expansion::build(support, shape.d, &poly.coeffs, 1.0, true, limits.max_terms)?;
+    let counts = expansion.counts();
+    let (nq, nk, g) = (shape.nq, shape.nk, poly.degree);
+    let glen = nq + nk - 1;
+    let n = fft_len(glen);
+    let cols = shape.dv + 1;
+    let (kernel_bytes, min_bytes) = working_bytes(&shape, ns, &counts, n, 1);
+    let per_col = per_column_bytes(&counts, n);
+    // Each tile reads all kernel spectra once and writes/reads its own spectra once: tiles of
+    // about kernel_bytes / per_col columns (at least 4) balance the two, and smaller buffers
+    // are reused instead of faulting in gigabytes of fresh pages. Tiles are then evened out.
+    let column_tile = match limits.max_working_bytes.checked_sub(min_bytes) {
+        Some(spare) => {
+            let fit = 1 + spare / per_col.max(1);
+            let balanced = kernel_bytes.div_ceil(per_col.max(1)).max(4);
+            let tile = fit.min(balanced).min(cols);
+            cols.div_ceil(cols.div_ceil(tile))
+        }
+        None => 0,
+    };
+    let (_, working) = working_bytes(&shape, ns, &counts, n, column_tile.max(1));
+
+    let fft = fft_flops(n);
+    let kernel_flops =
+        counts.n_pairs as f64 * fft + counts.terms as f64 * glen as f64 * (g + 2) as f64;
+    let (na, nb, np) = (
+        counts.n_alpha as f64,
+        counts.n_beta as f64,
+        counts.n_pairs as f64,
+    );
+    let (nq_f, nk_f, cols_f) = (nq as f64, nk as f64, cols as f64);
+    let column_flops = (na + nb) * cols_f * fft
+        + np * cols_f * (n / 2 + 1) as f64 * 8.0
+        + cols_f * (2.0 * na * nq_f + nb * nk_f)
+        + (na * nq_f + nb * nk_f) * g.max(1) as f64;
+
+    // The a-priori certificate (module docs).
+    let rho = poly.rho;
+    let (f1, f2) = (bounds.factor_sum, bounds.factor_norm2);
+    let eps_f = fft_relative_error(n);
+    let p_abs = poly.abs_eval(bounds.r_abs);
+    let sqrt_nk = nk_f.sqrt();
+    let e = 1.01
+        * p_abs
+        * (eps_f * f2 * nk_f
+            + (2.0 * eps_f + (3 + 2 * counts.max_betas_per_alpha) as f64 * U) * f1 * sqrt_nk
+            + (3 * g + 4 + counts.n_alpha + counts.max_terms_per_pair) as f64 * U * f1);
+    let cert = Certificate::new(bounds, rho, e);
+    Ok(FastPlan {
+        shape,
+        bounds: *bounds,
+        poly: poly.clone(),
+        counts,
+        fft_len: n,
+        column_tile,
+        flops: kernel_flops + column_flops,
+        kernel_flops,
+        working_bytes: working,
+        kernel_bytes,
+        eps: f64::INFINITY,
+        approximation_error: cert.approximation_error,
+        rounding_error: cert.rounding_error,
+        certified_error: cert.certified_error,
+        certified_lse_error: cert.certified_lse_error,
+    })
+}
+
+/// The error bounds for a relative polynomial error `rho` and a rounding bound `e` per unit
+/// column (`E` in the module docs), given the data's bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Certificate {
+    pub approximation_error: f64,
+    pub rounding_error: f64,
+    pub certified_error: f64,
+    pub certified_lse_error: f64,
+}
+
+impl Certificate {
+    pub fn new(bounds: &FastBounds, rho: f64, e: f64) -> Self {
+        let v = bounds.v_max;
+        let l = (1.0 - rho) * (-bounds.r).exp() * bounds.min_row_mass;
+        let (a, r, lse) = if rho.is_nan() || rho >= 1.0 {
+            (f64::INFINITY, f64::INFINITY, f64::INFINITY)
+        } else if bounds.min_row_mass == f64::INFINITY {
+            // No visible row: every output is exactly 0 and every lse exactly -inf.
+            (0.0, 0.0, 0.0)
+        } else if e.is_nan() || e >= l {
+            (v * 2.0 * rho / (1.0 - rho), f64::INFINITY, f64::INFINITY)
+        } else {
+            let a = 2.0 * rho / (1.0 - rho);
+            (
+                v * a,
+                v * 2.0 * e / (l - e),
+                rho / (1.0 - rho) + e / (l - e),
+            )
+        };
+        Certificate {
+            approximation_error: a,
+            rounding_error: r,
+            certified_error: a + r,
+            certified_lse_error: lse,
+        }
+    }
+}
+
+/// Per-pair norms of a kernel `C_αβ`: `||C||_1`, `||C||_2` and `Σ_g Σ_τ |γ_τ c_τ(g)|` (the
+/// magnitude its own rounding is relative to).
+pub type PairNorms = [f64; 3];
+
+/// Per-`β` norms of `k^β`: `||k^β||_1`, `||k^β||_2`, `max |k^β|`.
+pub type BetaNorms = [f64; 3];
+
+/// The rounding bound `E` (per unit column) from the actual norms of one head's data: the
+/// module docs' estimate with `max_i |q^α_i|`, `||C_αβ||`, `||k^β||` measured instead of
+/// bounded through per-coordinate maxima and `Σ_t |c_t| R_abs^t`. `O(n_pairs)` once the norms
+/// are known; always at most the a-priori `E`, and typically orders of magnitude smaller
+/// (the a-priori bound ignores every cancellation inside the kernels and between rows).
+pub fn data_rounding(
+    e: &Expansion,
+    pair_norms: &[PairNorms],
+    q_max: &[f64],
+    k_norms: &[BetaNorms],
+    fft_len: usize,
+) -> f64 {
+    let eps_f = fft_relative_error(fft_len);
+    let (g, na) = (e.degree as f64, e.alphas.len() as f64);
+    let mut total = 0.0;
+    for (alpha, qa) in q_max.iter().enumerate() {
+        let range = e.pairs_of_alpha(alpha);
+        let nb_alpha = range.len() as f64;
+        let mut sum = 0.0;
+        for p in range {
+            let [c1, c2, cabs] = pair_norms[p];
+            let [k1, k2, kinf] = k_norms[e.pairs[p].beta];
+            let tp = e.terms_of_pair(p) as f64;
+            sum += eps_f * c2 * k1
+                + (2.0 * eps_f + (3.0 + 2.0 * nb_alpha) * U) * c1 * k2
+                + ((g + 3.0 + tp) * U * cabs + (2.0 * g + 1.0 + na) * U * c1) * kinf;
+        }
+        total += qa * sum;
+    }
+    1.01 * total
+}
+
+/// The least-degree plan whose certified error is at most `eps`, or `Error::Approximation` with
+/// the reason (degree cap, term limit, memory limit, or rounding beyond `eps`).
+///
+/// At each degree Taylor is tried before Chebyshev; a polynomial is kept when its approximation
+/// error *and* the rounding bound together fit `eps`. Rounding grows with the degree (larger
+/// `Σ|c_t| R_abs^t` and more terms), so once it alone exceeds `eps` for both kinds we stop.
+pub fn fast_plan(
+    shape: FastShape,
+    support: &[(usize, usize)],
+    bounds: &FastBounds,
+    eps: f64,
+    limits: &FastLimits,
+) -> Result<FastPlan> {
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::Value(format!(
+            "eps: expected a value >= 0, got {eps}"
+        )));
+    }
+    if eps == 0.0 {
+        return Err(Error::Approximation(
+            "fast method: eps = 0 asks for exact results; the fast method is an approximation"
+                .into(),
+        ));
+    }
+    for (name, x) in [
+        ("R", bounds.r),
+        ("R_abs", bounds.r_abs),
+        ("max |v|", bounds.v_max),
+    ] {
+        if !x.is_finite() {
+            return Err(Error::Value(format!(
+                "{name}: expected a finite bound, got {x}"
+            )));
+        }
+    }
+    let max_degree = limits.max_degree.min(MAX_DEGREE);
+    let mut why = String::from("no degree tried");
+    for degree in 0..=max_degree {
+        let count = term_count(support.len(), degree);
+        if count > limits.max_terms as f64 {
+            why = format!(
+                "degree {degree} would need C({}, {degree}) = {count:.3e} terms, more than the limit of {}",
+                support.len() + degree,
+                limits.max_terms
+            );
+            break;
+        }
+        let mut rounding_too_large = 0;
+        for poly in [taylor(bounds.r, degree)?, chebyshev(bounds.r, degree)?] {
+            let approx = bounds.v_max * 2.0 * poly.rho / (1.0 - poly.rho);
+            if poly.rho.is_nan() || poly.rho >= 1.0 || approx > eps {
+                why = format!(
+                    "at degree {degree} the polynomial error on [-{r:.4}, {r:.4}] is {:.3e} (relative {:.3e}), above eps = {eps:.3e}",
+                    approx,
+                    poly.rho,
+                    r = bounds.r
+                );
+                continue;
+            }
+            let mut plan = plan_unchecked(shape, support, bounds, &poly, limits)?;
+            plan.eps = eps;
+            // Certified a priori, or (the a-priori rounding bound being very pessimistic) on
+            // the approximation error with 1/16 of eps left for the per-head rounding bound —
+            // unless even the cancellation floor of the expansion at a score of -R, about
+            // `2 V ε_f Σ|c_t| R^t e^R`, leaves no room: then no head would pass.
+            let floor = 2.0
+                * bounds.v_max
+                * fft_relative_error(plan.fft_len)
+                * poly.abs_eval(bounds.r)
+                * bounds.r.exp()
+                / (1.0 - poly.rho);
+            let deferred = approx <= eps * (15.0 / 16.0) && floor <= eps / 16.0;
+            if plan.certified_error <= eps || deferred {
+                // A higher degree only needs more memory: refuse now.
+                if plan.column_tile == 0 {
+                    return Err(memory_refusal(&plan, limits));
+                }
+                return Ok(plan);
+            }
+            if plan.rounding_error > eps && floor > eps / 16.0 {
+                rounding_too_large += 1;
+            }
+            why = format!(
+                "at degree {degree} the rounding bound is {:.3e} (its floor at a score of -R alone \
+                 {floor:.3e}) on top of a polynomial error of {:.3e} (R = {:.4}, sum of |terms| {:.3e}, \
+                 smallest visible row mass {:.3e}, FFT length {}); double precision cannot certify \
+                 eps = {eps:.3e} here",
+                plan.rounding_error,
+                plan.approximation_error,
+                bounds.r,
+                poly.abs_eval(bounds.r_abs),
+                bounds.min_row_mass,
+                plan.fft_len
+            );
+        }
+        if rounding_too_large == 2 {
+            break;
+        }
+    }
+    Err(Error::Approximation(format!(
+        "fast method cannot certify eps = {eps:.3e}: {why}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(r: f64, n: usize, min_row_mass: f64) -> FastBounds {
+        FastBounds {
+            r,
+            r_abs: 1.5 * r,
+            v_max: 1.0,
+            factor_sum: (2 * n - 1) as f64,
+            factor_norm2: ((2 * n - 1) as f64).sqrt(),
+            min_row_mass,
+        }
+    }
+
+    const ROTARY2: [(usize, usize); 4] = [(0, 0), (0, 1), (1, 0), (1, 1)];
+
+    #[test]
+    fn plans_certify_eps_and_pick_the_least_degree() {
+        let shape = FastShape {
+            nq: 4096,
+            nk: 4096,
+            d: 2,
+            dv: 64,
+        };
+        let lim = FastLimits::default();
+        let mut last_degree = 0;
+        for eps in [1e-2, 1e-4, 1e-6, 1e-8] {
+            let p = fast_plan(shape, &ROTARY2, &bounds(1.0, 4096, 4096.0), eps, &lim).unwrap();
+            assert!(p.certified_error <= eps && p.poly.degree >= last_degree);
+            last_degree = p.poly.degree;
+            assert_eq!(p.fft_len, 8192);
+            assert!(p.flops > p.kernel_flops && p.working_bytes <= lim.max_working_bytes);
+        }
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let shape = FastShape {
+            nq: 65536,
+            nk: 65536,
+            d: 2,
+            dv: 64,
+        };
+        let lim = FastLimits::default();
+        let msg = |r: Result<FastPlan>| match r {
+            Err(Error::Approximation(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // R = 14 with a causal first row: double precision cannot certify.
+        let m = msg(fast_plan(
+            shape,
+            &ROTARY2,
+            &bounds(14.0, 65536, 1.0),
+            1e-3,
+            &lim,
+        ));
+        assert!(m.contains("rounding"), "{m}");
+        assert!(msg(fast_plan(
+            shape,
+            &ROTARY2,
+            &bounds(1.0, 65536, 1.0),
+            0.0,
+            &lim
+        ))
+        .contains("eps = 0"));
+        let tight = FastLimits {
+            max_working_bytes: 1 << 20,
+            ..lim
+        };
+        assert!(msg(fast_plan(
+            shape,
+            &ROTARY2,
+            &bounds(1.0, 65536, 1.0),
+            1e-3,
+            &tight
+        ))
+        .contains("max_working_bytes"));
+        let dense: Vec<(usize, usize)> =
+            (0..64).flat_map(|a| (0..64).map(move |b| (a, b))).collect();
+        let shape64 = FastShape { d: 64, ..shape };
+        assert!(msg(fast_plan(
+            shape64,
+            &dense,
+            &bounds(1.0, 65536, 65536.0),
+            1e-3,
+            &lim
+        ))
+        .contains("terms"));
+    }
+
+    #[test]
+    fn memory_tiles_columns() {
+        let shape = FastShape {
+            nq: 4096,
+            nk: 4096,
+            d: 2,
+            dv: 64,
+        };
+        let b = bounds(1.0, 4096, 4096.0);
+        let full = fast_plan(shape, &ROTARY2, &b, 1e-3, &FastLimits::default()).unwrap();
+        assert!(full.column_tile >= 4);
+        let lim = FastLimits {
+            max_working_bytes: full.working_bytes * 2 / 3,
+            ..FastLimits::default()
+        };
+        let tiled = fast_plan(shape, &ROTARY2, &b, 1e-3, &lim).unwrap();
+        assert!(tiled.column_tile < full.column_tile);
+        assert!(tiled.working_bytes <= lim.max_working_bytes);
+    }
+}

@@ -1,0 +1,452 @@
+//! The forward pass of the fast method for one head.
+//!
+//! For each column `x` of `[V, 1]` the numerator (or, for `x = 1`, the denominator) is
+//!
+//! ```text
+//! N_i = Σ_α q_i^α z_α,i,     z_α = Σ_β T[C_αβ] (k^β ∘ x) = IFFT( Σ_β Ĉ_αβ ⊙ FFT(k^β ∘ x) ),
+//! ```
+//!
+//! so a column costs `n_β` forward and `n_α` inverse FFTs plus `n_pairs` spectrum products. Per
+//! frequency the spectrum products are a sparse `(n_α x n_β) · (n_β x columns)` complex product,
+//! done one block of frequencies at a time out of cache ([`super::blocks`]).
+//!
+//! Stages per column tile of `[V, 1]`: (1) FFT `k^β ∘ x` for every `β` and column; (2) per
+//! block of frequencies, `Â_α = Σ_β Ĉ_αβ ⊙ X̂_β` for every `α` and column; (3) per column,
+//! inverse-FFT each `Â_α`, multiply by `q^α` and sum over `α` in a fixed order. Stages run in
+//! parallel (rayon) over independent pieces, so results do not depend on the thread count. The
+//! kernel spectra `Ĉ_αβ` live in a [`FastKernel`], built once and reusable for every head
+//! sharing W, scale, mask/bias, shape and plan; each head is certified from its own data
+//! before any FFT ([`super::certify::data_rounding`]).
+
+use super::blocks::{
+    scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
+};
+use super::bounds::{max_abs, row_masses, FastBounds};
+use super::certify::{
+    data_rounding, fast_plan, BetaNorms, Certificate, FastPlan, FastShape, PairNorms,
+};
+use super::expansion::Expansion;
+use super::{FastLimits, FastOutput, FastReport, HeadProblem};
+use crate::error::{Error, Result};
+use crate::poly::{PolyKind, ScoreBound, WNorms, U};
+use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// The per-(W, scale, mask/bias, shape, plan) half of the fast method: the expansion and the
+/// kernel spectra `Ĉ_αβ`. Build once, [`apply`](FastKernel::apply) to every head.
+pub struct FastKernel {
+    plan: FastPlan,
+    toeplitz: ToeplitzPlan,
+    expansion: Expansion,
+    /// `[block][pair]`, each kernel spectrum scaled by `1/N` (the inverse FFT's normalisation).
+    spectra: Vec<Block>,
+    /// Per pair: `||C_αβ||_1`, `||C_αβ||_2` and its term mass (for the rounding certificate).
+    norms: Vec<PairNorms>,
+    support: Vec<(usize, usize)>,
+    scale: f64,
+    w_norms: WNorms,
+    /// Per query row, a lower bound on its visible mass (`0.0`: no visible key).
+    masses: Vec<f64>,
+    /// Key-spectra and accumulator buffers of finished `apply` calls, for the next ones.
+    pool: Mutex<Vec<(Vec<C64>, Vec<C64>)>>,
+}
+
+impl FastKernel {
+    /// Expands `plan.poly` over `support` and computes the kernel spectra. `seqs` (`|S| x glen`)
+    /// and `factor` (`glen`) must be those the plan's bounds were read from (checked through
+    /// their norms).
+    pub fn new(
+        plan: &FastPlan,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        limits: &FastLimits,
+    ) -> Result<Self> {
+        Self::build(plan, support, seqs, factor, scale, limits, true)
+    }
+
+    pub(crate) fn build(
+        plan: &FastPlan,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        limits: &FastLimits,
+        grouped: bool,
+    ) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        if nq == 0 || nk == 0 {
+            return Err(Error::Value(format!(
+                "fast kernel: expected nq, nk >= 1, got ({nq}, {nk})"
+            )));
+        }
+        let glen = nq + nk - 1;
+        if factor.len() != glen || factor.iter().any(|f| !(f.is_finite() && *f >= 0.0)) {
+            return Err(Error::Value(format!(
+                "factor: expected {glen} finite values >= 0, got {} values",
+                factor.len()
+            )));
+        }
+        if seqs.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Value(
+                "seqs: expected finite values, got inf or nan".into(),
+            ));
+        }
+        if !scale.is_finite() {
+            return Err(Error::Value(format!(
+                "scale: expected a finite value, got {scale}"
+            )));
+        }
+        let w_norms = WNorms::new(d, support, seqs, factor)?;
+        let masses = row_masses(nq, nk, factor);
+        let zero = ScoreBound {
+            r: 0.0,
+            r_abs: 0.0,
+            spectral: 0.0,
+            blocks: 0.0,
+        };
+        let stats = FastBounds::from_parts(zero, 0.0, nq, nk, factor);
+        let pb = &plan.bounds;
+        if stats.factor_sum > pb.factor_sum
+            || stats.factor_norm2 > pb.factor_norm2
+            || stats.min_row_mass < pb.min_row_mass
+        {
+            return Err(Error::Approximation(
+                "fast kernel: the mask/bias factor is outside the bounds its plan certified".into(),
+            ));
+        }
+        let expansion = Expansion::build(
+            support,
+            d,
+            &plan.poly.coeffs,
+            scale,
+            grouped,
+            limits.max_terms,
+        )?;
+        let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
+        let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
+        let seqs_c: Vec<f64> = seqs.iter().copied().collect();
+        let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
+        let mut ws = toeplitz.make_scratch();
+        let (mut kern, mut tmp) = (vec![0.0; glen], vec![0.0; glen]);
+        let mut spec = vec![C64::new(0.0, 0.0); toeplitz.spectrum_len()];
+        let mut norms = Vec::with_capacity(np);
+        for p in 0..np {
+            let mass = expansion.kernel(p, &seqs_c, factor, &mut kern, &mut tmp);
+            let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
+            let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+            // Summation rounding of the norms themselves, so they stay upper bounds.
+            let up = 1.0 + (glen + 2) as f64 * U;
+            norms.push([l1 * up, l2 * up, mass * up]);
+            toeplitz.kernel_spectrum(&kern, &mut spec, &mut ws)?;
+            scatter(std::slice::from_ref(&spec), &mut spectra[p..], np);
+        }
+        Ok(FastKernel {
+            plan: plan.clone(),
+            toeplitz,
+            expansion,
+            spectra,
+            norms,
+            support: support.to_vec(),
+            scale,
+            w_norms,
+            masses,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn plan(&self) -> &FastPlan {
+        &self.plan
+    }
+
+    pub fn expansion(&self) -> &Expansion {
+        &self.expansion
+    }
+
+    /// One head: `q` (`nq x d`), `k` (`nk x d`), `v` (`nk x dv`), with bounds within the plan's.
+    pub fn apply(
+        &self,
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        v: ArrayView2<f64>,
+    ) -> Result<FastOutput> {
+        let FastShape { nq, nk, d, dv } = self.plan.shape;
+        for (name, x, rows, cols) in [("q", &q, nq, d), ("k", &k, nk, d), ("v", &v, nk, dv)] {
+            if x.shape() != [rows, cols] {
+                return Err(Error::Value(format!(
+                    "{name}: expected shape ({rows}, {cols}), got {:?}",
+                    x.shape()
+                )));
+            }
+            if x.iter().any(|y| !y.is_finite()) {
+                return Err(Error::Value(format!(
+                    "{name}: expected finite values, got inf or nan"
+                )));
+            }
+        }
+        let head = self.w_norms.bound(&self.support, q, k, self.scale);
+        let v_max = max_abs(v.iter());
+        let pb = &self.plan.bounds;
+        if head.r > pb.r || head.r_abs > pb.r_abs || v_max > pb.v_max {
+            return Err(Error::Approximation(format!(
+                "fast method: this head (R = {:.4}, R_abs = {:.4}, max|v| = {:.4}) exceeds the bounds \
+                 its plan certified (R = {:.4}, R_abs = {:.4}, max|v| = {:.4})",
+                head.r, head.r_abs, v_max, pb.r, pb.r_abs, pb.v_max
+            )));
+        }
+        let e = &self.expansion;
+        // Row-major n_index x n, so rows are contiguous slices.
+        let (qa, kb) = (
+            Expansion::monomials(&e.alphas, q),
+            Expansion::monomials(&e.betas, k),
+        );
+        let not_contiguous = || Error::Value("monomials: expected a contiguous array".into());
+        let (qa, kb) = (
+            qa.as_slice().ok_or_else(not_contiguous)?,
+            kb.as_slice().ok_or_else(not_contiguous)?,
+        );
+        // The head's own certificate, from the norms of its data, before any FFT runs.
+        let q_max: Vec<f64> = qa.chunks_exact(nq).map(|r| max_abs(r.iter())).collect();
+        let up = 1.0 + (nk + 2) as f64 * U;
+        let k_norms: Vec<BetaNorms> = kb
+            .chunks_exact(nk)
+            .map(|r| {
+                let l1 = r.iter().map(|x| x.abs()).sum::<f64>() * up;
+                let l2 = r.iter().map(|x| x * x).sum::<f64>().sqrt() * up;
+                [l1, l2, max_abs(r.iter())]
+            })
+            .collect();
+        let e_data = data_rounding(e, &self.norms, &q_max, &k_norms, self.toeplitz.fft_len());
+        let head_bounds = FastBounds {
+            r: head.r,
+            v_max,
+            ..*pb
+        };
+        let mut cert = Certificate::new(&head_bounds, self.plan.poly.rho, e_data);
+        if cert.certified_error.is_nan() || cert.certified_error > self.plan.certified_error {
+            // Both are valid bounds; keep the smaller.
+            cert = Certificate {
+                approximation_error: self.plan.approximation_error,
+                rounding_error: self.plan.rounding_error,
+                certified_error: self.plan.certified_error,
+                certified_lse_error: self.plan.certified_lse_error,
+            };
+        }
+        if cert.certified_error.is_nan() || cert.certified_error > self.plan.eps {
+            return Err(Error::Approximation(format!(
+                "fast method: this head's certified error is {:.3e} (polynomial {:.3e}, rounding {:.3e}), \
+                 above eps = {:.3e}; double precision cannot certify it here",
+                cert.certified_error, cert.approximation_error, cert.rounding_error, self.plan.eps
+            )));
+        }
+        let numer = self.numerators(qa, kb, v)?;
+        let mut out = Array2::<f64>::zeros((nq, dv));
+        let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+        for i in 0..nq {
+            if self.masses[i] <= 0.0 {
+                continue; // no visible key: output 0, lse -inf, exactly
+            }
+            let den = numer[dv * nq + i];
+            if !(den.is_finite() && den > 0.0) {
+                return Err(Error::Approximation(format!(
+                    "fast method: row {i} has denominator {den:e} despite the certificate; \
+                     use the exact method"
+                )));
+            }
+            for c in 0..dv {
+                out[[i, c]] = numer[c * nq + i] / den;
+            }
+            lse[i] = den.ln();
+        }
+        let mut report = self.report();
+        report.certified_error = cert.certified_error;
+        report.approximation_error = cert.approximation_error;
+        report.rounding_error = cert.rounding_error;
+        report.certified_lse_error = cert.certified_lse_error;
+        Ok(FastOutput { out, lse, report })
+    }
+
+    /// What `apply` reports, with the plan's a-priori certificate (`apply` replaces it by the
+    /// head's own, which is never larger).
+    pub fn report(&self) -> FastReport {
+        let p = &self.plan;
+        let c = self.expansion.counts();
+        FastReport {
+            degree: p.poly.degree,
+            kind: p.poly.kind,
+            r: p.poly.r,
+            rho: p.poly.rho,
+            terms: c.terms,
+            n_alpha: c.n_alpha,
+            n_beta: c.n_beta,
+            n_pairs: c.n_pairs,
+            fft_len: self.toeplitz.fft_len(),
+            certified_error: p.certified_error,
+            approximation_error: p.approximation_error,
+            rounding_error: p.rounding_error,
+            certified_lse_error: p.certified_lse_error,
+        }
+    }
+
+    /// `Σ_j p(M_ij) f_ij x_j` for every column `x` of `[V, 1]`, column-major (`(dv+1) x nq`).
+    ///
+    /// Parallel (rayon) over `(β, column)` FFTs, frequency-block groups and columns; every
+    /// output is summed in a fixed order, so results do not depend on the thread count.
+    fn numerators(&self, qa: &[f64], kb: &[f64], v: ArrayView2<f64>) -> Result<Vec<f64>> {
+        let FastShape { nq, nk, dv, .. } = self.plan.shape;
+        let e = &self.expansion;
+        let (na, nb) = (e.alphas.len(), e.betas.len());
+        let tp = &self.toeplitz;
+        let (h, nblk) = (tp.spectrum_len(), spectrum_blocks(tp.fft_len()));
+        let cols = dv + 1;
+        let tile = self.plan.column_tile.clamp(1, cols);
+        let mut xt = vec![0.0; tile * nk];
+        let zero = C64::new(0.0, 0.0);
+        // Spectra buffers are reused across heads (a pool, one entry per concurrent `apply`):
+        // fresh gigabytes would cost page faults on every head.
+        let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
+        let (mut xs, mut acc) = match pooled {
+            Some(bufs) => bufs,
+            None => (
+                try_filled(
+                    h.saturating_mul(nb).saturating_mul(tile),
+                    zero,
+                    "key spectra",
+                )?,
+                try_filled(
+                    h.saturating_mul(na).saturating_mul(tile),
+                    zero,
+                    "accumulators",
+                )?,
+            ),
+        };
+        let mut numer = try_filled(cols * nq, 0.0, "numerators")?;
+        // Frequency-block groups for stage (2): a few per thread for load balance.
+        let groups = (4 * rayon::current_num_threads()).clamp(1, nblk);
+        let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+        for c0 in (0..cols).step_by(tile) {
+            let cb = tile.min(cols - c0);
+            // The tile's columns of [V, 1], contiguous (V is row-major: read it once per tile).
+            for (j, row) in v.rows().into_iter().enumerate() {
+                for c in 0..cb {
+                    xt[c * nk + j] = if c0 + c < dv { row[c0 + c] } else { 1.0 };
+                }
+            }
+            // (1) X̂_β,c = FFT(k^β ∘ x_c) for the tile's columns x_c of [V, 1].
+            xs[..cb * nb * h]
+                .par_chunks_mut(h)
+                .enumerate()
+                .try_for_each_init(
+                    || (tp.make_scratch(), vec![0.0; nk]),
+                    |(ws, prod), (idx, spec)| {
+                        let (c, beta) = (idx / nb, idx % nb);
+                        let kbeta = &kb[beta * nk..(beta + 1) * nk];
+                        let x = &xt[c * nk..(c + 1) * nk];
+                        prod.iter_mut()
+                            .zip(kbeta.iter().zip(x))
+                            .for_each(|(p, (a, b))| *p = a * b);
+                        tp.forward(prod, spec, ws)
+                    },
+                )?;
+            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c, by groups of frequency blocks (cache-resident).
+            let st = Stage2 {
+                e,
+                spectra: &self.spectra,
+                xs: &xs,
+                h,
+                tile,
+                cb,
+            };
+            let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
+            for spec in acc[..cb * na * h].chunks_exact_mut(h) {
+                let mut rest = spec;
+                for (g, part) in parts.iter_mut().enumerate() {
+                    let r = group(g);
+                    let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
+                    let (mine, others) = rest.split_at_mut(len);
+                    part.push(mine);
+                    rest = others;
+                }
+            }
+            parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
+                let mut xl = vec![ZERO_BLOCK; nb * tile];
+                let mut al = vec![ZERO_BLOCK; na * tile];
+                stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
+            });
+            // (3) N[:, c] += Σ_α q^α ∘ IFFT(Â_α,c)[rows], α in order.
+            numer[c0 * nq..(c0 + cb) * nq]
+                .par_chunks_mut(nq)
+                .zip(acc[..cb * na * h].par_chunks_mut(na * h))
+                .try_for_each_init(
+                    || tp.make_scratch(),
+                    |ws, (dst, specs)| {
+                        for (spec, qalpha) in specs.chunks_exact_mut(h).zip(qa.chunks_exact(nq)) {
+                            let z = tp.inverse_product(spec, ws)?;
+                            for ((o, zi), qi) in dst.iter_mut().zip(z).zip(qalpha.iter()) {
+                                *o += qi * zi;
+                            }
+                        }
+                        Ok::<(), Error>(())
+                    },
+                )?;
+        }
+        if let Ok(mut p) = self.pool.lock() {
+            p.push((xs, acc));
+        }
+        Ok(numer)
+    }
+}
+
+/// The fast method for one head: bounds → certified plan → kernel → apply. Refuses with
+/// `Error::Approximation` (and the reason) when `eps` cannot be certified within `limits`.
+pub fn fast_forward_head(prob: &HeadProblem, eps: f64, limits: &FastLimits) -> Result<FastOutput> {
+    let bounds = FastBounds::from_problem(prob)?;
+    let (nq, nk, dv) = (prob.nq(), prob.nk(), prob.dv());
+    if nq == 0 || nk == 0 {
+        if eps.is_nan() || eps < 0.0 {
+            return Err(Error::Value(format!(
+                "eps: expected a value >= 0, got {eps}"
+            )));
+        }
+        let report = FastReport {
+            degree: 0,
+            kind: PolyKind::Taylor,
+            r: 0.0,
+            rho: 0.0,
+            terms: 0,
+            n_alpha: 0,
+            n_beta: 0,
+            n_pairs: 0,
+            fft_len: 0,
+            certified_error: 0.0,
+            approximation_error: 0.0,
+            rounding_error: 0.0,
+            certified_lse_error: 0.0,
+        };
+        let lse = Array1::from_elem(nq, f64::NEG_INFINITY);
+        return Ok(FastOutput {
+            out: Array2::zeros((nq, dv)),
+            lse,
+            report,
+        });
+    }
+    let shape = FastShape {
+        nq,
+        nk,
+        d: prob.d(),
+        dv,
+    };
+    let plan = fast_plan(shape, prob.support, &bounds, eps, limits)?;
+    let kernel = FastKernel::new(
+        &plan,
+        prob.support,
+        prob.seqs,
+        prob.factor,
+        prob.scale,
+        limits,
+    )?;
+    kernel.apply(prob.q, prob.k, prob.v)
+}

@@ -1,0 +1,538 @@
+//! The fast forward against its naive twins (fixed seeds; tolerances are the certificate itself).
+
+use super::naive::{exact_head, polynomial_head, score};
+use super::*;
+use crate::poly::taylor;
+use ndarray::Array2;
+
+/// Uniform numbers in [-1, 1) (xorshift), so tests need no RNG crate.
+fn rng(seed: u64) -> impl FnMut() -> f64 {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+struct Owned {
+    q: Array2<f64>,
+    k: Array2<f64>,
+    v: Array2<f64>,
+    scale: f64,
+    support: Vec<(usize, usize)>,
+    seqs: Array2<f64>,
+    factor: Vec<f64>,
+}
+
+impl Owned {
+    fn prob(&self) -> HeadProblem<'_> {
+        HeadProblem {
+            q: self.q.view(),
+            k: self.k.view(),
+            v: self.v.view(),
+            scale: self.scale,
+            support: &self.support,
+            seqs: self.seqs.view(),
+            factor: &self.factor,
+        }
+    }
+
+    fn max_score(&self) -> f64 {
+        let p = self.prob();
+        let mut m: f64 = 0.0;
+        for i in 0..p.nq() {
+            for j in 0..p.nk() {
+                if self.factor[j + p.nq() - 1 - i] > 0.0 {
+                    m = m.max(score(&p, i, j).abs());
+                }
+            }
+        }
+        m
+    }
+}
+
+/// `δ(g)` for diagonal `g` with `offset = q_offset - k_offset`.
+fn delta(offset: i64, nq: usize, g: usize) -> i64 {
+    offset + nq as i64 - 1 - g as i64
+}
+
+/// Random q, k, v with entries up to `amp`; rotary W (interleaved pairs, base 10000), no mask.
+fn rotary(nq: usize, nk: usize, d: usize, dv: usize, offset: i64, amp: f64, seed: u64) -> Owned {
+    let mut u = rng(seed);
+    let glen = nq + nk - 1;
+    let mut support = Vec::new();
+    let mut rows = Vec::new();
+    for m in 0..d / 2 {
+        let theta = 10000f64.powf(-2.0 * m as f64 / d as f64);
+        let (p, r) = (2 * m, 2 * m + 1);
+        let angle = |g: usize| delta(offset, nq, g) as f64 * theta;
+        support.extend([(p, p), (p, r), (r, p), (r, r)]);
+        rows.push((0..glen).map(|g| angle(g).cos()).collect::<Vec<_>>());
+        rows.push((0..glen).map(|g| angle(g).sin()).collect());
+        rows.push((0..glen).map(|g| -angle(g).sin()).collect());
+        rows.push((0..glen).map(|g| angle(g).cos()).collect());
+    }
+    let seqs = Array2::from_shape_fn((support.len(), glen), |(s, g)| rows[s][g]);
+    Owned {
+        q: Array2::from_shape_fn((nq, d), |_| amp * u()),
+        k: Array2::from_shape_fn((nk, d), |_| amp * u()),
+        v: Array2::from_shape_fn((nk, dv), |_| u()),
+        scale: 1.0 / (d as f64).sqrt(),
+        support,
+        seqs,
+        factor: vec![1.0; glen],
+    }
+}
+
+/// Random sparse support on d coordinates with random sequences.
+fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Owned {
+    let mut u = rng(seed);
+    let glen = nq + nk - 1;
+    let support: Vec<(usize, usize)> = (0..ns)
+        .map(|_| {
+            (
+                ((u() + 1.0) * 0.5 * d as f64) as usize % d,
+                ((u() + 1.0) * 0.5 * d as f64) as usize % d,
+            )
+        })
+        .collect();
+    Owned {
+        q: Array2::from_shape_fn((nq, d), |_| u()),
+        k: Array2::from_shape_fn((nk, d), |_| u()),
+        v: Array2::from_shape_fn((nk, dv), |_| 2.0 * u()),
+        scale: 0.7,
+        seqs: Array2::from_shape_fn((ns, glen), |_| u()),
+        support,
+        factor: vec![1.0; glen],
+    }
+}
+
+/// Causal (`δ >= 0`), a window `-right <= δ <= left` and an ALiBi-like bias `-slope |δ|`.
+fn mask(o: &mut Owned, offset: i64, causal: bool, window: Option<(i64, i64)>, slope: f64) {
+    let nq = o.q.nrows();
+    for (g, f) in o.factor.iter_mut().enumerate() {
+        let dl = delta(offset, nq, g);
+        let visible = (!causal || dl >= 0) && window.is_none_or(|(l, r)| -r <= dl && dl <= l);
+        *f = if visible {
+            (-slope * dl.abs() as f64).exp()
+        } else {
+            0.0
+        };
+    }
+}
+
+/// Runs the fast method and checks it against the exact twin within the certificate.
+fn check(o: &Owned, eps: f64) -> FastReport {
+    let p = o.prob();
+    let fast = fast_forward_head(&p, eps, &FastLimits::default()).unwrap();
+    let (out, lse) = exact_head(&p);
+    let r = fast.report.clone();
+    assert!(r.certified_error <= eps, "{r:?}");
+    let err = (&fast.out - &out).fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(
+        err <= r.certified_error,
+        "error {err:e} > certified {:e} ({r:?})",
+        r.certified_error
+    );
+    for (a, b) in fast.lse.iter().zip(lse.iter()) {
+        if b.is_infinite() {
+            assert_eq!(*a, f64::NEG_INFINITY);
+        } else {
+            assert!(
+                (a - b).abs() <= r.certified_lse_error,
+                "lse {a} vs {b} ({r:?})"
+            );
+        }
+    }
+    r
+}
+
+#[test]
+fn rotary_support_matches_exact_within_certificate() {
+    let o = rotary(48, 48, 4, 5, 0, 1.0, 1);
+    for eps in [1e-2, 1e-4, 1e-6] {
+        check(&o, eps);
+    }
+}
+
+#[test]
+fn random_sparse_support_matches_exact() {
+    let o = sparse(40, 33, 3, 4, 5, 2);
+    for eps in [1e-2, 1e-4, 1e-6] {
+        check(&o, eps);
+    }
+}
+
+#[test]
+fn causal_window_and_bias_mask_every_term() {
+    let mut o = rotary(45, 45, 2, 3, 0, 1.0, 3);
+    mask(&mut o, 0, true, Some((10, 0)), 0.05);
+    for eps in [1e-2, 1e-4, 1e-6] {
+        check(&o, eps);
+    }
+    // A window that leaves the first rows without keys: out 0, lse -inf.
+    let mut o = rotary(20, 20, 2, 3, -5, 1.0, 4);
+    mask(&mut o, -5, true, None, 0.0);
+    let fast = fast_forward_head(&o.prob(), 1e-4, &FastLimits::default()).unwrap();
+    for i in 0..5 {
+        assert_eq!(fast.lse[i], f64::NEG_INFINITY);
+        assert!(fast.out.row(i).iter().all(|&x| x == 0.0));
+    }
+    check(&o, 1e-4);
+}
+
+#[test]
+fn odd_prime_sizes_and_offsets() {
+    for &(nq, nk, offset) in &[
+        (37, 101, 5),
+        (101, 37, -13),
+        (1, 53, 52),
+        (53, 1, 0),
+        (97, 89, 1000),
+    ] {
+        let mut o = rotary(nq, nk, 4, 3, offset, 0.9, nq as u64);
+        check(&o, 1e-4);
+        mask(&mut o, offset, false, Some((40, 3)), 0.02);
+        if o.factor.iter().any(|&f| f > 0.0) {
+            check(&o, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn aligned_queries_and_keys_reach_the_bound() {
+    // Every q_i and k_j equal: with W = identity (diagonal support, seqs = 1) M_ij = scale |q|^2,
+    // which is exactly the spectral bound.
+    let (n, d) = (64, 2);
+    let mut o = sparse(n, n, d, 3, 2, 9);
+    o.support = vec![(0, 0), (1, 1)];
+    o.seqs = Array2::ones((2, 2 * n - 1));
+    o.q = Array2::from_shape_fn((n, d), |(_, l)| [1.2, 0.9][l]);
+    o.k = o.q.clone();
+    o.scale = 1.0;
+    let r = check(&o, 1e-5);
+    assert!(
+        o.max_score() >= 0.999 * r.r,
+        "max score {} vs R {}",
+        o.max_score(),
+        r.r
+    );
+    // Anti-aligned keys reach -R.
+    o.k.mapv_inplace(|x| -x);
+    check(&o, 1e-5);
+}
+
+fn plan_with_degree(o: &Owned, degree: usize) -> FastPlan {
+    let p = o.prob();
+    let b = FastBounds::from_problem(&p).unwrap();
+    let shape = FastShape {
+        nq: p.nq(),
+        nk: p.nk(),
+        d: p.d(),
+        dv: p.dv(),
+    };
+    plan_for_polynomial(
+        shape,
+        &o.support,
+        &b,
+        &taylor(b.r, degree).unwrap(),
+        &FastLimits::default(),
+    )
+    .unwrap()
+}
+
+fn max_err(o: &Owned, plan: &FastPlan, grouped: bool) -> f64 {
+    let p = o.prob();
+    let kern = FastKernel::build(
+        plan,
+        &o.support,
+        p.seqs,
+        &o.factor,
+        o.scale,
+        &FastLimits::default(),
+        grouped,
+    )
+    .unwrap();
+    let fast = kern.apply(p.q, p.k, p.v).unwrap();
+    (&fast.out - &exact_head(&p).0).fold(0.0f64, |m, x| m.max(x.abs()))
+}
+
+#[test]
+fn high_degree_matches_exact_and_error_falls_with_degree() {
+    let mut o = rotary(50, 61, 2, 4, 3, 1.0, 5);
+    mask(&mut o, 3, true, None, 0.1);
+    assert!(max_err(&o, &plan_with_degree(&o, 24), true) < 1e-12);
+    let errs: Vec<f64> = (0..=12)
+        .map(|g| max_err(&o, &plan_with_degree(&o, g), true))
+        .collect();
+    for w in errs.windows(2) {
+        assert!(w[1] <= w[0] + 1e-14, "{errs:?}");
+    }
+    assert!(errs[12] < 1e-8 * errs[0], "{errs:?}");
+}
+
+#[test]
+fn grouped_and_ungrouped_forwards_agree_with_the_polynomial() {
+    let mut o = sparse(30, 41, 3, 3, 4, 6);
+    mask(&mut o, 0, false, Some((15, 20)), 0.0);
+    let plan = plan_with_degree(&o, 5);
+    let p = o.prob();
+    let (want, want_lse) = polynomial_head(&p, &plan.poly.coeffs);
+    for grouped in [true, false] {
+        let kern = FastKernel::build(
+            &plan,
+            &o.support,
+            p.seqs,
+            &o.factor,
+            o.scale,
+            &FastLimits::default(),
+            grouped,
+        )
+        .unwrap();
+        let fast = kern.apply(p.q, p.k, p.v).unwrap();
+        let err = (&fast.out - &want).fold(0.0f64, |m, x| m.max(x.abs()));
+        let lerr = (&fast.lse - &want_lse).fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(
+            err < 1e-12 && lerr < 1e-12,
+            "grouped={grouped}: {err:e} {lerr:e}"
+        );
+    }
+}
+
+#[test]
+fn one_kernel_serves_several_heads() {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<FastKernel>();
+    let a = rotary(33, 40, 4, 3, 0, 1.0, 7);
+    let mut b = rotary(33, 40, 4, 3, 0, 1.0, 8);
+    b.q.mapv_inplace(|x| 0.5 * x);
+    let lim = FastLimits::default();
+    let bounds = FastBounds::from_problem(&a.prob())
+        .unwrap()
+        .worst(&FastBounds::from_problem(&b.prob()).unwrap());
+    let shape = FastShape {
+        nq: 33,
+        nk: 40,
+        d: 4,
+        dv: 3,
+    };
+    let plan = fast_plan(shape, &a.support, &bounds, 1e-5, &lim).unwrap();
+    let kern = FastKernel::new(&plan, &a.support, a.seqs.view(), &a.factor, a.scale, &lim).unwrap();
+    for o in [&a, &b] {
+        let fast = kern.apply(o.q.view(), o.k.view(), o.v.view()).unwrap();
+        let err = (&fast.out - &exact_head(&o.prob()).0).fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(err <= plan.certified_error && plan.certified_error <= 1e-5);
+    }
+    // A head beyond the certified bounds is refused, not computed.
+    let big = a.q.mapv(|x| 3.0 * x);
+    assert!(matches!(
+        kern.apply(big.view(), a.k.view(), a.v.view()),
+        Err(Error::Approximation(_))
+    ));
+}
+
+#[test]
+fn column_tiles_give_the_same_result() {
+    let o = rotary(40, 40, 2, 7, 0, 1.0, 10);
+    let p = o.prob();
+    let full = fast_forward_head(&p, 1e-6, &FastLimits::default()).unwrap();
+    let plan = plan_with_degree(&o, full.report.degree);
+    let small = FastLimits {
+        max_working_bytes: plan.working_bytes - plan.working_bytes / 3,
+        ..FastLimits::default()
+    };
+    let tiled = fast_forward_head(&p, 1e-6, &small).unwrap();
+    let b = FastBounds::from_problem(&p).unwrap();
+    let tplan = fast_plan(
+        FastShape {
+            nq: 40,
+            nk: 40,
+            d: 2,
+            dv: 7,
+        },
+        &o.support,
+        &b,
+        1e-6,
+        &small,
+    )
+    .unwrap();
+    assert!(tplan.column_tile < 8);
+    assert!((&full.out - &tiled.out).fold(0.0f64, |m, x| m.max(x.abs())) < 1e-13);
+}
+
+#[test]
+fn refusals_and_bad_input_are_errors() {
+    let o = rotary(16, 16, 2, 2, 0, 1.0, 11);
+    let lim = FastLimits::default();
+    assert!(matches!(
+        fast_forward_head(&o.prob(), 0.0, &lim),
+        Err(Error::Approximation(_))
+    ));
+    assert!(matches!(
+        fast_forward_head(&o.prob(), -1.0, &lim),
+        Err(Error::Value(_))
+    ));
+    let big = rotary(16, 16, 2, 2, 0, 40.0, 11);
+    assert!(matches!(
+        fast_forward_head(&big.prob(), 1e-3, &lim),
+        Err(Error::Approximation(_))
+    ));
+    let mut bad = rotary(16, 16, 2, 2, 0, 1.0, 11);
+    bad.q[[3, 1]] = f64::NAN;
+    assert!(matches!(
+        fast_forward_head(&bad.prob(), 1e-3, &lim),
+        Err(Error::Value(_))
+    ));
+    let mut bad = rotary(16, 16, 2, 2, 0, 1.0, 11);
+    bad.factor[4] = -1.0;
+    assert!(matches!(
+        fast_forward_head(&bad.prob(), 1e-3, &lim),
+        Err(Error::Value(_))
+    ));
+    let mut bad = rotary(16, 16, 2, 2, 0, 1.0, 11);
+    bad.factor.pop();
+    assert!(matches!(
+        fast_forward_head(&bad.prob(), 1e-3, &lim),
+        Err(Error::Value(_))
+    ));
+    let mut bad = rotary(16, 16, 2, 2, 0, 1.0, 11);
+    bad.support[0] = (2, 0);
+    assert!(matches!(
+        fast_forward_head(&bad.prob(), 1e-3, &lim),
+        Err(Error::Value(_))
+    ));
+    let bad = rotary(16, 15, 2, 2, 0, 1.0, 11);
+    let p = HeadProblem {
+        v: o.v.view(),
+        ..bad.prob()
+    };
+    assert!(matches!(
+        fast_forward_head(&p, 1e-3, &lim),
+        Err(Error::Value(_))
+    ));
+}
+
+#[test]
+fn empty_sides_and_empty_support() {
+    let o = rotary(5, 7, 2, 3, 0, 1.0, 12);
+    let lim = FastLimits::default();
+    let e = Array2::<f64>::zeros((0, 2));
+    let p = HeadProblem {
+        q: e.view(),
+        ..o.prob()
+    };
+    let r = fast_forward_head(&p, 1e-3, &lim).unwrap();
+    assert_eq!((r.out.shape(), r.lse.len()), (&[0, 3][..], 0));
+    let (ek, ev) = (Array2::<f64>::zeros((0, 2)), Array2::<f64>::zeros((0, 3)));
+    let p = HeadProblem {
+        k: ek.view(),
+        v: ev.view(),
+        ..o.prob()
+    };
+    let r = fast_forward_head(&p, 1e-3, &lim).unwrap();
+    assert!(r.lse.iter().all(|x| *x == f64::NEG_INFINITY) && r.out.iter().all(|x| *x == 0.0));
+    // No support: M = 0, plain (masked, biased) averaging, degree 0.
+    let mut z = sparse(9, 11, 2, 2, 0, 13);
+    mask(&mut z, 0, false, Some((3, 3)), 0.3);
+    assert_eq!(check(&z, 1e-9).degree, 0);
+}
+
+/// Timing of one head (rotary, no mask, R scaled to 1, eps = 1e-3, dv = 64). Run with
+/// `cargo test --release --lib fast::tests::timing -- --ignored --nocapture`; sizes from
+/// `FASTROPE_TIMING_N` (comma-separated, default `4096,65536`) and `FASTROPE_TIMING_D`
+/// (default `2,4`).
+#[test]
+#[ignore]
+fn timing_one_head() {
+    let list = |var: &str, default: &str| -> Vec<usize> {
+        std::env::var(var)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect()
+    };
+    let lim = FastLimits {
+        max_working_bytes: 8 << 30,
+        ..FastLimits::default()
+    };
+    for d in list("FASTROPE_TIMING_D", "2,4") {
+        for n in list("FASTROPE_TIMING_N", "4096,65536") {
+            let mut o = rotary(n, n, d, 64, 0, 1.0, 42);
+            let r = FastBounds::from_problem(&o.prob()).unwrap().r;
+            o.q.mapv_inplace(|x| x / r.sqrt());
+            o.k.mapv_inplace(|x| x / r.sqrt());
+            let t0 = std::time::Instant::now();
+            let fast = fast_forward_head(&o.prob(), 1e-3, &lim).unwrap();
+            let dt = t0.elapsed().as_secs_f64();
+            let p = fast_plan(
+                FastShape {
+                    nq: n,
+                    nk: n,
+                    d,
+                    dv: 64,
+                },
+                &o.support,
+                &FastBounds::from_problem(&o.prob()).unwrap(),
+                1e-3,
+                &lim,
+            )
+            .unwrap();
+            println!(
+                "n={n} d={d}: {dt:.3} s, predicted {:.3e} flops ({:.2} GFlop/s), {:.2} GB, {:?}",
+                p.flops,
+                p.flops / dt / 1e9,
+                p.working_bytes as f64 / 1e9,
+                fast.report
+            );
+        }
+    }
+}
+
+#[test]
+fn rounding_stays_within_its_bounds() {
+    // Wide scores (R ≈ 6.5, R_abs ≈ 13) and a causal first row make rounding visible and the
+    // a-priori bound useless; a fixed polynomial makes rounding the only difference from the
+    // exact-arithmetic p(M) attention, and the head's data-dependent bound must cover it.
+    let mut o = rotary(120, 131, 2, 3, 0, 2.2, 14);
+    mask(&mut o, 0, true, None, 0.0);
+    let p = o.prob();
+    let b = FastBounds::from_problem(&p).unwrap();
+    assert!(b.r > 6.0, "R = {}", b.r);
+    let shape = FastShape {
+        nq: 120,
+        nk: 131,
+        d: 2,
+        dv: 3,
+    };
+    let poly = crate::poly::chebyshev(b.r, 30).unwrap();
+    let lim = FastLimits::default();
+    let plan = plan_for_polynomial(shape, &o.support, &b, &poly, &lim).unwrap();
+    let kern = FastKernel::new(&plan, &o.support, p.seqs, &o.factor, o.scale, &lim).unwrap();
+    let fast = kern.apply(p.q, p.k, p.v).unwrap();
+    let r = &fast.report;
+    let (want, _) = polynomial_head(&p, &poly.coeffs);
+    let err = (&fast.out - &want).fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(
+        err > 0.0 && err <= r.rounding_error,
+        "rounding {err:e} > bound {:e}",
+        r.rounding_error
+    );
+    assert!(
+        r.rounding_error < 1e-3 && r.rounding_error <= plan.rounding_error,
+        "{r:?}"
+    );
+    println!(
+        "rounding: actual {err:.2e}, head bound {:.2e}, a-priori {:.2e}",
+        r.rounding_error, plan.rounding_error
+    );
+    let exact = (&fast.out - &exact_head(&p).0).fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(exact <= r.certified_error, "{exact:e} vs {r:?}");
+    // Planned for an eps, the same head is certified and computed.
+    let eps = 2.0 * r.certified_error;
+    let planned = fast_plan(shape, &o.support, &b, eps, &lim).unwrap();
+    assert!(planned.certified_error > eps); // deferred to the head's data
+    let out = fast_forward_head(&p, eps, &lim).unwrap();
+    assert!(out.report.certified_error <= eps);
+}
