@@ -7,7 +7,7 @@
 //! kernel spectra is alive; the heads of a group run in parallel.
 
 use crate::error::{Error, Result};
-use crate::fast::bounds::WNorms;
+use crate::fast::bounds::{ScoreBound, WNorms};
 use crate::fast::{fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
@@ -75,6 +75,14 @@ fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
     }
 }
 
+/// Where the data-dependent bounds of a plan come from.
+pub enum BoundsFrom<'v, T> {
+    /// Read from the inputs (what a computation needs: the certificate holds for this data).
+    Data { q: ArrayView4<'v, T>, k: ArrayView4<'v, T>, v: ArrayView4<'v, T> },
+    /// Given by the caller (a prediction for inputs with `|M_ij| <= r` and `|v| <= v_max`).
+    Given { r: f64, v_max: f64 },
+}
+
 /// Certified plans for every group of heads, or the reason the fast method cannot serve the call.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_fast<'a, T: Real>(
@@ -89,6 +97,20 @@ pub fn plan_fast<'a, T: Real>(
     threads: usize,
 ) -> Result<FastCall> {
     crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
+    plan_fast_from(prob, pos, bias, BoundsFrom::Data { q, k, v }, eps, limits, threads)
+}
+
+/// [`plan_fast`] with the bounds from `from`.
+pub fn plan_fast_from<'a, T: Real>(
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    from: BoundsFrom<'_, T>,
+    eps: f64,
+    limits: &FastLimits,
+    threads: usize,
+) -> Result<FastCall> {
+    prob.validate()?;
     pos.validate(prob)?;
     if let Some(b) = bias {
         b.validate(prob)?;
@@ -113,18 +135,29 @@ pub fn plan_fast<'a, T: Real>(
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
-        let bounds: Vec<FastBounds> = heads
-            .par_iter()
-            .map(|&bh| {
-                let (b, h) = (bh / prob.hq, bh % prob.hq);
-                let kvh = h / prob.group();
-                let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
-                let vh = v.slice(ndarray::s![b, kvh, .., ..]);
-                let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
-                let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
-                FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac)
-            })
-            .collect();
+        let bounds: Vec<FastBounds> = match &from {
+            BoundsFrom::Data { q, k, v } => heads
+                .par_iter()
+                .map(|&bh| {
+                    let (b, h) = (bh / prob.hq, bh % prob.hq);
+                    let kvh = h / prob.group();
+                    let (qh, kh) = (head_f64(q, b, h), head_f64(k, b, kvh));
+                    let vh = v.slice(ndarray::s![b, kvh, .., ..]);
+                    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
+                    let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
+                    FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac)
+                })
+                .collect(),
+            BoundsFrom::Given { r, v_max } => {
+                if !(r.is_finite() && *r >= 0.0 && v_max.is_finite() && *v_max >= 0.0) {
+                    return Err(Error::Value(format!(
+                        "bound_r, v_max: expected finite values >= 0, got {r} and {v_max}"
+                    )));
+                }
+                let score = ScoreBound { r: *r, r_abs: *r, spectral: *r, blocks: *r };
+                vec![FastBounds::from_parts(score, *v_max, prob.nq, prob.nk, &fac)]
+            }
+        };
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| a.worst(b));
         let plan = fast_plan(shape, &support, &worst, eps, limits)?;
         support_all = support;

@@ -5,7 +5,7 @@
 //! functions take canonical shapes: q `(B, Hq, n_q, d)`, k `(B, Hk, n_k, d)`,
 //! v `(B, Hk, n_k, d_v)`, position tables `(tables, 2L-1, |S|)`, bias `(tables, 2L_b-1)`.
 
-use crate::dispatch::{plan_fast, run_fast, FastCall};
+use crate::dispatch::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
 use crate::error::Error;
 use crate::fast::FastLimits;
 use crate::poly::PolyKind;
@@ -500,6 +500,7 @@ fn fast_typed<'py, T: Real + Element>(
     eps: f64,
     lim: (usize, usize, usize),
     run_it: bool,
+    given: Option<(f64, f64)>,
     threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
@@ -511,8 +512,14 @@ fn fast_typed<'py, T: Real + Element>(
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
     let (call, res) = run(py, threads, |ctl| {
-        let call = plan_fast(&sp.prob, &pos, bias.as_ref(), qv.view(), kv.view(), vv.view(), eps, &limits, nthreads)?;
-        if !run_it {
+        let call = match given {
+            Some((r, v_max)) => {
+                let from = BoundsFrom::Given { r, v_max };
+                plan_fast_from(&sp.prob, &pos, bias.as_ref(), from, eps, &limits, nthreads)?
+            }
+            None => plan_fast(&sp.prob, &pos, bias.as_ref(), qv.view(), kv.view(), vv.view(), eps, &limits, nthreads)?,
+        };
+        if !run_it || given.is_some() {
             return Ok((call, None));
         }
         let r = run_fast(&call, &sp.prob, &pos, bias.as_ref(), qv, kv, vv, &limits, ctl)?;
@@ -528,7 +535,7 @@ fn fast_typed<'py, T: Real + Element>(
 /// The fast method on canonical arrays: `(out, lse, plan)`, or `(None, None, plan)` with
 /// `run=False`. Raises `ApproximationError` when `eps` cannot be certified.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, max_terms, max_degree, memory_limit, run, num_threads))]
+#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, max_terms, max_degree, memory_limit, run, num_threads, bounds=None))]
 #[allow(clippy::too_many_arguments)]
 fn fast_forward<'py>(
     py: Python<'py>,
@@ -553,10 +560,11 @@ fn fast_forward<'py>(
     memory_limit: usize,
     run: bool,
     num_threads: Option<usize>,
+    bounds: Option<(f64, f64)>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
     let lim = (max_terms, max_degree, memory_limit);
-    dispatch!(q, fast_typed, py, q, k, v, values, bias, &sp, eps, lim, run, num_threads)
+    dispatch!(q, fast_typed, py, q, k, v, values, bias, &sp, eps, lim, run, bounds, num_threads)
 }
 
 /// Threads rayon's global pool runs (what `num_threads=None` uses).

@@ -113,6 +113,7 @@ class Call:
     bias_index: Optional[np.ndarray]
     bias_shape: Optional[tuple]
     dv_padded: bool
+    v_max_given: Optional[float] = None  # plan() on shape tuples: the caller's bound on |v|
 
     @property
     def visible_delta_range(self) -> Optional[tuple]:

@@ -10,7 +10,7 @@ from . import _fastrope as _native
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
 from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, make_plan
 from ._plan import kernel_eps as _kernel_eps
-from ._types import Gradients
+from ._types import ApproximationError, Gradients
 
 __all__ = ["attention", "attention_grad", "plan"]
 
@@ -243,6 +243,22 @@ def _like(x: Any, name: str, shape: tuple, dtype: np.dtype, check_finite: bool) 
     return np.asarray(a, dtype=dtype)
 
 
+def _shape_arrays(q: Any, k: Any, v: Any, dtype: Any):
+    """Zero-stride stand-ins for shape tuples (no memory), or None when arrays were given."""
+    shapes = [x for x in (q, k, v) if isinstance(x, (tuple, list))]
+    if not shapes:
+        return None
+    if len(shapes) != 3:
+        raise TypeError("q, k, v: expected three arrays or three shape tuples, got a mix")
+    dt = np.dtype(dtype)
+    out = []
+    for name, s in zip("qkv", (q, k, v)):
+        if not all(isinstance(x, (int, np.integer)) and x >= 0 for x in s):
+            raise ValueError(f"{name}: expected a shape tuple of non-negative ints, got {s!r}")
+        out.append(np.broadcast_to(np.zeros((), dt), tuple(int(x) for x in s)))
+    return out
+
+
 def plan(
     q: Any,
     k: Any,
@@ -260,14 +276,32 @@ def plan(
     memory_limit: Optional[int] = None,
     backward: bool = False,
     check_finite: bool = True,
+    num_threads: Optional[int] = None,
+    bound_r: Optional[float] = None,
+    v_max: float = 1.0,
+    dtype: Any = np.float32,
 ) -> Plan:
     """What :func:`attention` (or, with ``backward=True``, :func:`attention_grad`) would do.
+
+    ``q``, ``k``, ``v`` are arrays (the bounds ``R >= max|M_ij|`` and ``max|v|`` are read from
+    them, as a call would) or shape tuples such as ``(8, 65536, 4)``: then ``bound_r`` (the
+    largest ``|M_ij|`` to certify) and ``v_max`` give the bounds and ``dtype`` the input dtype,
+    and the plan is a prediction for any inputs within them.
 
     Returns a :class:`Plan`: the method, its predicted cost and working set, the polynomial
     degree and certified error when the fast method is considered, and ``why``.
     """
     eps = check_eps(eps)
     method = check_method(method)
+    threads = check_threads(num_threads)
+    stand_ins = _shape_arrays(q, k, v, dtype)
+    given = None
+    if stand_ins is not None:
+        q, k, v = stand_ins
+        if bound_r is None:
+            raise ValueError("bound_r: required when q, k, v are shape tuples (the largest |M_ij|)")
+        given = (float(bound_r), float(v_max))
+        check_finite = False
     call = prepare(
         q,
         k,
@@ -282,9 +316,22 @@ def plan(
         check_finite=check_finite,
         full_dense_support=backward,
     )
-    threads = None
+    if given is not None:
+        call.v_max_given = given[1]
 
     def probe(kernel_eps: float, limit: int) -> dict:
-        return _fast(call, kernel_eps, limit, False, threads)[2]
+        return _native.fast_forward(
+            call.q4,
+            call.k4,
+            call.v4,
+            **call.native_args(),
+            eps=kernel_eps,
+            max_terms=FAST_MAX_TERMS,
+            max_degree=FAST_MAX_DEGREE,
+            memory_limit=limit,
+            run=False,
+            num_threads=threads,
+            bounds=given,
+        )[2]
 
     return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)

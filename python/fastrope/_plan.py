@@ -18,12 +18,23 @@ import numpy as np
 
 from ._types import ApproximationError
 
-# Sustained throughput of the exact kernels on the reference machine (2 cores, AVX-512), in
-# flop/s; used only to turn flops into the predicted seconds a Plan reports.
-EXACT_FLOPS_PER_SECOND = {"rotary": 40e9, "sparse": 4e9}
+# The cost model, calibrated on the reference machine (2-core AMD EPYC, AVX-512) with
+# `python benchmarks/calibrate_planner.py` (single-thread figures; see that script):
+# exact: nanoseconds per visible (query, key) pair = a + b (d + d_v) + c |S|, per dtype, with
+# c = 0 for rotary (its scores are a GEMM, counted in b).  Divided by the threads' speed-up.
+EXACT_NS_PER_PAIR = {
+    ("rotary", "float32"): (2.4, 0.035, 0.0),
+    ("rotary", "float64"): (3.3, 0.052, 0.0),
+    ("sparse", "float32"): (2.6, 0.035, 0.15),
+    ("sparse", "float64"): (3.5, 0.052, 0.27),
+}
+# Backward / forward time ratio of the exact method (recompute + 4 GEMM-shaped products).
+EXACT_BACKWARD_RATIO = 2.5
 # Throughput of the fast method in the flop model of fastrope::fast::certify (2.5 N log2 N per
-# FFT plus the frequency-domain products), measured on the same machine.
-FAST_FLOPS_PER_SECOND = 3e9
+# FFT plus the frequency-domain products), 2 threads.
+FAST_FLOPS_PER_SECOND = 4e9
+# Speed-up of the exact kernels on 2 threads over 1 (parallel over (head, query block)).
+THREAD_SPEEDUP = 1.8
 
 
 @dataclass(frozen=True)
@@ -129,15 +140,17 @@ def exact_cost(call, backward: bool) -> tuple:
     pairs = visible_pairs(call) * batch * hq
     item = call.dtype.itemsize
     if call.rotary is not None:
-        per_pair, kind = 2 * d + 2 * dv + 4, "rotary"
+        ns, per_pair, kind = 0, 2 * d + 2 * dv + 4, "rotary"
         tables = 0
     else:
         ns = call.support.shape[0]
         per_pair, kind = 4 * ns + 2 * dv + 4, "sparse"
         n_tables = int(np.unique(call.w_index).size)
         tables = n_tables * ns * (nq + nk) * item
-    flops = pairs * per_pair * (2.5 if backward else 1.0)
-    seconds = flops / EXACT_FLOPS_PER_SECOND[kind]
+    ratio = EXACT_BACKWARD_RATIO if backward else 1.0
+    flops = pairs * per_pair * ratio
+    a, b, c = EXACT_NS_PER_PAIR[(kind, call.dtype.name)]
+    seconds = pairs * ratio * (a + b * (d + dv) + c * ns) * 1e-9 / THREAD_SPEEDUP
     outputs = batch * hq * nq * (dv + 1) * item
     keys = batch * hk * nk * d * item
     ws = (
@@ -158,7 +171,8 @@ def output_rounding(call) -> float:
     """float32 results are rounded once more when the float64 fast result is cast back."""
     if call.dtype != np.float32 or call.v4.size == 0:
         return 0.0
-    return float(np.abs(call.v4).max()) * 2.0**-24
+    vmax = call.v_max_given if call.v_max_given is not None else float(np.abs(call.v4).max())
+    return vmax * 2.0**-24
 
 
 def kernel_eps(call, eps: float) -> float:

@@ -183,7 +183,7 @@ fn memory_refusal(plan: &FastPlan, limits: &FastLimits) -> Error {
     let c = &plan.counts;
     Error::Approximation(format!(
         "fast method: degree {} needs at least {:.3} GB ({} kernel spectra of {} frequencies, plus {} \
-         spectra per column of [V, 1]) but max_working_bytes is {:.3} GB",
+         spectra per column of [V, 1]) but the memory limit (memory_limit per thread) allows {:.3} GB",
         plan.poly.degree,
         plan.working_bytes as f64 / 1e9,
         c.n_pairs,
