@@ -17,3 +17,33 @@ def test_bad_usage_exits_2():
     assert p.returncode == 2
     p = subprocess.run([sys.executable, "-m", "fastrope", "demo", "--help"], capture_output=True)
     assert p.returncode == 0 and b"--long" in p.stdout
+
+
+def test_check_reports_bounds_and_recommends(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    small = rng.uniform(-0.8, 0.8, (2, 512, 2)).astype(np.float32)
+    np.save(tmp_path / "q.npy", small)
+    np.savez(tmp_path / "k.npz", k=small[:1])  # one kv head: grouped-query
+    png = tmp_path / "hist.png"
+    args = ["check", str(tmp_path / "q.npy"), str(tmp_path / "k.npz"), "--eps", "1e-3"]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(png)]
+    except ImportError:
+        png = None
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "head" in out and "recommendation: the fast method applies" in out
+    assert png is None or png.exists()
+    # large entries and d: the fast method does not apply, and check says so
+    big = rng.standard_normal((1, 256, 32)).astype(np.float32) * 3
+    np.save(tmp_path / "big.npy", big)
+    assert main(["check", str(tmp_path / "big.npy"), str(tmp_path / "big.npy")]) == 0
+    assert "recommendation: use the exact method" in capsys.readouterr().out
+
+
+def test_check_missing_file_exits_1(tmp_path):
+    assert main(["check", str(tmp_path / "nope.npy"), str(tmp_path / "nope.npy")]) == 1

@@ -66,6 +66,7 @@ class Plan:
     n_alpha: Optional[int] = None
     n_beta: Optional[int] = None
     n_pairs: Optional[int] = None
+    fast_certified_error: Optional[float] = None
     details: dict = field(default_factory=dict, compare=False)
 
     def __str__(self) -> str:
@@ -266,6 +267,7 @@ def make_plan(
     # When the a-priori bound exceeds eps, each head is certified from its own data before its
     # FFTs run (and refused otherwise): what a result guarantees is then eps.
     certified = min(float(info["certified_error"]), kernel_eps) + out_rounding
+    fast["fast_certified_error"] = certified
     details = {
         k: info[k]
         for k in (

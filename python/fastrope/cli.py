@@ -144,6 +144,184 @@ def _demo_fast(args: argparse.Namespace) -> bool:
     return err <= eps
 
 
+def _load(path: str, name: str) -> np.ndarray:
+    """An array from .npy, .npz (key ``name`` or the only array) or .pt (torch.load)."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            if name in z.files:
+                return z[name]
+            if len(z.files) == 1:
+                return z[z.files[0]]
+            raise ValueError(
+                f"{path}: expected an array named {name!r} or a single array, got {z.files}"
+            )
+    if path.endswith(".pt"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ValueError(f"{path}: reading .pt files needs torch ({e})") from None
+        x = torch.load(path, map_location="cpu")
+        if isinstance(x, dict):
+            x = x[name] if name in x else next(iter(x.values()))
+        return x.detach().float().numpy()
+    raise ValueError(f"{path}: expected a .npy, .npz or .pt file")
+
+
+def _heads(x: np.ndarray, name: str) -> np.ndarray:
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected shape (..., n, d), got {x.shape}")
+    return np.asarray(x, dtype=np.float64).reshape((-1,) + x.shape[-2:])
+
+
+def _sampled_scores(q, k, w, scale, rng, samples=20000) -> np.ndarray:
+    """|M_ij| on random (i, j) pairs of one head, from the definition."""
+    from fastrope import reference
+
+    n_q, d = q.shape
+    i = rng.integers(0, n_q, samples)
+    j = rng.integers(0, k.shape[0], samples)
+    deltas, inv = np.unique(i - j, return_inverse=True)
+    mats = reference.position_matrices(w, d, deltas, max_position=max(n_q, k.shape[0]))
+    mats = mats.reshape((-1,) + mats.shape[-3:])[0]
+    return np.abs(scale * np.einsum("sa,sab,sb->s", q[i], mats[inv], k[j]))
+
+
+def _spectral_bound(q, k, w, scale) -> float:
+    """``scale max|q_i| max|k_j| max_δ ||W_δ||_2``: an upper bound on every |M_ij|."""
+    import fastrope
+
+    if isinstance(w, fastrope.Rotary):
+        wn = w.frequencies(q.shape[-1])[1] ** 2
+    else:
+        blocks = np.asarray(w.blocks, dtype=np.float64)
+        wn = float(np.linalg.norm(blocks, ord=2, axis=(-2, -1)).max())
+    qn, kn = np.linalg.norm(q, axis=-1).max(), np.linalg.norm(k, axis=-1).max()
+    return abs(scale) * float(qn * kn) * wn
+
+
+def check(args: argparse.Namespace) -> int:
+    """Is my model in the fast method's regime? Bounds, degree, terms and costs per head."""
+    import fastrope
+
+    q = _heads(_load(args.q, "q"), "q")
+    k = _heads(_load(args.k, "k"), "k")
+    if q.shape[-1] != k.shape[-1] or q.shape[0] % k.shape[0]:
+        raise ValueError(f"q {q.shape} and k {k.shape}: expected the same d and heads dividing")
+    d = q.shape[-1]
+    if args.w == "rotary":
+        w = fastrope.Rotary(base=args.base, layout=args.layout)
+    else:
+        w = fastrope.BlockW(_load(args.w, "blocks"), layout=args.layout)
+    scale = 1.0 / np.sqrt(d) if args.scale is None else args.scale
+    rng = np.random.default_rng(0)
+    group = q.shape[0] // k.shape[0]
+    print(
+        f"fastrope check: {q.shape[0]} heads of q {q.shape[1:]}, k {k.shape[1:]}, d = {d},"
+        f" w = {args.w}, eps = {args.eps:g}, |v| <= {args.v_max:g}"
+    )
+    widths = [5, 8, 8, 9, 7, 8, 10, 12, 12, 10]
+    print(
+        _row(
+            [
+                "head",
+                "R",
+                "max|M|",
+                "degree",
+                "terms",
+                "pairs",
+                "certified",
+                "exact (s)",
+                "fast (s)",
+                "method",
+            ],
+            widths,
+        )
+    )
+    verdicts, samples = [], []
+    for h in range(q.shape[0]):
+        qh, kh = q[h], k[h // group]
+        n = qh.shape[0]
+        vh = np.broadcast_to(np.float64(args.v_max), (kh.shape[0], args.dv))
+        p = fastrope.plan(qh, kh, vh, w, args.eps, scale=scale)
+        s = _sampled_scores(qh, kh, w, scale, rng)
+        r = p.bound_r if p.bound_r is not None else _spectral_bound(qh, kh, w, scale)
+        samples.append((s, r))
+        fast_s = "refused" if p.fast_seconds is None else f"{p.fast_seconds:.3g}"
+        cert = "-" if p.fast_certified_error is None else f"{p.fast_certified_error:.1e}"
+        print(
+            _row(
+                [
+                    str(h),
+                    f"{r:.3g}",
+                    f"{s.max():.3g}",
+                    str(p.degree or "-"),
+                    str(p.terms or "-"),
+                    str(p.n_pairs or "-"),
+                    cert,
+                    f"{p.exact_seconds:.3g}",
+                    fast_s,
+                    p.method,
+                ],
+                widths,
+            )
+        )
+        verdicts.append((p, r))
+    # Longer sequences with the same bounds: where would the fast method start to pay?
+    worst = max(r for _, r in verdicts)
+    print(f"\nat longer n (R = {worst:.3g}, one head, d_v = {args.dv}):")
+    crossover = None
+    for e in range(int(np.log2(max(q.shape[1], 2))), 21):
+        n = 1 << e
+        p = fastrope.plan(
+            (1, n, d),
+            (1, n, d),
+            (1, n, args.dv),
+            w,
+            args.eps,
+            bound_r=worst,
+            v_max=args.v_max,
+            dtype=np.float64,
+        )
+        fast = "refused" if p.fast_seconds is None else f"{p.fast_seconds:.3g} s"
+        print(f"  n = 2^{e:<3d} exact {p.exact_seconds:10.3g} s   fast {fast:>10}   -> {p.method}")
+        if p.method == "fast" and crossover is None:
+            crossover = n
+    why = verdicts[0][0].why
+    if crossover is not None:
+        print(
+            f"\nrecommendation: the fast method applies (R = {worst:.3g}); it is predicted to pay"
+            f" from n = {crossover} on. Use eps={args.eps:g} and method='auto'."
+        )
+    else:
+        print(
+            f"\nrecommendation: use the exact method; the fast method does not pay up to n = 2^20"
+            f" here ({why})."
+        )
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for h, (s, r) in enumerate(samples[:8]):
+            ax.hist(s, bins=60, histtype="step", label=f"head {h}")
+            if r:
+                ax.axvline(r, linestyle="--", color="k", linewidth=0.8)
+        ax.set_xlabel("|M_ij| on sampled pairs (dashed: certified bound R)")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"histogram saved to {args.plot}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,10 +336,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="sequence length of the small-head fast-method part (0 skips it; default 65536)",
     )
     p.set_defaults(func=demo)
+    c = sub.add_parser(
+        "check",
+        help="does the fast method apply to my model? bounds, degree, terms and costs per head",
+        description="Reads q and k (e.g. captured from one layer of your model), computes the"
+        " certified score bound R per head, the polynomial degree and term count the fast method"
+        " would need, predicted time and memory of both methods at this n and at longer n, and"
+        " recommends one.",
+    )
+    c.add_argument("q", help="queries (..., n, d): .npy, .npz or .pt")
+    c.add_argument("k", help="keys (..., n, d): .npy, .npz or .pt")
+    c.add_argument(
+        "--w", default="rotary", help="'rotary' or a BlockW blocks file (2L-1, d/2, 2, 2)"
+    )
+    c.add_argument("--base", type=float, default=10000.0, help="rotary base (default 10000)")
+    c.add_argument("--layout", default="interleaved", choices=["interleaved", "half"])
+    c.add_argument("--eps", type=float, default=1e-3, help="error allowed per output entry")
+    c.add_argument("--scale", type=float, default=None, help="score scale (default 1/sqrt(d))")
+    c.add_argument("--v-max", type=float, default=1.0, help="bound on |v| (default 1)")
+    c.add_argument("--dv", type=int, default=64, help="value dim for the longer-n predictions")
+    c.add_argument("--plot", metavar="PNG", help="save a histogram of sampled |M_ij| against R")
+    c.set_defaults(func=check)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, MemoryError) as e:
+    except (ValueError, TypeError, MemoryError, OSError) as e:
         print(f"fastrope {args.command}: error: {e}", file=sys.stderr)
         return 1
 

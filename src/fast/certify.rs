@@ -534,7 +534,7 @@ mod tests {
             1e-3,
             &tight
         ))
-        .contains("max_working_bytes"));
+        .contains("memory limit"));
         let dense: Vec<(usize, usize)> =
             (0..64).flat_map(|a| (0..64).map(move |b| (a, b))).collect();
         let shape64 = FastShape { d: 64, ..shape };
