@@ -47,3 +47,20 @@ def test_check_reports_bounds_and_recommends(tmp_path, capsys):
 
 def test_check_missing_file_exits_1(tmp_path):
     assert main(["check", str(tmp_path / "nope.npy"), str(tmp_path / "nope.npy")]) == 1
+
+
+def test_bench_sweeps_and_saves_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--n-exp", "8", "9", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["n"], r["method"]) for r in rows} == {
+        (256, "exact"),
+        (256, "fast"),
+        (512, "exact"),
+        (512, "fast"),
+    }
+    assert all("seconds" in r or "skipped" in r for r in rows)
+    errs = [r["max_error"] for r in rows if "max_error" in r]
+    assert errs and max(errs) <= 1e-3

@@ -322,6 +322,125 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Time exact and fast over a sweep of n; print, save JSON and a log-log plot."""
+    import json
+    import os
+
+    import fastrope
+
+    rng = np.random.default_rng(0)
+    ns = [1 << e for e in range(args.n_exp[0], args.n_exp[1] + 1)]
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(ns) * len(args.methods), desc="fastrope bench", unit="run")
+    except ImportError:
+        progress = None
+    rows = []
+    d, dv = args.d, args.dv
+    print(
+        _row(
+            ["n", "method", "time (s)", "predicted (s)", "max err", "plan"], [9, 7, 10, 14, 10, 30]
+        )
+    )
+    for n in ns:
+        q = rng.uniform(-1, 1, (1, n, d))
+        k = rng.uniform(-1, 1, (1, n, d))
+        v = rng.standard_normal((1, n, dv))
+        if args.form == "rotary":
+            w = fastrope.Rotary()
+        else:
+            w = fastrope.BlockW(rng.uniform(-1, 1, (2 * n - 1, d // 2, 2, 2)) / 2)
+        # bounded entries: scale q and k so the certified bound R is about 1
+        p0 = fastrope.plan(q, k, v, w, args.eps, method="auto")
+        r = p0.bound_r or 1.0
+        q, k = q / np.sqrt(r), k / np.sqrt(r)
+        outs = {}
+        for method in args.methods:
+            p = fastrope.plan(q, k, v, w, args.eps if method == "fast" else 0.0, method="auto")
+            predicted = p.fast_seconds if method == "fast" else p.exact_seconds
+            entry = {
+                "n": n,
+                "d": d,
+                "dv": dv,
+                "form": args.form,
+                "method": method,
+                "predicted_seconds": predicted,
+                "load": os.getloadavg()[0],
+            }
+            if predicted is None or predicted > args.max_seconds:
+                entry["skipped"] = (
+                    "refused" if predicted is None else f"predicted {predicted:.3g} s"
+                )
+            else:
+                kw = dict(method=method) if method == "exact" else dict(method="fast")
+                e = args.eps if method == "fast" else 0.0
+                t0 = time.perf_counter()
+                try:
+                    outs[method] = fastrope.attention(q, k, v, w, e, **kw)
+                    entry["seconds"] = time.perf_counter() - t0
+                except fastrope.ApproximationError as err:
+                    entry["skipped"] = str(err)
+                if method == "fast" and "seconds" in entry:
+                    entry.update(degree=p.degree, terms=p.terms, pairs=p.n_pairs)
+            rows.append(entry)
+            if progress is not None:
+                progress.update(1)
+        if "exact" in outs and "fast" in outs:
+            rows[-1]["max_error"] = float(np.abs(outs["exact"] - outs["fast"]).max())
+        for e in rows[-len(args.methods) :]:
+            t = f"{e['seconds']:.3g}" if "seconds" in e else "-"
+            pr = "-" if e["predicted_seconds"] is None else f"{e['predicted_seconds']:.3g}"
+            err = f"{e['max_error']:.1e}" if "max_error" in e else "-"
+            plan = (
+                f"degree {e['degree']}, {e['pairs']} pairs"
+                if "degree" in e
+                else e.get("skipped", "")
+            )[:30]
+            print(_row([str(n), e["method"], t, pr, err, plan], [9, 7, 10, 14, 10, 30]))
+    if progress is not None:
+        progress.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"command": "fastrope bench", "args": vars(args) | {"func": None}, "rows": rows},
+                f,
+                indent=1,
+                default=str,
+            )
+        print(f"results saved to {args.json}")
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 1
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in args.methods:
+            pts = [(e["n"], e["seconds"]) for e in rows if e["method"] == method and "seconds" in e]
+            if pts:
+                ax.loglog(*zip(*pts), "o-", label=f"{method} (measured)")
+            pred = [
+                (e["n"], e["predicted_seconds"])
+                for e in rows
+                if e["method"] == method and e["predicted_seconds"]
+            ]
+            if pred:
+                ax.loglog(*zip(*pred), ":", label=f"{method} (planner)")
+        ax.set_xlabel("n")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{args.form}, d = {d}, d_v = {dv}, eps = {args.eps:g}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot saved to {args.plot}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +476,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--dv", type=int, default=64, help="value dim for the longer-n predictions")
     c.add_argument("--plot", metavar="PNG", help="save a histogram of sampled |M_ij| against R")
     c.set_defaults(func=check)
+    b = sub.add_parser("bench", help="time exact and fast over a sweep of n (JSON, log-log plot)")
+    b.add_argument(
+        "--n-exp",
+        type=int,
+        nargs=2,
+        default=[10, 16],
+        metavar=("LO", "HI"),
+        help="n = 2^LO ... 2^HI (default 10 16)",
+    )
+    b.add_argument("--d", type=int, default=2, help="head dim (default 2)")
+    b.add_argument("--dv", type=int, default=64, help="value dim (default 64)")
+    b.add_argument("--form", choices=["rotary", "blockw"], default="rotary")
+    b.add_argument("--eps", type=float, default=1e-3)
+    b.add_argument("--methods", nargs="+", choices=["exact", "fast"], default=["exact", "fast"])
+    b.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="skip a run the planner predicts to take longer (default 60)",
+    )
+    b.add_argument("--json", metavar="FILE", help="save the results as JSON")
+    b.add_argument("--plot", metavar="PNG", help="save a log-log plot of time vs n")
+    b.set_defaults(func=bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
