@@ -122,17 +122,28 @@ def resolve_memory_limit(memory_limit: Any) -> int:
     return int(memory_limit)
 
 
+def _pairs_at_most(nq: int, nk: int, t: int) -> int:
+    """#{(i, j): 0 <= i < nq, 0 <= j < nk, i - j <= t}, in closed form (Python ints)."""
+    total = 0
+    full_hi = min(nq - 1, t)  # rows i <= t see every key
+    if full_hi >= 0:
+        total += (full_hi + 1) * nk
+    lo, hi = max(0, t + 1), min(nq - 1, t + nk - 1)  # rows seeing keys j >= i - t
+    if hi >= lo:
+        # sum over i in [lo, hi] of (nk + t - i)
+        count = hi - lo + 1
+        total += count * (nk + t) - (lo + hi) * count // 2
+    return total
+
+
 def visible_pairs(call) -> float:
-    """Number of visible (query, key) pairs per head."""
+    """Number of visible (query, key) pairs per head (O(1), no arrays)."""
     batch, hq, hk, nq, nk, d, dv = call.shape
     rng = call.visible_delta_range
     if rng is None:
         return 0.0
     c = call.q_offset - call.k_offset
-    t = np.arange(rng[0], rng[1] + 1, dtype=np.int64) - c  # i - j on each visible diagonal
-    lo = np.maximum(t, 0)
-    hi = np.minimum(nq - 1, nk - 1 + t)
-    return float(np.maximum(hi - lo + 1, 0).sum())
+    return float(_pairs_at_most(nq, nk, rng[1] - c) - _pairs_at_most(nq, nk, rng[0] - c - 1))
 
 
 def exact_cost(call, backward: bool) -> tuple:

@@ -1,0 +1,119 @@
+"""No input crashes the interpreter or returns a silent NaN: hypothesis over the Python API with
+arbitrary (often invalid) arguments, each call ending in a result or a documented exception."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastrope
+
+ALLOWED = (TypeError, ValueError, MemoryError)  # ApproximationError is a ValueError
+
+dims = st.integers(min_value=0, max_value=9)
+dtypes = st.sampled_from([np.float32, np.float64, np.int32, np.complex64, bool, object])
+
+
+@st.composite
+def arrays(draw, ndim_max=4):
+    ndim = draw(st.integers(min_value=0, max_value=ndim_max))
+    shape = tuple(draw(dims) for _ in range(ndim))
+    dtype = draw(dtypes)
+    data = np.asarray(np.random.default_rng(draw(st.integers(0, 2**16))).standard_normal(shape))
+    data = np.asarray(data * draw(st.sampled_from([0.0, 0.1, 1.0, 30.0, 1e30])))
+    with np.errstate(all="ignore"):
+        arr = np.asarray(data.astype(dtype) if dtype is not object else data.astype(object))
+    special = draw(st.sampled_from([None, np.nan, np.inf, -np.inf]))
+    if special is not None and arr.size and arr.dtype.kind == "f":
+        arr.flat[0] = special
+    if draw(st.booleans()) and arr.ndim >= 2:
+        arr = arr.swapaxes(-1, -2)
+    return arr
+
+
+def w_forms(d_hint: int):
+    return st.one_of(
+        st.just(fastrope.Rotary()),
+        st.just(fastrope.Rotary(layout="half")),
+        st.builds(
+            lambda L: fastrope.BlockW(np.zeros((2 * L - 1, max(d_hint // 2, 1), 2, 2))),
+            st.integers(1, 12),
+        ),
+        st.builds(lambda L: np.zeros((2 * L - 1, d_hint, d_hint)), st.integers(1, 12)),
+        st.builds(
+            lambda L, s: fastrope.SparseW(
+                np.array(s, dtype=np.int64).reshape(-1, 2), np.zeros((2 * L - 1, len(s)))
+            ),
+            st.integers(1, 12),
+            st.lists(st.tuples(st.integers(-1, 5), st.integers(-1, 5)), max_size=4),
+        ),
+        st.just("rotary"),
+        st.just(None),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    q=arrays(),
+    k=arrays(),
+    v=arrays(),
+    data=st.data(),
+    eps=st.sampled_from([0.0, 1e-3, -1.0, float("nan"), 1e300]),
+    method=st.sampled_from(["auto", "exact", "fast", "slow"]),
+    causal=st.sampled_from([False, True, 1]),
+    window=st.sampled_from([None, (2, 3), (-1, 2), (None, 0), (10**30, 1), "x"]),
+    q_offset=st.sampled_from([0, 5, -7, 2**60, 1.5]),
+    grad=st.booleans(),
+)
+def test_any_input_gives_a_result_or_a_clear_exception(
+    q, k, v, data, eps, method, causal, window, q_offset, grad
+):
+    d = q.shape[-1] if q.ndim else 2
+    w = data.draw(w_forms(max(d, 1)))
+    try:
+        if grad:
+            dout = np.ones(q.shape[:-1] + v.shape[-1:]) if q.ndim and v.ndim else np.ones(2)
+            res = fastrope.attention_grad(
+                q,
+                k,
+                v,
+                w,
+                dout,
+                eps,
+                method=method,
+                causal=causal,
+                window=window,
+                q_offset=q_offset,
+            )
+            outs = [x for x in res if x is not None]
+        else:
+            outs = [
+                fastrope.attention(
+                    q, k, v, w, eps, method=method, causal=causal, window=window, q_offset=q_offset
+                )
+            ]
+    except ALLOWED as e:
+        assert str(e), "exceptions carry a message"
+        return
+    for x in outs:
+        assert isinstance(x, np.ndarray)
+        assert not np.isnan(x).any(), "a silent NaN"
+
+
+@pytest.mark.parametrize("n", [2**36, 2**40])
+def test_huge_shapes_raise_memory_error_before_allocating(n):
+    """Shape tuples let us ask for a working set no machine has, without allocating inputs."""
+    with pytest.raises(MemoryError, match="working set"):
+        fastrope.plan((8, n, 64), (8, n, 64), (8, n, 64), fastrope.Rotary(), bound_r=1.0)
+
+
+def test_without_check_finite_nan_propagates_but_nothing_crashes():
+    """check_finite=False skips the scan: documented as undefined results, never a crash."""
+    q = np.ones((4, 2))
+    q[1, 0] = np.nan
+    out = fastrope.attention(q, q, q, fastrope.Rotary(), check_finite=False)
+    assert out.shape == (4, 2)
+    with pytest.raises(ValueError, match="q: expected finite"):
+        fastrope.attention(q, q, q, fastrope.Rotary())
