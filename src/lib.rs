@@ -38,3 +38,6 @@ pub use error::{Error, Result};
 pub use position::{Bias, Position, RotaryW, SparseW};
 pub use problem::{Control, Problem};
 pub use real::Real;
+
+#[cfg(test)]
+mod robustness_tests;

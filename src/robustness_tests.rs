@@ -1,0 +1,169 @@
+//! A property test over the Rust entry points: random and often inconsistent problems (shapes,
+//! tables, indices, masks, offsets, non-finite values) must give `Ok` or `Err`, never a panic.
+
+use crate::dispatch::{plan_fast, run_fast};
+use crate::exact::backward::BackwardInputs;
+use crate::exact::{attention_backward, attention_forward};
+use crate::fast::FastLimits;
+use crate::position::{Bias, Position, RotaryW, SparseW};
+use crate::problem::{Control, Problem};
+use ndarray::{Array2, Array3, Array4};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> usize {
+        (self.next() % n.max(1)) as usize
+    }
+    fn float(&mut self) -> f64 {
+        match self.below(40) {
+            0 => f64::NAN,
+            1 => f64::INFINITY,
+            2 => 1e300,
+            _ => (self.next() % 2001) as f64 / 1000.0 - 1.0,
+        }
+    }
+    fn offset(&mut self) -> i64 {
+        [0, 3, -5, 40, i64::MAX / 4, i64::MIN / 4][self.below(6)]
+    }
+}
+
+fn arr4(r: &mut Rng, s: (usize, usize, usize, usize)) -> Array4<f64> {
+    Array4::from_shape_fn(s, |_| r.float())
+}
+
+#[test]
+fn random_problems_never_panic() {
+    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    let (mut computed, mut fast_runs) = (0, 0);
+    for case in 0..1500 {
+        let (batch, hk) = (1 + r.below(2), 1 + r.below(2));
+        let hq = hk * (1 + r.below(2)) + if r.below(8) == 0 { 1 } else { 0 };
+        let (nq, nk, d, dv) = (r.below(9), r.below(9), 1 + r.below(5), r.below(4));
+        let prob = Problem {
+            batch,
+            hq,
+            hk,
+            nq,
+            nk,
+            d,
+            dv,
+            scale: if r.below(20) == 0 {
+                f64::NAN
+            } else {
+                r.float()
+            },
+            causal: r.below(2) == 0,
+            window: match r.below(3) {
+                0 => None,
+                1 => Some((r.below(5) as i64, r.below(5) as i64)),
+                _ => Some((-(r.below(3) as i64), 2)),
+            },
+            q_offset: r.offset(),
+            k_offset: r.offset(),
+        };
+        // Arrays that sometimes disagree with the problem's shapes.
+        let jitter = |r: &mut Rng, x: usize| if r.below(10) == 0 { x + 1 } else { x };
+        let q = arr4(&mut r, (batch, hq, jitter(&mut Rng(case), nq), d));
+        let k = arr4(&mut r, (batch, hk, nk, jitter(&mut Rng(case + 7), d)));
+        let v = arr4(&mut r, (batch, hk, nk, dv));
+        let rows = 2 * r.below(12) + if r.below(10) == 0 { 0 } else { 1 };
+        let ns = r.below(4);
+        let support: Vec<(usize, usize)> = (0..ns)
+            .map(|_| (r.below(d as u64 + 1), r.below(d as u64)))
+            .collect();
+        let values = Array3::from_shape_fn((1 + r.below(2), rows, ns), |_| r.float());
+        let w_index: Vec<usize> = (0..batch * hq + r.below(2)).map(|_| r.below(3)).collect();
+        let pairs: Vec<(usize, usize)> = (0..d / 2).map(|m| (2 * m, 2 * m + 1)).collect();
+        let rot = RotaryW {
+            theta: vec![0.5; pairs.len()],
+            factor: 1.0,
+            pairs,
+        };
+        let pos: Position<'_, f64> = if r.below(2) == 0 {
+            Position::Rotary(rot)
+        } else {
+            Position::Sparse(SparseW {
+                support,
+                values: values.view(),
+                index: w_index,
+            })
+        };
+        let bvals = Array2::from_shape_fn((1, 2 * r.below(12) + 1), |_| r.float());
+        let bias = (r.below(2) == 0).then(|| Bias {
+            values: bvals.view(),
+            index: vec![r.below(2); batch * hq],
+        });
+        let ctl = Control::new();
+        let fwd = attention_forward(
+            &prob,
+            &pos,
+            bias.as_ref(),
+            q.view(),
+            k.view(),
+            v.view(),
+            &ctl,
+        );
+        if let Ok((out, lse)) = &fwd {
+            computed += 1;
+            let dout = Array4::from_elem(out.dim(), 1.0);
+            let inp = BackwardInputs {
+                out: out.view(),
+                lse: lse.view(),
+                dout: dout.view(),
+                want_dw: true,
+                want_dbias: true,
+                threads: 2,
+            };
+            let _ = attention_backward(
+                &prob,
+                &pos,
+                bias.as_ref(),
+                q.view(),
+                k.view(),
+                v.view(),
+                &inp,
+                &ctl,
+            );
+        }
+        let limits = FastLimits {
+            max_degree: 12,
+            max_terms: 2000,
+            max_working_bytes: 1 << 24,
+        };
+        if let Ok(call) = plan_fast(
+            &prob,
+            &pos,
+            bias.as_ref(),
+            q.view(),
+            k.view(),
+            v.view(),
+            1e-2,
+            &limits,
+            2,
+        ) {
+            fast_runs += 1;
+            let _ = run_fast(
+                &call,
+                &prob,
+                &pos,
+                bias.as_ref(),
+                q.view(),
+                k.view(),
+                v.view(),
+                &limits,
+                &ctl,
+            );
+        }
+    }
+    // The generator must reach the kernels, not only the validation.
+    assert!(
+        computed > 40 && fast_runs > 5,
+        "computed {computed}, fast {fast_runs}"
+    );
+}
