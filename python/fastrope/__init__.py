@@ -18,6 +18,7 @@ import numpy as np
 from . import reference
 from ._attention import attention, attention_grad, plan
 from ._fastrope import __version__
+from ._merge import merge_partials
 from ._plan import Plan
 from ._position import BlockW, Rotary, SparseW, rotary_pairs
 from ._types import ApproximationError, Gradients
@@ -25,6 +26,7 @@ from ._types import ApproximationError, Gradients
 __all__ = [
     "attention",
     "attention_grad",
+    "merge_partials",
     "plan",
     "alibi",
     "Rotary",

@@ -14,6 +14,7 @@ the table axis) broadcast against the leading dims of ``q`` (per-head position m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -70,7 +71,7 @@ class Rotary:
         base = self.base
         if isinstance(base, bool) or not isinstance(base, (int, float, np.floating, np.integer)):
             raise TypeError(f"base: expected a positive float, got {type(base).__name__}")
-        if not np.isfinite(base) or base <= 1.0:
+        if not math.isfinite(float(base)) or base <= 1.0:
             raise ValueError(f"base: expected a finite float > 1, got {base!r}")
         _check_layout(self.layout)
         if self.scaling is not None and not isinstance(self.scaling, Mapping):

@@ -1,0 +1,154 @@
+"""Attention over a sharded key sequence: merge partial results by their log-sum-exp.
+
+Split the keys into shards ``K_1, ..., K_S`` (with their values).  For one query row, attention
+over shard ``s`` gives ``o_s = Σ_{j∈s} A_ij v_j / l_s`` and ``lse_s = log l_s`` with
+``l_s = Σ_{j∈s} A_ij``.  Over all keys ``l = Σ_s l_s``, so::
+
+    lse = log Σ_s exp(lse_s)                       (a logsumexp over shards)
+    out = Σ_s exp(lse_s - lse) o_s                 (a convex combination of the partial outputs)
+
+This is exact, not an approximation: with ``k_offset`` set to each shard's first position (and
+the same ``q_offset``) every mask, bias and position matrix sees the same ``δ`` as in the
+unsharded call.  A row that sees no key in a shard has ``o_s = 0, lse_s = -inf`` and weight 0; a
+row that sees no key at all stays ``out = 0, lse = -inf`` (never NaN).
+
+Gradients
+---------
+Two exact routes, both tested:
+
+1. **Global statistics** (what a ring/sequence-parallel backward does).  The backward of
+   attention needs, per query row, only ``P_ij = exp(M_ij + b_ij - lse_i)`` and
+   ``D_i = dout_i · out_i``.  Both are *global* quantities: ``P`` restricted to the columns of
+   shard ``s`` is ``exp(M - lse)`` with the merged ``lse``, and ``D`` uses the merged ``out``.
+   So ``attention_grad(q, K_s, V_s, w, dout, out=OUT, lse=LSE, k_offset=...)`` with the merged
+   ``OUT, LSE`` returns, for shard ``s``: its exact ``dk_s``, ``dv_s``, and its additive share of
+   ``dq``, ``dw`` and ``dbias`` (sum those over shards).  No ``lse`` cotangent is involved.
+2. **Through the merge** (what autograd does when ``merge_partials`` runs on tensors with
+   ``fastrope.torch``): the merge's chain rule sends ``dout_s = exp(lse_s - lse) dout`` and
+   ``dlse_s = exp(lse_s - lse) (dout · (o_s - out) + dlse)`` to each shard, and each shard's
+   backward folds its ``dlse_s`` in (:func:`grad_with_lse_cotangent`).  The two routes agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+import fastrope
+
+__all__ = ["merge_partials", "grad_with_lse_cotangent"]
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def merge_partials(outs: Union[Sequence[Any], Any], lses: Union[Sequence[Any], Any]):
+    """Merge partial attention results over key shards: ``(out, lse)`` of the whole key set.
+
+    Args:
+        outs: a sequence of ``(..., n_q, d_v)`` partial outputs (or one array with the shards on
+            axis 0), each from ``attention(..., return_lse=True)`` over one key shard.
+        lses: the matching ``(..., n_q)`` log-sum-exps.
+
+    Returns:
+        ``(out, lse)``: ``lse = logsumexp_s lse_s`` and ``out = Σ_s exp(lse_s - lse) out_s``.
+        Rows with ``lse_s = -inf`` in every shard give ``out = 0, lse = -inf``.
+
+    NumPy arrays in, NumPy arrays out.  torch tensors work too (the merge is then written in
+    torch ops and is differentiable, including through each shard's ``lse``).
+
+    >>> import numpy as np, fastrope
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((4, 6, 8)) for _ in range(3))
+    >>> w = fastrope.Rotary()
+    >>> parts = [fastrope.attention(q, k[:, j:j + 3], v[:, j:j + 3], w, causal=True,
+    ...                             k_offset=j, return_lse=True) for j in (0, 3)]
+    >>> out, lse = fastrope.merge_partials(*zip(*parts))
+    >>> bool(np.allclose(out, fastrope.attention(q, k, v, w, causal=True)))
+    True
+    """
+    first = outs[0] if isinstance(outs, (list, tuple)) else outs
+    if _is_torch(first):
+        return _merge_torch(outs, lses)
+    o = _stack_np(outs, "outs")
+    s = _stack_np(lses, "lses")
+    if o.ndim < 3 or s.shape != o.shape[:-1]:
+        raise ValueError(
+            f"outs, lses: expected shards of shape (..., n_q, d_v) and (..., n_q), got stacked"
+            f" {o.shape} and {s.shape}"
+        )
+    if np.isnan(s).any() or np.isposinf(s).any():
+        raise ValueError("lses: expected finite values or -inf, got NaN or +inf")
+    dtype = np.result_type(o.dtype, s.dtype)
+    m = s.max(axis=0)
+    m = np.where(np.isneginf(m), 0.0, m)
+    wts = np.exp(s - m)  # -inf -> 0
+    tot = wts.sum(axis=0)
+    seen = tot > 0
+    with np.errstate(divide="ignore"):
+        lse = np.where(seen, m + np.log(np.where(seen, tot, 1.0)), -np.inf)
+    out = np.einsum("s...,s...c->...c", wts, o) / np.where(seen, tot, 1.0)[..., None]
+    return out.astype(dtype, copy=False), lse.astype(dtype, copy=False)
+
+
+def _stack_np(xs: Any, name: str) -> np.ndarray:
+    if isinstance(xs, (list, tuple)):
+        if not xs:
+            raise ValueError(f"{name}: expected at least one shard, got none")
+        shapes = {np.shape(x) for x in xs}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: expected shards of one shape, got {sorted(shapes)}")
+        a = np.stack([np.asarray(x) for x in xs])
+    else:
+        a = np.asarray(xs)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected float arrays, got dtype {a.dtype}")
+    return a
+
+
+def _merge_torch(outs: Any, lses: Any):
+    import torch
+
+    o = torch.stack(list(outs)) if isinstance(outs, (list, tuple)) else outs
+    s = torch.stack(list(lses)) if isinstance(lses, (list, tuple)) else lses
+    if o.ndim < 3 or tuple(s.shape) != tuple(o.shape[:-1]):
+        raise ValueError(
+            f"outs, lses: expected shards of shape (..., n_q, d_v) and (..., n_q), got stacked"
+            f" {tuple(o.shape)} and {tuple(s.shape)}"
+        )
+    s = s.to(o.dtype) if s.dtype != o.dtype and o.dtype in (torch.float32, torch.float64) else s
+    # The result does not depend on the shift m, so it carries no gradient (and the all -inf
+    # rows never see log(0) or 0 * inf in the backward).
+    m = s.detach().amax(dim=0)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wts = torch.exp(s - m)
+    tot = wts.sum(dim=0)
+    seen = tot > 0
+    safe = torch.where(seen, tot, torch.ones_like(tot))
+    lse = torch.where(seen, m + torch.log(safe), torch.full_like(tot, -float("inf")))
+    out = (wts.unsqueeze(-1) * o.to(wts.dtype)).sum(dim=0) / safe.unsqueeze(-1)
+    return out.to(o.dtype), lse
+
+
+def grad_with_lse_cotangent(q, k, v, w, dout, dlse, eps: float = 0.0, *, out, lse, **kw):
+    """:func:`fastrope.attention_grad` of ``sum(out * dout) + sum(lse * dlse)``.
+
+    ``d lse_i / d M_ij = P_ij``, so the score cotangent becomes
+    ``dS_ij = P_ij (dout_i · v_j - dout_i · out_i + dlse_i)``.  The core computes
+    ``dS_ij = P_ij (dout_i · v_j - D_i)`` with ``D_i = dout_i · out_i`` taken from the ``out`` it is
+    given, so appending a column ``0`` to ``v``, ``1`` to ``dout`` and ``-dlse`` to ``out`` gives
+    exactly the above; the extra column of ``dv`` is dropped.  ``out``/``lse`` are the forward's
+    (required).  With ``dlse`` all zero (or None) this is plain ``attention_grad``.
+    """
+    dout = np.asarray(dout)
+    if dlse is None or not np.any(np.asarray(dlse) != 0):
+        return fastrope.attention_grad(q, k, v, w, dout, eps, out=out, lse=lse, **kw)
+    v, out, dout = np.asarray(v), np.asarray(out), dout
+    dlse = np.asarray(dlse)
+    v2 = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+    out2 = np.concatenate([out, -dlse[..., None].astype(out.dtype)], axis=-1)
+    dout2 = np.concatenate([dout, np.ones(dout.shape[:-1] + (1,), dout.dtype)], axis=-1)
+    g = fastrope.attention_grad(q, k, v2, w, dout2, eps, out=out2, lse=lse, **kw)
+    return g._replace(dv=g.dv[..., :-1])

@@ -1,0 +1,565 @@
+"""PyTorch adapter: :func:`attention` as ``torch.library`` custom ops, and :class:`RopeAttention`.
+
+``import fastrope`` needs only NumPy; this module needs ``torch`` (import it as
+``fastrope.torch``).  The computation is fastrope's CPU core: tensors go to NumPy without a copy,
+the GIL is released while the core runs, and results come back as tensors.
+
+Two custom ops, each with a fake (shape) function, so that eager mode, ``torch.compile`` and
+``torch.library.opcheck`` all see the same thing (the flash-attention pattern)::
+
+    fastrope::attention_fwd(q, k, v, w_values?, w_support?, bias?, <config>) -> (out, lse)
+    fastrope::attention_bwd(dout, dlse?, q, k, v, out, lse, w_values?, w_support?, bias?, <config>)
+        -> (dq, dk, dv, dw, dbias)
+
+and ``register_autograd`` connects them: gradients flow to ``q``, ``k``, ``v``, to tensor-valued
+position matrices (``BlockW.blocks``, ``SparseW.values``, a dense ``W``) and to ``bias``, and
+also through ``lse`` when it is returned (so :func:`fastrope.merge_partials` over shards is
+differentiable end to end).  The position matrix travels as op arguments: a kind
+(``"rotary"``, ``"block"``, ``"sparse"``, ``"dense"``), a spec string (the rotary parameters as
+JSON, or the block layout) and the values/support tensors.
+
+float16/bfloat16 inputs are computed in float32; ``out`` has the input dtype and ``lse`` is
+float32.  Only CPU tensors are accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import fastrope
+
+from ._api import check_eps, check_method
+from ._merge import grad_with_lse_cotangent
+from ._position import BlockW, Rotary, SparseW
+from .integrations import validate_shapes
+
+__all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks"]
+
+_UNBOUNDED = 2**62  # the core treats a window side this wide as unbounded
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float32, torch.float64) + _LOW_PRECISION
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding w as op arguments
+# ------------------------------------------------------------------------------------------
+
+
+@torch.compiler.assume_constant_result
+def _rotary_spec(w: Rotary) -> str:
+    scaling = None if w.scaling is None else dict(w.scaling)
+    return json.dumps({"base": float(w.base), "layout": w.layout, "scaling": scaling})
+
+
+@functools.lru_cache(maxsize=64)
+def _rotary_from_spec(spec: str) -> Rotary:
+    p = json.loads(spec)
+    return Rotary(base=p["base"], layout=p["layout"], scaling=p["scaling"])
+
+
+def _as_tensor(x: Any, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    raise TypeError(f"{name}: expected a torch.Tensor (or a NumPy array), got {type(x).__name__}")
+
+
+def _encode_w(w: Any):
+    """``(kind, spec, values, support)`` for the op arguments."""
+    if isinstance(w, Rotary):
+        return "rotary", _rotary_spec(w), None, None
+    if isinstance(w, BlockW):
+        return "block", w.layout, _as_tensor(w.blocks, "w.blocks"), None
+    if isinstance(w, SparseW):
+        sup = w.support
+        if not isinstance(sup, Tensor):
+            sup = torch.as_tensor(np.asarray(sup))
+        if sup.is_floating_point() or sup.dtype == torch.bool:
+            raise TypeError(
+                f"w.support: expected an int array of shape (|S|, 2), got dtype {sup.dtype}"
+            )
+        return "sparse", "", _as_tensor(w.values, "w.values"), sup.to(torch.int64)
+    if isinstance(w, (Tensor, np.ndarray)):
+        return "dense", "", _as_tensor(w, "w"), None
+    raise TypeError(
+        "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or a tensor of shape"
+        f" (..., 2L-1, d, d), got {type(w).__name__}"
+    )
+
+
+def _decode_w(kind: str, spec: str, values: Optional[np.ndarray], support: Optional[np.ndarray]):
+    if kind == "rotary":
+        return _rotary_from_spec(spec)
+    if kind == "block":
+        return BlockW(values, layout=spec)
+    if kind == "sparse":
+        return SparseW(support, values)
+    if kind == "dense":
+        return values
+    raise ValueError(f"w_kind: expected rotary, block, sparse or dense, got {kind!r}")
+
+
+def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().numpy()
+
+
+def _t(a: Optional[np.ndarray], dtype: torch.dtype) -> Tensor:
+    if a is None:
+        return torch.empty(0, dtype=dtype)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _window(window: Optional[Sequence]) -> Optional[List[int]]:
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window: expected None or a pair (left, right), got {window!r}")
+    return [_UNBOUNDED if x is None else x for x in window]
+
+
+def _kw(scale, causal, window, q_offset, k_offset, check_finite):
+    return dict(
+        scale=None if scale is None or math.isnan(scale) else scale,
+        causal=causal,
+        window=None if window is None else tuple(window),
+        q_offset=q_offset,
+        k_offset=k_offset,
+        check_finite=check_finite,
+    )
+
+
+def _static_shapes(*tensors: Optional[Tensor]) -> bool:
+    return all(t is None or all(isinstance(s, int) for s in t.shape) for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------
+# The custom ops
+# ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastrope::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_values: Optional[Tensor],
+    w_support: Optional[Tensor],
+    bias: Optional[Tensor],
+    w_kind: str,
+    w_spec: str,
+    eps: float,
+    scale: float,
+    causal: bool,
+    window: Optional[List[int]],
+    q_offset: int,
+    k_offset: int,
+    method: str,
+    memory_limit: Optional[int],
+    check_finite: bool,
+    num_threads: Optional[int],
+) -> tuple[Tensor, Tensor]:
+    _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
+    w = _decode_w(w_kind, w_spec, _np(w_values), _np(w_support))
+    out, lse = fastrope.attention(
+        _np(q),
+        _np(k),
+        _np(v),
+        w,
+        eps,
+        bias=_np(bias),
+        method=method,
+        memory_limit=memory_limit,
+        num_threads=num_threads,
+        return_lse=True,
+        **_kw(scale, causal, window, q_offset, k_offset, check_finite),
+    )
+    return _t(out, q.dtype), _t(lse, q.dtype)
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(
+    q, k, v, w_values, w_support, bias, w_kind, w_spec, eps, scale, causal, window, q_offset,
+    k_offset, method, memory_limit, check_finite, num_threads,
+):  # fmt: skip
+    if _static_shapes(q, k, v, w_values, bias) and isinstance(q_offset + k_offset, int):
+        if w_kind == "rotary":
+            w = _rotary_from_spec(w_spec)
+        elif w_kind == "block":
+            w = BlockW(tuple(w_values.shape), w_spec)
+        elif w_kind == "sparse":  # the support's entries are data: a stand-in of the same size
+            n, d = w_support.shape[0], q.shape[-1]
+            w = SparseW(np.stack(np.divmod(np.arange(n), d), 1), tuple(w_values.shape))
+        else:
+            w = tuple(w_values.shape)
+        validate_shapes(
+            q.shape, k.shape, v.shape, w, None if bias is None else bias.shape,
+            np.float64 if q.dtype == torch.float64 else np.float32,
+            **_kw(scale, causal, window, q_offset, k_offset, False),
+        )  # fmt: skip
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse = q.new_empty(q.shape[:-1])
+    return out, lse
+
+
+@torch.library.custom_op("fastrope::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    w_values: Optional[Tensor],
+    w_support: Optional[Tensor],
+    bias: Optional[Tensor],
+    w_kind: str,
+    w_spec: str,
+    eps: float,
+    scale: float,
+    causal: bool,
+    window: Optional[List[int]],
+    q_offset: int,
+    k_offset: int,
+    method: str,
+    memory_limit: Optional[int],
+    check_finite: bool,
+    num_threads: Optional[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
+    w = _decode_w(w_kind, w_spec, _np(w_values), _np(w_support))
+    g = grad_with_lse_cotangent(
+        _np(q),
+        _np(k),
+        _np(v),
+        w,
+        _np(dout),
+        _np(dlse),
+        eps,
+        out=_np(out),
+        lse=_np(lse),
+        bias=_np(bias),
+        method=method,
+        memory_limit=memory_limit,
+        num_threads=num_threads,
+        **_kw(scale, causal, window, q_offset, k_offset, check_finite),
+    )
+    return (
+        _t(g.dq, q.dtype),
+        _t(g.dk, q.dtype),
+        _t(g.dv, q.dtype),
+        _t(g.dw, q.dtype),
+        _t(g.dbias, q.dtype),
+    )
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, w_values, w_support, bias, *args):
+    def like(t):
+        return q.new_empty(0) if t is None else torch.empty_like(t, dtype=q.dtype).contiguous()
+
+    return (
+        torch.empty_like(q).contiguous(),
+        torch.empty_like(k).contiguous(),
+        torch.empty_like(v).contiguous(),
+        like(w_values),
+        like(bias),
+    )
+
+
+_CONFIG = (
+    "w_kind",
+    "w_spec",
+    "eps",
+    "scale",
+    "causal",
+    "window",
+    "q_offset",
+    "k_offset",
+    "method",
+    "memory_limit",
+    "check_finite",
+    "num_threads",
+)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, w_values, w_support, bias = inputs[:6]
+    out, lse = output
+    ctx.config = inputs[6:]
+    ctx.save_for_backward(q, k, v, w_values, w_support, bias, out, lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, w_values, w_support, bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, dw, dbias = _attention_bwd(
+        dout.contiguous(), dlse, q, k, v, out, lse, w_values, w_support, bias, *ctx.config
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        None if w_values is None else dw,
+        None,
+        None if bias is None else dbias,
+    ) + (None,) * len(_CONFIG)
+
+
+torch.library.register_autograd("fastrope::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def _check_cpu(**tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(
+                f"{name}: expected a CPU tensor, got one on device {t.device} (fastrope is a CPU"
+                " library: move the tensors with .cpu())"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# The public function
+# ------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Any,
+    eps: float = 0.0,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window: Optional[tuple] = None,
+    bias: Optional[Tensor] = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    method: str = "auto",
+    memory_limit: Optional[int] = None,
+    return_lse: bool = False,
+    check_finite: bool = True,
+    num_threads: Optional[int] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`fastrope.attention` on CPU tensors, differentiable, usable under ``torch.compile``.
+
+    Args:
+        q: ``(..., n_q, d)``; axis -3, if any, is the heads axis.
+        k: ``(..., n_k, d)``; its heads may divide q's (grouped-query attention).
+        v: ``(..., n_k, d_v)``.
+        w: :class:`fastrope.Rotary`, or :class:`fastrope.BlockW` / :class:`fastrope.SparseW` whose
+            ``blocks``/``values`` are tensors, or a tensor ``(..., 2L-1, d, d)``.  Gradients flow
+            to those tensors when they require grad.
+        bias: an additive Toeplitz bias tensor ``(..., 2L-1)`` (gradients flow to it).
+        Everything else as in :func:`fastrope.attention`: ``δ = (q_offset + i) - (k_offset + j)``;
+        ``causal`` keeps ``δ >= 0``, ``window=(left, right)`` keeps ``-right <= δ <= left``::
+
+            causal, q_offset = n_k - n_q = 2 (KV cache)     ■ visible  ⬚ masked
+                k:  0 1 2 3 4
+            q 0:    ■ ■ ■ ⬚ ⬚
+            q 1:    ■ ■ ■ ■ ⬚
+            q 2:    ■ ■ ■ ■ ■
+
+    Returns:
+        ``out`` ``(..., n_q, d_v)`` in q's dtype, and with ``return_lse=True`` also ``lse``
+        ``(..., n_q)`` (float32 for float16/bfloat16 inputs).  A row that sees no key gets 0 and
+        ``lse = -inf``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(
+                f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    kind, spec, w_values, w_support = _encode_w(w)
+    if bias is not None:
+        bias = _as_tensor(bias, "bias")
+    _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
+    eps = check_eps(eps)
+    method = check_method(method)
+    in_dtype = q.dtype
+    dtype = torch.float32 if in_dtype in _LOW_PRECISION else in_dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if w_values is not None:
+        if not w_values.is_floating_point():
+            raise TypeError(f"w: expected float values, got dtype {w_values.dtype}")
+        w_values = w_values.to(dtype)
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"bias: expected a float tensor, got dtype {bias.dtype}")
+        bias = bias.to(dtype)
+    out, lse = _attention_fwd(
+        q,
+        k,
+        v,
+        w_values,
+        w_support,
+        bias,
+        kind,
+        spec,
+        eps,
+        math.nan if scale is None else float(scale),
+        causal,
+        _window(window),
+        q_offset,
+        k_offset,
+        method,
+        memory_limit,
+        check_finite,
+        num_threads,
+    )
+    out = out.to(in_dtype)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------
+
+
+def rotary_blocks(
+    head_dim: int,
+    max_len: int,
+    base: float = 10000.0,
+    layout: str = "interleaved",
+    heads: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """A ``BlockW`` table ``(heads?, 2L-1, d/2, 2, 2)`` equal to RoPE: a learnable RoPE start.
+
+    ``blocks[δ + L - 1, m] = [[cos δθ_m, sin δθ_m], [-sin δθ_m, cos δθ_m]]`` with
+    ``θ_m = base^(-2m/d)`` (DESIGN.md §1), so ``BlockW(rotary_blocks(...))`` equals
+    ``Rotary(base, layout)`` for ``|δ| < max_len``.
+    """
+    theta, _ = Rotary(base=base, layout=layout).frequencies(head_dim)
+    delta = np.arange(-(max_len - 1), max_len, dtype=np.float64)
+    ang = delta[:, None] * theta[None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    blocks = np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2)
+    t = torch.from_numpy(blocks).to(dtype)
+    if heads is not None:
+        t = t.expand((heads,) + t.shape).clone()
+    return t
+
+
+class KVCache:
+    """Keys and values seen so far, ``(batch, kv_heads, n, d)``; :meth:`update` appends."""
+
+    def __init__(self) -> None:
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        return self.k, self.v
+
+
+class RopeAttention(nn.Module):
+    """Attention with relative position matrices for ``(batch, heads, n, d)`` q, k, v.
+
+    ``w`` is a :class:`fastrope.Rotary` (nothing learned), or ``"block"`` for a learnable
+    :class:`fastrope.BlockW` parameter of shape ``(heads?, 2·max_len-1, d/2, 2, 2)`` initialised
+    to RoPE (``init="rotary"``) or to the identity (``init="identity"``).  k and v may have fewer
+    heads than q (grouped-query attention).
+
+    Positions: q sits at ``q_offset``, k at ``k_offset``; the default ``q_offset`` is
+    ``k_offset + n_k - n_q`` (the queries are the last ``n_q`` positions), which is what a KV cache
+    needs: pass ``cache=KVCache()`` and feed one chunk at a time.
+    """
+
+    def __init__(
+        self,
+        w: Union[Rotary, str] = "rotary",
+        *,
+        head_dim: Optional[int] = None,
+        max_len: Optional[int] = None,
+        heads: Optional[int] = None,
+        layout: str = "interleaved",
+        base: float = 10000.0,
+        init: str = "rotary",
+        causal: bool = True,
+        window: Optional[tuple] = None,
+        scale: Optional[float] = None,
+        eps: float = 0.0,
+        method: str = "auto",
+        num_threads: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if w == "rotary":
+            w = Rotary(base=base, layout=layout)
+        if isinstance(w, Rotary):
+            self.rotary: Optional[Rotary] = w
+            self.blocks = None
+            self.layout = w.layout
+        elif w == "block":
+            if head_dim is None or max_len is None:
+                raise ValueError("w='block': expected head_dim and max_len")
+            if init == "rotary":
+                b = rotary_blocks(head_dim, max_len, base, layout, heads)
+            elif init == "identity":
+                b = rotary_blocks(head_dim, max_len, base, layout, heads).zero_()
+                b[..., 0, 0] = 1.0
+                b[..., 1, 1] = 1.0
+            else:
+                raise ValueError(f"init: expected 'rotary' or 'identity', got {init!r}")
+            self.rotary = None
+            self.blocks = nn.Parameter(b)
+            self.layout = layout
+        else:
+            raise ValueError(f"w: expected fastrope.Rotary, 'rotary' or 'block', got {w!r}")
+        self.causal, self.window, self.scale = causal, window, scale
+        self.eps, self.method, self.num_threads = eps, method, num_threads
+
+    @property
+    def w(self) -> Union[Rotary, BlockW]:
+        return self.rotary if self.blocks is None else BlockW(self.blocks, layout=self.layout)
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        cache: Optional[KVCache] = None,
+        q_offset: Optional[int] = None,
+        k_offset: int = 0,
+        bias: Optional[Tensor] = None,
+    ) -> Tensor:
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if q_offset is None:
+            q_offset = k_offset + k.shape[-2] - q.shape[-2]
+        return attention(
+            q,
+            k,
+            v,
+            self.w,
+            self.eps,
+            scale=self.scale,
+            causal=self.causal,
+            window=self.window,
+            bias=bias,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            method=self.method,
+            num_threads=self.num_threads,
+        )
+
+    def extra_repr(self) -> str:
+        w = "BlockW" + str(tuple(self.blocks.shape)) if self.blocks is not None else self.rotary
+        return f"w={w}, causal={self.causal}, window={self.window}, eps={self.eps}"
