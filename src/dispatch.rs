@@ -42,18 +42,26 @@ pub struct FastCall {
 impl FastCall {
     /// The plan of the group with the highest degree (what a report shows).
     pub fn representative(&self) -> Option<&FastPlan> {
-        self.groups.iter().map(|g| &g.plan).max_by_key(|p| (p.poly.degree, p.counts.n_pairs))
+        self.groups
+            .iter()
+            .map(|g| &g.plan)
+            .max_by_key(|p| (p.poly.degree, p.counts.n_pairs))
     }
 }
 
 /// The support and its diagonal sequences (f64, `|S| x glen`) of `w` table `t`.
-fn sequences<T: Real>(prob: &Problem, pos: &Position<'_, T>, t: usize) -> (Vec<(usize, usize)>, Array2<f64>) {
+fn sequences<T: Real>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    t: usize,
+) -> (Vec<(usize, usize)>, Array2<f64>) {
     match pos {
         Position::Rotary(r) => r.as_sparse(prob),
         Position::Sparse(sp) => {
             let glen = prob.glen();
             let flat = sp.diagonals(t, prob);
-            let seqs = Array2::from_shape_fn((sp.support.len(), glen), |(s, g)| flat[s * glen + g].f64());
+            let seqs =
+                Array2::from_shape_fn((sp.support.len(), glen), |(s, g)| flat[s * glen + g].f64());
             (sp.support.clone(), seqs)
         }
     }
@@ -78,7 +86,11 @@ fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
 /// Where the data-dependent bounds of a plan come from.
 pub enum BoundsFrom<'v, T> {
     /// Read from the inputs (what a computation needs: the certificate holds for this data).
-    Data { q: ArrayView4<'v, T>, k: ArrayView4<'v, T>, v: ArrayView4<'v, T> },
+    Data {
+        q: ArrayView4<'v, T>,
+        k: ArrayView4<'v, T>,
+        v: ArrayView4<'v, T>,
+    },
     /// Given by the caller (a prediction for inputs with `|M_ij| <= r` and `|v| <= v_max`).
     Given { r: f64, v_max: f64 },
 }
@@ -97,7 +109,15 @@ pub fn plan_fast<'a, T: Real>(
     threads: usize,
 ) -> Result<FastCall> {
     crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
-    plan_fast_from(prob, pos, bias, BoundsFrom::Data { q, k, v }, eps, limits, threads)
+    plan_fast_from(
+        prob,
+        pos,
+        bias,
+        BoundsFrom::Data { q, k, v },
+        eps,
+        limits,
+        threads,
+    )
 }
 
 /// [`plan_fast`] with the bounds from `from`.
@@ -116,10 +136,17 @@ pub fn plan_fast_from<'a, T: Real>(
         b.validate(prob)?;
     }
     if prob.nq == 0 || prob.nk == 0 || prob.batch * prob.hq == 0 {
-        return Err(Error::Approximation("fast method: nothing to approximate (an empty axis)".into()));
+        return Err(Error::Approximation(
+            "fast method: nothing to approximate (an empty axis)".into(),
+        ));
     }
     let logf = LogFactor::new(prob, bias);
-    let shape = FastShape { nq: prob.nq, nk: prob.nk, d: prob.d, dv: prob.dv };
+    let shape = FastShape {
+        nq: prob.nq,
+        nk: prob.nk,
+        d: prob.d,
+        dv: prob.dv,
+    };
     // Group heads by (w table, bias table), in order of first appearance.
     let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
     for bh in 0..prob.batch * prob.hq {
@@ -154,14 +181,26 @@ pub fn plan_fast_from<'a, T: Real>(
                         "bound_r, v_max: expected finite values >= 0, got {r} and {v_max}"
                     )));
                 }
-                let score = ScoreBound { r: *r, r_abs: *r, spectral: *r, blocks: *r };
-                vec![FastBounds::from_parts(score, *v_max, prob.nq, prob.nk, &fac)]
+                let score = ScoreBound {
+                    r: *r,
+                    r_abs: *r,
+                    spectral: *r,
+                    blocks: *r,
+                };
+                vec![FastBounds::from_parts(
+                    score, *v_max, prob.nq, prob.nk, &fac,
+                )]
             }
         };
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| a.worst(b));
         let plan = fast_plan(shape, &support, &worst, eps, limits)?;
         support_all = support;
-        out.push(FastGroup { heads, w_table: wt, bias_table: bt, plan });
+        out.push(FastGroup {
+            heads,
+            w_table: wt,
+            bias_table: bt,
+            plan,
+        });
     }
     let flops = out
         .iter()
@@ -175,9 +214,22 @@ pub fn plan_fast_from<'a, T: Real>(
         })
         .max()
         .unwrap_or(0);
-    let certified_error = out.iter().map(|g| g.plan.certified_error).fold(0.0, f64::max);
-    let certified_lse_error = out.iter().map(|g| g.plan.certified_lse_error).fold(0.0, f64::max);
-    Ok(FastCall { support: support_all, groups: out, flops, working_bytes, certified_error, certified_lse_error })
+    let certified_error = out
+        .iter()
+        .map(|g| g.plan.certified_error)
+        .fold(0.0, f64::max);
+    let certified_lse_error = out
+        .iter()
+        .map(|g| g.plan.certified_lse_error)
+        .fold(0.0, f64::max);
+    Ok(FastCall {
+        support: support_all,
+        groups: out,
+        flops,
+        working_bytes,
+        certified_error,
+        certified_lse_error,
+    })
 }
 
 /// Runs a planned fast call: `(out, lse)` like [`crate::exact::attention_forward`].

@@ -7,9 +7,9 @@
 
 use crate::dispatch::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
 use crate::error::Error;
+use crate::exact::backward::BackwardInputs;
 use crate::fast::FastLimits;
 use crate::poly::PolyKind;
-use crate::exact::backward::BackwardInputs;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
@@ -445,7 +445,6 @@ fn exact_backward<'py>(
     )
 }
 
-
 fn limits(max_terms: usize, max_degree: usize, memory_limit: usize, threads: usize) -> FastLimits {
     FastLimits {
         max_degree,
@@ -468,7 +467,11 @@ fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDic
             PolyKind::Chebyshev => "chebyshev",
         },
     )?;
-    let r = call.groups.iter().map(|g| g.plan.bounds.r).fold(0.0, f64::max);
+    let r = call
+        .groups
+        .iter()
+        .map(|g| g.plan.bounds.r)
+        .fold(0.0, f64::max);
     d.set_item("bound_r", r)?;
     d.set_item("rho", p.poly.rho)?;
     d.set_item("terms", p.counts.terms)?;
@@ -483,8 +486,20 @@ fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDic
     d.set_item("working_bytes", call.working_bytes)?;
     d.set_item("certified_error", call.certified_error)?;
     d.set_item("certified_lse_error", call.certified_lse_error)?;
-    d.set_item("approximation_error", call.groups.iter().map(|g| g.plan.approximation_error).fold(0.0, f64::max))?;
-    d.set_item("rounding_error", call.groups.iter().map(|g| g.plan.rounding_error).fold(0.0, f64::max))?;
+    d.set_item(
+        "approximation_error",
+        call.groups
+            .iter()
+            .map(|g| g.plan.approximation_error)
+            .fold(0.0, f64::max),
+    )?;
+    d.set_item(
+        "rounding_error",
+        call.groups
+            .iter()
+            .map(|g| g.plan.rounding_error)
+            .fold(0.0, f64::max),
+    )?;
     Ok(d)
 }
 
@@ -507,7 +522,10 @@ fn fast_typed<'py, T: Real + Element>(
     let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
     let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
     let pos = position(sp, values.as_ref())?;
-    let bias = bias_arr.as_ref().map(|b| Bias { values: b.as_array(), index: sp.bias_index.clone() });
+    let bias = bias_arr.as_ref().map(|b| Bias {
+        values: b.as_array(),
+        index: sp.bias_index.clone(),
+    });
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
@@ -517,18 +535,48 @@ fn fast_typed<'py, T: Real + Element>(
                 let from = BoundsFrom::Given { r, v_max };
                 plan_fast_from(&sp.prob, &pos, bias.as_ref(), from, eps, &limits, nthreads)?
             }
-            None => plan_fast(&sp.prob, &pos, bias.as_ref(), qv.view(), kv.view(), vv.view(), eps, &limits, nthreads)?,
+            None => plan_fast(
+                &sp.prob,
+                &pos,
+                bias.as_ref(),
+                qv.view(),
+                kv.view(),
+                vv.view(),
+                eps,
+                &limits,
+                nthreads,
+            )?,
         };
         if !run_it || given.is_some() {
             return Ok((call, None));
         }
-        let r = run_fast(&call, &sp.prob, &pos, bias.as_ref(), qv, kv, vv, &limits, ctl)?;
+        let r = run_fast(
+            &call,
+            &sp.prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            &limits,
+            ctl,
+        )?;
         Ok((call, Some(r)))
     })?;
     let info = plan_dict(py, &call)?.into_any();
     match res {
-        None => PyTuple::new(py, [py.None().into_bound(py), py.None().into_bound(py), info]),
-        Some((out, lse)) => PyTuple::new(py, [out.into_pyarray(py).into_any(), lse.into_pyarray(py).into_any(), info]),
+        None => PyTuple::new(
+            py,
+            [py.None().into_bound(py), py.None().into_bound(py), info],
+        ),
+        Some((out, lse)) => PyTuple::new(
+            py,
+            [
+                out.into_pyarray(py).into_any(),
+                lse.into_pyarray(py).into_any(),
+                info,
+            ],
+        ),
     }
 }
 
@@ -562,9 +610,26 @@ fn fast_forward<'py>(
     num_threads: Option<usize>,
     bounds: Option<(f64, f64)>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let sp = spec(shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index)?;
+    let sp = spec(
+        shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index,
+    )?;
     let lim = (max_terms, max_degree, memory_limit);
-    dispatch!(q, fast_typed, py, q, k, v, values, bias, &sp, eps, lim, run, bounds, num_threads)
+    dispatch!(
+        q,
+        fast_typed,
+        py,
+        q,
+        k,
+        v,
+        values,
+        bias,
+        &sp,
+        eps,
+        lim,
+        run,
+        bounds,
+        num_threads
+    )
 }
 
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
