@@ -21,6 +21,7 @@
 //! `DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
 
 pub mod dispatch;
+pub mod dispatch_backward;
 pub mod error;
 pub mod exact;
 pub mod fast;

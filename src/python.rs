@@ -6,6 +6,7 @@
 //! v `(B, Hk, n_k, d_v)`, position tables `(tables, 2L-1, |S|)`, bias `(tables, 2L_b-1)`.
 
 use crate::dispatch::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
+use crate::dispatch_backward::{plan_fast_backward, run_fast_backward, FastBackwardCall};
 use crate::error::Error;
 use crate::exact::backward::BackwardInputs;
 use crate::fast::FastLimits;
@@ -632,6 +633,259 @@ fn fast_forward<'py>(
     )
 }
 
+fn grad_dict<'py>(
+    py: Python<'py>,
+    g: &crate::fast::backward_certify::Grad5,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, x) in crate::fast::backward_certify::GRAD_NAMES
+        .iter()
+        .zip(g.to_array())
+    {
+        d.set_item(*name, x)?;
+    }
+    Ok(d)
+}
+
+fn backward_plan_dict<'py>(
+    py: Python<'py>,
+    call: &FastBackwardCall,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let Some(p) = call.representative() else {
+        return Err(PyValueError::new_err("fast backward plan: no heads"));
+    };
+    d.set_item("degree", p.poly.degree)?;
+    d.set_item(
+        "poly_kind",
+        match p.poly.kind {
+            PolyKind::Taylor => "taylor",
+            PolyKind::Chebyshev => "chebyshev",
+        },
+    )?;
+    d.set_item("poly_family", p.family)?;
+    let r = call
+        .groups
+        .iter()
+        .map(|g| g.plan.bounds.r)
+        .fold(0.0, f64::max);
+    d.set_item("bound_r", r)?;
+    d.set_item("rho", p.poly.rho)?;
+    d.set_item("rho_derivative", p.rho_d)?;
+    d.set_item("terms", p.counts.terms)?;
+    d.set_item("n_alpha", p.counts.n_alpha)?;
+    d.set_item("n_beta", p.counts.n_beta)?;
+    d.set_item("n_pairs", p.counts.n_pairs)?;
+    d.set_item("fft_len", p.fft_len)?;
+    d.set_item("column_tile", p.column_tile)?;
+    d.set_item("groups", call.groups.len())?;
+    d.set_item("support_size", call.support.len())?;
+    d.set_item("flops", call.flops)?;
+    d.set_item("working_bytes", call.working_bytes)?;
+    d.set_item("deferred", call.deferred)?;
+    d.set_item("want_dw", call.want.dw)?;
+    d.set_item("want_dbias", call.want.db)?;
+    d.set_item("certified", grad_dict(py, &call.certified)?)?;
+    d.set_item("approximation", grad_dict(py, &call.approximation)?)?;
+    d.set_item("rounding", grad_dict(py, &call.rounding)?)?;
+    d.set_item("multiplicity", grad_dict(py, &call.multiplicity)?)?;
+    let ce = call.certified.to_array().into_iter().fold(0.0, f64::max);
+    d.set_item("certified_error", ce)?;
+    Ok(d)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fast_backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    arrays: [&Bound<'py, PyAny>; 3],
+    dout: Option<&Bound<'py, PyAny>>,
+    values: Option<&Bound<'py, PyAny>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    sp: &Spec,
+    eps: f64,
+    want: (bool, bool),
+    lim: (usize, usize, usize),
+    run_it: bool,
+    threads: Option<usize>,
+    poly: Option<crate::poly::Polynomial>,
+    given: Option<(f64, f64)>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let [q, k, v] = arrays;
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let dout = dout.map(|d| arr4::<T>(d, "dout")).transpose()?;
+    let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
+    let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = bias_arr.as_ref().map(|b| Bias {
+        values: b.as_array(),
+        index: sp.bias_index.clone(),
+    });
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let dv = dout.as_ref().map(|d| d.as_array());
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let limits = limits(lim.0, lim.1, lim.2, nthreads);
+    let want = crate::fast::backward_certify::Want {
+        dw: want.0,
+        db: want.1,
+    };
+    if run_it && dv.is_none() {
+        return Err(PyValueError::new_err(
+            "dout: needed to run the fast backward",
+        ));
+    }
+    let (call, res) = run(py, threads, |ctl| {
+        let call = plan_fast_backward(
+            &sp.prob,
+            &pos,
+            bias.as_ref(),
+            qv.view(),
+            kv.view(),
+            vv.view(),
+            dv.as_ref().map(|d| d.view()),
+            given,
+            eps,
+            want,
+            &limits,
+            nthreads,
+            poly.as_ref(),
+        )?;
+        if !run_it {
+            return Ok((call, None));
+        }
+        let dv = dv
+            .as_ref()
+            .map(|d| d.view())
+            .ok_or_else(|| Error::Value("dout: missing".into()))?;
+        let r = run_fast_backward(
+            &call,
+            &sp.prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            dv,
+            &limits,
+            ctl,
+        )?;
+        Ok((call, Some(r)))
+    })?;
+    let info = backward_plan_dict(py, &call)?;
+    let none = || py.None().into_bound(py);
+    match res {
+        None => PyTuple::new(
+            py,
+            [
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                info.into_any(),
+            ],
+        ),
+        Some((g, out, lse, cert)) => {
+            info.set_item("certified_run", grad_dict(py, &cert)?)?;
+            PyTuple::new(
+                py,
+                [
+                    g.dq.into_pyarray(py).into_any(),
+                    g.dk.into_pyarray(py).into_any(),
+                    g.dv.into_pyarray(py).into_any(),
+                    g.dw.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+                    g.dbias.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+                    out.into_pyarray(py).into_any(),
+                    lse.into_pyarray(py).into_any(),
+                    info.into_any(),
+                ],
+            )
+        }
+    }
+}
+
+/// The fast backward on canonical arrays: `(dq, dk, dv, dw, dbias, out, lse, plan)` — `out` and
+/// `lse` of the approximate forward the gradients belong to — or `None`s and the plan with
+/// `run=False` (then `dout` may be None: the plan assumes entries of `dout` at most 1).
+/// `poly=(kind, degree, r)` forces a polynomial (a test hook); `bounds=(r, v_max)` plans from
+/// those bounds instead of the data (`run=False` only). Raises `ApproximationError` when the
+/// gradients cannot be certified to `eps`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, dout, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, want_dw, want_dbias, max_terms, max_degree, memory_limit, run, num_threads, poly=None, bounds=None))]
+#[allow(clippy::too_many_arguments)]
+fn fast_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    dout: Option<&Bound<'py, PyAny>>,
+    shape: (usize, usize, usize, usize, usize, usize, usize),
+    scale: f64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    q_offset: i64,
+    k_offset: i64,
+    rotary: Option<(PyReadonlyArray1<'py, f64>, f64, PyReadonlyArray2<'py, i64>)>,
+    support: Option<PyReadonlyArray2<'py, i64>>,
+    values: Option<&Bound<'py, PyAny>>,
+    w_index: Option<PyReadonlyArray1<'py, i64>>,
+    bias: Option<&Bound<'py, PyAny>>,
+    bias_index: Option<PyReadonlyArray1<'py, i64>>,
+    eps: f64,
+    want_dw: bool,
+    want_dbias: bool,
+    max_terms: usize,
+    max_degree: usize,
+    memory_limit: usize,
+    run: bool,
+    num_threads: Option<usize>,
+    poly: Option<(String, usize, f64)>,
+    bounds: Option<(f64, f64)>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    if run && bounds.is_some() {
+        return Err(PyValueError::new_err(
+            "bounds: only for plans (run=False); a computation reads its bounds from the data",
+        ));
+    }
+    let sp = spec(
+        shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index,
+    )?;
+    let lim = (max_terms, max_degree, memory_limit);
+    let poly = match poly {
+        None => None,
+        Some((kind, degree, r)) => Some(
+            match kind.as_str() {
+                "taylor" => crate::poly::taylor(r, degree),
+                "chebyshev" => crate::poly::chebyshev(r, degree),
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "poly: expected kind 'taylor' or 'chebyshev', got {other:?}"
+                    )))
+                }
+            }
+            .map_err(|e| to_pyerr(py, e))?,
+        ),
+    };
+    dispatch!(
+        q,
+        fast_backward_typed,
+        py,
+        [q, k, v],
+        dout,
+        values,
+        bias,
+        &sp,
+        eps,
+        (want_dw, want_dbias),
+        lim,
+        run,
+        num_threads,
+        poly,
+        bounds
+    )
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -643,6 +897,7 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exact_forward, m)?)?;
     m.add_function(wrap_pyfunction!(exact_backward, m)?)?;
     m.add_function(wrap_pyfunction!(fast_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(fast_backward, m)?)?;
     m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

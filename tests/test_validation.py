@@ -329,9 +329,9 @@ def test_method_fast_raises_approximation_error_when_it_cannot_certify() -> None
     # entries far outside the bounded regime: no polynomial of a sane degree certifies eps
     with pytest.raises(fastrope.ApproximationError, match="method='fast'"):
         fastrope.attention(q * 40, k * 40, v, ROT, 1e-3, method="fast")
-    # the fast backward is not there yet: catchable as a ValueError
-    with pytest.raises(ValueError, match="fast backward"):
-        fastrope.attention_grad(q, k, v, ROT, np.zeros((2, 5, 3)), 1e-3, method="fast")
+    # the same for the fast backward, catchable as a ValueError
+    with pytest.raises(ValueError, match="method='fast'"):
+        fastrope.attention_grad(q * 40, k * 40, v, ROT, np.ones((2, 5, 3)), 1e-3, method="fast")
     # method="auto" falls back to exact and says why
     p = fastrope.plan(q * 40, k * 40, v, ROT, 1e-3)
     assert p.method == "exact" and "cannot" in p.why

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _fastrope as _native
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
-from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, make_plan
+from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, _backward_probe, make_plan
 from ._plan import kernel_eps as _kernel_eps
 from ._types import ApproximationError, Gradients
 
@@ -195,7 +195,28 @@ def attention_grad(
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
     dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
-    _resolve(call, eps, method, memory_limit, True, threads)
+    dout4 = dout_a.reshape(batch, hq, nq, 0 if call.dv_padded else dv)
+    if call.dv_padded:
+        dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
+    p = make_plan(
+        call,
+        eps,
+        method,
+        memory_limit,
+        backward=True,
+        fast_probe=_backward_probe(call, None, dout4, threads),
+    )
+    if p.method == "fast":
+        try:
+            # The fast backward recomputes the approximate forward it differentiates in its
+            # first FFT pass: `out`/`lse` are not needed.
+            dq, dk, dv4, dw3, db2 = _fast_backward(call, dout4, eps, p.memory_limit, threads)
+            return _finish_grads(call, dq, dk, dv4, dw3, db2)
+        except ApproximationError:
+            # A head's own data failed the run-time certificate: never return an uncertified
+            # result.
+            if method == "fast":
+                raise
     if out is None or lse is None:
         out4, lse3 = _forward(call, threads)
     else:
@@ -205,9 +226,6 @@ def attention_grad(
             out4 = np.zeros(call.lead_q + (nq, 1), call.dtype)
         out4 = out4.reshape(batch, hq, nq, dv)
         lse3 = lse3.reshape(batch, hq, nq)
-    dout4 = dout_a.reshape(batch, hq, nq, 0 if call.dv_padded else dv)
-    if call.dv_padded:
-        dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
     dq, dk, dv4, dw3, db2 = _native.exact_backward(
         call.q4,
         call.k4,
@@ -220,6 +238,41 @@ def attention_grad(
         want_dbias=call.bias is not None,
         num_threads=threads,
     )
+    if call.dv_padded:
+        dv4 = dv4[..., :0]
+    dbias = None if db2 is None else db2.reshape(call.bias_shape)
+    return Gradients(
+        dq.reshape(call.lead_q + (nq, d)),
+        dk.reshape(call.lead_k + (nk, d)),
+        dv4.reshape(call.lead_k + (nk, dv4.shape[-1])),
+        restore_dw(call, dw3),
+        dbias,
+    )
+
+
+def _fast_backward(call: Call, dout4: np.ndarray, eps: float, limit: int, threads: Optional[int]):
+    """The native fast backward: ``(dq, dk, dv, dw, dbias)`` in canonical form."""
+    res = _native.fast_backward(
+        call.q4,
+        call.k4,
+        call.v4,
+        dout4,
+        **call.native_args(),
+        eps=eps,
+        want_dw=call.values is not None,
+        want_dbias=call.bias is not None,
+        max_terms=FAST_MAX_TERMS,
+        max_degree=FAST_MAX_DEGREE,
+        memory_limit=limit,
+        run=True,
+        num_threads=threads,
+    )
+    return res[:5]
+
+
+def _finish_grads(call: Call, dq, dk, dv4, dw3, db2) -> Gradients:
+    """Canonical gradients back into the caller's shapes and layouts."""
+    batch, hq, hk, nq, nk, d, dv = call.shape
     if call.dv_padded:
         dv4 = dv4[..., :0]
     dbias = None if db2 is None else db2.reshape(call.bias_shape)

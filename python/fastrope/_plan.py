@@ -254,10 +254,7 @@ def make_plan(
             )
         return exact_plan("eps = 0 asks for the exact result")
     if backward:
-        why = "the fast backward is not available in this build"
-        if method == "fast":
-            raise ApproximationError(f"method='fast': {why}; use method='exact' or 'auto'")
-        return exact_plan(f"{why}; exact gradients meet any eps")
+        return _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_probe)
     if nq == 0 or nk == 0 or batch * hq == 0 or fast_probe is None:
         if method == "fast":
             raise ApproximationError("method='fast': an empty axis leaves nothing to approximate")
@@ -321,6 +318,125 @@ def make_plan(
             method="fast",
             certified_error=certified,
             why=f"fast is predicted {ratio:.1f}x cheaper: {summary}",
+            working_set_bytes=fast["fast_working_set_bytes"],
+            details=details,
+            **exact,
+            **fast,
+        )
+    return exact_plan(f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}", fast)
+
+
+# Throughput of the fast backward in its flop model (fastrope::fast::backward: two forward-sized
+# FFT passes, plus the diagonal correlations of dw/dbias), 2 threads.
+FAST_BACKWARD_FLOPS_PER_SECOND = 4e9
+
+
+def _backward_probe(call, fast_probe, dout4=None, threads=None):
+    """``probe(kernel_eps, limit) -> dict``: the native fast backward's plan for ``call``.
+
+    With ``dout4`` the certificate is for that ``dout``; without (``plan(..., backward=True)``),
+    for any ``dout`` with entries at most 1.  Shape-tuple plans (``call.v_max_given``) take
+    ``R`` from the forward probe, which reports the caller's ``bound_r``.
+    """
+    from . import _fastrope as _native
+
+    given = None
+    if call.v_max_given is not None and fast_probe is not None:
+        given = (float(fast_probe(1e300, 1 << 62)["bound_r"]), float(call.v_max_given))
+
+    def probe(kernel_eps: float, limit: int) -> dict:
+        return _native.fast_backward(
+            call.q4,
+            call.k4,
+            call.v4,
+            dout4,
+            **call.native_args(),
+            eps=kernel_eps,
+            want_dw=call.values is not None,
+            want_dbias=call.bias is not None,
+            max_terms=FAST_MAX_TERMS,
+            max_degree=FAST_MAX_DEGREE,
+            memory_limit=limit,
+            run=False,
+            num_threads=threads,
+            bounds=given,
+        )[7]
+
+    probe.backward = True
+    return probe
+
+
+def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_probe) -> Plan:
+    """The backward half of :func:`make_plan`: fast backward vs exact backward.
+
+    ``fast_probe`` is the backward probe (``attention_grad`` builds one with the caller's
+    ``dout``: ``probe.backward = True``), or a forward probe (``plan(..., backward=True)``), in
+    which case the plan is for any ``dout`` with entries at most 1.  The native certificate
+    covers every returned gradient (dq, dk, dv, dw, dbias), float32 output rounding included, so
+    the whole ``eps`` goes to it.
+    """
+    batch, hq, hk, nq, nk, d, dv = call.shape
+    if nq == 0 or nk == 0 or batch * hq == 0 or fast_probe is None:
+        if method == "fast":
+            raise ApproximationError("method='fast': an empty axis leaves nothing to approximate")
+        return exact_plan("an empty axis: the exact method is immediate")
+    probe = fast_probe if getattr(fast_probe, "backward", False) else None
+    try:
+        if probe is None:
+            probe = _backward_probe(call, fast_probe)
+        info = probe(eps, limit)
+    except ApproximationError as e:
+        if method == "fast":
+            raise ApproximationError(f"method='fast': the fast backward: {e}") from None
+        return exact_plan(f"the fast backward cannot serve this call: {e}")
+    fast = _fast_fields(info)
+    fast["fast_seconds"] = float(info["flops"]) / FAST_BACKWARD_FLOPS_PER_SECOND
+    # A deferred plan certifies each head from its data before its FFTs run (refusing
+    # otherwise): what a result guarantees is then eps.
+    certified = min(float(info["certified_error"]), eps)
+    fast["fast_certified_error"] = certified
+    details = {
+        k: info[k]
+        for k in (
+            "poly_family",
+            "rho",
+            "rho_derivative",
+            "fft_len",
+            "groups",
+            "support_size",
+            "column_tile",
+            "certified",
+            "approximation",
+            "rounding",
+            "multiplicity",
+            "deferred",
+        )
+    }
+    if fast["fast_working_set_bytes"] > limit:
+        msg = (
+            f"the fast backward needs {fast['fast_working_set_bytes'] / 2**20:.1f} MiB, more"
+            f" than memory_limit = {limit / 2**20:.1f} MiB"
+        )
+        if method == "fast":
+            raise ApproximationError(f"method='fast': {msg}")
+        return exact_plan(msg, fast)
+    ratio = seconds / max(fast["fast_seconds"], 1e-12)
+    summary = (
+        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R],"
+        f" R = {fast['bound_r']:.3g}, certifies every gradient to {certified:.2g} <= eps ="
+        f" {eps:.2g}; predicted fast backward {fast['fast_seconds']:.3g} s vs exact"
+        f" {seconds:.3g} s"
+    )
+    if method == "fast" or ratio > 1.0:
+        why = (
+            f"method='fast' was requested: {summary}"
+            if method == "fast"
+            else f"fast is predicted {ratio:.1f}x cheaper: {summary}"
+        )
+        return Plan(
+            method="fast",
+            certified_error=certified,
+            why=why,
             working_set_bytes=fast["fast_working_set_bytes"],
             details=details,
             **exact,

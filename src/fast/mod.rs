@@ -17,12 +17,15 @@
 //! scale, mask/bias and shape: [`FastBounds`] per head → one [`fast_plan`] with the largest
 //! bounds → one [`FastKernel`] (expansion + kernel spectra) → [`FastKernel::apply`] per head.
 
+pub mod backward;
+pub mod backward_certify;
 pub mod blocks;
 pub mod bounds;
 pub mod certify;
 pub mod expansion;
 pub mod forward;
 pub mod naive;
+pub mod naive_backward;
 
 use crate::error::{Error, Result};
 use ndarray::{Array1, Array2, ArrayView2};
@@ -187,5 +190,7 @@ pub struct FastOutput {
     pub report: FastReport,
 }
 
+#[cfg(test)]
+mod backward_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,550 @@
+//! Runs the fast backward ([`crate::fast::backward`]) over every `(batch, head)` of a call.
+//!
+//! As for the forward ([`crate::dispatch`]), heads sharing a `w` table and a bias table form a
+//! group with one certified plan (for the worst bounds among its heads) and one
+//! [`BackwardKernel`]. Groups run one after another. Without dw/dbias the heads of a group run
+//! in parallel; with them they run one after another, each adding its diagonal correlations into
+//! the group's accumulator, which is inverted and contracted with the kernels once per group
+//! (dw and dbias are sums over heads, so one contraction serves them all).
+//!
+//! Error budgets: a gradient that sums over heads adds their errors, so each head gets
+//! `eps / m` with `m` the number of heads adding into one entry: 1 for dq, the GQA group size
+//! for dk and dv, the number of heads sharing a table for dw and dbias. The call's certificate
+//! reports the sums.
+
+use crate::error::{Error, Result};
+use crate::exact::backward::Grads;
+use crate::fast::backward::{backward_plan, BackwardKernel, BackwardPlan, BackwardRequest};
+use crate::fast::backward_certify::{FactorStats, Grad5, GradBounds, PSums, Want};
+use crate::fast::bounds::WNorms;
+use crate::fast::{FastBounds, FastLimits, FastShape};
+use crate::poly::Polynomial;
+use crate::position::{Bias, LogFactor, Position};
+use crate::problem::{Control, Problem};
+use crate::real::Real;
+use ndarray::{Array2, Array3, Array4, ArrayView4};
+use rayon::prelude::*;
+
+/// One group of heads sharing a kernel, with its certified plan.
+#[derive(Clone, Debug)]
+pub struct FastBackwardGroup {
+    /// Flattened `b * hq + h` of the heads.
+    pub heads: Vec<usize>,
+    pub w_table: usize,
+    pub bias_table: usize,
+    pub plan: BackwardPlan,
+    /// Per head (in the order of `heads`): its bounds on the column/diagonal sums of `P`.
+    pub psums: Vec<PSums>,
+}
+
+/// The fast backward's plan for a whole call.
+#[derive(Clone, Debug)]
+pub struct FastBackwardCall {
+    pub support: Vec<(usize, usize)>,
+    pub groups: Vec<FastBackwardGroup>,
+    pub want: Want,
+    /// Heads adding into one entry of each gradient.
+    pub multiplicity: Grad5,
+    /// Predicted flops: shared kernel work once per group, the rest once per head.
+    pub flops: f64,
+    /// Peak bytes.
+    pub working_bytes: usize,
+    /// The a-priori certified error of each gradient for the call (sums over heads).
+    pub certified: Grad5,
+    pub approximation: Grad5,
+    pub rounding: Grad5,
+    /// True when some group relies on its heads' data-dependent rounding bounds.
+    pub deferred: bool,
+}
+
+impl FastBackwardCall {
+    /// The plan of the group with the highest degree (what a report shows).
+    pub fn representative(&self) -> Option<&BackwardPlan> {
+        self.groups
+            .iter()
+            .map(|g| &g.plan)
+            .max_by_key(|p| (p.poly.degree, p.counts.n_pairs))
+    }
+}
+
+/// The support and its diagonal sequences (f64, `|S| x glen`) of `w` table `t`.
+fn sequences<T: Real>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    t: usize,
+) -> (Vec<(usize, usize)>, Array2<f64>) {
+    match pos {
+        Position::Rotary(r) => r.as_sparse(prob),
+        Position::Sparse(sp) => {
+            let glen = prob.glen();
+            let flat = sp.diagonals(t, prob);
+            let seqs =
+                Array2::from_shape_fn((sp.support.len(), glen), |(s, g)| flat[s * glen + g].f64());
+            (sp.support.clone(), seqs)
+        }
+    }
+}
+
+fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
+    logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
+}
+
+fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
+    x.slice(ndarray::s![b, h, .., ..]).mapv(|v| v.f64())
+}
+
+fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
+    match pos {
+        Position::Rotary(_) => 0,
+        Position::Sparse(sp) => sp.index[bh],
+    }
+}
+
+/// Unit roundoff of the result dtype (0 for f64: the f64 results are returned as they are).
+fn out_rel<T: Real>() -> f64 {
+    if std::mem::size_of::<T>() >= 8 {
+        0.0
+    } else {
+        T::epsilon().f64() / 2.0
+    }
+}
+
+/// What is wanted for this call: dw only for a stored W, dbias only with a bias.
+pub fn want_for<T>(pos: &Position<'_, T>, bias: Option<&Bias<'_, T>>, dw: bool, db: bool) -> Want {
+    Want {
+        dw: dw && matches!(pos, Position::Sparse(_)),
+        db: db && bias.is_some(),
+    }
+}
+
+/// Bounds for a plan made from shape alone: scores `|M_ij| <= r`, `|v| <= v_max`, `|dout| <= 1`,
+/// and (a prediction, not a certificate) `|q|` and `|W_δ k|` balanced, so that
+/// `scale max|(W_δ k)_l| <= sqrt(scale r)` and likewise for `W_δ^T q`.
+fn given_bounds(
+    prob: &Problem,
+    fac: &[f64],
+    fstats: &FactorStats,
+    r: f64,
+    v_max: f64,
+) -> Result<(FastBounds, GradBounds, PSums)> {
+    if !(r.is_finite() && r >= 0.0 && v_max.is_finite() && v_max >= 0.0) {
+        return Err(Error::Value(format!(
+            "bound_r, v_max: expected finite values >= 0, got {r} and {v_max}"
+        )));
+    }
+    let score = crate::poly::ScoreBound {
+        r,
+        r_abs: r,
+        spectral: r,
+        blocks: r,
+    };
+    let fb = FastBounds::from_parts(score, v_max, prob.nq, prob.nk, fac);
+    let side = (prob.scale.abs() * r).sqrt();
+    let gb = GradBounds {
+        kw: side,
+        qw: side,
+        qk: r,
+        rq: side,
+        rk: side,
+        ..GradBounds::default()
+    }
+    .unit_dout(prob.dv, v_max);
+    Ok((fb, gb, PSums::from_factor(fstats, r)))
+}
+
+/// Certified plans for every group of heads, or the reason the fast backward cannot serve the
+/// call. `dout = None` plans for a unit `dout` (entries at most 1 in magnitude); `given =
+/// Some((r, v_max))` plans from those bounds instead of the data (a prediction).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_fast_backward<'a, T: Real>(
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    dout: Option<ArrayView4<'_, T>>,
+    given: Option<(f64, f64)>,
+    eps: f64,
+    want: Want,
+    limits: &FastLimits,
+    threads: usize,
+    forced: Option<&Polynomial>,
+) -> Result<FastBackwardCall> {
+    crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
+    pos.validate(prob)?;
+    if let Some(b) = bias {
+        b.validate(prob)?;
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::Value(format!(
+            "eps: expected a value >= 0, got {eps}"
+        )));
+    }
+    if let Some(d) = &dout {
+        if d.dim() != (prob.batch, prob.hq, prob.nq, prob.dv) {
+            return Err(Error::Value(format!(
+                "dout: expected shape {:?}, got {:?}",
+                (prob.batch, prob.hq, prob.nq, prob.dv),
+                d.dim()
+            )));
+        }
+    }
+    if prob.nq == 0 || prob.nk == 0 || prob.batch * prob.hq == 0 {
+        return Err(Error::Approximation(
+            "fast backward: nothing to approximate (an empty axis)".into(),
+        ));
+    }
+    let want = want_for(pos, bias, want.dw, want.db);
+    let heads_total = prob.batch * prob.hq;
+    let count = |idx: &dyn Fn(usize) -> usize| -> usize {
+        let mut counts = std::collections::HashMap::new();
+        for bh in 0..heads_total {
+            *counts.entry(idx(bh)).or_insert(0usize) += 1;
+        }
+        counts.values().copied().max().unwrap_or(1)
+    };
+    let multiplicity = Grad5 {
+        dq: 1.0,
+        dk: prob.group() as f64,
+        dv: prob.group() as f64,
+        dw: if want.dw {
+            count(&|bh| w_table(pos, bh)) as f64
+        } else {
+            1.0
+        },
+        db: match bias {
+            Some(b) if want.db => count(&|bh| b.index[bh]) as f64,
+            _ => 1.0,
+        },
+    };
+    let eps_head = Grad5::splat(eps).zip(multiplicity, |e, m| e / m);
+    let logf = LogFactor::new(prob, bias);
+    let shape = FastShape {
+        nq: prob.nq,
+        nk: prob.nk,
+        d: prob.d,
+        dv: prob.dv,
+    };
+    let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
+    for bh in 0..heads_total {
+        let key = (w_table(pos, bh), bias.map_or(0, |b| b.index[bh]));
+        match groups.iter_mut().find(|g| (g.0, g.1) == key) {
+            Some(g) => g.2.push(bh),
+            None => groups.push((key.0, key.1, vec![bh])),
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    let mut support_all = Vec::new();
+    for (wt, bt, heads) in groups {
+        let (support, seqs) = sequences(prob, pos, wt);
+        let fac = factor(&logf, bt);
+        let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+        let fstats = FactorStats::new(prob.nq, prob.nk, &fac)?;
+        let want_diag = want.dw || want.db;
+        let bounds: Vec<(FastBounds, GradBounds, PSums)> = if let Some((r, vm)) = given {
+            vec![given_bounds(prob, &fac, &fstats, r, vm)?]
+        } else {
+            heads
+                .par_iter()
+                .map(|&bh| {
+                    let (b, h) = (bh / prob.hq, bh % prob.hq);
+                    let kvh = h / prob.group();
+                    let (qh, kh, vh) = (
+                        head_f64(&q, b, h),
+                        head_f64(&k, b, kvh),
+                        head_f64(&v, b, kvh),
+                    );
+                    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
+                    let fb = FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac);
+                    let gb = match &dout {
+                        Some(d) => {
+                            let dh = head_f64(d, b, h);
+                            GradBounds::new(
+                                &norms,
+                                &support,
+                                prob.scale,
+                                qh.view(),
+                                kh.view(),
+                                vh.view(),
+                                dh.view(),
+                            )
+                        }
+                        None => {
+                            let zero = Array2::<f64>::zeros((prob.nq, prob.dv));
+                            GradBounds::new(
+                                &norms,
+                                &support,
+                                prob.scale,
+                                qh.view(),
+                                kh.view(),
+                                vh.view(),
+                                zero.view(),
+                            )
+                            .unit_dout(prob.dv, vmax)
+                        }
+                    };
+                    let ps = PSums::from_data(
+                        qh.view(),
+                        kh.view(),
+                        prob.scale,
+                        &support,
+                        seqs.view(),
+                        &fac,
+                        fb.r,
+                        &fstats,
+                        want_diag,
+                    )?;
+                    Ok((fb, gb, ps))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| {
+            (a.0.worst(&b.0), a.1.worst(&b.1), a.2.worst(&b.2))
+        });
+        let req = BackwardRequest {
+            shape,
+            support: &support,
+            bounds: worst.0,
+            grad: worst.1,
+            fstats,
+            psums: worst.2,
+            eps: eps_head,
+            want,
+            out_rel: out_rel::<T>(),
+            heads: if want.dw || want.db { heads.len() } else { 1 },
+        };
+        let plan = backward_plan(&req, limits, forced)?;
+        support_all = support;
+        let psums = if given.is_some() {
+            vec![worst.2; heads.len()]
+        } else {
+            bounds.iter().map(|b| b.2).collect()
+        };
+        out.push(FastBackwardGroup {
+            heads,
+            w_table: wt,
+            bias_table: bt,
+            plan,
+            psums,
+        });
+    }
+    let flops = out
+        .iter()
+        .map(|g| g.plan.kernel_flops + g.heads.len() as f64 * (g.plan.flops - g.plan.kernel_flops))
+        .sum();
+    let working_bytes = out
+        .iter()
+        .map(|g| {
+            let per_head = g.plan.working_bytes.saturating_sub(g.plan.kernel_bytes);
+            let par = if want.dw || want.db {
+                1
+            } else {
+                threads.min(g.heads.len()).max(1)
+            };
+            g.plan.kernel_bytes + per_head * par
+        })
+        .max()
+        .unwrap_or(0);
+    let fold = |f: &dyn Fn(&BackwardPlan) -> Grad5| {
+        out.iter()
+            .map(|g| f(&g.plan))
+            .fold(Grad5::default(), |a, b| a.max(b))
+            .zip(multiplicity, |e, m| e * m)
+            .masked(want)
+    };
+    let certified = fold(&|p| p.certified);
+    let approximation = fold(&|p| p.approximation);
+    let rounding = fold(&|p| p.rounding);
+    let deferred = out.iter().any(|g| g.plan.deferred);
+    Ok(FastBackwardCall {
+        support: support_all,
+        groups: out,
+        want,
+        multiplicity,
+        flops,
+        working_bytes,
+        certified,
+        approximation,
+        rounding,
+        deferred,
+    })
+}
+
+/// Runs a planned fast backward: gradients like [`crate::exact::attention_backward`] (dw in the
+/// `(tables, 2L-1, |S|)` layout, dbias in `(tables, 2L_b-1)`), and the certified error of each
+/// gradient (sums over the heads adding into it, from each head's own certificate), with the
+/// approximate forward `(out, lse)` the gradients belong to.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn run_fast_backward<'a, T: Real>(
+    call: &FastBackwardCall,
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    dout: ArrayView4<'_, T>,
+    limits: &FastLimits,
+    ctl: &Control,
+) -> Result<(Grads<T>, Array4<T>, Array3<T>, Grad5)> {
+    let (nq, nk, d, dv) = (prob.nq, prob.nk, prob.d, prob.dv);
+    if dout.dim() != (prob.batch, prob.hq, nq, dv) {
+        return Err(Error::Value(format!(
+            "dout: expected shape {:?}, got {:?}",
+            (prob.batch, prob.hq, nq, dv),
+            dout.dim()
+        )));
+    }
+    let glen = prob.glen();
+    let want = call.want;
+    let mut dq = Array4::<T>::zeros((prob.batch, prob.hq, nq, d));
+    let mut out = Array4::<T>::zeros((prob.batch, prob.hq, nq, dv));
+    let mut lse = Array3::<T>::from_elem((prob.batch, prob.hq, nq), T::neg_infinity());
+    // dk, dv summed over the query heads of each kv head, in f64, in head order.
+    let mut dk64 = Array4::<f64>::zeros((prob.batch, prob.hk, nk, d));
+    let mut dv64 = Array4::<f64>::zeros((prob.batch, prob.hk, nk, dv));
+    let ns = call.support.len();
+    let sparse = match pos {
+        Position::Sparse(sp) => Some(sp),
+        Position::Rotary(_) => None,
+    };
+    let mut dw_acc: Vec<Vec<f64>> = match sparse {
+        Some(sp) if want.dw => vec![Vec::new(); sp.values.dim().0],
+        _ => Vec::new(),
+    };
+    let mut db_acc: Vec<Vec<f64>> = match bias {
+        Some(b) if want.db => vec![Vec::new(); b.values.dim().0],
+        _ => Vec::new(),
+    };
+    // Per-entry certificates: dq per head, dk/dv per kv head, dw per table, db per table.
+    let mut cert_dq = 0.0f64;
+    let mut cert_kv = vec![(0.0f64, 0.0f64); prob.batch * prob.hk];
+    let mut cert_w = vec![0.0f64; dw_acc.len()];
+    let mut cert_b = vec![0.0f64; db_acc.len()];
+    let logf = LogFactor::new(prob, bias);
+    let serial = want.dw || want.db;
+    for g in &call.groups {
+        ctl.check()?;
+        let (support, seqs) = sequences(prob, pos, g.w_table);
+        let fac = factor(&logf, g.bias_table);
+        let kernel = BackwardKernel::new(&g.plan, &support, seqs.view(), &fac, prob.scale, limits)?;
+        let one = |(idx, &bh): (usize, &usize),
+                   corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
+         -> Result<(usize, crate::fast::backward::HeadGrads)> {
+            ctl.check()?;
+            let (b, h) = (bh / prob.hq, bh % prob.hq);
+            let kvh = h / prob.group();
+            let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+            let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
+            let ps = g.psums.get(idx);
+            Ok((
+                bh,
+                kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
+            ))
+        };
+        let results: Vec<Result<(usize, crate::fast::backward::HeadGrads)>> = if serial {
+            let mut corr = kernel.accumulator()?;
+            let r: Vec<_> = g
+                .heads
+                .iter()
+                .enumerate()
+                .map(|x| one(x, Some(&mut corr)))
+                .collect();
+            if r.iter().all(|x| x.is_ok()) {
+                let (dw, db) = kernel.finish(corr)?;
+                let cw: f64 = r.iter().flatten().map(|x| x.1.cert.certified.dw).sum();
+                let cb: f64 = r.iter().flatten().map(|x| x.1.cert.certified.db).sum();
+                if let Some(dw) = dw {
+                    let acc = &mut dw_acc[g.w_table];
+                    if acc.is_empty() {
+                        acc.resize(ns * glen, 0.0);
+                    }
+                    acc.iter_mut().zip(dw.iter()).for_each(|(a, x)| *a += x);
+                    cert_w[g.w_table] += cw;
+                }
+                if let Some(db) = db {
+                    let acc = &mut db_acc[g.bias_table];
+                    if acc.is_empty() {
+                        acc.resize(glen, 0.0);
+                    }
+                    acc.iter_mut().zip(&db).for_each(|(a, x)| *a += x);
+                    cert_b[g.bias_table] += cb;
+                }
+            }
+            r
+        } else {
+            g.heads
+                .par_iter()
+                .enumerate()
+                .map(|x| one(x, None))
+                .collect()
+        };
+        for r in results {
+            let (bh, hg) = r?;
+            let (b, h) = (bh / prob.hq, bh % prob.hq);
+            let kvh = h / prob.group();
+            dq.slice_mut(ndarray::s![b, h, .., ..])
+                .zip_mut_with(&hg.dq, |x, &y| *x = T::of(y));
+            out.slice_mut(ndarray::s![b, h, .., ..])
+                .zip_mut_with(&hg.out, |x, &y| *x = T::of(y));
+            lse.slice_mut(ndarray::s![b, h, ..])
+                .zip_mut_with(&hg.lse, |x, &y| *x = T::of(y));
+            dk64.slice_mut(ndarray::s![b, kvh, .., ..])
+                .zip_mut_with(&hg.dk, |x, &y| *x += y);
+            dv64.slice_mut(ndarray::s![b, kvh, .., ..])
+                .zip_mut_with(&hg.dv, |x, &y| *x += y);
+            let c = hg.cert.certified;
+            cert_dq = cert_dq.max(c.dq);
+            let e = &mut cert_kv[b * prob.hk + kvh];
+            e.0 += c.dk;
+            e.1 += c.dv;
+        }
+    }
+    let mut grads = Grads {
+        dq,
+        dk: dk64.mapv(T::of),
+        dv: dv64.mapv(T::of),
+        dw: None,
+        dbias: None,
+    };
+    if let Some(sp) = sparse.filter(|_| want.dw) {
+        let (nw, rows, _) = sp.values.dim();
+        let half = (rows as i64 - 1) / 2;
+        let mut dw = Array3::<T>::zeros((nw, rows, ns));
+        for (t, acc) in dw_acc.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            for gi in 0..glen {
+                let row = prob.delta(gi) + half;
+                if (0..rows as i64).contains(&row) {
+                    for s in 0..ns {
+                        dw[[t, row as usize, s]] = T::of(acc[s * glen + gi]);
+                    }
+                }
+            }
+        }
+        grads.dw = Some(dw);
+    }
+    if let Some(b) = bias.filter(|_| want.db) {
+        let (nb, rows) = b.values.dim();
+        let half = (rows as i64 - 1) / 2;
+        let mut db = Array2::<T>::zeros((nb, rows));
+        for (t, acc) in db_acc.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            for (gi, &x) in acc.iter().enumerate() {
+                let row = prob.delta(gi) + half;
+                if (0..rows as i64).contains(&row) {
+                    db[[t, row as usize]] = T::of(x);
+                }
+            }
+        }
+        grads.dbias = Some(db);
+    }
+    let cert = Grad5 {
+        dq: cert_dq,
+        dk: cert_kv.iter().map(|x| x.0).fold(0.0, f64::max),
+        dv: cert_kv.iter().map(|x| x.1).fold(0.0, f64::max),
+        dw: cert_w.iter().copied().fold(0.0, f64::max),
+        db: cert_b.iter().copied().fold(0.0, f64::max),
+    };
+    Ok((grads, out, lse, cert))
+}

@@ -1,0 +1,942 @@
+//! The error guarantee of the fast backward ([`super::backward`]): what it computes, how far that
+//! is from the true gradient, and how much floating-point rounding adds.
+//!
+//! # What is computed
+//!
+//! The fast backward returns the gradient of the *approximate* forward
+//! `Õ = P̃ V`, `P̃ = Ã / l̃`, `Ã = p(M) ∘ F`, `l̃ = Ã 1` (the forward of [`super::forward`] for the
+//! backward's own polynomial `p`), evaluated with FFTs. In exact arithmetic, with
+//! `G̃_ij = dO_i·(v_j - Õ_i) / l̃_i` (the gradient of `Σ dO∘Õ` with respect to `Ã_ij`):
+//!
+//! ```text
+//! dṼ = P̃^T dO,   dq̃_i = Σ_j G̃_ij ∂Ã_ij/∂q_i,   dk̃_j = Σ_i G̃_ij ∂Ã_ij/∂k_j,
+//! dW̃_s(δ) = Σ_{i-j=δ} G̃_ij ∂Ã_ij/∂w_s(δ),      db̃(δ) = Σ_{i-j=δ} G̃_ij Ã_ij,
+//! ```
+//!
+//! and `∂Ã_ij/∂q_i = p'(M_ij) F_ij scale W_δ k_j` etc.: the true gradient's formulas
+//! (DESIGN.md §5.6) with `e^M` replaced by `p(M)` in `P` and by `p'(M)` in `dS`.
+//!
+//! # Distance to the true gradient (approximation error)
+//!
+//! Let `|p(x) - e^x| <= ρ e^x` and `|p'(x) - e^x| <= ρ' e^x` on `[-R, R]` (both verified by
+//! [`crate::poly::certify`]), `R >= max |M_ij|` over visible pairs. Then `Ã_ij = A_ij (1 + ε_ij)`,
+//! `p'(M_ij) F_ij = A_ij (1 + ε'_ij)` with `|ε| <= ρ`, `|ε'| <= ρ'`, and `l̃_i / l_i ∈ [1-ρ, 1+ρ]`,
+//! so with `κ = 2ρ/(1-ρ)` and `κ' = (ρ+ρ')/(1-ρ)`:
+//!
+//! * `P̃_ij = P_ij (1 + η_ij)`, `|η| <= κ`;
+//! * `Õ_ic - O_ic = Σ_j (P̃_ij - P_ij)(v_jc - m_c)` for any `m_c` (both rows sum to 1); with
+//!   `m_c` the midrange of column `c`, `|Õ_ic - O_ic| <= κ range_c / 2`;
+//! * with `g_ij = dO_i·(v_j - O_i)`, `|g_ij| <= Γ_i = Σ_c |dO_ic| range_c`, the true
+//!   `dS_ij = P_ij g_ij` and the approximate `dS̃_ij = P_ij (1 + η'_ij) g̃_ij` (`|η'| <= κ'`,
+//!   `g̃_ij = g_ij + dO_i·(O_i - Õ_i)`) differ by at most `σ P_ij Γ_i`,
+//!   `σ = κ' + (1 + κ') κ/2`; for `db` (which uses `p`, not `p'`) by `σ_b P_ij Γ_i`,
+//!   `σ_b = κ + (1 + κ) κ/2`.
+//!
+//! Summing over the row (`Σ_j P_ij = 1`), the column, or the diagonal of `P`:
+//!
+//! ```text
+//! |dq̃ - dq| <= σ Γ K_w,          |dk̃ - dk| <= σ Γ Q_w colP,      |dṼ - dV| <= κ max|dO| colP,
+//! |dW̃_s - dW_s| <= σ Γ QK diagP,  |db̃ - db| <= σ_b Γ diagP,
+//! ```
+//!
+//! where `K_w >= scale max |(W_δ k_j)_l|`, `Q_w >= scale max |(W_δ^T q_i)_l|`,
+//! `QK = scale max_s max|q[:,l1_s]| max|k[:,l2_s]|` (all from [`GradBounds`]), and
+//! `colP >= max_j Σ_i P_ij`, `diagP >= max_g Σ_{i-j on g} P_ij` ([`PSums`]). Per head they come
+//! from its data in `O(|S| N log N)` ([`PSums::from_data`]): the tangent of `exp` at the row's
+//! `F`-weighted mean score (Jensen) bounds `l_i` from below, the chord of `exp` on `[-R, R]`
+//! bounds `e^{M_ij}` from above by `cosh R + M_ij sinh(R)/R`, and the sums of that over columns
+//! and diagonals are Toeplitz products. For typical data this gives `colP ≈ cosh R` instead of
+//! the data-free `e^{2R} max_j Σ_i F_ij/mass_i` ([`PSums::from_factor`], used for plans from
+//! shapes alone) — about 5x at `R = 1`.
+//!
+//! The gradient side of `σ` is dominated by `ρ'`: differentiating costs about one degree. The
+//! plan therefore also tries `p = 1 + ∫_0^x q` with `q` the Chebyshev economization of degree
+//! `g - 1` ([`super::backward::integrated_chebyshev`]), whose `σ` is 3-4x smaller than that of the
+//! economized `p` at equal degree. In practice (R = 1, eps = 1e-3, unit-range data) the backward
+//! then needs one degree more than the forward (DESIGN.md §5.6's "about 20x further").
+
+//! Gradients that sum over heads (`dk`, `dv` over the query heads of a GQA group, `dw` and
+//! `dbias` over the heads sharing a table) add their heads' errors: the dispatcher gives each
+//! head `eps / multiplicity` ([`GradEps`]).
+//!
+//! # Rounding
+//!
+//! Every product runs through FFTs in f64. Per unit input column, [`super::certify`]'s normwise
+//! model gives a global bound `E` on each numerator/denominator entry of the forward pass
+//! (`Σ_j Ã_ij x_j`), `E_Y` on each entry of the dq products `Σ_j ∂Ã_ij/∂q_i[l] x_j` (the same
+//! estimate with `q^α` replaced by `α_l q^{α-e_l}`), `E_TV` and `E_TK` on the transposed products
+//! `Σ_i Ã_ij x_i` and `Σ_i ∂Ã_ij/∂k_j[l] x_i` (kernel and query monomials swap roles), and, per
+//! `(α, β)` pair, `errH_p` on the diagonal correlations `H_p(g) = Σ_c Σ_{diag g} (q^α a_c)_i
+//! (k^β b_c)_j` that `dW` and `db` contract with kernels. With `L = (1-ρ) e^{-R} min mass` the
+//! smallest denominator, `e_O = 2EV/(L-E)` the rounding of `Õ`, and the inputs of the transposed
+//! pass `a_c = dO_c / l̂`, `a_dv = -D̂ / l̂` perturbed by at most `θ ||dO_i||_1 / l̃_i` with
+//! `θ = 2VE/(L-E) + (e_O + dv u V) L/(L-E)`, first-order propagation gives (all `× 1.01`)
+//!
+//! ```text
+//! dq:  ||dO||_1 (2 V E_Y + c_q e_O L)/(L-E) + c_q Γ (1+κ/2) E/(L-E) + (dv+8) u c_q ||dO||_1 (2V+e_O) L/(L-E)
+//! dv:  max|dO| (1+κ) colP E/(L-E) + E_TV max|dO| /(L-E)
+//! dk:  c_k θ ||dO||_1 colP + E_TK AB + (dv+4) u c_k colP L AB
+//! dw:  θ ||dO||_1 (1+ρ')/(1-ρ) QK diagP + scale Σ_{p'} ||C'_{p'}||_∞ errH_{p'+s} + arith
+//! db:  θ ||dO||_1 (1+ρ)/(1-ρ) diagP + Σ_p ||C_p||_∞ errH_p + arith
+//! ```
+//!
+//! with `c_q = (1+ρ')/(1-ρ) K_w`, `c_k = (1+ρ')/(1-ρ) Q_w`,
+//! `AB = (V Σ_c max|dO_c| + ||dO||_1 (V + e_O))/(L-E) >= Σ_c max|b_c| max|a_c|`,
+//! `errH_p = AB [(2ε_f + (4 + 2 n_cols) u) ||q^α||_2 ||k^β||_2 + ε_f min(||q^α||_1 ||k^β||_2,
+//! ||q^α||_2 ||k^β||_1)]` and `arith = (n_pairs + 2g + 8 + terms/pair) u AB min(nq, nk) Pabs'`
+//! the rounding of the kernel contractions (`Pabs' = scale QK Σ t|c_t| R_abs^{t-1}` for dw,
+//! `Σ |c_t| R_abs^t` for db). The head's certificate uses the measured norms of its monomials
+//! and kernels ([`data_terms`]); the plan's a-priori one replaces them by
+//! `Σ_t |c_t| R_abs^t`-type bounds ([`apriori_terms`]). float32 results add `2^-24` times a
+//! bound on each gradient's magnitude.
+
+use super::bounds::{row_masses, FastBounds};
+use super::certify::{fft_relative_error, BetaNorms, PairNorms};
+use super::expansion::Expansion;
+use crate::error::Result;
+use crate::poly::{certify, WNorms, U};
+use crate::toeplitz::ToeplitzPlanner;
+use ndarray::ArrayView2;
+
+/// One number per gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Grad5 {
+    pub dq: f64,
+    pub dk: f64,
+    pub dv: f64,
+    pub dw: f64,
+    pub db: f64,
+}
+
+/// Per-head error budgets of the gradients (`eps` divided by how many heads add into each).
+pub type GradEps = Grad5;
+
+/// Which of the optional gradients are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Want {
+    pub dw: bool,
+    pub db: bool,
+}
+
+pub const GRAD_NAMES: [&str; 5] = ["dq", "dk", "dv", "dw", "dbias"];
+
+impl Grad5 {
+    pub fn splat(x: f64) -> Self {
+        Grad5 {
+            dq: x,
+            dk: x,
+            dv: x,
+            dw: x,
+            db: x,
+        }
+    }
+    pub fn to_array(self) -> [f64; 5] {
+        [self.dq, self.dk, self.dv, self.dw, self.db]
+    }
+    pub fn from_array(a: [f64; 5]) -> Self {
+        Grad5 {
+            dq: a[0],
+            dk: a[1],
+            dv: a[2],
+            dw: a[3],
+            db: a[4],
+        }
+    }
+    pub fn zip(self, o: Grad5, f: impl Fn(f64, f64) -> f64) -> Grad5 {
+        let (a, b) = (self.to_array(), o.to_array());
+        Grad5::from_array([
+            f(a[0], b[0]),
+            f(a[1], b[1]),
+            f(a[2], b[2]),
+            f(a[3], b[3]),
+            f(a[4], b[4]),
+        ])
+    }
+    pub fn plus(self, o: Grad5) -> Grad5 {
+        self.zip(o, |a, b| a + b)
+    }
+    pub fn max(self, o: Grad5) -> Grad5 {
+        self.zip(o, f64::max)
+    }
+    /// Zero for the gradients that are not computed.
+    pub fn masked(self, want: Want) -> Grad5 {
+        Grad5 {
+            dw: if want.dw { self.dw } else { 0.0 },
+            db: if want.db { self.db } else { 0.0 },
+            ..self
+        }
+    }
+    /// The first computed gradient with `self > budget * frac` (NaN counts as over), if any.
+    pub fn over(&self, budget: &Grad5, frac: f64, want: Want) -> Option<usize> {
+        let (a, b) = (self.masked(want).to_array(), budget.to_array());
+        let on = [true, true, true, want.dw, want.db];
+        // NaN counts as over.
+        (0..5).find(|&i| on[i] && (a[i].is_nan() || a[i] > b[i] * frac))
+    }
+    pub fn max_entry(&self) -> f64 {
+        self.to_array().into_iter().fold(0.0, f64::max)
+    }
+}
+
+/// The data-dependent numbers of one head (or the worst over a group) that the gradient
+/// certificate needs besides [`FastBounds`]. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct GradBounds {
+    /// `max |dO|`.
+    pub do_max: f64,
+    /// `max_i ||dO_i||_1`.
+    pub do_l1: f64,
+    /// `Σ_c max_i |dO_ic|`.
+    pub do_colsum: f64,
+    /// `Γ = max_i Σ_c |dO_ic| range_c(v)`.
+    pub gamma: f64,
+    /// `>= scale max |(W_δ k_j)_l|` over visible δ.
+    pub kw: f64,
+    /// `>= scale max |(W_δ^T q_i)_l|` over visible δ.
+    pub qw: f64,
+    /// `scale max_s max|q[:,l1_s]| max|k[:,l2_s]|`.
+    pub qk: f64,
+    /// `max_l scale Σ_{s: l1_s = l} max|w_s| max|k[:,l2_s]|` (sizes the dq monomials).
+    pub rq: f64,
+    /// `max_l scale Σ_{s: l2_s = l} max|w_s| max|q[:,l1_s]|` (sizes the dk monomials).
+    pub rk: f64,
+}
+
+impl GradBounds {
+    /// Reads the bounds of one head: `q` (`nq x d`), `k` (`nk x d`), `v` (`nk x dv`),
+    /// `dout` (`nq x dv`); `norms` from the W sequences and mask of the call.
+    pub fn new(
+        norms: &WNorms,
+        support: &[(usize, usize)],
+        scale: f64,
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        v: ArrayView2<f64>,
+        dout: ArrayView2<f64>,
+    ) -> Self {
+        let d = q.ncols();
+        let scale = scale.abs();
+        let col_max = |x: &ArrayView2<f64>, l: usize| -> f64 {
+            x.column(l).fold(0.0f64, |m, v| m.max(v.abs()))
+        };
+        let qmax: Vec<f64> = (0..d).map(|l| col_max(&q, l)).collect();
+        let kmax: Vec<f64> = (0..d).map(|l| col_max(&k, l)).collect();
+        let restricted = |x: &ArrayView2<f64>, coords: &[usize]| -> f64 {
+            x.rows().into_iter().fold(0.0f64, |m, row| {
+                m.max(coords.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt())
+            })
+        };
+        let (mut rq_l, mut rk_l) = (vec![0.0f64; d], vec![0.0f64; d]);
+        let mut qk = 0.0f64;
+        for (&(a, b), &w) in support.iter().zip(&norms.entry_max) {
+            rq_l[a] += scale * w * kmax[b];
+            rk_l[b] += scale * w * qmax[a];
+            qk = qk.max(scale * qmax[a] * kmax[b]);
+        }
+        let (mut sq_l, mut sk_l) = (vec![f64::INFINITY; d], vec![f64::INFINITY; d]);
+        for (rows, cols, w) in &norms.blocks {
+            let kn = scale * w * restricted(&k, cols);
+            let qn = scale * w * restricted(&q, rows);
+            rows.iter().for_each(|&l| sq_l[l] = sq_l[l].min(kn));
+            cols.iter().for_each(|&l| sk_l[l] = sk_l[l].min(qn));
+        }
+        let kw = (0..d).map(|l| rq_l[l].min(sq_l[l])).fold(0.0, f64::max);
+        let qw = (0..d).map(|l| rk_l[l].min(sk_l[l])).fold(0.0, f64::max);
+        let dv = v.ncols();
+        let range: Vec<f64> = (0..dv)
+            .map(|c| {
+                let col = v.column(c);
+                let hi = col.fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+                let lo = col.fold(f64::INFINITY, |m, &x| m.min(x));
+                if hi >= lo {
+                    hi - lo
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let (mut do_max, mut do_l1, mut gamma) = (0.0f64, 0.0f64, 0.0f64);
+        let mut colmax = vec![0.0f64; dv];
+        for row in dout.rows() {
+            let (mut l1, mut g) = (0.0, 0.0);
+            for (c, &x) in row.iter().enumerate() {
+                let a = x.abs();
+                l1 += a;
+                g += a * range[c];
+                colmax[c] = colmax[c].max(a);
+            }
+            do_l1 = do_l1.max(l1);
+            gamma = gamma.max(g);
+        }
+        colmax.iter().for_each(|&m| do_max = do_max.max(m));
+        let slack = 1.0 + 64.0 * U * (support.len() + dv + 4) as f64;
+        GradBounds {
+            do_max,
+            do_l1: do_l1 * slack,
+            do_colsum: colmax.iter().sum::<f64>() * slack,
+            gamma: gamma * slack,
+            kw: kw * slack,
+            qw: qw * slack,
+            qk: qk * slack,
+            rq: rq_l.iter().fold(0.0, |m: f64, &x| m.max(x)) * slack,
+            rk: rk_l.iter().fold(0.0, |m: f64, &x| m.max(x)) * slack,
+        }
+    }
+
+    /// The element-wise worst of two bounds (one plan for several heads).
+    pub fn worst(&self, o: &GradBounds) -> GradBounds {
+        GradBounds {
+            do_max: self.do_max.max(o.do_max),
+            do_l1: self.do_l1.max(o.do_l1),
+            do_colsum: self.do_colsum.max(o.do_colsum),
+            gamma: self.gamma.max(o.gamma),
+            kw: self.kw.max(o.kw),
+            qw: self.qw.max(o.qw),
+            qk: self.qk.max(o.qk),
+            rq: self.rq.max(o.rq),
+            rk: self.rk.max(o.rk),
+        }
+    }
+
+    /// Every bound of `self` within those of `plan`.
+    pub fn within(&self, plan: &GradBounds) -> bool {
+        self.do_max <= plan.do_max
+            && self.do_l1 <= plan.do_l1
+            && self.do_colsum <= plan.do_colsum
+            && self.gamma <= plan.gamma
+            && self.kw <= plan.kw
+            && self.qw <= plan.qw
+            && self.qk <= plan.qk
+            && self.rq <= plan.rq
+            && self.rk <= plan.rk
+    }
+
+    /// Bounds for a unit `dout` (every entry at most 1 in magnitude), for plans made before
+    /// `dout` is known: `Γ <= Σ_c range_c <= 2 dv max|v|`.
+    pub fn unit_dout(&self, dv: usize, v_max: f64) -> GradBounds {
+        let dvf = dv as f64;
+        GradBounds {
+            do_max: 1.0,
+            do_l1: dvf,
+            do_colsum: dvf,
+            gamma: 2.0 * dvf * v_max,
+            ..*self
+        }
+    }
+}
+
+/// Sums of `P` along columns and diagonals, up to the factor `e^{2R}` (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct FactorStats {
+    /// `>= max_j Σ_i F_ij / mass_i`.
+    pub col: f64,
+    /// `>= max_g F(g) Σ_{i on diagonal g} 1 / mass_i`.
+    pub diag: f64,
+    /// `max_g F(g)`.
+    pub fmax: f64,
+}
+
+impl FactorStats {
+    /// From the mask/bias factor (`nq + nk - 1` diagonals): one Toeplitz product by FFT (with its
+    /// rounding bound added) and prefix sums.
+    pub fn new(nq: usize, nk: usize, factor: &[f64]) -> Result<Self> {
+        if nq == 0 || nk == 0 {
+            return Ok(FactorStats::default());
+        }
+        let masses = row_masses(nq, nk, factor);
+        let x: Vec<f64> = masses
+            .iter()
+            .map(|&m| {
+                if m > 0.0 {
+                    (1.0 / m) * (1.0 + 2.0 * U)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let plan = ToeplitzPlanner::new().plan(nq, nk)?;
+        let col = plan.matvec_transposed(factor, &x, &mut plan.make_scratch())?;
+        let eps_f = fft_relative_error(plan.fft_len());
+        let (f1, f2) = (
+            factor.iter().sum::<f64>(),
+            factor.iter().map(|f| f * f).sum::<f64>().sqrt(),
+        );
+        let (x1, x2) = (
+            x.iter().sum::<f64>(),
+            x.iter().map(|f| f * f).sum::<f64>().sqrt(),
+        );
+        let slack = 1.01 * (eps_f * f2 * x1 + (2.0 * eps_f + 5.0 * U) * f1 * x2);
+        let col_max = col.iter().fold(0.0f64, |m, &c| m.max(c)) * (1.0 + 4.0 * U) + slack;
+        // Diagonal g holds rows max(0, nq-1-g) ..= min(nq-1, nq-1-g+nk-1).
+        let mut prefix = Vec::with_capacity(nq + 1);
+        prefix.push(0.0);
+        let mut acc = 0.0;
+        for xi in &x {
+            acc += xi;
+            prefix.push(acc);
+        }
+        let pslack = (2 * nq + 4) as f64 * U * acc;
+        let mut diag = 0.0f64;
+        for (g, &f) in factor.iter().enumerate() {
+            if f > 0.0 {
+                let lo = (nq - 1).saturating_sub(g);
+                let hi = (nq - 1).min(nq + nk - 2 - g);
+                if hi + 1 > lo {
+                    let s = (prefix[hi + 1] - prefix[lo]).max(0.0) + pslack;
+                    diag = diag.max(f * s * (1.0 + 4.0 * U));
+                }
+            }
+        }
+        let fmax = factor.iter().fold(0.0f64, |m, &f| m.max(f));
+        Ok(FactorStats {
+            col: col_max,
+            diag,
+            fmax,
+        })
+    }
+
+    pub fn worst(&self, o: &FactorStats) -> FactorStats {
+        FactorStats {
+            col: self.col.max(o.col),
+            diag: self.diag.max(o.diag),
+            fmax: self.fmax.max(o.fmax),
+        }
+    }
+
+    pub fn within(&self, plan: &FactorStats) -> bool {
+        self.col <= plan.col && self.diag <= plan.diag && self.fmax <= plan.fmax
+    }
+}
+
+/// Upper bounds on the column and diagonal sums of the true `P = A / l` over visible pairs:
+/// `col >= max_j Σ_i P_ij`, `diag >= max_g Σ_{i-j: g} P_ij` (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct PSums {
+    pub col: f64,
+    pub diag: f64,
+}
+
+impl PSums {
+    /// From the mask/bias factor alone: `P_ij <= e^{2R} F_ij / mass_i`.
+    pub fn from_factor(fs: &FactorStats, r: f64) -> Self {
+        let e2r = (2.0 * r).exp() * (1.0 + 8.0 * U);
+        PSums {
+            col: e2r * fs.col,
+            diag: e2r * fs.diag,
+        }
+    }
+
+    /// From one head's data, in `O(|S| N log N)`: Jensen's inequality with the tangent of `exp`
+    /// at the row's `F`-weighted mean score `c_i` gives `l_i >= L_i = e^{c_i} (mass_i (1 - c_i)
+    /// + Σ_j F_ij M_ij)` (valid for any `c_i`; at least `e^{-R} mass_i`), and the chord of `exp`
+    /// on `[-R, R]` gives `e^{M} <= cosh R + M sinh(R)/R`; so
+    /// `Σ_i P_ij <= Σ_i F_ij (cosh R + M_ij sinh(R)/R) / L_i` and the same along diagonals. The
+    /// sums `Σ_j F_ij M_ij`, `Σ_i F_ij M_ij / L_i` and `Σ_{diag} M_ij / L_i` are `|S|` Toeplitz
+    /// products each (FFT, with their normwise rounding bounds added). Never larger than
+    /// [`PSums::from_factor`] (the smaller of the two is kept).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_data(
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        scale: f64,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        r: f64,
+        fs: &FactorStats,
+        want_diag: bool,
+    ) -> Result<Self> {
+        let fallback = PSums::from_factor(fs, r);
+        let (nq, nk) = (q.nrows(), k.nrows());
+        if nq == 0 || nk == 0 || !r.is_finite() {
+            return Ok(fallback);
+        }
+        let glen = nq + nk - 1;
+        let tp = ToeplitzPlanner::new().plan(nq, nk)?;
+        let eps_f = fft_relative_error(tp.fft_len());
+        let mut ws = tp.make_scratch();
+        let n1 = |x: &[f64]| x.iter().map(|v| v.abs()).sum::<f64>();
+        let n2 = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // Normwise error of one FFT Toeplitz product (certify.rs's model, one pair).
+        let prod_err = |c: &[f64], y: &[f64]| {
+            1.01 * (eps_f * n2(c) * n1(y) + (2.0 * eps_f + 5.0 * U) * n1(c) * n2(y))
+        };
+        let sc = scale.abs();
+        let ns = support.len();
+        let d = q.ncols();
+        let kcol: Vec<Vec<f64>> = (0..d).map(|l| k.column(l).to_vec()).collect();
+        let qcol: Vec<Vec<f64>> = (0..d).map(|l| q.column(l).to_vec()).collect();
+        let fw: Vec<Vec<f64>> = (0..ns)
+            .map(|s| factor.iter().zip(seqs.row(s)).map(|(f, w)| f * w).collect())
+            .collect();
+        let units = (ns + 6) as f64 * U;
+        // S_i = Σ_j F_ij M_ij and its error bound.
+        let (mut sv, mut se, mut sa) = (vec![0.0; nq], vec![0.0; nq], vec![0.0; nq]);
+        for (s, &(l1, l2)) in support.iter().enumerate() {
+            let z = tp.matvec(&fw[s], &kcol[l2], &mut ws)?;
+            let e = prod_err(&fw[s], &kcol[l2]);
+            for i in 0..nq {
+                let qi = qcol[l1][i];
+                sv[i] += scale * qi * z[i];
+                se[i] += sc * qi.abs() * e;
+                sa[i] += sc * (qi * z[i]).abs();
+            }
+        }
+        // Row masses: lower bounds (row_masses) and upper bounds (prefix sums plus slack).
+        let lo = row_masses(nq, nk, factor);
+        let mut prefix = Vec::with_capacity(glen + 1);
+        prefix.push(0.0);
+        let mut acc = 0.0;
+        for f in factor {
+            acc += f;
+            prefix.push(acc);
+        }
+        let slack = (2 * glen + 2) as f64 * U * acc;
+        let (cr, sr) = (
+            r.cosh() * (1.0 + 4.0 * U),
+            if r > 0.0 {
+                r.sinh() / r * (1.0 + 4.0 * U)
+            } else {
+                1.0
+            },
+        );
+        let x: Vec<f64> = (0..nq)
+            .map(|i| {
+                if lo[i] <= 0.0 {
+                    return 0.0;
+                }
+                let g0 = nq - 1 - i;
+                let hi = prefix[g0 + nk] - prefix[g0] + slack;
+                let base = (-r).exp() * lo[i] * (1.0 - 8.0 * U);
+                let c = (sv[i] / hi).clamp(-r, r);
+                let m = if c <= 1.0 { lo[i] } else { hi };
+                let inner = m * (1.0 - c) + sv[i] - se[i] - units * (sa[i] + (m * (1.0 - c)).abs());
+                let jensen = c.exp() * inner * (1.0 - 8.0 * U);
+                (1.0 / base.max(jensen)) * (1.0 + 4.0 * U)
+            })
+            .collect();
+        // Column sums.
+        let t0 = tp.matvec_transposed(factor, &x, &mut ws)?;
+        let e0 = prod_err(factor, &x);
+        let (mut t1, mut e1) = (vec![0.0; nk], 0.0);
+        for (s, &(l1, l2)) in support.iter().enumerate() {
+            let qx: Vec<f64> = qcol[l1].iter().zip(&x).map(|(a, b)| a * b).collect();
+            let z = tp.matvec_transposed(&fw[s], &qx, &mut ws)?;
+            let kmax = kcol[l2].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            e1 += sc * kmax * prod_err(&fw[s], &qx);
+            for j in 0..nk {
+                t1[j] += scale * kcol[l2][j] * z[j];
+            }
+            // The summation's rounding, relative to the magnitudes.
+            e1 += units * sc * kmax * z.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        }
+        let col = (0..nk)
+            .map(|j| cr * (t0[j] + e0) + sr * (t1[j] + e1))
+            .fold(0.0f64, f64::max)
+            * (1.0 + 8.0 * U);
+        let mut out = PSums {
+            col: col.min(fallback.col),
+            diag: fallback.diag,
+        };
+        if want_diag {
+            // Σ_{i on g} x_i by prefix sums; Σ_{diag g} M_ij x_i = scale Σ_s w_s(g) diagsum(q x, k).
+            let mut px = Vec::with_capacity(nq + 1);
+            px.push(0.0);
+            let mut a = 0.0;
+            for xi in &x {
+                a += xi;
+                px.push(a);
+            }
+            let pslack = (2 * nq + 4) as f64 * U * a;
+            let mut dm = vec![0.0; glen];
+            let mut de = vec![0.0; glen];
+            for (s, &(l1, l2)) in support.iter().enumerate() {
+                let qx: Vec<f64> = qcol[l1].iter().zip(&x).map(|(a, b)| a * b).collect();
+                let z = tp.diagonal_sums(&qx, &kcol[l2], &mut ws)?;
+                let (a1, a2, b1, b2) = (n1(&qx), n2(&qx), n1(&kcol[l2]), n2(&kcol[l2]));
+                let e = 1.01 * ((3.0 * eps_f + 5.0 * U) * a2 * b2 + eps_f * (a1 * b2).min(a2 * b1));
+                let zmax = z.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                for g in 0..glen {
+                    let w = seqs[[s, g]];
+                    dm[g] += scale * w * z[g];
+                    de[g] += sc * w.abs() * (e + units * zmax);
+                }
+            }
+            let mut diag = 0.0f64;
+            for (g, &f) in factor.iter().enumerate() {
+                if f > 0.0 {
+                    let ilo = (nq - 1).saturating_sub(g);
+                    let ihi = (nq - 1).min(nq + nk - 2 - g);
+                    if ihi + 1 > ilo {
+                        let xs = (px[ihi + 1] - px[ilo]).max(0.0) + pslack;
+                        diag = diag.max(f * (cr * xs + sr * (dm[g] + de[g])));
+                    }
+                }
+            }
+            out.diag = (diag * (1.0 + 8.0 * U)).min(fallback.diag);
+        }
+        Ok(out)
+    }
+
+    pub fn worst(&self, o: &PSums) -> PSums {
+        PSums {
+            col: self.col.max(o.col),
+            diag: self.diag.max(o.diag),
+        }
+    }
+
+    pub fn within(&self, plan: &PSums) -> bool {
+        self.col <= plan.col && self.diag <= plan.diag
+    }
+}
+
+/// `ρ'`: relative error of `p'` against `e^x` on `[-r, r]` (`1` or more for degree 0).
+pub fn derivative_rho(coeffs: &[f64], r: f64) -> f64 {
+    let d = derivative_coeffs(coeffs);
+    certify(&d, r)
+}
+
+/// `Σ_t |c_t| x^t` for `x >= 0`.
+pub fn abs_eval(coeffs: &[f64], x: f64) -> f64 {
+    coeffs
+        .iter()
+        .rev()
+        .fold(0.0, |acc, &c| acc * x.abs() + c.abs())
+}
+
+/// Coefficients of `p'` (`[0]` for a constant).
+pub fn derivative_coeffs(coeffs: &[f64]) -> Vec<f64> {
+    if coeffs.len() <= 1 {
+        return vec![0.0];
+    }
+    (1..coeffs.len()).map(|t| t as f64 * coeffs[t]).collect()
+}
+
+/// `Σ_t t |c_t| x^{t-1}` for `x >= 0`.
+pub fn abs_derivative_eval(coeffs: &[f64], x: f64) -> f64 {
+    let d = derivative_coeffs(coeffs);
+    d.iter().rev().fold(0.0, |acc, &c| acc * x.abs() + c.abs())
+}
+
+/// The approximation errors (distance of the exact gradient of the approximate forward to the
+/// true gradient), and bounds on each gradient's magnitude (for float32 output rounding).
+pub fn approximation_errors(rho: f64, rho_d: f64, gb: &GradBounds, ps: &PSums) -> (Grad5, Grad5) {
+    if !(rho < 1.0 && rho_d.is_finite()) || rho.is_nan() {
+        return (Grad5::splat(f64::INFINITY), Grad5::splat(f64::INFINITY));
+    }
+    let kappa = 2.0 * rho / (1.0 - rho);
+    let kappa_d = (rho + rho_d) / (1.0 - rho);
+    let sigma = kappa_d + (1.0 + kappa_d) * kappa / 2.0;
+    let sigma_b = kappa + (1.0 + kappa) * kappa / 2.0;
+    let (cp, dp) = (ps.col, ps.diag);
+    let approx = Grad5 {
+        dq: sigma * gb.gamma * gb.kw,
+        dk: sigma * gb.gamma * gb.qw * cp,
+        dv: kappa * gb.do_max * cp,
+        dw: sigma * gb.gamma * gb.qk * dp,
+        db: sigma_b * gb.gamma * dp,
+    };
+    let mu = (1.0 + kappa_d) * (1.0 + kappa / 2.0);
+    let mag = Grad5 {
+        dq: mu * gb.gamma * gb.kw,
+        dk: mu * gb.gamma * gb.qw * cp,
+        dv: (1.0 + kappa) * gb.do_max * cp,
+        dw: mu * gb.gamma * gb.qk * dp,
+        db: (1.0 + kappa) * (1.0 + kappa / 2.0) * gb.gamma * dp,
+    };
+    (approx.zip(approx, |a, _| a * 1.001), mag)
+}
+
+/// The per-unit-column FFT rounding terms of one head (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct RoundingTerms {
+    pub e: f64,
+    pub e_y: f64,
+    pub e_tv: f64,
+    pub e_tk: f64,
+    /// `max_s scale Σ_{p'} ||C'_{p'}||_∞ errH_{p'+s}` divided by `AB`.
+    pub w_fft: f64,
+    /// `Σ_p ||C_p||_∞ errH_p` divided by `AB`.
+    pub b_fft: f64,
+    /// `min(nq, nk) Pabs'` for the dw contraction, and `min(nq, nk) Pabs` for db.
+    pub w_arith: f64,
+    pub b_arith: f64,
+    /// Number of `u`s in the contraction rounding of dw and db.
+    pub w_units: f64,
+    pub b_units: f64,
+}
+
+/// The rounding share of each gradient's certificate from the per-unit-column terms.
+#[allow(clippy::too_many_arguments)]
+pub fn rounding_errors(
+    t: &RoundingTerms,
+    rho: f64,
+    rho_d: f64,
+    r: f64,
+    fb: &FastBounds,
+    gb: &GradBounds,
+    ps: &PSums,
+    dv: usize,
+) -> Grad5 {
+    if fb.min_row_mass == f64::INFINITY {
+        return Grad5::default(); // no visible row: every gradient is exactly 0
+    }
+    let l = (1.0 - rho) * (-r).exp() * fb.min_row_mass;
+    let e = t.e;
+    if rho.is_nan() || rho >= 1.0 || e.is_nan() || e >= 0.5 * l {
+        return Grad5::splat(f64::INFINITY);
+    }
+    let v = fb.v_max;
+    let le = l - e;
+    let e_o = 2.0 * e * v / le;
+    let kappa = 2.0 * rho / (1.0 - rho);
+    let (cp, dp) = (ps.col, ps.diag);
+    let dvf = dv as f64;
+    let cq = (1.0 + rho_d) / (1.0 - rho) * gb.kw;
+    let ck = (1.0 + rho_d) / (1.0 - rho) * gb.qw;
+    let theta = 2.0 * v * e / le + (e_o + dvf * U * v) * l / le;
+    let ab = (v * gb.do_colsum + gb.do_l1 * (v + e_o)) / le;
+    let dq = gb.do_l1 * (2.0 * v * t.e_y + cq * e_o * l) / le
+        + cq * gb.gamma * (1.0 + kappa / 2.0) * e / le
+        + (dvf + 8.0) * U * cq * gb.do_l1 * (2.0 * v + e_o) * l / le;
+    let dvv = gb.do_max * (1.0 + kappa) * cp * e / le + t.e_tv * gb.do_max / le;
+    let dk = ck * theta * gb.do_l1 * cp + t.e_tk * ab + (dvf + 4.0) * U * ck * cp * l * ab;
+    let dw = theta * gb.do_l1 * (1.0 + rho_d) / (1.0 - rho) * gb.qk * dp
+        + ab * t.w_fft
+        + t.w_units * U * ab * t.w_arith;
+    let db = theta * gb.do_l1 * (1.0 + rho) / (1.0 - rho) * dp
+        + ab * t.b_fft
+        + t.b_units * U * ab * t.b_arith;
+    let out = Grad5 {
+        dq,
+        dk,
+        dv: dvv,
+        dw,
+        db,
+    };
+    out.zip(
+        out,
+        |a, _| if a.is_nan() { f64::INFINITY } else { 1.01 * a },
+    )
+}
+
+/// Norms of the monomials of one head, for [`data_terms`].
+pub struct MonomialNorms<'a> {
+    /// Per `α`: `max |q^α|`.
+    pub q_max: &'a [f64],
+    /// Per `α`: `||q^α||_1, ||q^α||_2, max|q^α|`.
+    pub q_norms: &'a [BetaNorms],
+    /// Per `β`: `||k^β||_1, ||k^β||_2, max|k^β|`.
+    pub k_norms: &'a [BetaNorms],
+    /// Per `l`, per `α`: `α_l max|q^{α-e_l}|` (0 when `α_l = 0`).
+    pub dq_max: &'a [Vec<f64>],
+    /// Per `l`, per `β`: `β_l max|k^{β-e_l}|`.
+    pub dk_max: &'a [Vec<f64>],
+}
+
+/// The generic per-unit-column estimate of [`super::certify::data_rounding`], for products whose
+/// outputs are indexed by `out` (multiplied by `out_max[out]`) and inputs by `inp`
+/// (`in_norms[inp]`), with `groups[out]` the pairs contributing to output `out`.
+#[allow(clippy::too_many_arguments)]
+fn product_rounding(
+    e: &Expansion,
+    pair_norms: &[PairNorms],
+    groups: &[Vec<usize>],
+    pair_in: impl Fn(usize) -> usize,
+    out_max: &[f64],
+    in_norms: &[BetaNorms],
+    n_out: usize,
+    fft_len: usize,
+) -> f64 {
+    let eps_f = fft_relative_error(fft_len);
+    let g = e.degree as f64;
+    let mut total = 0.0;
+    for (o, pairs) in groups.iter().enumerate() {
+        if out_max[o] == 0.0 {
+            continue;
+        }
+        let nb = pairs.len() as f64;
+        let mut sum = 0.0;
+        for &p in pairs {
+            let [c1, c2, cabs] = pair_norms[p];
+            let [k1, k2, kinf] = in_norms[pair_in(p)];
+            let tp = e.terms_of_pair(p) as f64;
+            sum += eps_f * c2 * k1
+                + (2.0 * eps_f + (3.0 + 2.0 * nb) * U) * c1 * k2
+                + ((g + 3.0 + tp) * U * cabs + (2.0 * g + 3.0 + n_out as f64) * U * c1) * kinf;
+        }
+        total += out_max[o] * sum;
+    }
+    1.01 * total
+}
+
+/// Everything of the expansion the data certificate needs, built with the kernel.
+pub struct KernelNorms<'a> {
+    pub e: &'a Expansion,
+    /// Per pair: `||C||_1, ||C||_2`, term mass.
+    pub pair_norms: &'a [PairNorms],
+    /// Per pair: `||C||_∞`.
+    pub pair_inf: &'a [f64],
+    /// Pairs grouped by `α` and by `β`.
+    pub by_alpha: &'a [Vec<usize>],
+    pub by_beta: &'a [Vec<usize>],
+    /// Derivative expansion (dw): per pair `p'`, `||C'_{p'}||_∞`, and `links[p' |S| + s]` the pair
+    /// `(α'+e_{l1_s}, β'+e_{l2_s})` of the expansion.
+    pub d_inf: &'a [f64],
+    pub links: &'a [usize],
+    pub d_pairs: usize,
+    pub d_max_terms: usize,
+    pub ns: usize,
+    pub fft_len: usize,
+    pub nq: usize,
+    pub nk: usize,
+    pub scale: f64,
+    /// Number of `(head, column)` spectra accumulated into each correlation.
+    pub h_terms: usize,
+}
+
+/// The rounding terms of one head from its measured norms.
+pub fn data_terms(
+    kn: &KernelNorms,
+    m: &MonomialNorms,
+    coeffs: &[f64],
+    r_abs: f64,
+    gb: &GradBounds,
+    want: Want,
+) -> RoundingTerms {
+    let e = kn.e;
+    let (na, nb) = (e.alphas.len(), e.betas.len());
+    let n = kn.fft_len;
+    let beta_of = |p: usize| e.pairs[p].beta;
+    let alpha_of = |p: usize| e.pairs[p].alpha;
+    let kmax: Vec<f64> = m.k_norms.iter().map(|x| x[2]).collect();
+    let rt = |out_max: &[f64], transposed: bool| {
+        if transposed {
+            product_rounding(
+                e,
+                kn.pair_norms,
+                kn.by_beta,
+                alpha_of,
+                out_max,
+                m.q_norms,
+                nb,
+                n,
+            )
+        } else {
+            product_rounding(
+                e,
+                kn.pair_norms,
+                kn.by_alpha,
+                beta_of,
+                out_max,
+                m.k_norms,
+                na,
+                n,
+            )
+        }
+    };
+    let e0 = rt(m.q_max, false);
+    let e_y = m.dq_max.iter().map(|x| rt(x, false)).fold(0.0, f64::max);
+    let e_tv = rt(&kmax, true);
+    let e_tk = m.dk_max.iter().map(|x| rt(x, true)).fold(0.0, f64::max);
+    let eps_f = fft_relative_error(n);
+    let mut t = RoundingTerms {
+        e: e0,
+        e_y,
+        e_tv,
+        e_tk,
+        ..Default::default()
+    };
+    if want.dw || want.db {
+        let cu = (2.0 * eps_f + (4.0 + 2.0 * kn.h_terms as f64) * U) * 1.01;
+        let err_h: Vec<f64> = e
+            .pairs
+            .iter()
+            .map(|p| {
+                let ([q1, q2, _], [k1, k2, _]) = (m.q_norms[p.alpha], m.k_norms[p.beta]);
+                cu * q2 * k2 + eps_f * (q1 * k2).min(q2 * k1)
+            })
+            .collect();
+        let mn = kn.nq.min(kn.nk) as f64;
+        let g = e.degree as f64;
+        if want.db {
+            t.b_fft = kn
+                .pair_inf
+                .iter()
+                .zip(&err_h)
+                .map(|(c, h)| c * h)
+                .sum::<f64>();
+            t.b_arith = mn * abs_eval(coeffs, r_abs);
+            let mt = e.counts().max_terms_per_pair as f64;
+            t.b_units = e.pairs.len() as f64 + 2.0 * g + 8.0 + mt;
+        }
+        if want.dw && kn.d_pairs > 0 {
+            let mut w = 0.0f64;
+            for s in 0..kn.ns {
+                let sum: f64 = (0..kn.d_pairs)
+                    .map(|pd| kn.d_inf[pd] * err_h[kn.links[pd * kn.ns + s]])
+                    .sum();
+                w = w.max(sum);
+            }
+            t.w_fft = kn.scale.abs() * w;
+            t.w_arith = mn * gb.qk * abs_derivative_eval(coeffs, r_abs);
+            t.w_units = kn.d_pairs as f64 + 2.0 * g + 8.0 + kn.d_max_terms as f64;
+        }
+    }
+    t
+}
+
+/// The a-priori rounding terms from bounds only (the plan's certificate): every monomial and
+/// kernel norm replaced by `Σ_t |c_t| R_abs^t`-type bounds of the expanded terms.
+#[allow(clippy::too_many_arguments)]
+pub fn apriori_terms(
+    coeffs: &[f64],
+    fb: &FastBounds,
+    gb: &GradBounds,
+    fs: &FactorStats,
+    counts: &super::expansion::ExpansionCounts,
+    d_counts: Option<&super::expansion::ExpansionCounts>,
+    nq: usize,
+    nk: usize,
+    fft_len: usize,
+    cols: usize,
+    want: Want,
+) -> RoundingTerms {
+    let eps_f = fft_relative_error(fft_len);
+    let g = coeffs.len().saturating_sub(1);
+    let p_abs = abs_eval(coeffs, fb.r_abs);
+    let pd_abs = abs_derivative_eval(coeffs, fb.r_abs);
+    let (f1, f2) = (fb.factor_sum, fb.factor_norm2);
+    let (nqf, nkf) = (nq as f64, nk as f64);
+    // Spectra summed before one inverse FFT: at most max(n_α, n_β) in either direction.
+    let n_acc = counts.n_alpha.max(counts.n_beta) as f64;
+    let base = |p: f64, n_in: f64, n_out: usize| {
+        1.01 * p
+            * (eps_f * f2 * n_in
+                + (2.0 * eps_f + (3.0 + 2.0 * n_acc) * U) * f1 * n_in.sqrt()
+                + (3 * g + 4 + n_out + counts.max_terms_per_pair) as f64 * U * f1)
+    };
+    let mut t = RoundingTerms {
+        e: base(p_abs, nkf, counts.n_alpha),
+        e_y: base(pd_abs * gb.rq, nkf, counts.n_alpha),
+        e_tv: base(p_abs, nqf, counts.n_beta),
+        e_tk: base(pd_abs * gb.rk, nqf, counts.n_beta),
+        ..Default::default()
+    };
+    let cu = (2.0 * eps_f + (4.0 + 2.0 * cols as f64) * U) * 1.01;
+    let h = cu * (nqf * nkf).sqrt() + eps_f * (nqf * nkf.sqrt()).min(nqf.sqrt() * nkf);
+    let mn = nqf.min(nkf);
+    if want.db {
+        t.b_fft = p_abs * fs.fmax.max(1.0) * h;
+        t.b_arith = mn * p_abs;
+        t.b_units = counts.n_pairs as f64 + 2.0 * g as f64 + 8.0 + counts.max_terms_per_pair as f64;
+    }
+    if want.dw {
+        if let Some(dc) = d_counts {
+            t.w_fft = gb.qk * pd_abs * fs.fmax.max(1.0) * h;
+            t.w_arith = mn * gb.qk * pd_abs;
+            t.w_units = dc.n_pairs as f64 + 2.0 * g as f64 + 8.0 + dc.max_terms_per_pair as f64;
+        }
+    }
+    t
+}

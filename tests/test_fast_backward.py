@@ -1,0 +1,316 @@
+"""The fast backward (issue #4): ``attention_grad(..., eps, method="fast" | "auto")``.
+
+Every gradient the fast backward returns must be within ``eps`` of the exact gradient (the NumPy
+reference) on every entry, and within the per-gradient bound the native certificate states —
+for every position-matrix form, masks, biases, offsets, GQA and both dtypes.  The design is
+"the exact gradient of the approximate forward": central finite differences of that forward (a
+fixed Taylor polynomial, so it is one smooth function) must match the returned gradients.
+Sizes stay small (n <= ~300).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastrope
+from fastrope import _fastrope as native
+from fastrope import reference
+from fastrope._api import prepare
+
+EPS = (1e-2, 1e-4, 1e-6)
+FORMS = ("rotary", "rotary-half", "blockw", "sparse", "dense")
+GRADS = ("dq", "dk", "dv", "dw", "dbias")
+
+
+def bounded(rng, shape, scale=0.5, dtype=np.float64):
+    return (rng.uniform(-1, 1, shape) * scale).astype(dtype)
+
+
+def make_w(form: str, rng, L: int, d: int, lead=(), dtype=np.float64):
+    rows = 2 * L - 1
+    if form == "rotary":
+        return fastrope.Rotary()
+    if form == "rotary-half":
+        return fastrope.Rotary(layout="half", base=500.0)
+    if form == "blockw":
+        return fastrope.BlockW(rng.uniform(-0.6, 0.6, lead + (rows, d // 2, 2, 2)).astype(dtype))
+    if form == "sparse":
+        support = np.array([[0, 0], [0, 1], [1, 1], [d - 1, 0]])
+        return fastrope.SparseW(support, rng.uniform(-0.8, 0.8, lead + (rows, 4)).astype(dtype))
+    if form == "dense":
+        return rng.uniform(-0.4, 0.4, lead + (rows, d, d)).astype(dtype)
+    raise AssertionError(form)
+
+
+def grads_or_refusal(q, k, v, w, dout, eps, method="fast", **kw):
+    """The fast gradients, or None when the fast backward cannot certify ``eps`` (allowed)."""
+    try:
+        return fastrope.attention_grad(q, k, v, w, dout, eps, method=method, **kw)
+    except fastrope.ApproximationError as e:
+        assert "method='fast'" in str(e) or "fast backward" in str(e), str(e)
+        return None
+
+
+def errors(got, ref) -> dict:
+    out = {}
+    for name, a, b in zip(GRADS, got, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.shape == b.shape and a.dtype == got.dq.dtype, name
+            out[name] = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+    return out
+
+
+def native_certificate(q, k, v, w, dout, eps, **kw) -> dict:
+    """The per-gradient certified bounds of the run (sums over heads), via the native binding."""
+    call = prepare(q, k, v, w, full_dense_support=True, **kw)
+    b, hq, hk, nq, nk, d, dv = call.shape
+    dout4 = np.ascontiguousarray(dout.reshape(b, hq, nq, dv), dtype=call.dtype)
+    res = native.fast_backward(
+        call.q4, call.k4, call.v4, dout4, **call.native_args(), eps=eps,
+        want_dw=call.values is not None, want_dbias=call.bias is not None,
+        max_terms=1_000_000, max_degree=40, memory_limit=8 << 30, run=True, num_threads=None,
+    )  # fmt: skip
+    return res[7]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("eps", EPS)
+def test_every_gradient_within_eps_and_its_certificate(form, eps):
+    rng = np.random.default_rng(abs(hash((form, eps))) % 2**32)
+    nq, nk, d, dv = 37, 53, 2 if form == "dense" else 4, 3
+    L = nq + nk
+    q, k = bounded(rng, (2, nq, d)), bounded(rng, (2, nk, d))
+    v = rng.standard_normal((2, nk, dv))
+    dout = rng.uniform(-1, 1, (2, nq, dv))
+    w = make_w(form, rng, L, d)
+    got = grads_or_refusal(q, k, v, w, dout, eps)
+    if eps >= 1e-4:
+        assert got is not None, "R ~ 1 with eps >= 1e-4 must be certifiable"
+    if got is None:
+        return
+    ref = reference.attention_grad(q, k, v, w, dout)
+    err = errors(got, ref)
+    assert max(err.values()) <= eps, err
+    cert = native_certificate(q, k, v, w, dout, eps)["certified_run"]
+    for name, e in err.items():
+        assert e <= cert[name] <= eps, (name, e, cert)
+
+
+CASES = {
+    "causal": dict(causal=True),
+    "causal_bottom_right": dict(causal=True, q_offset=21),
+    "window": dict(window=(9, 4)),
+    "alibi": dict(bias="alibi"),
+    "causal_window_bias_offsets": dict(
+        causal=True, window=(30, 0), bias="random", q_offset=7, k_offset=3
+    ),
+    "gqa": dict(gqa=True),
+    "gqa_per_head_tables": dict(gqa=True, per_head=True, bias="random", causal=True),
+    "empty_rows": dict(causal=True, q_offset=-4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["rotary", "blockw", "sparse"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("eps", EPS)
+def test_masks_bias_offsets_gqa(form, case, eps):
+    c = dict(CASES[case])
+    rng = np.random.default_rng(abs(hash((form, case, eps))) % 2**32)
+    nq, nk, d, dv = 29, 40, 4, 2
+    hq, hk = (4, 2) if c.pop("gqa", False) else (2, 2)
+    per_head = c.pop("per_head", False)
+    q = bounded(rng, (hq, nq, d))
+    k = bounded(rng, (hk, nk, d))
+    v = rng.standard_normal((hk, nk, dv))
+    dout = rng.uniform(-1, 1, (hq, nq, dv))
+    L = nq + nk + abs(c.get("q_offset", 0)) + abs(c.get("k_offset", 0))
+    lead = (hq,) if per_head else ()
+    w = make_w(form, rng, L, d, lead=lead)
+    kind = c.pop("bias", None)
+    if kind == "alibi":
+        c["bias"] = fastrope.alibi(hq, L)
+    elif kind == "random":
+        c["bias"] = rng.uniform(-1.0, 0.3, lead + (2 * L - 1,))
+    got = grads_or_refusal(q, k, v, w, dout, eps, **c)
+    if eps >= 1e-4 and case != "gqa_per_head_tables":
+        assert got is not None
+    if got is None:
+        return
+    ref = reference.attention_grad(q, k, v, w, dout, **c)
+    err = errors(got, ref)
+    assert max(err.values()) <= eps, err
+    if case == "empty_rows":
+        # Rows without a visible key get no gradient at all.
+        assert not got.dq[:, :4].any()
+
+
+@pytest.mark.parametrize("form", ["rotary", "blockw", "dense"])
+@pytest.mark.parametrize("eps", (1e-2, 1e-4))
+def test_float32(form, eps):
+    rng = np.random.default_rng(abs(hash((form, eps, "f32"))) % 2**32)
+    nq, nk, d, dv = 33, 33, 2, 3
+    f32 = np.float32
+    q, k = bounded(rng, (nq, d), dtype=f32), bounded(rng, (nk, d), dtype=f32)
+    v = rng.standard_normal((nk, dv)).astype(f32)
+    dout = rng.uniform(-1, 1, (nq, dv)).astype(f32)
+    w = make_w(form, rng, nq + nk, d, dtype=f32)
+    got = grads_or_refusal(q, k, v, w, dout, eps, bias=np.full(2 * (nq + nk) - 1, -0.1, f32))
+    assert got is not None
+    assert got.dq.dtype == f32 and got.dk.dtype == f32 and got.dv.dtype == f32
+    ref = reference.attention_grad(q, k, v, w, dout, bias=np.full(2 * (nq + nk) - 1, -0.1, f32))
+    err = errors(got, ref)
+    assert max(err.values()) <= eps, err
+
+
+def test_float32_eps_below_rounding_is_refused_or_met():
+    rng = np.random.default_rng(5)
+    q, k = bounded(rng, (20, 2), dtype=np.float32), bounded(rng, (20, 2), dtype=np.float32)
+    v = rng.standard_normal((20, 2)).astype(np.float32)
+    dout = rng.uniform(-1, 1, (20, 2)).astype(np.float32)
+    got = grads_or_refusal(q, k, v, fastrope.Rotary(), dout, 1e-8)
+    if got is not None:
+        ref = reference.attention_grad(q, k, v, fastrope.Rotary(), dout)
+        assert max(errors(got, ref).values()) <= 1e-8
+
+
+def _fixed_polynomial(q, k, v, w, dout, degree=6, **kw):
+    """Gradients and approximate forward with a fixed Taylor polynomial (test hook)."""
+    call = prepare(q, k, v, w, full_dense_support=True, **kw)
+    b, hq, hk, nq, nk, d, dv = call.shape
+    res = native.fast_backward(
+        call.q4, call.k4, call.v4, np.ascontiguousarray(dout.reshape(b, hq, nq, dv)),
+        **call.native_args(), eps=1e6, want_dw=call.values is not None,
+        want_dbias=call.bias is not None, max_terms=1_000_000, max_degree=40,
+        memory_limit=8 << 30, run=True, num_threads=None, poly=("taylor", degree, 2.0),
+    )  # fmt: skip
+    return res, call
+
+
+@pytest.mark.parametrize("form", ["rotary", "blockw", "sparse", "dense"])
+def test_gradient_of_the_approximate_forward_by_finite_differences(form):
+    rng = np.random.default_rng(abs(hash(("fd", form))) % 2**32)
+    nq, nk, d, dv = 11, 14, 2, 2
+    L = nq + nk + 3
+    q, k = bounded(rng, (nq, d), 0.8), bounded(rng, (nk, d), 0.8)
+    v = rng.standard_normal((nk, dv))
+    dout = rng.uniform(-1, 1, (nq, dv))
+    w = make_w(form, rng, L, d)
+    bias = rng.uniform(-0.5, 0.2, 2 * L - 1)
+    kw = dict(bias=bias, window=(8, 5), q_offset=2)
+    (dq, dk, dv_, dw3, db2, out, lse, info), call = _fixed_polynomial(q, k, v, w, dout, **kw)
+    assert info["degree"] == 6 and info["poly_kind"] == "taylor"
+
+    def loss(q_, k_, v_, w_, bias_):
+        res, _ = _fixed_polynomial(q_, k_, v_, w_, dout, bias=bias_, window=(8, 5), q_offset=2)
+        return float((res[5].reshape(nq, dv) * dout).sum())
+
+    h = 1e-6
+
+    def fd(x, idx, make):
+        a, b = x.copy(), x.copy()
+        a[idx] += h
+        b[idx] -= h
+        return (loss(*make(a)) - loss(*make(b))) / (2 * h)
+
+    def close(x, y, what):
+        assert abs(x - y) <= 1e-6 * (1 + abs(y)), (what, x, y)
+
+    for idx in [(0, 0), (5, 1), (10, 0)]:
+        close(fd(q, idx, lambda a: (a, k, v, w, bias)), dq.reshape(nq, d)[idx], "dq")
+    for idx in [(0, 1), (7, 0), (13, 1)]:
+        close(fd(k, idx, lambda a: (q, a, v, w, bias)), dk.reshape(nk, d)[idx], "dk")
+    for idx in [(2, 0), (13, 1)]:
+        close(fd(v, idx, lambda a: (q, k, a, w, bias)), dv_.reshape(nk, dv)[idx], "dv")
+    half = L - 1
+    for delta in (0, 3, -4):  # rows of the δ tables
+        row = delta + half
+        close(fd(bias, (row,), lambda a: (q, k, v, w, a)), db2.reshape(-1)[row], "dbias")
+        if form == "blockw":
+            blocks = w.blocks
+            idx = (row, 0, 1, 0)
+            got = dw3.reshape(blocks.shape)[idx]
+            close(fd(blocks, idx, lambda a: (q, k, v, fastrope.BlockW(a), bias)), got, "dw")
+        elif form == "sparse":
+            vals = w.values
+            idx = (row, 2)
+            got = dw3.reshape(vals.shape)[idx]
+            close(
+                fd(vals, idx, lambda a: (q, k, v, fastrope.SparseW(w.support, a), bias)), got, "dw"
+            )
+        elif form == "dense":
+            idx = (row, 1, 0)
+            got = dw3.reshape(2 * L - 1, d, d)[idx] if dw3.shape[-1] == d * d else None
+            assert got is not None
+            close(fd(w, idx, lambda a: (q, k, v, a, bias)), got, "dw")
+
+
+def test_fixed_polynomial_forward_is_the_fast_forward():
+    # The approximate forward the gradients belong to (returned by the binding) agrees with
+    # the fast forward when both use the same degree and kind.
+    rng = np.random.default_rng(7)
+    q, k = bounded(rng, (2, 40, 4)), bounded(rng, (2, 40, 4))
+    v, dout = rng.standard_normal((2, 40, 3)), rng.uniform(-1, 1, (2, 40, 3))
+    (dq, dk, dv, dw, db, out, lse, info), _ = _fixed_polynomial(q, k, v, fastrope.Rotary(), dout)
+    exact = fastrope.attention(q, k, v, fastrope.Rotary())
+    # Degree-6 Taylor on R ~ 1: the approximate output is close to the exact one.
+    assert np.abs(out.reshape(exact.shape) - exact).max() < 1e-3
+    ref = reference.attention_grad(q, k, v, fastrope.Rotary(), dout)
+    assert np.abs(dq.reshape(ref.dq.shape) - ref.dq).max() < 1e-2
+
+
+def test_planner_cost_model_and_refusals():
+    rng = np.random.default_rng(11)
+    q, k = bounded(rng, (64, 4)), bounded(rng, (64, 4))
+    v, dout = rng.standard_normal((64, 4)), rng.uniform(-1, 1, (64, 4))
+    w = fastrope.Rotary()
+    # Short sequence: exact is predicted cheaper, and auto follows the prediction.
+    p = fastrope.plan(q, k, v, w, 1e-3, backward=True)
+    assert p.method == "exact" and p.fast_flops and "predicted" in p.why
+    pf = fastrope.plan(q, k, v, w, 1e-3, backward=True, method="fast")
+    assert (
+        pf.method == "fast" and pf.degree >= fastrope.plan(q, k, v, w, 1e-3, method="fast").degree
+    )
+    assert pf.certified_error <= 1e-3 and pf.details["certified"]["dq"] <= 1e-3
+    g = fastrope.attention_grad(q, k, v, w, dout, 1e-3)  # auto: exact
+    ref = fastrope.attention_grad(q, k, v, w, dout)
+    assert np.array_equal(g.dq, ref.dq)
+    # eps = 0 and a tiny memory limit are refused up front with method="fast".
+    with pytest.raises(fastrope.ApproximationError):
+        fastrope.attention_grad(q, k, v, w, dout, 0.0, method="fast")
+    with pytest.raises(fastrope.ApproximationError, match="memory|max_working_bytes"):
+        fastrope.attention_grad(q, k, v, w, dout, 1e-3, method="fast", memory_limit=1 << 16)
+    # An eps no polynomial can certify: fast refuses, auto falls back to exact.
+    with pytest.raises(fastrope.ApproximationError):
+        fastrope.attention_grad(8 * q, 8 * k, v, w, dout, 1e-12, method="fast")
+    g = fastrope.attention_grad(8 * q, 8 * k, v, w, dout, 1e-12, method="auto")
+    assert np.allclose(g.dq, fastrope.attention_grad(8 * q, 8 * k, v, w, dout).dq)
+
+
+def test_long_sequence_plan_prefers_the_fast_backward():
+    # Shape-tuple plans (no data): a long small-head sequence where the fast backward wins.
+    p = fastrope.plan((1, 1 << 18, 2), (1, 1 << 18, 2), (1, 1 << 18, 2), fastrope.Rotary(), 1e-3,
+                      backward=True, bound_r=1.0, dtype=np.float64)  # fmt: skip
+    assert p.method == "fast", p.why
+    assert p.degree is not None and p.fast_seconds < p.exact_seconds
+    short = fastrope.plan((1, 256, 2), (1, 256, 2), (1, 256, 2), fastrope.Rotary(), 1e-3,
+                          backward=True, bound_r=1.0, dtype=np.float64)  # fmt: skip
+    assert short.method == "exact"
+
+
+def test_dv_zero_and_threads():
+    rng = np.random.default_rng(3)
+    q, k = bounded(rng, (30, 2)), bounded(rng, (30, 2))
+    v, dout = np.zeros((30, 0)), np.zeros((30, 0))
+    g = fastrope.attention_grad(q, k, v, fastrope.Rotary(), dout, 1e-3, method="fast")
+    assert g.dv.shape == (30, 0) and not g.dq.any()
+    v, dout = rng.standard_normal((30, 3)), rng.uniform(-1, 1, (30, 3))
+    a = fastrope.attention_grad(
+        q, k, v, fastrope.Rotary(), dout, 1e-4, method="fast", num_threads=1
+    )
+    b = fastrope.attention_grad(
+        q, k, v, fastrope.Rotary(), dout, 1e-4, method="fast", num_threads=2
+    )
+    for x, y in zip(a[:3], b[:3]):
+        assert np.array_equal(x, y)  # deterministic for any thread count
