@@ -272,3 +272,29 @@ def test_fast_method_through_the_adapter(rng):
     out.backward(_t(dout))
     for name, a, b in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), g):
         assert np.abs(a.numpy() - b).max() <= eps, name
+
+
+def test_w_none_equals_sdpa_forward_and_backward(rng):
+    """w=None is plain attention on the q, k given: SDPA's forward and gradients (GQA, causal),
+    and gradcheck through out and lse with a T5-style bias (positions only through the bias)."""
+    import torch.nn.functional as F
+
+    q, k, v = make_qkv(rng, (2, 4), 9, 9, 6, 5, group=2)
+    tq, tk, tv = _t(q, True), _t(k, True), _t(v, True)
+    out = ft.attention(tq, tk, tv, None, causal=True)
+    rq, rk, rv = _t(q, True), _t(k, True), _t(v, True)
+    ref = F.scaled_dot_product_attention(rq, rk, rv, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    dout = _t(rng.standard_normal(out.shape))
+    out.backward(dout)
+    ref.backward(dout)
+    for a, b in ((tq, rq), (tk, rk), (tv, rv)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=0)
+
+    q, k, v = make_qkv(rng, (2,), 4, 5, 3, 2)
+    bias = _t(make_bias(rng, 6, lead=(2,)), True)
+
+    def f(q, k, v, bias):
+        return ft.attention(q, k, v, None, bias=bias, q_offset=1, return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (_t(q, True), _t(k, True), _t(v, True), bias))

@@ -90,8 +90,11 @@ def test_non_array_inputs(bad) -> None:
     q, k, v = qkv()
     with pytest.raises(TypeError, match=r"^q\b"):
         fastrope.attention(bad, k, v, ROT)
+    if bad is None:  # w=None is plain dot-product attention (W_δ = I), not an error
+        assert fastrope.attention(q, k, v, None).shape == (2, 5, 3)
+        return
     with pytest.raises(TypeError, match=r"^w\b"):
-        fastrope.attention(q, k, v, bad if bad is not None else None)
+        fastrope.attention(q, k, v, bad)
 
 
 def test_bad_keyword_types() -> None:

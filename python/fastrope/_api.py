@@ -113,6 +113,8 @@ class Call:
     bias_index: Optional[np.ndarray]
     bias_shape: Optional[tuple]
     dv_padded: bool
+    # w=None with an odd d: q4/k4 carry one zero column more than the caller's q/k
+    d_padded: bool = False
     v_max_given: Optional[float] = None  # plan() on shape tuples: the caller's bound on |v|
 
     @property
@@ -277,7 +279,18 @@ def prepare(
             _check_finite(x, name)
 
     rotary = support = values = w_index = w_restore = None
-    if isinstance(w, Rotary):
+    d_padded = False
+    if w is None:
+        # Plain dot-product attention (W_δ = I: q and k already rotated, or a bias-only model
+        # such as T5 or ALiBi): a Rotary with every frequency 0, so the GEMM path runs. An odd d
+        # gets a zero column on q and k (it adds nothing to any score), dropped from dq and dk.
+        if d % 2:
+            d_padded = True
+            q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), dtype)], axis=-1)
+            k = np.concatenate([k, np.zeros(k.shape[:-1] + (1,), dtype)], axis=-1)
+            d += 1
+        rotary = (np.zeros(d // 2), 1.0, Rotary().pairs(d))
+    elif isinstance(w, Rotary):
         if d % 2:
             raise ValueError(f"w: Rotary needs an even head dim d, got d={d} (q shape {q.shape})")
         max_pos = max(q_off + nq - 1, k_off + nk - 1, 0)
@@ -332,9 +345,8 @@ def prepare(
             w_restore = ("dense", dense.shape)
         else:
             raise TypeError(
-                "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or an array of"
-                " shape"
-                f" (..., 2L-1, d, d), got {_describe(w)}"
+                "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW, an array of"
+                f" shape (..., 2L-1, d, d) or None (W_δ = I), got {_describe(w)}"
             )
         _check_cover(rows, rng, "w")
         w_index = _broadcast_index(tuple(lead_w), lead_q, "w", "the δ axis")
@@ -387,6 +399,7 @@ def prepare(
         bias_index=bias_index,
         bias_shape=bias_shape,
         dv_padded=dv_padded,
+        d_padded=d_padded,
     )
 
 

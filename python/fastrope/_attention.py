@@ -90,6 +90,8 @@ def attention(
         v: ``(..., n_k, d_v)``.
         w: :class:`Rotary`, :class:`BlockW`, :class:`SparseW` or an array ``(..., 2L-1, d, d)``
             (row ``δ + L - 1`` holds ``W_δ``); leading dims broadcast against q's leading dims.
+            ``None``: ``W_δ = I``, plain scaled dot-product attention (q and k already rotated,
+            or positions only through ``bias``, as in T5 or ALiBi).
         eps: the largest error allowed in any output entry; 0 means exact.
         scale: score scale, default ``1/sqrt(d)``.
         causal: drop pairs with ``δ < 0`` (top-left aligned with zero offsets, like PyTorch's
@@ -161,17 +163,22 @@ def attention_grad(
     num_threads: Optional[int] = None,
     out: Any = None,
     lse: Any = None,
+    dlse: Any = None,
 ) -> Gradients:
-    """Gradients of ``sum(attention(q, k, v, w, ...) * dout)``.
+    """Gradients of ``sum(attention(q, k, v, w, ...) * dout)`` (``+ sum(lse * dlse)``).
 
-    With ``P = A / l`` and ``dS = P ∘ (dout V^T - rowsum(dout ∘ out))``::
+    With ``P = A / l`` and ``dS = P ∘ (dout V^T - rowsum(dout ∘ out) + dlse)``::
 
         dv_j = Σ_i P_ij dout_i
         dq_i = scale Σ_j dS_ij W_δ k_j          dk_j = scale Σ_i dS_ij W_δ^T q_i
         dW_δ = scale Σ_{i-j=δ} dS_ij q_i k_j^T   dbias(δ) = Σ_{i-j=δ} dS_ij
 
     ``out`` and ``lse`` from a forward with ``return_lse=True`` may be passed to skip
-    recomputing them.  Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
+    recomputing them.  ``dlse``, shape ``(..., n_q)``, is a cotangent for ``lse`` (the gradient
+    of a loss that also uses ``lse``, e.g. a merge of sequence shards by
+    :func:`merge_partials`); the fast backward does not take one, so a nonzero ``dlse`` runs the
+    exact backward (``method="fast"`` raises :class:`ApproximationError`).
+    Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
     layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).
     Other arguments as in :func:`attention`.
     """
@@ -195,6 +202,20 @@ def attention_grad(
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
     dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
+    dlse_a = None
+    if dlse is not None:
+        dlse_a = _like(dlse, "dlse", call.lead_q + (nq,), call.dtype, check_finite)
+        if not np.any(dlse_a):
+            dlse_a = None
+    if dlse_a is not None:
+        if method == "fast":
+            raise ApproximationError(
+                "method='fast': the fast backward does not take a cotangent for lse (dlse is"
+                " nonzero); use method='exact' or 'auto'"
+            )
+        # Checks memory_limit; the exact backward meets any eps.
+        make_plan(call, 0.0, "exact", memory_limit, backward=True, fast_probe=None)
+        return _grad_with_dlse(call, dout_a, dlse_a, out, lse, check_finite, threads)
     dout4 = dout_a.reshape(batch, hq, nq, 0 if call.dv_padded else dv)
     if call.dv_padded:
         dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
@@ -238,16 +259,51 @@ def attention_grad(
         want_dbias=call.bias is not None,
         num_threads=threads,
     )
-    if call.dv_padded:
-        dv4 = dv4[..., :0]
-    dbias = None if db2 is None else db2.reshape(call.bias_shape)
-    return Gradients(
-        dq.reshape(call.lead_q + (nq, d)),
-        dk.reshape(call.lead_k + (nk, d)),
-        dv4.reshape(call.lead_k + (nk, dv4.shape[-1])),
-        restore_dw(call, dw3),
-        dbias,
+    return _finish_grads(call, dq, dk, dv4, dw3, db2)
+
+
+def _grad_with_dlse(call: Call, dout_a, dlse_a, out, lse, check_finite: bool, threads):
+    """The exact backward with a cotangent for ``lse``.
+
+    ``d lse_i / d M_ij = P_ij``, so ``dS_ij = P_ij (dout_i · v_j - dout_i · out_i + dlse_i)``.
+    The core computes ``dS_ij = P_ij (dout_i · v_j - D_i)`` with ``D_i = dout_i · out_i`` from
+    the ``out`` it is given: a column ``0`` appended to ``v``, ``1`` to ``dout`` and ``-dlse`` to
+    ``out`` gives exactly the above, and the extra column of ``dv`` is dropped.
+    """
+    batch, hq, hk, nq, nk, d, dv = call.shape
+    dv_user = 0 if call.dv_padded else dv
+    if out is None or lse is None:
+        out4, lse3 = _forward(call, threads)
+        out4 = out4[..., :dv_user]
+    else:
+        out4 = _like(out, "out", call.lead_q + (nq, dv_user), call.dtype, check_finite)
+        lse3 = _like(lse, "lse", call.lead_q + (nq,), call.dtype, False)
+        out4 = out4.reshape(batch, hq, nq, dv_user)
+        lse3 = lse3.reshape(batch, hq, nq)
+    col_q = (batch, hq, nq, 1)
+    v2 = np.concatenate([call.v4[..., :dv_user], np.zeros((batch, hk, nk, 1), call.dtype)], axis=-1)
+    out2 = np.concatenate([out4, -dlse_a.reshape(col_q)], axis=-1)
+    dout2 = np.concatenate(
+        [dout_a.reshape(batch, hq, nq, dv_user), np.ones(col_q, call.dtype)], axis=-1
     )
+    args = call.native_args()
+    args["shape"] = (batch, hq, hk, nq, nk, d, dv_user + 1)
+    dq, dk, dv4, dw3, db2 = _native.exact_backward(
+        call.q4,
+        call.k4,
+        v2,
+        out2,
+        lse3,
+        dout2,
+        **args,
+        want_dw=call.values is not None,
+        want_dbias=call.bias is not None,
+        num_threads=threads,
+    )
+    dv4 = dv4[..., :dv_user]
+    if call.dv_padded:  # _finish_grads drops the padded column of a d_v = 0 call
+        dv4 = np.zeros((batch, hk, nk, 1), call.dtype)
+    return _finish_grads(call, dq, dk, dv4, dw3, db2)
 
 
 def _fast_backward(call: Call, dout4: np.ndarray, eps: float, limit: int, threads: Optional[int]):
@@ -276,6 +332,9 @@ def _finish_grads(call: Call, dq, dk, dv4, dw3, db2) -> Gradients:
     if call.dv_padded:
         dv4 = dv4[..., :0]
     dbias = None if db2 is None else db2.reshape(call.bias_shape)
+    if call.d_padded:  # w=None with an odd d: drop the zero column added to q and k
+        d -= 1
+        dq, dk = dq[..., :d], dk[..., :d]
     return Gradients(
         dq.reshape(call.lead_q + (nq, d)),
         dk.reshape(call.lead_k + (nk, d)),

@@ -136,19 +136,10 @@ def grad_with_lse_cotangent(q, k, v, w, dout, dlse, eps: float = 0.0, *, out, ls
     """:func:`fastrope.attention_grad` of ``sum(out * dout) + sum(lse * dlse)``.
 
     ``d lse_i / d M_ij = P_ij``, so the score cotangent becomes
-    ``dS_ij = P_ij (dout_i · v_j - dout_i · out_i + dlse_i)``.  The core computes
-    ``dS_ij = P_ij (dout_i · v_j - D_i)`` with ``D_i = dout_i · out_i`` taken from the ``out`` it is
-    given, so appending a column ``0`` to ``v``, ``1`` to ``dout`` and ``-dlse`` to ``out`` gives
-    exactly the above; the extra column of ``dv`` is dropped.  ``out``/``lse`` are the forward's
-    (required).  With ``dlse`` all zero (or None) this is plain ``attention_grad``.
+    ``dS_ij = P_ij (dout_i · v_j - dout_i · out_i + dlse_i)``: ``attention_grad(..., dlse=)``.
+    ``out``/``lse`` are the forward's.  With ``dlse`` all zero (or None) this is plain
+    ``attention_grad`` (and the fast backward may serve it).
     """
-    dout = np.asarray(dout)
-    if dlse is None or not np.any(np.asarray(dlse) != 0):
-        return fastrope.attention_grad(q, k, v, w, dout, eps, out=out, lse=lse, **kw)
-    v, out, dout = np.asarray(v), np.asarray(out), dout
-    dlse = np.asarray(dlse)
-    v2 = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-    out2 = np.concatenate([out, -dlse[..., None].astype(out.dtype)], axis=-1)
-    dout2 = np.concatenate([dout, np.ones(dout.shape[:-1] + (1,), dout.dtype)], axis=-1)
-    g = fastrope.attention_grad(q, k, v2, w, dout2, eps, out=out2, lse=lse, **kw)
-    return g._replace(dv=g.dv[..., :-1])
+    if dlse is not None and not np.any(np.asarray(dlse) != 0):
+        dlse = None
+    return fastrope.attention_grad(q, k, v, w, dout, eps, out=out, lse=lse, dlse=dlse, **kw)

@@ -215,7 +215,7 @@ def attention(
         v: ``(..., n_k, d_v)``.
         w: :class:`fastrope.Rotary`, or :class:`fastrope.BlockW` / :class:`fastrope.SparseW` whose
             ``blocks``/``values`` are arrays (traced or not; ``SparseW.support`` must be
-            concrete), or an array ``(..., 2L-1, d, d)``.
+            concrete), or an array ``(..., 2L-1, d, d)``, or ``None`` (``W_δ = I``).
         bias: an additive Toeplitz bias ``(..., 2L-1)``.
         Everything else as in :func:`fastrope.attention`; ``scale``, ``causal``, ``window``,
         ``q_offset``, ``k_offset`` must be static Python values.
@@ -235,7 +235,9 @@ def attention(
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
     rotary, layout, support, wv = None, "interleaved", None, None
-    if isinstance(w, Rotary):
+    if w is None:
+        kind, w_shape = "none", None
+    elif isinstance(w, Rotary):
         kind, rotary, w_shape = "rotary", w, w
     elif isinstance(w, BlockW):
         kind, layout, wv = "block", w.layout, jnp.asarray(w.blocks)
@@ -252,8 +254,8 @@ def attention(
         w_shape = wv.shape
     else:
         raise TypeError(
-            "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or an array of shape"
-            f" (..., 2L-1, d, d), got {type(w).__name__}"
+            "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW, an array of shape"
+            f" (..., 2L-1, d, d) or None (W_δ = I), got {type(w).__name__}"
         )
     for name, x in (("w", wv), ("bias", bias)):
         if x is not None and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):

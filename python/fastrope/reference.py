@@ -109,7 +109,11 @@ class _Positions:
         self.d = d
         self.L: int | None = None
         self.lead: tuple[int, ...] = ()
-        if isinstance(w, Rotary):
+        if w is None:
+            # plain dot-product attention: W_δ = I for every δ (q, k already rotated, or a
+            # bias-only model such as T5 or ALiBi)
+            self.kind = "none"
+        elif isinstance(w, Rotary):
             self.kind = "rotary"
             theta, f = w.frequencies(d, max_position)
             self.theta = np.asarray(theta, dtype=np.float64)
@@ -151,7 +155,7 @@ class _Positions:
             self.values = values
             self.support = support.astype(np.int64)
         else:
-            if isinstance(w, (str, bytes, dict)) or w is None:
+            if isinstance(w, (str, bytes, dict)):
                 raise TypeError(
                     "w: expected Rotary, BlockW, SparseW or an array (..., 2L-1, d, d), "
                     f"got {type(w).__name__}"
@@ -180,6 +184,8 @@ class _Positions:
         d = self.d
         deltas = np.asarray(deltas, dtype=np.int64)
         self.check_range(int(deltas.min(initial=0)), int(deltas.max(initial=0)))
+        if self.kind == "none":
+            return np.broadcast_to(np.eye(d), (len(deltas), d, d)).copy()
         if self.kind == "rotary":
             out = np.zeros((len(deltas), d, d))
             phi = deltas[:, None].astype(np.float64) * self.theta[None, :]  # (nδ, d/2)
@@ -208,7 +214,7 @@ class _Positions:
 
     def restrict(self, dense: np.ndarray) -> np.ndarray | None:
         """Stored-form gradient from dense ``dW`` of shape ``(*lead, 2L-1, d, d)``."""
-        if self.kind == "rotary":
+        if self.kind in ("rotary", "none"):
             return None
         if self.kind == "dense":
             return dense
@@ -458,6 +464,7 @@ def attention_grad(
     k_offset: int = 0,
     out: Any = None,
     lse: Any = None,
+    dlse: Any = None,
     **ignored: Any,
 ) -> Gradients:
     """Exact gradients of ``sum(attention(...) * dout)``, in float64.
@@ -468,7 +475,8 @@ def attention_grad(
     ``None`` for Rotary), ``db(δ) = Σ_{i-j=δ} dS_ij``.  ``dw`` and ``dbias`` are summed over
     broadcast dims, so they have the shapes of the given tables; dk and dv are summed over the
     q heads of each GQA group.  ``out`` and ``lse`` are accepted and ignored: the oracle
-    recomputes the forward.
+    recomputes the forward.  ``dlse`` (shape ``(..., n_q)``) adds ``sum(lse * dlse)`` to the
+    differentiated function: ``dS = P ∘ (dO V^T - rowsum(dO ∘ O) + dlse)``.
     """
     del eps, ignored, out, lse
     prob = _Problem(
@@ -490,12 +498,17 @@ def attention_grad(
     dv = np.swapaxes(p, -1, -2) @ do
     dp = do @ np.swapaxes(vv, -1, -2)
     ds = p * (dp - np.sum(do * o, axis=-1, keepdims=True))
+    if dlse is not None:
+        g_lse = _as_float("dlse", dlse)
+        if g_lse.shape != o.shape[:-1]:
+            raise ValueError(f"dlse: expected shape {o.shape[:-1]} (lse's), got {g_lse.shape}")
+        ds = ds + p * g_lse[..., None]
 
     dq = np.zeros_like(qq)
     dk = np.zeros_like(kk)
     d = prob.d
     dw_dense = None
-    if prob.w.kind != "rotary":
+    if prob.w.kind not in ("rotary", "none"):
         assert prob.w.L is not None
         dw_dense = np.zeros((*prob.w.lead, 2 * prob.w.L - 1, d, d))
     db = None

@@ -74,6 +74,8 @@ def _as_tensor(x: Any, name: str) -> Tensor:
 
 def _encode_w(w: Any):
     """``(kind, spec, values, support)`` for the op arguments."""
+    if w is None:
+        return "none", "", None, None
     if isinstance(w, Rotary):
         return "rotary", _rotary_spec(w), None, None
     if isinstance(w, BlockW):
@@ -90,12 +92,14 @@ def _encode_w(w: Any):
     if isinstance(w, (Tensor, np.ndarray)):
         return "dense", "", _as_tensor(w, "w"), None
     raise TypeError(
-        "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW or a tensor of shape"
-        f" (..., 2L-1, d, d), got {type(w).__name__}"
+        "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW, a tensor of shape"
+        f" (..., 2L-1, d, d) or None (W_δ = I), got {type(w).__name__}"
     )
 
 
 def _decode_w(kind: str, spec: str, values: Optional[np.ndarray], support: Optional[np.ndarray]):
+    if kind == "none":
+        return None
     if kind == "rotary":
         return _rotary_from_spec(spec)
     if kind == "block":
@@ -104,7 +108,7 @@ def _decode_w(kind: str, spec: str, values: Optional[np.ndarray], support: Optio
         return SparseW(support, values)
     if kind == "dense":
         return values
-    raise ValueError(f"w_kind: expected rotary, block, sparse or dense, got {kind!r}")
+    raise ValueError(f"w_kind: expected none, rotary, block, sparse or dense, got {kind!r}")
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -190,7 +194,9 @@ def _attention_fwd_fake(
     k_offset, method, memory_limit, check_finite, num_threads,
 ):  # fmt: skip
     if _static_shapes(q, k, v, w_values, bias) and isinstance(q_offset + k_offset, int):
-        if w_kind == "rotary":
+        if w_kind == "none":
+            w = None
+        elif w_kind == "rotary":
             w = _rotary_from_spec(w_spec)
         elif w_kind == "block":
             w = BlockW(tuple(w_values.shape), w_spec)
@@ -357,7 +363,8 @@ def attention(
         v: ``(..., n_k, d_v)``.
         w: :class:`fastrope.Rotary`, or :class:`fastrope.BlockW` / :class:`fastrope.SparseW` whose
             ``blocks``/``values`` are tensors, or a tensor ``(..., 2L-1, d, d)``.  Gradients flow
-            to those tensors when they require grad.
+            to those tensors when they require grad.  ``None``: ``W_δ = I`` (q, k already
+            rotated, or positions only through ``bias``).
         bias: an additive Toeplitz bias tensor ``(..., 2L-1)`` (gradients flow to it).
         Everything else as in :func:`fastrope.attention`: ``δ = (q_offset + i) - (k_offset + j)``;
         ``causal`` keeps ``δ >= 0``, ``window=(left, right)`` keeps ``-right <= δ <= left``::

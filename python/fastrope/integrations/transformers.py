@@ -16,8 +16,8 @@ fastrope's exact (or, with ``eps > 0``, fast) kernels.
 
 **Where RoPE is applied.**  Hugging Face models rotate q and k (``apply_rotary_pos_emb``) *before*
 the attention function; so by default fastrope receives rotated q/k and computes plain
-``softmax(q k^T * scaling) v`` (position matrix ``W_δ = I``, given as a diagonal
-:class:`fastrope.SparseW`).  To let fastrope apply RoPE itself through ``w`` — so that the
+``softmax(q k^T * scaling) v`` (``w=None``: position matrix ``W_δ = I``, the same GEMM kernels as
+:class:`fastrope.Rotary`).  To let fastrope apply RoPE itself through ``w`` — so that the
 position matrix is a :class:`fastrope.Rotary` and the fast method, learned :class:`BlockW` tables
 and so on apply — call :func:`apply_rope_in_fastrope` on the model: it replaces the model's
 rotary embedding by the identity (``cos = 1, sin = 0``, so ``apply_rotary_pos_emb`` leaves q and
@@ -35,12 +35,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import torch as fr_torch
-from .._position import Rotary, SparseW
+from .._position import Rotary
 
 __all__ = ["register", "fastrope_attention_forward", "apply_rope_in_fastrope", "rotary_from_config"]
 
@@ -124,11 +123,6 @@ def apply_rope_in_fastrope(model: nn.Module) -> nn.Module:
     return model
 
 
-def _identity_w(d: int, L: int, dtype: torch.dtype) -> SparseW:
-    support = np.stack([np.arange(d), np.arange(d)], axis=1)
-    return SparseW(support, torch.ones((2 * L - 1, d), dtype=dtype))
-
-
 def _valid_key_ranges(mask: torch.Tensor) -> list:
     """Per batch row, the contiguous range ``[lo, hi)`` of keys that any query sees."""
     seen = mask.any(dim=-2).any(dim=-2)  # (B, n_k)
@@ -189,7 +183,7 @@ def fastrope_attention_forward(
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     sliding = kwargs.get("sliding_window") or None
     window = None if sliding is None else (int(sliding) - 1, None)
-    nq, nk, d = query.shape[-2], key.shape[-2], query.shape[-1]
+    nq, nk = query.shape[-2], key.shape[-2]
     w = getattr(module, "fastrope_w", None)
     eps = getattr(module, "fastrope_eps", 0.0)
     method = getattr(module, "fastrope_method", "auto")
@@ -223,18 +217,12 @@ def fastrope_attention_forward(
         q_offset = nk - nq - lo  # key lo sits at position 0
         if w is not None and position_ids is not None:
             _check_positions(position_ids, rows, q_offset)
-        if w is None:
-            n = hi - lo
-            L = max(abs(q_offset - (n - 1)), abs(q_offset + nq - 1)) + 1
-            pw = _identity_w(d, L, query.dtype)
-        else:
-            pw = w
         sel = rows if len(rows) < query.shape[0] else slice(None)
         o = fr_torch.attention(
             query[sel],
             key[sel][..., lo:hi, :],
             value[sel][..., lo:hi, :],
-            pw,
+            w,
             eps,
             scale=scaling,
             causal=causal,
