@@ -205,6 +205,4 @@ def test_dlse_bad_shape_and_values(rng):
     with pytest.raises(ValueError, match="dlse: expected shape"):
         fastrope.attention_grad(q, k, v, fastrope.Rotary(), dout, dlse=np.ones((2, 5)))
     with pytest.raises(ValueError, match="dlse"):
-        fastrope.attention_grad(
-            q, k, v, fastrope.Rotary(), dout, dlse=np.full((2, 4), np.nan)
-        )
+        fastrope.attention_grad(q, k, v, fastrope.Rotary(), dout, dlse=np.full((2, 4), np.nan))
