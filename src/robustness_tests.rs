@@ -2,6 +2,7 @@
 //! tables, indices, masks, offsets, non-finite values) must give `Ok` or `Err`, never a panic.
 
 use crate::dispatch::{plan_fast, run_fast};
+use crate::dispatch_backward::{plan_fast_backward, run_fast_backward};
 use crate::exact::backward::BackwardInputs;
 use crate::exact::{attention_backward, attention_forward};
 use crate::fast::FastLimits;
@@ -40,7 +41,7 @@ fn arr4(r: &mut Rng, s: (usize, usize, usize, usize)) -> Array4<f64> {
 #[test]
 fn random_problems_never_panic() {
     let mut r = Rng(0x9E37_79B9_7F4A_7C15);
-    let (mut computed, mut fast_runs) = (0, 0);
+    let (mut computed, mut fast_runs, mut fast_backward_runs) = (0, 0, 0);
     for case in 0..1500 {
         let (batch, hk) = (1 + r.below(2), 1 + r.below(2));
         let hq = hk * (1 + r.below(2)) + if r.below(8) == 0 { 1 } else { 0 };
@@ -160,10 +161,50 @@ fn random_problems_never_panic() {
                 &ctl,
             );
         }
+        // The fast backward, with a dout of the right shape or (sometimes) a wrong one.
+        let dshape = if r.below(10) == 0 {
+            (batch, hq, nq + 1, dv)
+        } else {
+            (batch, hq, nq, dv)
+        };
+        let dout = arr4(&mut r, dshape);
+        let want = crate::fast::backward_certify::Want {
+            dw: r.below(2) == 0,
+            db: bias.is_some(),
+        };
+        if let Ok(call) = plan_fast_backward(
+            &prob,
+            &pos,
+            bias.as_ref(),
+            q.view(),
+            k.view(),
+            v.view(),
+            Some(dout.view()),
+            None,
+            1e-2,
+            want,
+            &limits,
+            2,
+            None,
+        ) {
+            fast_backward_runs += 1;
+            let _ = run_fast_backward(
+                &call,
+                &prob,
+                &pos,
+                bias.as_ref(),
+                q.view(),
+                k.view(),
+                v.view(),
+                dout.view(),
+                &limits,
+                &ctl,
+            );
+        }
     }
     // The generator must reach the kernels, not only the validation.
     assert!(
-        computed > 40 && fast_runs > 5,
-        "computed {computed}, fast {fast_runs}"
+        computed > 40 && fast_runs > 5 && fast_backward_runs > 5,
+        "computed {computed}, fast {fast_runs}, fast backward {fast_backward_runs}"
     );
 }
