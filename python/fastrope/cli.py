@@ -136,12 +136,24 @@ def _demo_fast(args: argparse.Namespace) -> bool:
         err = max(err, float(np.abs(out[:, i : i + m] - ex).max()))
     m *= 2
     t_exact = t_rows / m * n
-    widths = [22, 14, 30]
+    # The fast backward: dq of a query row depends on that row and every key only, so the exact
+    # dq of the same two blocks of rows checks it.
+    dout = rng.uniform(-1, 1, out.shape)
+    t0 = time.perf_counter()
+    g = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast")
+    t_grad = time.perf_counter() - t0
+    m_half, err_dq = m // 2, 0.0
+    for i in (0, n - m_half):
+        rows = slice(i, i + m_half)
+        ex = fastrope.attention_grad(q[:, rows], k, v, w, dout[:, rows], method="exact", q_offset=i)
+        err_dq = max(err_dq, float(np.abs(g.dq[:, rows] - ex.dq).max()))
+    widths = [22, 14, 34]
     print()
     print(_row(["what", "time (s)", "error vs exact"], widths))
     print(_row(["fast (measured)", f"{t_fast:.2f}", f"max over {m} rows = {err:.2e}"], widths))
     print(_row(["exact", f"{t_exact:.2f}", f"(measured on {m} rows, scaled to n)"], widths))
-    return err <= eps
+    print(_row(["fast backward", f"{t_grad:.2f}", f"dq: max over {m} rows = {err_dq:.2e}"], widths))
+    return err <= eps and err_dq <= eps
 
 
 def _load(path: str, name: str) -> np.ndarray:
