@@ -1,6 +1,6 @@
 """The native module: thin wrappers over the Rust core on canonical arrays (see _api.py)."""
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -50,4 +50,60 @@ def exact_backward(
     want_dbias: bool,
     num_threads: Optional[int],
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]: ...
+def fast_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    shape: _Shape,
+    scale: float,
+    causal: bool,
+    window: Optional[Tuple[int, int]],
+    q_offset: int,
+    k_offset: int,
+    rotary: Optional[_Rotary],
+    support: Optional[np.ndarray],
+    values: Optional[np.ndarray],
+    w_index: Optional[np.ndarray],
+    bias: Optional[np.ndarray],
+    bias_index: Optional[np.ndarray],
+    eps: float,
+    max_terms: int,
+    max_degree: int,
+    memory_limit: int,
+    run: bool,
+    num_threads: Optional[int],
+    bounds: Optional[Tuple[float, float]] = None,
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Dict[str, Any]]:
+    """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``."""
+
+def fast_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: Optional[np.ndarray],
+    shape: _Shape,
+    scale: float,
+    causal: bool,
+    window: Optional[Tuple[int, int]],
+    q_offset: int,
+    k_offset: int,
+    rotary: Optional[_Rotary],
+    support: Optional[np.ndarray],
+    values: Optional[np.ndarray],
+    w_index: Optional[np.ndarray],
+    bias: Optional[np.ndarray],
+    bias_index: Optional[np.ndarray],
+    eps: float,
+    want_dw: bool,
+    want_dbias: bool,
+    max_terms: int,
+    max_degree: int,
+    memory_limit: int,
+    run: bool,
+    num_threads: Optional[int],
+    poly: Optional[Tuple[str, int, float]] = None,
+    bounds: Optional[Tuple[float, float]] = None,
+) -> Tuple[Any, ...]:
+    """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``."""
+
 def default_num_threads() -> int: ...
