@@ -3,6 +3,7 @@ generated text corpus, comparing PyTorch SDPA with fastrope exact (Rotary and a 
 and fastrope fast.
 
     python examples/llama_train.py                       # all runs, ~2-4 minutes on 2 cores
+    python examples/llama_train.py --qk-norm 1.0 --out examples/qk_norm_1   # + fast, ~25 min
     python examples/llama_train.py --runs sdpa exact-rotary --steps 100
 
 The model: token embedding, ``layers`` x (RMSNorm → grouped-query attention → RMSNorm → SwiGLU
@@ -15,8 +16,9 @@ MLP), RMSNorm, tied output head.  Attention variants:
 * ``fast-rotary``: ``Rotary`` with ``eps`` (``--eps``, default 1e-2) and ``method="fast"`` (the
   polynomial + FFT method; the head dim is 4, where it applies).  Its cost grows quickly with the
   score bound ``R``: ``--qk-norm R`` (for every run, so they stay comparable) normalises q and k
-  and scales the scores by ``R``, which keeps ``|score| <= R``.  A run whose ``eps`` cannot be
-  certified (or, in a build without the fast backward, any fast run) stops with the reason.
+  and scales the scores by ``R``, which keeps ``|score| <= R``.  Its backward is the fast
+  backward (``attention_grad(..., eps, method="fast")``).  A run whose ``eps`` cannot be
+  certified (e.g. ``fast-rotary`` without ``--qk-norm``) stops with the reason.
 
 The corpus (generated, deterministic): paragraphs that state facts ("the cat of nora is blue.")
 among filler sentences and later ask about one ("what color is the cat of nora? blue."), so the
