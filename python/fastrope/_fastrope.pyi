@@ -4,6 +4,15 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+__all__ = [
+    "exact_forward",
+    "exact_backward",
+    "fast_forward",
+    "fast_backward",
+    "default_num_threads",
+    "__version__",
+]
+
 __version__: str
 
 _Shape = Tuple[int, int, int, int, int, int, int]  # (B, Hq, Hk, n_q, n_k, d, d_v)
