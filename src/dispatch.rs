@@ -4,11 +4,16 @@
 //! mask/bias factor and the shape, not on q, k or v. Heads that share a `w` table and a bias
 //! table form a group: one certified plan (for the largest bounds among the group's heads), one
 //! [`FastKernel`], applied to each head. Groups run one after another so that at most one set of
-//! kernel spectra is alive; the heads of a group run in parallel.
+//! kernel spectra is built at a time; the heads of a group run in parallel. Kernel spectra are
+//! looked up in, and kept by, the bounded kernel cache ([`crate::fast::cache`]) across calls;
+//! the certificate stays the call's own (each group's plan, each head's data).
 
 use crate::error::{Error, Result};
 use crate::fast::bounds::{ScoreBound, WNorms};
-use crate::fast::{fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape};
+use crate::fast::cache::{self, KernelKey};
+use crate::fast::{
+    fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
+};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
@@ -208,10 +213,7 @@ pub fn plan_fast_from<'a, T: Real>(
         .sum();
     let working_bytes = out
         .iter()
-        .map(|g| {
-            let per_head = g.plan.working_bytes.saturating_sub(g.plan.kernel_bytes);
-            g.plan.kernel_bytes + per_head * threads.min(g.heads.len()).max(1)
-        })
+        .map(|g| group_bytes(&g.plan, g.heads.len(), threads))
         .max()
         .unwrap_or(0);
     let certified_error = out
@@ -230,6 +232,53 @@ pub fn plan_fast_from<'a, T: Real>(
         certified_error,
         certified_lse_error,
     })
+}
+
+/// The peak bytes of one group: its kernel spectra plus one head's working set per thread.
+fn group_bytes(plan: &FastPlan, heads: usize, threads: usize) -> usize {
+    let per_head = plan.working_bytes.saturating_sub(plan.kernel_bytes);
+    plan.kernel_bytes
+        .saturating_add(per_head.saturating_mul(threads.min(heads).max(1)))
+}
+
+/// The group's kernel: its spectra from the kernel cache ([`crate::fast::cache`]) or built
+/// (and cached), paired with the group's own plan. The call's memory budget
+/// (`max_working_bytes` per thread) bounds what the cache holds during the call: other entries
+/// are evicted until they and the group's working set fit, and a new kernel is kept only if it
+/// still fits.
+fn cached_kernel(
+    g: &FastGroup,
+    prob: &Problem,
+    support: &[(usize, usize)],
+    seqs: ndarray::ArrayView2<f64>,
+    fac: &[f64],
+    limits: &FastLimits,
+) -> Result<FastKernel> {
+    let threads = rayon::current_num_threads().max(1);
+    let budget = limits.max_working_bytes.saturating_mul(threads);
+    let working = group_bytes(&g.plan, g.heads.len(), threads);
+    let coeffs = &g.plan.poly.coeffs;
+    let key = KernelKey::new(
+        "forward", prob.nq, prob.nk, prob.d, support, prob.scale, coeffs, seqs, fac,
+    );
+    let cache = cache::global();
+    cache.make_room(budget.saturating_sub(working), &key);
+    let held = budget.saturating_sub(working - g.plan.kernel_bytes.min(working));
+    let spectra = cache.get_or_build(key, held, || {
+        let s = FastSpectra::build(
+            coeffs,
+            (prob.nq, prob.nk, prob.d),
+            support,
+            seqs,
+            fac,
+            prob.scale,
+            limits.max_terms,
+            true,
+        )?;
+        let bytes = s.bytes();
+        Ok((s, bytes))
+    })?;
+    FastKernel::with_spectra(&g.plan, spectra)
 }
 
 /// Runs a planned fast call: `(out, lse)` like [`crate::exact::attention_forward`].
@@ -253,7 +302,7 @@ pub fn run_fast<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
-        let kernel = FastKernel::new(&g.plan, &support, seqs.view(), &fac, prob.scale, limits)?;
+        let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits)?;
         let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
             .heads
             .par_iter()

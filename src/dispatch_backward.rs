@@ -5,7 +5,8 @@
 //! [`BackwardKernel`]. Groups run one after another. Without dw/dbias the heads of a group run
 //! in parallel; with them they run one after another, each adding its diagonal correlations into
 //! the group's accumulator, which is inverted and contracted with the kernels once per group
-//! (dw and dbias are sums over heads, so one contraction serves them all).
+//! (dw and dbias are sums over heads, so one contraction serves them all). Kernel spectra are
+//! looked up in, and kept by, the bounded kernel cache ([`crate::fast::cache`]) across calls.
 //!
 //! Error budgets: a gradient that sums over heads adds their errors, so each head gets
 //! `eps / m` with `m` the number of heads adding into one entry: 1 for dq, the GQA group size
@@ -14,9 +15,12 @@
 
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
-use crate::fast::backward::{backward_plan, BackwardKernel, BackwardPlan, BackwardRequest};
+use crate::fast::backward::{
+    backward_plan, BackwardKernel, BackwardPlan, BackwardRequest, BackwardSpectra,
+};
 use crate::fast::backward_certify::{FactorStats, Grad5, GradBounds, PSums, Want};
 use crate::fast::bounds::WNorms;
+use crate::fast::cache::{self, KernelKey};
 use crate::fast::{FastBounds, FastLimits, FastShape};
 use crate::poly::Polynomial;
 use crate::position::{Bias, LogFactor, Position};
@@ -336,15 +340,7 @@ pub fn plan_fast_backward<'a, T: Real>(
         .sum();
     let working_bytes = out
         .iter()
-        .map(|g| {
-            let per_head = g.plan.working_bytes.saturating_sub(g.plan.kernel_bytes);
-            let par = if want.dw || want.db {
-                1
-            } else {
-                threads.min(g.heads.len()).max(1)
-            };
-            g.plan.kernel_bytes + per_head * par
-        })
+        .map(|g| group_bytes(&g.plan, g.heads.len(), threads, want.dw || want.db))
         .max()
         .unwrap_or(0);
     let fold = |f: &dyn Fn(&BackwardPlan) -> Grad5| {
@@ -370,6 +366,56 @@ pub fn plan_fast_backward<'a, T: Real>(
         rounding,
         deferred,
     })
+}
+
+/// The peak bytes of one group: its shared buffers plus one head's working set per head run
+/// at once (one with dw/dbias, whose heads run one after another).
+fn group_bytes(plan: &BackwardPlan, heads: usize, threads: usize, serial: bool) -> usize {
+    let per_head = plan.working_bytes.saturating_sub(plan.kernel_bytes);
+    let par = if serial { 1 } else { threads.min(heads).max(1) };
+    plan.kernel_bytes
+        .saturating_add(per_head.saturating_mul(par))
+}
+
+/// The group's kernel: its spectra from the kernel cache ([`crate::fast::cache`]) or built
+/// (and cached), paired with the group's own plan; the cache is held within the call's memory
+/// budget as in [`crate::dispatch`].
+fn cached_kernel(
+    g: &FastBackwardGroup,
+    prob: &Problem,
+    support: &[(usize, usize)],
+    seqs: ndarray::ArrayView2<f64>,
+    fac: &[f64],
+    limits: &FastLimits,
+    serial: bool,
+) -> Result<BackwardKernel> {
+    let threads = rayon::current_num_threads().max(1);
+    let budget = limits.max_working_bytes.saturating_mul(threads);
+    let working = group_bytes(&g.plan, g.heads.len(), threads, serial);
+    let coeffs = &g.plan.poly.coeffs;
+    let with_dw = g.plan.want.dw;
+    let kind = if with_dw { "backward+dw" } else { "backward" };
+    let key = KernelKey::new(
+        kind, prob.nq, prob.nk, prob.d, support, prob.scale, coeffs, seqs, fac,
+    );
+    let cache = cache::global();
+    cache.make_room(budget.saturating_sub(working), &key);
+    let held = budget.saturating_sub(working - g.plan.kernel_bytes.min(working));
+    let spectra = cache.get_or_build(key, held, || {
+        let s = BackwardSpectra::build(
+            coeffs,
+            (prob.nq, prob.nk, prob.d),
+            with_dw,
+            support,
+            seqs,
+            fac,
+            prob.scale,
+            limits.max_terms,
+        )?;
+        let bytes = s.bytes();
+        Ok((s, bytes))
+    })?;
+    BackwardKernel::with_spectra(&g.plan, spectra)
 }
 
 /// Runs a planned fast backward: gradients like [`crate::exact::attention_backward`] (dw in the
@@ -429,7 +475,7 @@ pub fn run_fast_backward<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
-        let kernel = BackwardKernel::new(&g.plan, &support, seqs.view(), &fac, prob.scale, limits)?;
+        let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits, serial)?;
         let one = |(idx, &bh): (usize, &usize),
                    corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
          -> Result<(usize, crate::fast::backward::HeadGrads)> {

@@ -886,6 +886,32 @@ fn fast_backward<'py>(
     )
 }
 
+/// Empties the kernel-spectra cache of the fast method and resets its counters.
+#[pyfunction]
+fn clear_cache() {
+    crate::fast::cache::global().clear();
+}
+
+/// The kernel-spectra cache's state: `hits`, `misses`, `evictions`, `entries`, `bytes`, `limit`.
+#[pyfunction]
+fn cache_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let i = crate::fast::cache::global().info();
+    let d = PyDict::new(py);
+    d.set_item("hits", i.hits)?;
+    d.set_item("misses", i.misses)?;
+    d.set_item("evictions", i.evictions)?;
+    d.set_item("entries", i.entries)?;
+    d.set_item("bytes", i.bytes)?;
+    d.set_item("limit", i.limit)?;
+    Ok(d)
+}
+
+/// Sets the kernel-spectra cache's byte limit (0 disables and empties it), evicting down to it.
+#[pyfunction]
+fn set_cache_limit(limit: usize) {
+    crate::fast::cache::global().set_limit(limit);
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -899,6 +925,9 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fast_forward, m)?)?;
     m.add_function(wrap_pyfunction!(fast_backward, m)?)?;
     m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(cache_info, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cache_limit, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import reference
+from . import _fastrope, reference
 from ._attention import attention, attention_grad, plan
 from ._fastrope import __version__
 from ._merge import merge_partials
@@ -37,6 +37,9 @@ __all__ = [
     "ApproximationError",
     "rotary_pairs",
     "reference",
+    "clear_cache",
+    "cache_info",
+    "set_cache_limit",
     "__version__",
 ]
 
@@ -60,3 +63,37 @@ def alibi(slopes, L: int) -> np.ndarray:
         raise ValueError(f"L: expected a positive int, got {L!r}")
     delta = np.arange(-(L - 1), L, dtype=np.float64)
     return -s[:, None] * np.abs(delta)[None, :]
+
+
+def clear_cache() -> None:
+    """Empty the fast method's kernel-spectra cache and reset its counters.
+
+    The kernel spectra of ``method="fast"`` (forward and backward) depend only on the position
+    matrices of the call's δ range, the mask/bias, ``scale``, the polynomial and the lengths;
+    they are kept across calls in a bounded, thread-safe LRU cache so that repeated calls
+    (training steps, several layers with equal shapes) skip rebuilding them.  Results never
+    depend on the cache: a hit gives bitwise the same output as a fresh build, and every call is
+    certified from its own data.
+    """
+    _fastrope.clear_cache()
+
+
+def cache_info() -> dict:
+    """The kernel-spectra cache's state as a dict.
+
+    Keys: ``hits`` and ``misses`` (lookups since the last :func:`clear_cache`), ``evictions``,
+    ``entries``, ``bytes`` (held now) and ``limit`` (bytes; 0 when disabled).
+    """
+    return dict(_fastrope.cache_info())
+
+
+def set_cache_limit(limit: int) -> None:
+    """Set the kernel-spectra cache's limit in bytes; ``0`` disables the cache and empties it.
+
+    The default is ``min(1 GiB, available memory / 8)``.  Entries beyond the new limit are
+    evicted, least recently used first.  During a call the cache also stays within that call's
+    ``memory_limit`` (other entries are evicted so that they and the call's working set fit).
+    """
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
+        raise ValueError(f"limit: expected an int >= 0 (bytes), got {limit!r}")
+    _fastrope.set_cache_limit(int(limit))

@@ -10,6 +10,9 @@ __all__ = [
     "fast_forward",
     "fast_backward",
     "default_num_threads",
+    "clear_cache",
+    "cache_info",
+    "set_cache_limit",
     "__version__",
 ]
 
@@ -116,3 +119,6 @@ def fast_backward(
     """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``."""
 
 def default_num_threads() -> int: ...
+def clear_cache() -> None: ...
+def cache_info() -> Dict[str, int]: ...
+def set_cache_limit(limit: int) -> None: ...

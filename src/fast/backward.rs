@@ -48,7 +48,7 @@ use super::blocks::{
     scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
 };
 use super::bounds::{max_abs, row_masses, FastBounds};
-use super::certify::{fft_flops, fft_relative_error, BetaNorms, FastShape, PairNorms};
+use super::certify::{fft_flops, fft_relative_error, snap_radius, BetaNorms, FastShape, PairNorms};
 use super::expansion::{term_count, Expansion, ExpansionCounts};
 use super::{FastLimits, HeadProblem};
 use crate::error::{Error, Result};
@@ -60,6 +60,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// What a backward plan needs to know about a call (or one group of heads sharing a kernel).
 #[derive(Clone, Debug)]
@@ -485,13 +486,24 @@ pub fn backward_plan(
             );
             break;
         }
-        let mut floor_hit = 0;
+        let (mut floor_hit, mut tried) = (0, 0);
         let r = req.bounds.r;
-        for (poly, family) in [
-            (taylor(r, degree)?, "taylor"),
-            (integrated_chebyshev(r, degree)?, "integrated-chebyshev"),
-            (chebyshev(r, degree)?, "chebyshev"),
-        ] {
+        // Chebyshev families on the snapped radius first (shared kernel spectra across calls,
+        // see `fast_plan`), then on R itself.
+        let snapped = snap_radius(r);
+        for which in 0..5 {
+            let (poly, family) = match which {
+                0 => (taylor(r, degree)?, "taylor"),
+                1 => (
+                    integrated_chebyshev(snapped, degree)?,
+                    "integrated-chebyshev",
+                ),
+                2 => (chebyshev(snapped, degree)?, "chebyshev"),
+                3 if snapped != r => (integrated_chebyshev(r, degree)?, "integrated-chebyshev"),
+                4 if snapped != r => (chebyshev(r, degree)?, "chebyshev"),
+                _ => continue,
+            };
+            tried += 1;
             // Cheap screen before enumerating the expansion.
             let rho_d = derivative_rho(&poly.coeffs, r);
             let (approx, _) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
@@ -524,7 +536,7 @@ pub fn backward_plan(
                 }
             }
         }
-        if floor_hit == 3 {
+        if floor_hit == tried {
             break;
         }
     }
@@ -580,10 +592,15 @@ pub struct CorrelationAccumulator {
 /// `(α or β index, multiplicity, index of the multi-index minus e_l)` per coordinate `l`.
 type Minus = Vec<(usize, f64, usize)>;
 
-/// The per-(W, scale, mask/bias, shape, plan) half of the fast backward: expansions, kernel
-/// spectra and the norms its certificate needs. Build once, apply to every head.
-pub struct BackwardKernel {
-    plan: BackwardPlan,
+/// What the fast backward's kernels depend on and nothing else: the polynomial's coefficients
+/// (and, for dw, its derivative's expansion), the support, the diagonal sequences, the mask/bias
+/// factor, the scale and `(nq, nk, d)` — not a plan's data-dependent bounds. Shared (`Arc`)
+/// across calls through [`super::cache`]; a [`BackwardKernel`] pairs it with one call's plan.
+pub struct BackwardSpectra {
+    shape: (usize, usize, usize),
+    coeffs: Vec<f64>,
+    /// Built with the derivative's expansion (dw).
+    with_dw: bool,
     toeplitz: ToeplitzPlan,
     expansion: Expansion,
     dexp: Option<Expansion>,
@@ -605,6 +622,16 @@ pub struct BackwardKernel {
     masses: Vec<f64>,
     seqs: Vec<f64>,
     factor: Vec<f64>,
+    stats: FastBounds,
+    fstats: FactorStats,
+}
+
+/// The per-call half of the fast backward: a call's certified plan and the (possibly cached,
+/// shared) [`BackwardSpectra`] for its polynomial. Build once, apply to every head; each head is
+/// checked against *this* plan's bounds and certified from its own data.
+pub struct BackwardKernel {
+    plan: BackwardPlan,
+    s: Arc<BackwardSpectra>,
 }
 
 /// For each multi-index, `(l, μ_l, index of μ - e_l)` for every `l` with `μ_l > 0`.
@@ -748,66 +775,26 @@ impl TermTable {
     }
 }
 
-impl BackwardKernel {
-    /// Expands `plan.poly` (and `p'` for dw) over `support` and computes the kernel spectra.
-    /// `seqs` (`|S| x glen`) and `factor` must be those the plan's bounds came from.
-    pub fn new(
-        plan: &BackwardPlan,
+impl BackwardSpectra {
+    /// Expands the polynomial `coeffs` (and, with `with_dw`, its derivative) over `support` and
+    /// computes the kernel spectra for `nq x nk` heads of dimension `d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        coeffs: &[f64],
+        (nq, nk, d): (usize, usize, usize),
+        with_dw: bool,
         support: &[(usize, usize)],
         seqs: ArrayView2<f64>,
         factor: &[f64],
         scale: f64,
-        limits: &FastLimits,
+        max_terms: usize,
     ) -> Result<Self> {
-        let FastShape { nq, nk, d, .. } = plan.shape;
-        if nq == 0 || nk == 0 {
-            return Err(Error::Value(format!(
-                "fast backward kernel: expected nq, nk >= 1, got ({nq}, {nk})"
-            )));
-        }
+        let (stats, fstats) = backward_factor_stats(nq, nk, support, seqs, factor, scale)?;
         let glen = nq + nk - 1;
-        if factor.len() != glen || factor.iter().any(|f| !(f.is_finite() && *f >= 0.0)) {
-            return Err(Error::Value(format!(
-                "factor: expected {glen} finite values >= 0, got {} values",
-                factor.len()
-            )));
-        }
-        if seqs.shape() != [support.len(), glen] || seqs.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Value(format!(
-                "seqs: expected finite values of shape ({}, {glen}), got {:?}",
-                support.len(),
-                seqs.shape()
-            )));
-        }
-        if !scale.is_finite() {
-            return Err(Error::Value(format!(
-                "scale: expected a finite value, got {scale}"
-            )));
-        }
         let w_norms = WNorms::new(d, support, seqs, factor)?;
         let masses = row_masses(nq, nk, factor);
-        let zero = crate::poly::ScoreBound {
-            r: 0.0,
-            r_abs: 0.0,
-            spectral: 0.0,
-            blocks: 0.0,
-        };
-        let stats = FastBounds::from_parts(zero, 0.0, nq, nk, factor);
-        let fstats = FactorStats::new(nq, nk, factor)?;
-        let pb = &plan.bounds;
-        if stats.factor_sum > pb.factor_sum
-            || stats.factor_norm2 > pb.factor_norm2
-            || stats.min_row_mass < pb.min_row_mass
-            || !fstats.within(&plan.fstats)
-        {
-            return Err(Error::Approximation(
-                "fast backward kernel: the mask/bias factor is outside the bounds its plan certified"
-                    .into(),
-            ));
-        }
-        let expansion =
-            Expansion::build(support, d, &plan.poly.coeffs, scale, true, limits.max_terms)?;
-        let terms = TermTable::new(&expansion, support, &plan.poly.coeffs, scale)?;
+        let expansion = Expansion::build(support, d, coeffs, scale, true, max_terms)?;
+        let terms = TermTable::new(&expansion, support, coeffs, scale)?;
         let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
         let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
         let seqs_c: Vec<f64> = seqs.iter().copied().collect();
@@ -853,9 +840,9 @@ impl BackwardKernel {
         let beta_minus = minus_table(&expansion.betas)?;
         let (mut dexp, mut d_inf, mut links, mut d_max_terms) = (None, Vec::new(), Vec::new(), 0);
         let mut dterms = None;
-        if plan.want.dw && plan.poly.degree > 0 {
-            let dc = derivative_coeffs(&plan.poly.coeffs);
-            let de = Expansion::build(support, d, &dc, scale, true, limits.max_terms)?;
+        if with_dw && coeffs.len() > 1 {
+            let dc = derivative_coeffs(coeffs);
+            let de = Expansion::build(support, d, &dc, scale, true, max_terms)?;
             let dt = TermTable::new(&de, support, &dc, scale)?;
             let a_ix: HashMap<&[u16], usize> = expansion
                 .alphas
@@ -907,8 +894,10 @@ impl BackwardKernel {
             dexp = Some(de);
             dterms = Some(dt);
         }
-        Ok(BackwardKernel {
-            plan: plan.clone(),
+        Ok(BackwardSpectra {
+            shape: (nq, nk, d),
+            coeffs: coeffs.to_vec(),
+            with_dw,
             toeplitz,
             expansion,
             dexp,
@@ -930,7 +919,157 @@ impl BackwardKernel {
             masses,
             seqs: seqs_c,
             factor: factor.to_vec(),
+            stats,
+            fstats,
         })
+    }
+
+    /// Bytes held (kernel spectra, norms, the copies of the sequences and the factor, the FFT
+    /// plan's buffers, the expansions' tables).
+    pub fn bytes(&self) -> usize {
+        let idx = |l: &[Vec<u16>]| l.iter().map(|m| 24 + 2 * m.len()).sum::<usize>();
+        let exp = |e: &Expansion| {
+            idx(&e.alphas) + idx(&e.betas) + 64 * e.pairs.len() + 96 * e.counts().terms
+        };
+        let minus = |t: &[Minus]| t.iter().map(|m| 24 + 24 * m.len()).sum::<usize>();
+        let table = |t: &TermTable| {
+            t.pairs
+                .iter()
+                .map(|p| 24 + p.iter().map(|x| 40 + 16 * x.1.len()).sum::<usize>())
+                .sum::<usize>()
+        };
+        std::mem::size_of::<Block>() * self.spectra.len()
+            + 32 * self.norms.len()
+            + 8 * (self.masses.len() + self.seqs.len() + self.factor.len())
+            + 8 * (self.d_inf.len() + self.links.len())
+            + 16 * self.toeplitz.fft_len()
+            + exp(&self.expansion)
+            + self.dexp.as_ref().map_or(0, exp)
+            + table(&self.terms)
+            + self.dterms.as_ref().map_or(0, table)
+            + minus(&self.alpha_minus)
+            + minus(&self.beta_minus)
+            + 8 * (self.by_alpha.len() + self.by_beta.len() + self.norms.len())
+    }
+}
+
+/// Checks the inputs of a backward kernel; returns the factor's statistics.
+fn backward_factor_stats(
+    nq: usize,
+    nk: usize,
+    support: &[(usize, usize)],
+    seqs: ArrayView2<f64>,
+    factor: &[f64],
+    scale: f64,
+) -> Result<(FastBounds, FactorStats)> {
+    if nq == 0 || nk == 0 {
+        return Err(Error::Value(format!(
+            "fast backward kernel: expected nq, nk >= 1, got ({nq}, {nk})"
+        )));
+    }
+    let glen = nq + nk - 1;
+    if factor.len() != glen || factor.iter().any(|f| !(f.is_finite() && *f >= 0.0)) {
+        return Err(Error::Value(format!(
+            "factor: expected {glen} finite values >= 0, got {} values",
+            factor.len()
+        )));
+    }
+    if seqs.shape() != [support.len(), glen] || seqs.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Value(format!(
+            "seqs: expected finite values of shape ({}, {glen}), got {:?}",
+            support.len(),
+            seqs.shape()
+        )));
+    }
+    if !scale.is_finite() {
+        return Err(Error::Value(format!(
+            "scale: expected a finite value, got {scale}"
+        )));
+    }
+    let zero = crate::poly::ScoreBound {
+        r: 0.0,
+        r_abs: 0.0,
+        spectral: 0.0,
+        blocks: 0.0,
+    };
+    let stats = FastBounds::from_parts(zero, 0.0, nq, nk, factor);
+    Ok((stats, FactorStats::new(nq, nk, factor)?))
+}
+
+/// Refuses a mask/bias factor outside the bounds `plan` certified.
+fn check_backward_factor(
+    plan: &BackwardPlan,
+    stats: &FastBounds,
+    fstats: &FactorStats,
+) -> Result<()> {
+    let pb = &plan.bounds;
+    if stats.factor_sum > pb.factor_sum
+        || stats.factor_norm2 > pb.factor_norm2
+        || stats.min_row_mass < pb.min_row_mass
+        || !fstats.within(&plan.fstats)
+    {
+        return Err(Error::Approximation(
+            "fast backward kernel: the mask/bias factor is outside the bounds its plan certified"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl BackwardKernel {
+    /// Expands `plan.poly` (and `p'` for dw) over `support` and computes the kernel spectra.
+    /// `seqs` (`|S| x glen`) and `factor` must be those the plan's bounds came from.
+    pub fn new(
+        plan: &BackwardPlan,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        limits: &FastLimits,
+    ) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        // The cheap checks first, so a mismatched factor is refused before any FFT.
+        let (stats, fstats) = backward_factor_stats(nq, nk, support, seqs, factor, scale)?;
+        check_backward_factor(plan, &stats, &fstats)?;
+        let s = BackwardSpectra::build(
+            &plan.poly.coeffs,
+            (nq, nk, d),
+            plan.want.dw,
+            support,
+            seqs,
+            factor,
+            scale,
+            limits.max_terms,
+        )?;
+        Self::with_spectra(plan, Arc::new(s))
+    }
+
+    /// Pairs `plan` with spectra built for its polynomial, shape and dw-ness (e.g. from the
+    /// cache); refuses others, or a mask/bias factor outside the plan's bounds.
+    pub fn with_spectra(plan: &BackwardPlan, s: Arc<BackwardSpectra>) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        let same_poly = s.coeffs.len() == plan.poly.coeffs.len()
+            && s.coeffs
+                .iter()
+                .zip(&plan.poly.coeffs)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if s.shape != (nq, nk, d) || !same_poly || s.with_dw != plan.want.dw {
+            return Err(Error::Value(
+                "fast backward kernel: spectra of another polynomial, shape or gradient set than \
+                 the plan's"
+                    .into(),
+            ));
+        }
+        check_backward_factor(plan, &s.stats, &s.fstats)?;
+        Ok(BackwardKernel {
+            plan: plan.clone(),
+            s,
+        })
+    }
+
+    /// The spectra this kernel applies (shared with the cache and other calls).
+    pub fn spectra(&self) -> &Arc<BackwardSpectra> {
+        &self.s
     }
 
     pub fn plan(&self) -> &BackwardPlan {
@@ -938,7 +1077,7 @@ impl BackwardKernel {
     }
 
     pub fn expansion(&self) -> &Expansion {
-        &self.expansion
+        &self.s.expansion
     }
 
     pub fn report(&self, cert: GradCertificate) -> BackwardReport {
@@ -954,14 +1093,14 @@ impl BackwardKernel {
             n_alpha: c.n_alpha,
             n_beta: c.n_beta,
             n_pairs: c.n_pairs,
-            fft_len: self.toeplitz.fft_len(),
+            fft_len: self.s.toeplitz.fft_len(),
             cert,
         }
     }
 
     /// A zeroed correlation accumulator (for dw/dbias), shared by the heads of this kernel.
     pub fn accumulator(&self) -> Result<CorrelationAccumulator> {
-        let n = spectrum_blocks(self.toeplitz.fft_len()) * self.expansion.pairs.len();
+        let n = spectrum_blocks(self.s.toeplitz.fft_len()) * self.s.expansion.pairs.len();
         Ok(CorrelationAccumulator {
             blocks: try_filled(n, ZERO_BLOCK, "correlation spectra")?,
         })
@@ -980,23 +1119,32 @@ impl BackwardKernel {
         psums: Option<&PSums>,
     ) -> Result<GradCertificate> {
         let FastShape { nq, nk, dv, .. } = self.plan.shape;
-        let head = self.w_norms.bound(&self.support, q, k, self.scale);
+        let head = self.s.w_norms.bound(&self.s.support, q, k, self.s.scale);
         let v_max = max_abs(v.iter());
         let pb = &self.plan.bounds;
-        let gb = GradBounds::new(&self.w_norms, &self.support, self.scale, q, k, v, dout);
+        let gb = GradBounds::new(
+            &self.s.w_norms,
+            &self.s.support,
+            self.s.scale,
+            q,
+            k,
+            v,
+            dout,
+        );
         let ps = match psums {
             Some(p) => *p,
             None => {
-                let seqs = ArrayView2::from_shape((self.support.len(), nq + nk - 1), &self.seqs)
-                    .map_err(|e| Error::Value(format!("seqs: {e}")))?;
+                let seqs =
+                    ArrayView2::from_shape((self.s.support.len(), nq + nk - 1), &self.s.seqs)
+                        .map_err(|e| Error::Value(format!("seqs: {e}")))?;
                 let want = self.plan.want;
                 PSums::from_data(
                     q,
                     k,
-                    self.scale,
-                    &self.support,
+                    self.s.scale,
+                    &self.s.support,
                     seqs,
-                    &self.factor,
+                    &self.s.factor,
                     self.plan.bounds.r,
                     &self.plan.fstats,
                     want.dw || want.db,
@@ -1035,23 +1183,23 @@ impl BackwardKernel {
             }
             out
         };
-        let dq_max = minus_max(&self.alpha_minus, &q_norms);
-        let dk_max = minus_max(&self.beta_minus, &k_norms);
+        let dq_max = minus_max(&self.s.alpha_minus, &q_norms);
+        let dk_max = minus_max(&self.s.beta_minus, &k_norms);
         let kn = KernelNorms {
-            e: &self.expansion,
-            pair_norms: &self.norms,
-            pair_inf: &self.pair_inf,
-            by_alpha: &self.by_alpha,
-            by_beta: &self.by_beta,
-            d_inf: &self.d_inf,
-            links: &self.links,
-            d_pairs: self.dexp.as_ref().map_or(0, |e| e.pairs.len()),
-            d_max_terms: self.d_max_terms,
-            ns: self.support.len(),
-            fft_len: self.toeplitz.fft_len(),
+            e: &self.s.expansion,
+            pair_norms: &self.s.norms,
+            pair_inf: &self.s.pair_inf,
+            by_alpha: &self.s.by_alpha,
+            by_beta: &self.s.by_beta,
+            d_inf: &self.s.d_inf,
+            links: &self.s.links,
+            d_pairs: self.s.dexp.as_ref().map_or(0, |e| e.pairs.len()),
+            d_max_terms: self.s.d_max_terms,
+            ns: self.s.support.len(),
+            fft_len: self.s.toeplitz.fft_len(),
             nq,
             nk,
-            scale: self.scale,
+            scale: self.s.scale,
             h_terms: (dv + 1) * self.plan.heads,
         };
         let mn = MonomialNorms {
@@ -1136,7 +1284,7 @@ impl BackwardKernel {
                     .into(),
             ));
         }
-        let e = &self.expansion;
+        let e = &self.s.expansion;
         let (qa, kb) = (
             Expansion::monomials(&e.alphas, q),
             Expansion::monomials(&e.betas, k),
@@ -1158,7 +1306,7 @@ impl BackwardKernel {
         // Spectra buffers shared by the two passes (pass 1: key spectra in `nb_buf`, per-α
         // accumulators in `na_buf`; pass 2: query spectra in `na_buf`, per-β accumulators in
         // `nb_buf`), so fresh pages are faulted in once.
-        let h = self.toeplitz.spectrum_len();
+        let h = self.s.toeplitz.spectrum_len();
         let tile = self.plan.column_tile.clamp(1, cols);
         let zero = C64::new(0.0, 0.0);
         let (na, nb) = (e.alphas.len(), e.betas.len());
@@ -1171,7 +1319,7 @@ impl BackwardKernel {
         let mut at = vec![0.0; cols * nq];
         let mut dq = Array2::<f64>::zeros((nq, d));
         for i in 0..nq {
-            if self.masses[i] <= 0.0 {
+            if self.s.masses[i] <= 0.0 {
                 continue; // no visible key: no gradient flows through this row
             }
             let den = numer[dv * nq + i];
@@ -1227,7 +1375,7 @@ impl BackwardKernel {
 
     /// Frequency-block groups for the block stages: a few per thread for load balance.
     fn block_groups(&self) -> (usize, usize) {
-        let nblk = spectrum_blocks(self.toeplitz.fft_len());
+        let nblk = spectrum_blocks(self.s.toeplitz.fft_len());
         ((4 * threads()).clamp(1, nblk), nblk)
     }
 
@@ -1241,9 +1389,9 @@ impl BackwardKernel {
         acc: &mut [C64],
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let FastShape { nq, nk, d, dv } = self.plan.shape;
-        let e = &self.expansion;
+        let e = &self.s.expansion;
         let (na, nb) = (e.alphas.len(), e.betas.len());
-        let tp = &self.toeplitz;
+        let tp = &self.s.toeplitz;
         let h = tp.spectrum_len();
         let cols = dv + 1;
         let tile = self.plan.column_tile.clamp(1, cols);
@@ -1272,7 +1420,7 @@ impl BackwardKernel {
             // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c (the forward's block stage).
             let st = Stage2 {
                 e,
-                spectra: &self.spectra,
+                spectra: &self.s.spectra,
                 xs,
                 h,
                 tile,
@@ -1298,7 +1446,7 @@ impl BackwardKernel {
                             for ((o, zi), qi) in dst.iter_mut().zip(z).zip(qalpha) {
                                 *o += qi * zi;
                             }
-                            for &(l, m, idx) in &self.alpha_minus[alpha] {
+                            for &(l, m, idx) in &self.s.alpha_minus[alpha] {
                                 let qm = &qa[idx * nq..(idx + 1) * nq];
                                 for ((o, zi), qi) in
                                     ydst[l * nq..(l + 1) * nq].iter_mut().zip(z).zip(qm)
@@ -1328,9 +1476,9 @@ impl BackwardKernel {
         acc: &mut [C64],
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let FastShape { nq, nk, d, dv } = self.plan.shape;
-        let e = &self.expansion;
+        let e = &self.s.expansion;
         let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
-        let tp = &self.toeplitz;
+        let tp = &self.s.toeplitz;
         let h = tp.spectrum_len();
         let cols = dv + 1;
         let tile = self.plan.column_tile.clamp(1, cols);
@@ -1389,7 +1537,7 @@ impl BackwardKernel {
             // (2) Ŵ_β,c = Σ_α Ĉ_αβ Q̂_α,c, and Ĥ_p += Σ_c Q̂_α,c X̂_β,c, by frequency blocks.
             let st = StageT {
                 e,
-                spectra: &self.spectra,
+                spectra: &self.s.spectra,
                 qs,
                 ks: if hacc { Some(&ks) } else { None },
                 h,
@@ -1445,7 +1593,7 @@ impl BackwardKernel {
                             for ((o, wj), kj) in dst.iter_mut().zip(wbuf.iter()).zip(kbeta) {
                                 *o += kj * wj;
                             }
-                            for &(l, m, idx) in &self.beta_minus[beta] {
+                            for &(l, m, idx) in &self.s.beta_minus[beta] {
                                 let km = &kb[idx * nk..(idx + 1) * nk];
                                 for ((o, wj), kj) in edst[l * nk..(l + 1) * nk]
                                     .iter_mut()
@@ -1473,9 +1621,9 @@ impl BackwardKernel {
         let FastShape { nq, nk, .. } = self.plan.shape;
         let glen = nq + nk - 1;
         let want = self.plan.want;
-        let e = &self.expansion;
+        let e = &self.s.expansion;
         let np = e.pairs.len();
-        let tp = &self.toeplitz;
+        let tp = &self.s.toeplitz;
         let (n, h) = (tp.fft_len(), tp.spectrum_len());
         let nblk = spectrum_blocks(n);
         if corr.blocks.len() != nblk * np {
@@ -1519,19 +1667,19 @@ impl BackwardKernel {
             }
         }
         // (2) Contractions over chunks of diagonals (fixed chunks: thread-count independent).
-        let ns = self.support.len();
+        let ns = self.s.support.len();
         const CHUNK: usize = 64 * BLOCK; // diagonals per chunk, a whole number of blocks
         let chunks: Vec<Range<usize>> = (0..glen)
             .step_by(CHUNK)
             .map(|g0| g0..(g0 + CHUNK).min(glen))
             .collect();
         let blocks = &corr.blocks;
-        let scale = self.scale;
+        let scale = self.s.scale;
         let parts: Vec<(Vec<f64>, Vec<f64>)> = chunks
             .par_iter()
             .map(|r| {
                 let clen = r.len();
-                let fac = &self.factor[r.clone()];
+                let fac = &self.s.factor[r.clone()];
                 let (mut kern, mut tmp) = (vec![0.0; clen], vec![0.0; clen]);
                 let hp = |p: usize, dst: &mut Vec<f64>| {
                     dst.clear();
@@ -1545,8 +1693,15 @@ impl BackwardKernel {
                 if want.db {
                     db = vec![0.0; clen];
                     for p in 0..np {
-                        self.terms
-                            .kernel(p, &self.seqs, glen, r.start, fac, &mut kern, &mut tmp);
+                        self.s.terms.kernel(
+                            p,
+                            &self.s.seqs,
+                            glen,
+                            r.start,
+                            fac,
+                            &mut kern,
+                            &mut tmp,
+                        );
                         hp(p, &mut hbuf);
                         for ((o, c), x) in db.iter_mut().zip(&kern).zip(&hbuf) {
                             *o += c * x;
@@ -1556,11 +1711,11 @@ impl BackwardKernel {
                 let mut dw = Vec::new();
                 if want.dw {
                     dw = vec![0.0; ns * clen];
-                    if let (Some(de), Some(dt)) = (&self.dexp, &self.dterms) {
+                    if let (Some(de), Some(dt)) = (&self.s.dexp, &self.s.dterms) {
                         for pd in 0..de.pairs.len() {
-                            dt.kernel(pd, &self.seqs, glen, r.start, fac, &mut kern, &mut tmp);
+                            dt.kernel(pd, &self.s.seqs, glen, r.start, fac, &mut kern, &mut tmp);
                             for s in 0..ns {
-                                hp(self.links[pd * ns + s], &mut hbuf);
+                                hp(self.s.links[pd * ns + s], &mut hbuf);
                                 for ((o, c), x) in dw[s * clen..(s + 1) * clen]
                                     .iter_mut()
                                     .zip(&kern)

@@ -564,3 +564,126 @@ fn timing_backward_one_head() {
         }
     }
 }
+
+/// The certified backward plan of one head (as [`fast_backward_head`] makes it).
+fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
+    use super::backward_certify::{FactorStats, GradBounds, PSums};
+    let p = o.prob();
+    let (nq, nk, d, dv) = (p.nq(), p.nk(), p.d(), p.dv());
+    let bounds = FastBounds::from_problem(&p).unwrap();
+    let norms = WNorms::new(d, p.support, p.seqs, p.factor).unwrap();
+    let grad = GradBounds::new(&norms, p.support, p.scale, p.q, p.k, p.v, o.dout());
+    let fstats = FactorStats::new(nq, nk, p.factor).unwrap();
+    let psums = PSums::from_data(
+        p.q,
+        p.k,
+        p.scale,
+        p.support,
+        p.seqs,
+        p.factor,
+        bounds.r,
+        &fstats,
+        want.dw || want.db,
+    )
+    .unwrap();
+    let req = BackwardRequest {
+        shape: FastShape { nq, nk, d, dv },
+        support: p.support,
+        bounds,
+        grad,
+        fstats,
+        psums,
+        eps: Grad5::splat(eps),
+        want,
+        out_rel: 0.0,
+        heads: 1,
+    };
+    backward_plan(&req, &FastLimits::default(), None).unwrap()
+}
+
+#[test]
+fn cached_backward_spectra_give_bitwise_identical_gradients() {
+    let a = rotary(45, 52, 2, 3, 2, 0.8, 61);
+    let lim = FastLimits::default();
+    let c = cache::KernelCache::new(1 << 30);
+    let bits = |x: &Array2<f64>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for want in [
+        Want {
+            dw: false,
+            db: false,
+        },
+        ALL,
+    ] {
+        let plan = backward_plan_of(&a, 1e-3, want);
+        let p = a.prob();
+        let run = |k: &BackwardKernel| {
+            let mut acc = (want.dw || want.db).then(|| k.accumulator().unwrap());
+            let h = k
+                .apply(p.q, p.k, p.v, a.dout(), acc.as_mut(), None)
+                .unwrap();
+            let fin = acc.map(|x| k.finish(x).unwrap());
+            (h, fin)
+        };
+        let fresh =
+            BackwardKernel::new(&plan, &a.support, p.seqs, &a.factor, a.scale, &lim).unwrap();
+        let kind = if want.dw { "backward+dw" } else { "backward" };
+        let key = || {
+            cache::KernelKey::new(
+                kind,
+                45,
+                52,
+                2,
+                &a.support,
+                a.scale,
+                &plan.poly.coeffs,
+                p.seqs,
+                &a.factor,
+            )
+        };
+        let build = || {
+            let s = BackwardSpectra::build(
+                &plan.poly.coeffs,
+                (45, 52, 2),
+                want.dw,
+                &a.support,
+                p.seqs,
+                &a.factor,
+                a.scale,
+                lim.max_terms,
+            )?;
+            let b = s.bytes();
+            Ok((s, b))
+        };
+        let h0 = c.info().hits;
+        c.get_or_build(key(), usize::MAX, build).unwrap();
+        let shared = c.get_or_build(key(), usize::MAX, build).unwrap();
+        assert_eq!(c.info().hits, h0 + 1);
+        let hit = BackwardKernel::with_spectra(&plan, shared).unwrap();
+        let (g0, f0) = run(&fresh);
+        let (g1, f1) = run(&hit);
+        for (x, y) in [
+            (&g0.dq, &g1.dq),
+            (&g0.dk, &g1.dk),
+            (&g0.dv, &g1.dv),
+            (&g0.out, &g1.out),
+        ] {
+            assert_eq!(bits(x), bits(y));
+        }
+        assert_eq!(g0.cert, g1.cert);
+        if let (Some((dw0, db0)), Some((dw1, db1))) = (f0, f1) {
+            assert_eq!(bits(&dw0.unwrap()), bits(&dw1.unwrap()));
+            assert_eq!(db0, db1);
+        }
+        // Spectra built without dw do not serve a plan that wants it (and vice versa).
+        let other = Want {
+            dw: !want.dw,
+            db: want.db,
+        };
+        let plan_other = backward_plan_of(&a, 1e-3, other);
+        if plan_other.poly.coeffs == plan.poly.coeffs {
+            let s = c.get_or_build(key(), usize::MAX, build).unwrap();
+            assert!(BackwardKernel::with_spectra(&plan_other, s).is_err());
+        }
+    }
+    assert_eq!(c.info().entries, 2);
+}

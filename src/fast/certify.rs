@@ -353,10 +353,28 @@ pub fn data_rounding(
     1.01 * total
 }
 
+/// The radius Chebyshev polynomials are built on for a score bound `r`: `r` rounded up to 7
+/// significant bits (at most 1/64 larger, exact in binary). A polynomial certified on
+/// `[-snap(r), snap(r)]` is certified on `[-r, r]`; its coefficients, and hence the kernel
+/// spectra, are then the same for every call whose data-dependent `R` falls in the same step,
+/// which is what lets the kernel cache ([`super::cache`]) hit across training steps.
+pub fn snap_radius(r: f64) -> f64 {
+    if !(r.is_finite() && r > 0.0) {
+        return r;
+    }
+    let step = 2f64.powi(r.log2().floor() as i32 - 6);
+    let snapped = (r / step).ceil() * step;
+    if snapped >= r {
+        snapped
+    } else {
+        snapped + step
+    }
+}
+
 /// The least-degree plan whose certified error is at most `eps`, or `Error::Approximation` with
 /// the reason (degree cap, term limit, memory limit, or rounding beyond `eps`).
 ///
-/// At each degree Taylor is tried before Chebyshev; a polynomial is kept when its approximation
+/// At each degree Taylor is tried before Chebyshev (on [`snap_radius`]`(R)`, then on `R`); a polynomial is kept when its approximation
 /// error *and* the rounding bound together fit `eps`. Rounding grows with the degree (larger
 /// `Σ|c_t| R_abs^t` and more terms), so once it alone exceeds `eps` for both kinds we stop.
 pub fn fast_plan(
@@ -400,8 +418,19 @@ pub fn fast_plan(
             );
             break;
         }
-        let mut rounding_too_large = 0;
-        for poly in [taylor(bounds.r, degree)?, chebyshev(bounds.r, degree)?] {
+        let (mut rounding_too_large, mut tried) = (0, 0);
+        let snapped = snap_radius(bounds.r);
+        for which in 0..3 {
+            // Taylor's coefficients do not depend on R; Chebyshev's are built on the snapped
+            // radius first (so that calls whose R differs in the last bits share kernel spectra
+            // in the cache), then, should that fail at this degree, on R itself.
+            let poly = match which {
+                0 => taylor(bounds.r, degree)?,
+                1 => chebyshev(snapped, degree)?,
+                _ if snapped != bounds.r => chebyshev(bounds.r, degree)?,
+                _ => continue,
+            };
+            tried += 1;
             let approx = bounds.v_max * 2.0 * poly.rho / (1.0 - poly.rho);
             if poly.rho.is_nan() || poly.rho >= 1.0 || approx > eps {
                 why = format!(
@@ -448,7 +477,7 @@ pub fn fast_plan(
                 plan.fft_len
             );
         }
-        if rounding_too_large == 2 {
+        if rounding_too_large == tried {
             break;
         }
     }

@@ -32,12 +32,15 @@ use crate::poly::{PolyKind, ScoreBound, WNorms, U};
 use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// The per-(W, scale, mask/bias, shape, plan) half of the fast method: the expansion and the
-/// kernel spectra `Ĉ_αβ`. Build once, [`apply`](FastKernel::apply) to every head.
-pub struct FastKernel {
-    plan: FastPlan,
+/// What the kernel spectra depend on and nothing else: the polynomial's coefficients, the
+/// support, the diagonal sequences, the mask/bias factor, the scale and `(nq, nk, d)` — not the
+/// data-dependent bounds of a plan. Shared (`Arc`) by every call with the same inputs through
+/// [`super::cache`]; a [`FastKernel`] pairs it with one call's plan.
+pub struct FastSpectra {
+    shape: (usize, usize, usize),
+    coeffs: Vec<f64>,
     toeplitz: ToeplitzPlan,
     expansion: Expansion,
     /// `[block][pair]`, each kernel spectrum scaled by `1/N` (the inverse FFT's normalisation).
@@ -49,6 +52,127 @@ pub struct FastKernel {
     w_norms: WNorms,
     /// Per query row, a lower bound on its visible mass (`0.0`: no visible key).
     masses: Vec<f64>,
+    /// The factor's statistics (`factor_sum`, `factor_norm2`, `min_row_mass`; the rest zero).
+    stats: FastBounds,
+}
+
+/// Checks the inputs of a kernel and returns the factor's statistics.
+fn factor_stats(
+    nq: usize,
+    nk: usize,
+    seqs: ArrayView2<f64>,
+    factor: &[f64],
+    scale: f64,
+) -> Result<FastBounds> {
+    if nq == 0 || nk == 0 {
+        return Err(Error::Value(format!(
+            "fast kernel: expected nq, nk >= 1, got ({nq}, {nk})"
+        )));
+    }
+    let glen = nq + nk - 1;
+    if factor.len() != glen || factor.iter().any(|f| !(f.is_finite() && *f >= 0.0)) {
+        return Err(Error::Value(format!(
+            "factor: expected {glen} finite values >= 0, got {} values",
+            factor.len()
+        )));
+    }
+    if seqs.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Value(
+            "seqs: expected finite values, got inf or nan".into(),
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(Error::Value(format!(
+            "scale: expected a finite value, got {scale}"
+        )));
+    }
+    let zero = ScoreBound {
+        r: 0.0,
+        r_abs: 0.0,
+        spectral: 0.0,
+        blocks: 0.0,
+    };
+    Ok(FastBounds::from_parts(zero, 0.0, nq, nk, factor))
+}
+
+impl FastSpectra {
+    /// Expands the polynomial `coeffs` over `support` and computes the kernel spectra for
+    /// `nq x nk` heads of dimension `d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        coeffs: &[f64],
+        (nq, nk, d): (usize, usize, usize),
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        max_terms: usize,
+        grouped: bool,
+    ) -> Result<Self> {
+        let stats = factor_stats(nq, nk, seqs, factor, scale)?;
+        let glen = nq + nk - 1;
+        let w_norms = WNorms::new(d, support, seqs, factor)?;
+        let masses = row_masses(nq, nk, factor);
+        let expansion = Expansion::build(support, d, coeffs, scale, grouped, max_terms)?;
+        let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
+        let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
+        let seqs_c: Vec<f64> = seqs.iter().copied().collect();
+        let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
+        let mut ws = toeplitz.make_scratch();
+        let (mut kern, mut tmp) = (vec![0.0; glen], vec![0.0; glen]);
+        let mut spec = vec![C64::new(0.0, 0.0); toeplitz.spectrum_len()];
+        let mut norms = Vec::with_capacity(np);
+        for p in 0..np {
+            let mass = expansion.kernel(p, &seqs_c, factor, &mut kern, &mut tmp);
+            let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
+            let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+            // Summation rounding of the norms themselves, so they stay upper bounds.
+            let up = 1.0 + (glen + 2) as f64 * U;
+            norms.push([l1 * up, l2 * up, mass * up]);
+            toeplitz.kernel_spectrum(&kern, &mut spec, &mut ws)?;
+            scatter(std::slice::from_ref(&spec), &mut spectra[p..], np);
+        }
+        Ok(FastSpectra {
+            shape: (nq, nk, d),
+            coeffs: coeffs.to_vec(),
+            toeplitz,
+            expansion,
+            spectra,
+            norms,
+            support: support.to_vec(),
+            scale,
+            w_norms,
+            masses,
+            stats,
+        })
+    }
+
+    /// Bytes held (kernel spectra, norms, masses, the FFT plan's buffers, the expansion).
+    pub fn bytes(&self) -> usize {
+        let e = &self.expansion;
+        let idx = |l: &[Vec<u16>]| l.iter().map(|m| 24 + 2 * m.len()).sum::<usize>();
+        std::mem::size_of::<Block>() * self.spectra.len()
+            + 24 * self.norms.len()
+            + 8 * self.masses.len()
+            + 16 * self.toeplitz.fft_len()
+            + idx(&e.alphas)
+            + idx(&e.betas)
+            + 64 * e.pairs.len()
+            + 96 * e.counts().terms
+            + 16 * self.support.len()
+    }
+
+    pub fn expansion(&self) -> &Expansion {
+        &self.expansion
+    }
+}
+
+/// The per-call half of the fast method: a call's certified plan and the (possibly cached,
+/// shared) [`FastSpectra`] for its polynomial. Build once, [`apply`](FastKernel::apply) to every
+/// head; each head is checked against *this* plan's bounds and certified from its own data.
+pub struct FastKernel {
+    plan: FastPlan,
+    spectra: Arc<FastSpectra>,
     /// Key-spectra and accumulator buffers of finished `apply` calls, for the next ones.
     pool: Mutex<Vec<(Vec<C64>, Vec<C64>)>>,
 }
@@ -78,82 +202,41 @@ impl FastKernel {
         grouped: bool,
     ) -> Result<Self> {
         let FastShape { nq, nk, d, .. } = plan.shape;
-        if nq == 0 || nk == 0 {
-            return Err(Error::Value(format!(
-                "fast kernel: expected nq, nk >= 1, got ({nq}, {nk})"
-            )));
-        }
-        let glen = nq + nk - 1;
-        if factor.len() != glen || factor.iter().any(|f| !(f.is_finite() && *f >= 0.0)) {
-            return Err(Error::Value(format!(
-                "factor: expected {glen} finite values >= 0, got {} values",
-                factor.len()
-            )));
-        }
-        if seqs.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Value(
-                "seqs: expected finite values, got inf or nan".into(),
-            ));
-        }
-        if !scale.is_finite() {
-            return Err(Error::Value(format!(
-                "scale: expected a finite value, got {scale}"
-            )));
-        }
-        let w_norms = WNorms::new(d, support, seqs, factor)?;
-        let masses = row_masses(nq, nk, factor);
-        let zero = ScoreBound {
-            r: 0.0,
-            r_abs: 0.0,
-            spectral: 0.0,
-            blocks: 0.0,
-        };
-        let stats = FastBounds::from_parts(zero, 0.0, nq, nk, factor);
-        let pb = &plan.bounds;
-        if stats.factor_sum > pb.factor_sum
-            || stats.factor_norm2 > pb.factor_norm2
-            || stats.min_row_mass < pb.min_row_mass
-        {
-            return Err(Error::Approximation(
-                "fast kernel: the mask/bias factor is outside the bounds its plan certified".into(),
-            ));
-        }
-        let expansion = Expansion::build(
-            support,
-            d,
+        // The cheap checks first, so a mismatched factor is refused before any FFT.
+        check_factor(plan, &factor_stats(nq, nk, seqs, factor, scale)?)?;
+        let spectra = FastSpectra::build(
             &plan.poly.coeffs,
+            (nq, nk, d),
+            support,
+            seqs,
+            factor,
             scale,
-            grouped,
             limits.max_terms,
+            grouped,
         )?;
-        let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
-        let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
-        let seqs_c: Vec<f64> = seqs.iter().copied().collect();
-        let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
-        let mut ws = toeplitz.make_scratch();
-        let (mut kern, mut tmp) = (vec![0.0; glen], vec![0.0; glen]);
-        let mut spec = vec![C64::new(0.0, 0.0); toeplitz.spectrum_len()];
-        let mut norms = Vec::with_capacity(np);
-        for p in 0..np {
-            let mass = expansion.kernel(p, &seqs_c, factor, &mut kern, &mut tmp);
-            let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
-            let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
-            // Summation rounding of the norms themselves, so they stay upper bounds.
-            let up = 1.0 + (glen + 2) as f64 * U;
-            norms.push([l1 * up, l2 * up, mass * up]);
-            toeplitz.kernel_spectrum(&kern, &mut spec, &mut ws)?;
-            scatter(std::slice::from_ref(&spec), &mut spectra[p..], np);
+        Self::with_spectra(plan, Arc::new(spectra))
+    }
+
+    /// Pairs `plan` with spectra built for its polynomial and shape (e.g. from the cache);
+    /// refuses spectra of another polynomial or shape, or whose mask/bias factor is outside the
+    /// plan's bounds.
+    pub fn with_spectra(plan: &FastPlan, spectra: Arc<FastSpectra>) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        let same_poly = spectra.coeffs.len() == plan.poly.coeffs.len()
+            && spectra
+                .coeffs
+                .iter()
+                .zip(&plan.poly.coeffs)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if spectra.shape != (nq, nk, d) || !same_poly {
+            return Err(Error::Value(
+                "fast kernel: spectra of another polynomial or shape than the plan's".into(),
+            ));
         }
+        check_factor(plan, &spectra.stats)?;
         Ok(FastKernel {
             plan: plan.clone(),
-            toeplitz,
-            expansion,
             spectra,
-            norms,
-            support: support.to_vec(),
-            scale,
-            w_norms,
-            masses,
             pool: Mutex::new(Vec::new()),
         })
     }
@@ -163,7 +246,12 @@ impl FastKernel {
     }
 
     pub fn expansion(&self) -> &Expansion {
-        &self.expansion
+        &self.spectra.expansion
+    }
+
+    /// The spectra this kernel applies (shared with the cache and other calls).
+    pub fn spectra(&self) -> &Arc<FastSpectra> {
+        &self.spectra
     }
 
     /// One head: `q` (`nq x d`), `k` (`nk x d`), `v` (`nk x dv`), with bounds within the plan's.
@@ -187,7 +275,10 @@ impl FastKernel {
                 )));
             }
         }
-        let head = self.w_norms.bound(&self.support, q, k, self.scale);
+        let head = self
+            .spectra
+            .w_norms
+            .bound(&self.spectra.support, q, k, self.spectra.scale);
         let v_max = max_abs(v.iter());
         let pb = &self.plan.bounds;
         if head.r > pb.r || head.r_abs > pb.r_abs || v_max > pb.v_max {
@@ -197,7 +288,7 @@ impl FastKernel {
                 head.r, head.r_abs, v_max, pb.r, pb.r_abs, pb.v_max
             )));
         }
-        let e = &self.expansion;
+        let e = &self.spectra.expansion;
         // Row-major n_index x n, so rows are contiguous slices.
         let (qa, kb) = (
             Expansion::monomials(&e.alphas, q),
@@ -219,7 +310,13 @@ impl FastKernel {
                 [l1, l2, max_abs(r.iter())]
             })
             .collect();
-        let e_data = data_rounding(e, &self.norms, &q_max, &k_norms, self.toeplitz.fft_len());
+        let e_data = data_rounding(
+            e,
+            &self.spectra.norms,
+            &q_max,
+            &k_norms,
+            self.spectra.toeplitz.fft_len(),
+        );
         let head_bounds = FastBounds {
             r: head.r,
             v_max,
@@ -246,7 +343,7 @@ impl FastKernel {
         let mut out = Array2::<f64>::zeros((nq, dv));
         let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
         for i in 0..nq {
-            if self.masses[i] <= 0.0 {
+            if self.spectra.masses[i] <= 0.0 {
                 continue; // no visible key: output 0, lse -inf, exactly
             }
             let den = numer[dv * nq + i];
@@ -273,17 +370,17 @@ impl FastKernel {
     /// head's own, which is never larger).
     pub fn report(&self) -> FastReport {
         let p = &self.plan;
-        let c = self.expansion.counts();
+        let c = self.spectra.expansion.counts();
         FastReport {
             degree: p.poly.degree,
             kind: p.poly.kind,
-            r: p.poly.r,
+            r: p.bounds.r,
             rho: p.poly.rho,
             terms: c.terms,
             n_alpha: c.n_alpha,
             n_beta: c.n_beta,
             n_pairs: c.n_pairs,
-            fft_len: self.toeplitz.fft_len(),
+            fft_len: self.spectra.toeplitz.fft_len(),
             certified_error: p.certified_error,
             approximation_error: p.approximation_error,
             rounding_error: p.rounding_error,
@@ -297,9 +394,9 @@ impl FastKernel {
     /// output is summed in a fixed order, so results do not depend on the thread count.
     fn numerators(&self, qa: &[f64], kb: &[f64], v: ArrayView2<f64>) -> Result<Vec<f64>> {
         let FastShape { nq, nk, dv, .. } = self.plan.shape;
-        let e = &self.expansion;
+        let e = &self.spectra.expansion;
         let (na, nb) = (e.alphas.len(), e.betas.len());
-        let tp = &self.toeplitz;
+        let tp = &self.spectra.toeplitz;
         let (h, nblk) = (tp.spectrum_len(), spectrum_blocks(tp.fft_len()));
         let cols = dv + 1;
         let tile = self.plan.column_tile.clamp(1, cols);
@@ -354,7 +451,7 @@ impl FastKernel {
             // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c, by groups of frequency blocks (cache-resident).
             let st = Stage2 {
                 e,
-                spectra: &self.spectra,
+                spectra: &self.spectra.spectra,
                 xs: &xs,
                 h,
                 tile,
@@ -398,6 +495,20 @@ impl FastKernel {
         }
         Ok(numer)
     }
+}
+
+/// Refuses a mask/bias factor outside the bounds `plan` certified.
+fn check_factor(plan: &FastPlan, stats: &FastBounds) -> Result<()> {
+    let pb = &plan.bounds;
+    if stats.factor_sum > pb.factor_sum
+        || stats.factor_norm2 > pb.factor_norm2
+        || stats.min_row_mass < pb.min_row_mass
+    {
+        return Err(Error::Approximation(
+            "fast kernel: the mask/bias factor is outside the bounds its plan certified".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The fast method for one head: bounds → certified plan → kernel → apply. Refuses with

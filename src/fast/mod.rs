@@ -16,11 +16,14 @@
 //! Call [`fast_forward_head`] for one head, or, to share work across heads with the same W,
 //! scale, mask/bias and shape: [`FastBounds`] per head → one [`fast_plan`] with the largest
 //! bounds → one [`FastKernel`] (expansion + kernel spectra) → [`FastKernel::apply`] per head.
+//! The spectra ([`FastSpectra`]) do not depend on the plan's data-dependent bounds and are
+//! cached across calls ([`cache`]); the kernel pairs them with the current call's plan.
 
 pub mod backward;
 pub mod backward_certify;
 pub mod blocks;
 pub mod bounds;
+pub mod cache;
 pub mod certify;
 pub mod expansion;
 pub mod forward;
@@ -33,7 +36,7 @@ use ndarray::{Array1, Array2, ArrayView2};
 pub use bounds::{row_masses, FastBounds};
 pub use certify::{fast_plan, plan_for_polynomial, Certificate, FastPlan, FastShape};
 pub use expansion::{Expansion, ExpansionCounts};
-pub use forward::{fast_forward_head, FastKernel};
+pub use forward::{fast_forward_head, FastKernel, FastSpectra};
 
 /// One head's problem in Toeplitz form. Positions: query `i` at `q_offset + i`, key `j` at
 /// `k_offset + j`, `δ_ij = (q_offset - k_offset) + i - j`. Diagonals are indexed by
@@ -163,7 +166,9 @@ impl Default for FastLimits {
 pub struct FastReport {
     pub degree: usize,
     pub kind: crate::poly::PolyKind,
-    /// Score bound: the polynomial is certified on `[-r, r]`.
+    /// The plan's score bound `R >= max |M_ij|`: the polynomial is certified on `[-r, r]` (on
+    /// [`certify::snap_radius`]`(r)` for Chebyshev, at most 1/64 wider, so that calls share
+    /// kernel spectra).
     pub r: f64,
     /// Verified relative error of `p` against `exp` on `[-r, r]`.
     pub rho: f64,

@@ -536,3 +536,219 @@ fn rounding_stays_within_its_bounds() {
     let out = fast_forward_head(&p, eps, &lim).unwrap();
     assert!(out.report.certified_error <= eps);
 }
+
+/// The plan and the fresh kernel for `o` at `eps`.
+fn plan_of(o: &Owned, eps: f64) -> FastPlan {
+    let shape = FastShape {
+        nq: o.q.nrows(),
+        nk: o.k.nrows(),
+        d: o.q.ncols(),
+        dv: o.v.ncols(),
+    };
+    let bounds = FastBounds::from_problem(&o.prob()).unwrap();
+    fast_plan(shape, &o.support, &bounds, eps, &FastLimits::default()).unwrap()
+}
+
+fn key_of(o: &Owned, plan: &FastPlan) -> cache::KernelKey {
+    cache::KernelKey::new(
+        "forward",
+        o.q.nrows(),
+        o.k.nrows(),
+        o.q.ncols(),
+        &o.support,
+        o.scale,
+        &plan.poly.coeffs,
+        o.seqs.view(),
+        &o.factor,
+    )
+}
+
+fn cached(c: &cache::KernelCache, o: &Owned, plan: &FastPlan) -> std::sync::Arc<FastSpectra> {
+    c.get_or_build(key_of(o, plan), usize::MAX, || {
+        let s = FastSpectra::build(
+            &plan.poly.coeffs,
+            (o.q.nrows(), o.k.nrows(), o.q.ncols()),
+            &o.support,
+            o.seqs.view(),
+            &o.factor,
+            o.scale,
+            FastLimits::default().max_terms,
+            true,
+        )?;
+        let b = s.bytes();
+        Ok((s, b))
+    })
+    .unwrap()
+}
+
+#[test]
+fn cached_spectra_give_bitwise_identical_results_and_per_call_certificates() {
+    let a = rotary(57, 64, 4, 3, 5, 0.8, 21);
+    let plan = plan_of(&a, 1e-4);
+    let lim = FastLimits::default();
+    let fresh = FastKernel::new(&plan, &a.support, a.seqs.view(), &a.factor, a.scale, &lim)
+        .unwrap()
+        .apply(a.q.view(), a.k.view(), a.v.view())
+        .unwrap();
+    let c = cache::KernelCache::new(1 << 30);
+    let first = cached(&c, &a, &plan);
+    let again = cached(&c, &a, &plan);
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    let i = c.info();
+    assert_eq!((i.hits, i.misses, i.entries), (1, 1, 1));
+    assert!(i.bytes >= first.bytes() && i.bytes <= i.limit);
+    let hit = FastKernel::with_spectra(&plan, again)
+        .unwrap()
+        .apply(a.q.view(), a.k.view(), a.v.view())
+        .unwrap();
+    let bits = |x: &Array2<f64>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&fresh.out), bits(&hit.out));
+    assert!(fresh
+        .lse
+        .iter()
+        .zip(hit.lse.iter())
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert_eq!(fresh.report, hit.report);
+
+    // Other data, same W/mask/scale and a smaller R in the same snapping step: the same
+    // polynomial, hence a hit, but the kernel carries *this* call's plan and certificate.
+    let mut b = rotary(57, 64, 4, 3, 5, 0.8, 22);
+    let rb = FastBounds::from_problem(&b.prob()).unwrap().r;
+    let ra = FastBounds::from_problem(&a.prob()).unwrap().r;
+    let t = ra / rb * (1.0 - 1e-9);
+    b.q.mapv_inplace(|x| x * t);
+    let plan_b = plan_of(&b, 1e-4);
+    assert!(plan_b.bounds.r < plan.bounds.r && plan_b.bounds.r > 0.99 * plan.bounds.r);
+    assert_eq!(plan_b.poly.coeffs, plan.poly.coeffs);
+    let kb = FastKernel::with_spectra(&plan_b, cached(&c, &b, &plan_b)).unwrap();
+    assert_eq!(c.info().hits, 2);
+    let out_b = kb.apply(b.q.view(), b.k.view(), b.v.view()).unwrap();
+    let fresh_b = FastKernel::new(&plan_b, &b.support, b.seqs.view(), &b.factor, b.scale, &lim)
+        .unwrap()
+        .apply(b.q.view(), b.k.view(), b.v.view())
+        .unwrap();
+    assert_eq!(bits(&out_b.out), bits(&fresh_b.out));
+    assert_eq!(out_b.report, fresh_b.report);
+    assert!(out_b.report.certified_error <= plan_b.certified_error);
+    let err = (&out_b.out - &exact_head(&b.prob()).0).fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(err <= out_b.report.certified_error && out_b.report.certified_error <= 1e-4);
+    // The head bounds are checked against the current plan: a's data exceed b's plan.
+    let big = a.q.mapv(|x| 1.01 * x);
+    assert!(matches!(
+        kb.apply(big.view(), a.k.view(), a.v.view()),
+        Err(Error::Approximation(_))
+    ));
+    // Spectra of another polynomial or shape are refused.
+    let plan_hi = plan_of(&a, 1e-8);
+    assert!(plan_hi.poly.degree > plan.poly.degree);
+    assert!(FastKernel::with_spectra(&plan_hi, cached(&c, &a, &plan)).is_err());
+}
+
+#[test]
+fn cache_keys_separate_every_input() {
+    let base = rotary(40, 48, 2, 2, 0, 0.9, 31);
+    let plan = plan_of(&base, 1e-3);
+    let c = cache::KernelCache::new(1 << 30);
+    cached(&c, &base, &plan);
+    let mut variants = Vec::new();
+    // Another w table (another rotary frequency / offset).
+    variants.push(rotary(40, 48, 2, 2, 3, 0.9, 31));
+    // A bias.
+    let mut v = rotary(40, 48, 2, 2, 0, 0.9, 31);
+    v.factor
+        .iter_mut()
+        .enumerate()
+        .for_each(|(g, f)| *f *= (-0.01 * g as f64).exp());
+    variants.push(v);
+    // Another scale.
+    let mut v = rotary(40, 48, 2, 2, 0, 0.9, 31);
+    v.scale *= 0.5;
+    variants.push(v);
+    // A causal mask.
+    let mut v = rotary(40, 48, 2, 2, 0, 0.9, 31);
+    let nq = 40;
+    v.factor
+        .iter_mut()
+        .enumerate()
+        .for_each(|(g, f)| *f = if g >= nq - 1 + 8 { 0.0 } else { *f });
+    variants.push(v);
+    // Another length.
+    variants.push(rotary(41, 48, 2, 2, 0, 0.9, 31));
+    for (i, o) in variants.iter().enumerate() {
+        let p = plan_of(o, 1e-3);
+        cached(&c, o, &p);
+        assert_eq!(
+            (c.info().misses, c.info().hits),
+            (i as u64 + 2, 0),
+            "variant {i}"
+        );
+    }
+    // Another degree (a smaller eps).
+    let p_hi = plan_of(&base, 1e-7);
+    assert_ne!(p_hi.poly.degree, plan.poly.degree);
+    cached(&c, &base, &p_hi);
+    assert_eq!((c.info().misses, c.info().hits), (7, 0));
+    // And the original again: a hit.
+    cached(&c, &base, &plan);
+    assert_eq!(
+        (c.info().misses, c.info().hits, c.info().entries),
+        (7, 1, 7)
+    );
+}
+
+#[test]
+fn cache_evicts_real_spectra_by_bytes() {
+    let a = rotary(64, 64, 2, 2, 0, 0.9, 41);
+    let b = rotary(64, 64, 2, 2, 1, 0.9, 41);
+    let (pa, pb) = (plan_of(&a, 1e-3), plan_of(&b, 1e-3));
+    let probe = cache::KernelCache::new(1 << 30);
+    cached(&probe, &a, &pa);
+    let one = probe.info().bytes;
+    // Room for one entry (plus a little): the second evicts the first.
+    let c = cache::KernelCache::new(one + one / 2);
+    cached(&c, &a, &pa);
+    cached(&c, &b, &pb);
+    let i = c.info();
+    assert_eq!((i.entries, i.evictions, i.misses), (1, 1, 2));
+    assert!(i.bytes <= i.limit);
+    cached(&c, &a, &pa);
+    assert_eq!((c.info().misses, c.info().hits), (3, 0));
+    // Limit 0: nothing held, every lookup builds.
+    c.set_limit(0);
+    cached(&c, &a, &pa);
+    cached(&c, &a, &pa);
+    let i = c.info();
+    assert_eq!((i.entries, i.bytes, i.hits, i.misses), (0, 0, 0, 5));
+}
+
+#[test]
+fn snapped_radius_is_a_safe_shared_interval() {
+    for r in [1e-3, 0.3, 0.7, 1.0, 1.0 + 1e-15, 2.5, 7.9] {
+        let s = certify::snap_radius(r);
+        assert!(s >= r && s <= r * (1.0 + 1.0 / 64.0), "{r} -> {s}");
+        assert_eq!(certify::snap_radius(s), s);
+    }
+    assert_eq!(certify::snap_radius(0.0), 0.0);
+    // R differing in the last bits: the same polynomial, certified on an interval covering R.
+    let shape = FastShape {
+        nq: 256,
+        nk: 256,
+        d: 2,
+        dv: 4,
+    };
+    let mk = |r: f64| FastBounds {
+        r,
+        r_abs: 1.3 * r,
+        v_max: 1.0,
+        factor_sum: 511.0,
+        factor_norm2: 511f64.sqrt(),
+        min_row_mass: 1.0,
+    };
+    let s2 = [(0, 0), (0, 1), (1, 0), (1, 1)];
+    let lim = FastLimits::default();
+    let p1 = fast_plan(shape, &s2, &mk(1.0 - 1e-12), 1e-3, &lim).unwrap();
+    let p2 = fast_plan(shape, &s2, &mk(1.0 - 3e-13), 1e-3, &lim).unwrap();
+    assert_eq!(p1.poly.coeffs, p2.poly.coeffs);
+    assert!(p1.poly.r >= 1.0 - 1e-12 && p1.certified_error <= 1e-3);
+    assert!(crate::poly::certify(&p1.poly.coeffs, 1.0 - 1e-12) <= p1.poly.rho);
+}
