@@ -1,0 +1,745 @@
+//! [`BackwardKernel`]: one call's plan applied to each head (the two FFT passes, the
+//! correlations for dw/dbias, the per-head certificate).
+
+use super::*;
+
+/// The per-call half of the fast backward: a call's certified plan and the (possibly cached,
+/// shared) [`BackwardSpectra`] for its polynomial. Build once, apply to every head; each head is
+/// checked against *this* plan's bounds and certified from its own data.
+pub struct BackwardKernel {
+    pub(super) plan: BackwardPlan,
+    pub(super) s: Arc<BackwardSpectra>,
+}
+
+impl BackwardKernel {
+    /// Expands `plan.poly` (and `p'` for dw) over `support` and computes the kernel spectra.
+    /// `seqs` (`|S| x glen`) and `factor` must be those the plan's bounds came from.
+    pub fn new(
+        plan: &BackwardPlan,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        limits: &FastLimits,
+    ) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        // The cheap checks first, so a mismatched factor is refused before any FFT.
+        let (stats, fstats) = backward_factor_stats(nq, nk, support, seqs, factor, scale)?;
+        check_backward_factor(plan, &stats, &fstats)?;
+        let s = BackwardSpectra::build(
+            &plan.poly.coeffs,
+            (nq, nk, d),
+            plan.want.dw,
+            support,
+            seqs,
+            factor,
+            scale,
+            limits.max_terms,
+        )?;
+        Self::with_spectra(plan, Arc::new(s))
+    }
+
+    /// Pairs `plan` with spectra built for its polynomial, shape and dw-ness (e.g. from the
+    /// cache); refuses others, or a mask/bias factor outside the plan's bounds.
+    pub fn with_spectra(plan: &BackwardPlan, s: Arc<BackwardSpectra>) -> Result<Self> {
+        let FastShape { nq, nk, d, .. } = plan.shape;
+        let same_poly = s.coeffs.len() == plan.poly.coeffs.len()
+            && s.coeffs
+                .iter()
+                .zip(&plan.poly.coeffs)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        if s.shape != (nq, nk, d) || !same_poly || s.with_dw != plan.want.dw {
+            return Err(Error::Value(
+                "fast backward kernel: spectra of another polynomial, shape or gradient set than \
+                 the plan's"
+                    .into(),
+            ));
+        }
+        check_backward_factor(plan, &s.stats, &s.fstats)?;
+        Ok(BackwardKernel {
+            plan: plan.clone(),
+            s,
+        })
+    }
+
+    /// The spectra this kernel applies (shared with the cache and other calls).
+    pub fn spectra(&self) -> &Arc<BackwardSpectra> {
+        &self.s
+    }
+
+    pub fn plan(&self) -> &BackwardPlan {
+        &self.plan
+    }
+
+    pub fn expansion(&self) -> &Expansion {
+        &self.s.expansion
+    }
+
+    pub fn report(&self, cert: GradCertificate) -> BackwardReport {
+        let p = &self.plan;
+        let c = &p.counts;
+        BackwardReport {
+            degree: p.poly.degree,
+            kind: p.poly.kind,
+            r: p.poly.r,
+            rho: p.poly.rho,
+            rho_d: p.rho_d,
+            terms: c.terms,
+            n_alpha: c.n_alpha,
+            n_beta: c.n_beta,
+            n_pairs: c.n_pairs,
+            fft_len: self.s.toeplitz.fft_len(),
+            cert,
+        }
+    }
+
+    /// A zeroed correlation accumulator (for dw/dbias), shared by the heads of this kernel.
+    pub fn accumulator(&self) -> Result<CorrelationAccumulator> {
+        let n = spectrum_blocks(self.s.toeplitz.fft_len()) * self.s.expansion.pairs.len();
+        Ok(CorrelationAccumulator {
+            blocks: try_filled(n, ZERO_BLOCK, "correlation spectra")?,
+        })
+    }
+
+    /// The head's own bounds and certificate, from the norms of its data, before any FFT.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn certify(
+        &self,
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        v: ArrayView2<f64>,
+        dout: ArrayView2<f64>,
+        qa: &[f64],
+        kb: &[f64],
+        psums: Option<&PSums>,
+    ) -> Result<GradCertificate> {
+        let FastShape { nq, nk, dv, .. } = self.plan.shape;
+        let head = self.s.w_norms.bound(&self.s.support, q, k, self.s.scale);
+        let v_max = max_abs(v.iter());
+        let pb = &self.plan.bounds;
+        let gb = GradBounds::new(
+            &self.s.w_norms,
+            &self.s.support,
+            self.s.scale,
+            q,
+            k,
+            v,
+            dout,
+        );
+        let ps = match psums {
+            Some(p) => *p,
+            None => {
+                let seqs =
+                    ArrayView2::from_shape((self.s.support.len(), nq + nk - 1), &self.s.seqs)
+                        .map_err(|e| Error::Value(format!("seqs: {e}")))?;
+                let want = self.plan.want;
+                PSums::from_data(
+                    q,
+                    k,
+                    self.s.scale,
+                    &self.s.support,
+                    seqs,
+                    &self.s.factor,
+                    self.plan.bounds.r,
+                    &self.plan.fstats,
+                    want.dw || want.db,
+                )?
+            }
+        };
+        if head.r > pb.r
+            || head.r_abs > pb.r_abs
+            || v_max > pb.v_max
+            || !gb.within(&self.plan.grad)
+            || !ps.within(&self.plan.psums)
+        {
+            return Err(Error::Approximation(format!(
+                "fast backward: this head (R = {:.4}, max|v| = {:.4}, max|dout| = {:.4}) exceeds the \
+                 bounds its plan certified (R = {:.4}, max|v| = {:.4}, max|dout| = {:.4})",
+                head.r, v_max, gb.do_max, pb.r, pb.v_max, self.plan.grad.do_max
+            )));
+        }
+        let up_q = 1.0 + (nq + 2) as f64 * U;
+        let up_k = 1.0 + (nk + 2) as f64 * U;
+        let norms3 = |r: &[f64], up: f64| -> BetaNorms {
+            let l1 = r.iter().map(|x| x.abs()).sum::<f64>() * up;
+            let l2 = r.iter().map(|x| x * x).sum::<f64>().sqrt() * up;
+            [l1, l2, max_abs(r.iter())]
+        };
+        let q_norms: Vec<BetaNorms> = qa.par_chunks_exact(nq).map(|r| norms3(r, up_q)).collect();
+        let k_norms: Vec<BetaNorms> = kb.par_chunks_exact(nk).map(|r| norms3(r, up_k)).collect();
+        let q_max: Vec<f64> = q_norms.iter().map(|x| x[2]).collect();
+        let d = self.plan.shape.d;
+        let minus_max = |table: &[Minus], norms: &[BetaNorms]| -> Vec<Vec<f64>> {
+            let mut out = vec![vec![0.0; table.len()]; d];
+            for (mu, entries) in table.iter().enumerate() {
+                for &(l, m, idx) in entries {
+                    out[l][mu] = m * norms[idx][2] * (1.0 + 2.0 * U);
+                }
+            }
+            out
+        };
+        let dq_max = minus_max(&self.s.alpha_minus, &q_norms);
+        let dk_max = minus_max(&self.s.beta_minus, &k_norms);
+        let kn = KernelNorms {
+            e: &self.s.expansion,
+            pair_norms: &self.s.norms,
+            pair_inf: &self.s.pair_inf,
+            by_alpha: &self.s.by_alpha,
+            by_beta: &self.s.by_beta,
+            d_inf: &self.s.d_inf,
+            links: &self.s.links,
+            d_pairs: self.s.dexp.as_ref().map_or(0, |e| e.pairs.len()),
+            d_max_terms: self.s.d_max_terms,
+            ns: self.s.support.len(),
+            fft_len: self.s.toeplitz.fft_len(),
+            nq,
+            nk,
+            scale: self.s.scale,
+            h_terms: (dv + 1) * self.plan.heads,
+        };
+        let mn = MonomialNorms {
+            q_max: &q_max,
+            q_norms: &q_norms,
+            k_norms: &k_norms,
+            dq_max: &dq_max,
+            dk_max: &dk_max,
+        };
+        let want = self.plan.want;
+        let terms: RoundingTerms =
+            data_terms(&kn, &mn, &self.plan.poly.coeffs, head.r_abs, &gb, want);
+        let fb = FastBounds {
+            r: head.r,
+            r_abs: head.r_abs,
+            v_max,
+            ..*pb
+        };
+        let (rho, rho_d) = (self.plan.poly.rho, self.plan.rho_d);
+        let (approx, mag) = approximation_errors(rho, rho_d, &gb, &ps);
+        let rounding = rounding_errors(&terms, rho, rho_d, head.r, &fb, &gb, &ps, dv).masked(want);
+        let approx = approx.masked(want);
+        // Both the head's and the plan's certificates are valid: keep the smaller per gradient.
+        let approx = approx.zip(self.plan.approximation, f64::min);
+        let rounding = rounding.zip(self.plan.rounding, f64::min);
+        let output = mag
+            .plus(self.plan.eps)
+            .zip(mag, |a, _| a * self.plan.out_rel)
+            .masked(want)
+            .zip(self.plan.output, f64::min);
+        let certified = approx.plus(rounding).plus(output);
+        let cert = GradCertificate {
+            approximation: approx,
+            rounding,
+            output,
+            certified,
+        };
+        if let Some(msg) = self.plan.over_message(&cert, "this head's") {
+            return Err(Error::Approximation(format!(
+                "{msg}; double precision cannot certify it here"
+            )));
+        }
+        Ok(cert)
+    }
+
+    /// One head: `q` (`nq x d`), `k` (`nk x d`), `v` (`nk x dv`), `dout` (`nq x dv`). With dw or
+    /// dbias wanted, `corr` must be the kernel's [`CorrelationAccumulator`] (shared by the heads,
+    /// applied one after another), and [`BackwardKernel::finish`] turns it into dw and dbias.
+    /// `psums`: the head's [`PSums`] if already computed (else computed here).
+    pub fn apply(
+        &self,
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        v: ArrayView2<f64>,
+        dout: ArrayView2<f64>,
+        corr: Option<&mut CorrelationAccumulator>,
+        psums: Option<&PSums>,
+    ) -> Result<HeadGrads> {
+        let FastShape { nq, nk, d, dv } = self.plan.shape;
+        for (name, x, rows, cols) in [
+            ("q", &q, nq, d),
+            ("k", &k, nk, d),
+            ("v", &v, nk, dv),
+            ("dout", &dout, nq, dv),
+        ] {
+            if x.shape() != [rows, cols] {
+                return Err(Error::Value(format!(
+                    "{name}: expected shape ({rows}, {cols}), got {:?}",
+                    x.shape()
+                )));
+            }
+            if x.iter().any(|y| !y.is_finite()) {
+                return Err(Error::Value(format!(
+                    "{name}: expected finite values, got inf or nan"
+                )));
+            }
+        }
+        let want = self.plan.want;
+        if (want.dw || want.db) != corr.is_some() {
+            return Err(Error::Value(
+                "fast backward: a correlation accumulator is needed exactly when dw or dbias is wanted"
+                    .into(),
+            ));
+        }
+        let e = &self.s.expansion;
+        let (qa, kb) = (
+            Expansion::monomials(&e.alphas, q),
+            Expansion::monomials(&e.betas, k),
+        );
+        let not_contiguous = || Error::Value("monomials: expected a contiguous array".into());
+        let (qa, kb) = (
+            qa.as_slice().ok_or_else(not_contiguous)?,
+            kb.as_slice().ok_or_else(not_contiguous)?,
+        );
+        let cert = self.certify(q, k, v, dout, qa, kb, psums)?;
+        let cols = dv + 1;
+        // b = [V, 1], column-major.
+        let mut bt = vec![1.0; cols * nk];
+        for (j, row) in v.rows().into_iter().enumerate() {
+            for c in 0..dv {
+                bt[c * nk + j] = row[c];
+            }
+        }
+        // Spectra buffers shared by the two passes (pass 1: key spectra in `nb_buf`, per-α
+        // accumulators in `na_buf`; pass 2: query spectra in `na_buf`, per-β accumulators in
+        // `nb_buf`), so fresh pages are faulted in once.
+        let h = self.s.toeplitz.spectrum_len();
+        let tile = self.plan.column_tile.clamp(1, cols);
+        let zero = C64::new(0.0, 0.0);
+        let (na, nb) = (e.alphas.len(), e.betas.len());
+        let mut na_buf = try_filled(h.saturating_mul(na).saturating_mul(tile), zero, "spectra")?;
+        let mut nb_buf = try_filled(h.saturating_mul(nb).saturating_mul(tile), zero, "spectra")?;
+        // Pass 1: numerators (cols x nq) and the dq products Y (cols x d x nq).
+        let (numer, y) = self.pass1(qa, kb, &bt, &mut nb_buf, &mut na_buf)?;
+        let mut out = Array2::<f64>::zeros((nq, dv));
+        let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+        let mut at = vec![0.0; cols * nq];
+        let mut dq = Array2::<f64>::zeros((nq, d));
+        for i in 0..nq {
+            if self.s.masses[i] <= 0.0 {
+                continue; // no visible key: no gradient flows through this row
+            }
+            let den = numer[dv * nq + i];
+            if !(den.is_finite() && den > 0.0) {
+                return Err(Error::Approximation(format!(
+                    "fast backward: row {i} has denominator {den:e} despite the certificate; \
+                     use the exact method"
+                )));
+            }
+            let mut dsum = 0.0;
+            for c in 0..dv {
+                let o = numer[c * nq + i] / den;
+                out[[i, c]] = o;
+                dsum += dout[[i, c]] * o;
+                at[c * nq + i] = dout[[i, c]] / den;
+            }
+            at[dv * nq + i] = -dsum / den;
+            lse[i] = den.ln();
+            for l in 0..d {
+                let mut s = 0.0;
+                for c in 0..cols {
+                    s += at[c * nq + i] * y[(c * d + l) * nq + i];
+                }
+                dq[[i, l]] = s;
+            }
+        }
+        drop(y);
+        // Pass 2: dV (dv x nk), the dk products E (cols x d x nk), the correlations.
+        let (dvt, et) = self.pass2(qa, kb, &at, &bt, corr, &mut na_buf, &mut nb_buf)?;
+        let mut dk = Array2::<f64>::zeros((nk, d));
+        let mut dvv = Array2::<f64>::zeros((nk, dv));
+        for j in 0..nk {
+            for l in 0..d {
+                let mut s = 0.0;
+                for c in 0..cols {
+                    s += bt[c * nk + j] * et[(c * d + l) * nk + j];
+                }
+                dk[[j, l]] = s;
+            }
+            for c in 0..dv {
+                dvv[[j, c]] = dvt[c * nk + j];
+            }
+        }
+        Ok(HeadGrads {
+            dq,
+            dk,
+            dv: dvv,
+            out,
+            lse,
+            cert,
+        })
+    }
+
+    /// Frequency-block groups for the block stages: a few per thread for load balance.
+    pub(super) fn block_groups(&self) -> (usize, usize) {
+        let nblk = spectrum_blocks(self.s.toeplitz.fft_len());
+        ((4 * threads()).clamp(1, nblk), nblk)
+    }
+
+    /// Pass 1 (the forward over `[V, 1]`): `(numerators cols x nq, Y cols x d x nq)`.
+    pub(super) fn pass1(
+        &self,
+        qa: &[f64],
+        kb: &[f64],
+        bt: &[f64],
+        xs: &mut [C64],
+        acc: &mut [C64],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let FastShape { nq, nk, d, dv } = self.plan.shape;
+        let e = &self.s.expansion;
+        let (na, nb) = (e.alphas.len(), e.betas.len());
+        let tp = &self.s.toeplitz;
+        let h = tp.spectrum_len();
+        let cols = dv + 1;
+        let tile = self.plan.column_tile.clamp(1, cols);
+        let mut numer = try_filled(cols * nq, 0.0, "numerators")?;
+        let mut y = try_filled(cols * d * nq, 0.0, "dq products")?;
+        let (groups, nblk) = self.block_groups();
+        let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+        for c0 in (0..cols).step_by(tile) {
+            let cb = tile.min(cols - c0);
+            // (1) X̂_β,c = FFT(k^β ∘ b_c).
+            xs[..cb * nb * h]
+                .par_chunks_mut(h)
+                .enumerate()
+                .try_for_each_init(
+                    || (tp.make_scratch(), vec![0.0; nk]),
+                    |(ws, prod), (idx, spec)| {
+                        let (c, beta) = (idx / nb, idx % nb);
+                        let kbeta = &kb[beta * nk..(beta + 1) * nk];
+                        let x = &bt[(c0 + c) * nk..(c0 + c + 1) * nk];
+                        prod.iter_mut()
+                            .zip(kbeta.iter().zip(x))
+                            .for_each(|(p, (a, b))| *p = a * b);
+                        tp.forward(prod, spec, ws)
+                    },
+                )?;
+            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c (the forward's block stage).
+            let st = Stage2 {
+                e,
+                spectra: &self.s.spectra,
+                xs,
+                h,
+                tile,
+                cb,
+            };
+            let parts = split_by_groups(&mut acc[..cb * na * h], h, groups, nblk);
+            parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
+                let mut xl = vec![ZERO_BLOCK; nb * tile];
+                let mut al = vec![ZERO_BLOCK; na * tile];
+                stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
+            });
+            // (3) N_c += q^α z_α,c, Y_c,l += α_l q^{α-e_l} z_α,c, α in order.
+            numer[c0 * nq..(c0 + cb) * nq]
+                .par_chunks_mut(nq)
+                .zip(y[c0 * d * nq..(c0 + cb) * d * nq].par_chunks_mut(d * nq))
+                .zip(acc[..cb * na * h].par_chunks_mut(na * h))
+                .try_for_each_init(
+                    || tp.make_scratch(),
+                    |ws, ((dst, ydst), specs)| {
+                        for (alpha, spec) in specs.chunks_exact_mut(h).enumerate() {
+                            let z = tp.inverse_product(spec, ws)?;
+                            let qalpha = &qa[alpha * nq..(alpha + 1) * nq];
+                            for ((o, zi), qi) in dst.iter_mut().zip(z).zip(qalpha) {
+                                *o += qi * zi;
+                            }
+                            for &(l, m, idx) in &self.s.alpha_minus[alpha] {
+                                let qm = &qa[idx * nq..(idx + 1) * nq];
+                                for ((o, zi), qi) in
+                                    ydst[l * nq..(l + 1) * nq].iter_mut().zip(z).zip(qm)
+                                {
+                                    *o += m * qi * zi;
+                                }
+                            }
+                        }
+                        Ok::<(), Error>(())
+                    },
+                )?;
+        }
+        Ok((numer, y))
+    }
+
+    /// Pass 2 (transposed products over the columns of `a`): `(dV dv x nk, E cols x d x nk)`;
+    /// accumulates the correlation spectra when `corr` is given.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pass2(
+        &self,
+        qa: &[f64],
+        kb: &[f64],
+        at: &[f64],
+        bt: &[f64],
+        mut corr: Option<&mut CorrelationAccumulator>,
+        qs: &mut [C64],
+        acc: &mut [C64],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let FastShape { nq, nk, d, dv } = self.plan.shape;
+        let e = &self.s.expansion;
+        let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
+        let tp = &self.s.toeplitz;
+        let h = tp.spectrum_len();
+        let cols = dv + 1;
+        let tile = self.plan.column_tile.clamp(1, cols);
+        let zero = C64::new(0.0, 0.0);
+        let hacc = corr.is_some();
+        let mut ks = if hacc {
+            try_filled(
+                h.saturating_mul(nb).saturating_mul(tile),
+                zero,
+                "key spectra",
+            )?
+        } else {
+            Vec::new()
+        };
+        let mut dvt = try_filled(dv * nk, 0.0, "dv")?;
+        let mut et = try_filled(cols * d * nk, 0.0, "dk products")?;
+        let (groups, nblk) = self.block_groups();
+        let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+        for c0 in (0..cols).step_by(tile) {
+            let cb = tile.min(cols - c0);
+            // (1) Q̂_α,c = conj(FFT(q^α ∘ a_c)); with correlations also X̂_β,c = FFT(k^β ∘ b_c).
+            qs[..cb * na * h]
+                .par_chunks_mut(h)
+                .enumerate()
+                .try_for_each_init(
+                    || (tp.make_scratch(), vec![0.0; nq]),
+                    |(ws, prod), (idx, spec)| {
+                        let (c, alpha) = (idx / na, idx % na);
+                        let qalpha = &qa[alpha * nq..(alpha + 1) * nq];
+                        let x = &at[(c0 + c) * nq..(c0 + c + 1) * nq];
+                        prod.iter_mut()
+                            .zip(qalpha.iter().zip(x))
+                            .for_each(|(p, (a, b))| *p = a * b);
+                        tp.forward(prod, spec, ws)?;
+                        spec.iter_mut().for_each(|z| z.im = -z.im);
+                        Ok::<(), Error>(())
+                    },
+                )?;
+            if hacc {
+                ks[..cb * nb * h]
+                    .par_chunks_mut(h)
+                    .enumerate()
+                    .try_for_each_init(
+                        || (tp.make_scratch(), vec![0.0; nk]),
+                        |(ws, prod), (idx, spec)| {
+                            let (c, beta) = (idx / nb, idx % nb);
+                            let kbeta = &kb[beta * nk..(beta + 1) * nk];
+                            let x = &bt[(c0 + c) * nk..(c0 + c + 1) * nk];
+                            prod.iter_mut()
+                                .zip(kbeta.iter().zip(x))
+                                .for_each(|(p, (a, b))| *p = a * b);
+                            tp.forward(prod, spec, ws)
+                        },
+                    )?;
+            }
+            // (2) Ŵ_β,c = Σ_α Ĉ_αβ Q̂_α,c, and Ĥ_p += Σ_c Q̂_α,c X̂_β,c, by frequency blocks.
+            let st = StageT {
+                e,
+                spectra: &self.s.spectra,
+                qs,
+                ks: if hacc { Some(&ks) } else { None },
+                h,
+                tile,
+                cb,
+            };
+            let parts = split_by_groups(&mut acc[..cb * nb * h], h, groups, nblk);
+            let hparts: Vec<Option<&mut [Block]>> = match corr.as_deref_mut() {
+                Some(c) => {
+                    let mut rest: &mut [Block] = &mut c.blocks;
+                    let mut v = Vec::with_capacity(groups);
+                    for g in 0..groups {
+                        let r = group(g);
+                        let (mine, others) = rest.split_at_mut((r.end - r.start) * np);
+                        v.push(Some(mine));
+                        rest = others;
+                    }
+                    v
+                }
+                None => (0..groups).map(|_| None).collect(),
+            };
+            parts
+                .into_par_iter()
+                .zip(hparts)
+                .enumerate()
+                .for_each(|(g, (mut out, hout))| {
+                    let mut xl = vec![ZERO_BLOCK; na * tile];
+                    let mut kl = if hacc {
+                        vec![ZERO_BLOCK; nb * tile]
+                    } else {
+                        Vec::new()
+                    };
+                    let mut al = vec![ZERO_BLOCK; nb * tile];
+                    stage_t_dispatch(&st, group(g), &mut out, hout, &mut xl, &mut kl, &mut al);
+                });
+            // (3) w_β,c = IFFT(Ŵ_β,c) read backwards; dV_c += k^β w, E_c,l += β_l k^{β-e_l} w.
+            let mut dv_parts: Vec<&mut [f64]> = dvt.chunks_mut(nk).collect();
+            dv_parts.push(&mut []); // the ones column has no dV
+            let dv_parts: Vec<&mut [f64]> = dv_parts.into_iter().skip(c0).take(cb).collect();
+            dv_parts
+                .into_par_iter()
+                .zip(et[c0 * d * nk..(c0 + cb) * d * nk].par_chunks_mut(d * nk))
+                .zip(acc[..cb * nb * h].par_chunks_mut(nb * h))
+                .try_for_each_init(
+                    || (tp.make_scratch(), vec![0.0; nk]),
+                    |(ws, wbuf), ((dst, edst), specs)| {
+                        for (beta, spec) in specs.chunks_exact_mut(h).enumerate() {
+                            let full = tp.inverse(spec, ws)?;
+                            for (j, w) in wbuf.iter_mut().enumerate() {
+                                *w = full[nk - 1 - j];
+                            }
+                            let kbeta = &kb[beta * nk..(beta + 1) * nk];
+                            for ((o, wj), kj) in dst.iter_mut().zip(wbuf.iter()).zip(kbeta) {
+                                *o += kj * wj;
+                            }
+                            for &(l, m, idx) in &self.s.beta_minus[beta] {
+                                let km = &kb[idx * nk..(idx + 1) * nk];
+                                for ((o, wj), kj) in edst[l * nk..(l + 1) * nk]
+                                    .iter_mut()
+                                    .zip(wbuf.iter())
+                                    .zip(km)
+                                {
+                                    *o += m * kj * wj;
+                                }
+                            }
+                        }
+                        Ok::<(), Error>(())
+                    },
+                )?;
+        }
+        Ok((dvt, et))
+    }
+
+    /// Inverts the accumulated correlations and contracts them with the kernels: `dw`
+    /// (`|S| x glen`, along the diagonals `g`) when wanted, and `dbias` (`glen`) when wanted.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        &self,
+        mut corr: CorrelationAccumulator,
+    ) -> Result<(Option<Array2<f64>>, Option<Vec<f64>>)> {
+        let FastShape { nq, nk, .. } = self.plan.shape;
+        let glen = nq + nk - 1;
+        let want = self.plan.want;
+        let e = &self.s.expansion;
+        let np = e.pairs.len();
+        let tp = &self.s.toeplitz;
+        let (n, h) = (tp.fft_len(), tp.spectrum_len());
+        let nblk = spectrum_blocks(n);
+        if corr.blocks.len() != nblk * np {
+            return Err(Error::Value(
+                "fast backward: correlation accumulator of another kernel".into(),
+            ));
+        }
+        let inv_n = 1.0 / n as f64;
+        let shift = n - (nq - 1); // H(g) = IFFT[(g - (nq-1)) mod N] / N
+                                  // (1) Invert each pair's spectrum; store H_p(g) back in its blocks as reals.
+        let batch = 4 * threads().max(1);
+        for p0 in (0..np).step_by(batch) {
+            let p1 = (p0 + batch).min(np);
+            let blocks = &corr.blocks;
+            let hs: Vec<Result<Vec<f64>>> = (p0..p1)
+                .into_par_iter()
+                .map_init(
+                    || (tp.make_scratch(), vec![C64::new(0.0, 0.0); h]),
+                    |(ws, spec), p| {
+                        for (b, chunk) in spec.chunks_mut(BLOCK).enumerate() {
+                            let blk = &blocks[b * np + p];
+                            for (o, z) in chunk.iter_mut().enumerate() {
+                                *z = C64::new(blk[o], blk[BLOCK + o]);
+                            }
+                        }
+                        let full = tp.inverse(spec, ws)?;
+                        Ok((0..glen).map(|g| full[(g + shift) % n] * inv_n).collect())
+                    },
+                )
+                .collect();
+            for (i, hv) in hs.into_iter().enumerate() {
+                let hv = hv?;
+                let p = p0 + i;
+                for b in 0..nblk {
+                    let blk = &mut corr.blocks[b * np + p];
+                    for (o, x) in blk.iter_mut().enumerate() {
+                        let g = b * 2 * BLOCK + o;
+                        *x = if g < glen { hv[g] } else { 0.0 };
+                    }
+                }
+            }
+        }
+        // (2) Contractions over chunks of diagonals (fixed chunks: thread-count independent).
+        let ns = self.s.support.len();
+        const CHUNK: usize = 64 * BLOCK; // diagonals per chunk, a whole number of blocks
+        let chunks: Vec<Range<usize>> = (0..glen)
+            .step_by(CHUNK)
+            .map(|g0| g0..(g0 + CHUNK).min(glen))
+            .collect();
+        let blocks = &corr.blocks;
+        let scale = self.s.scale;
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = chunks
+            .par_iter()
+            .map(|r| {
+                let clen = r.len();
+                let fac = &self.s.factor[r.clone()];
+                let (mut kern, mut tmp) = (vec![0.0; clen], vec![0.0; clen]);
+                let hp = |p: usize, dst: &mut Vec<f64>| {
+                    dst.clear();
+                    for b in r.start / (2 * BLOCK)..r.end.div_ceil(2 * BLOCK) {
+                        dst.extend_from_slice(&blocks[b * np + p]);
+                    }
+                    dst.truncate(clen);
+                };
+                let mut hbuf = Vec::with_capacity(clen + 2 * BLOCK);
+                let mut db = Vec::new();
+                if want.db {
+                    db = vec![0.0; clen];
+                    for p in 0..np {
+                        self.s.terms.kernel(
+                            p,
+                            &self.s.seqs,
+                            glen,
+                            r.start,
+                            fac,
+                            &mut kern,
+                            &mut tmp,
+                        );
+                        hp(p, &mut hbuf);
+                        for ((o, c), x) in db.iter_mut().zip(&kern).zip(&hbuf) {
+                            *o += c * x;
+                        }
+                    }
+                }
+                let mut dw = Vec::new();
+                if want.dw {
+                    dw = vec![0.0; ns * clen];
+                    if let (Some(de), Some(dt)) = (&self.s.dexp, &self.s.dterms) {
+                        for pd in 0..de.pairs.len() {
+                            dt.kernel(pd, &self.s.seqs, glen, r.start, fac, &mut kern, &mut tmp);
+                            for s in 0..ns {
+                                hp(self.s.links[pd * ns + s], &mut hbuf);
+                                for ((o, c), x) in dw[s * clen..(s + 1) * clen]
+                                    .iter_mut()
+                                    .zip(&kern)
+                                    .zip(&hbuf)
+                                {
+                                    *o += scale * c * x;
+                                }
+                            }
+                        }
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let mut dw = want.dw.then(|| Array2::<f64>::zeros((ns, glen)));
+        let mut db = want.db.then(|| vec![0.0; glen]);
+        for (r, (pw, pb)) in chunks.iter().zip(parts) {
+            let clen = r.len();
+            if let Some(dw) = dw.as_mut() {
+                for s in 0..ns {
+                    for (g, x) in r.clone().zip(&pw[s * clen..(s + 1) * clen]) {
+                        dw[[s, g]] = *x;
+                    }
+                }
+            }
+            if let Some(db) = db.as_mut() {
+                db[r.clone()].copy_from_slice(&pb);
+            }
+        }
+        Ok((dw, db))
+    }
+}

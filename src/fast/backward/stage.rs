@@ -1,0 +1,152 @@
+//! Frequency-domain products of the transposed pass, blocked and dispatched by instruction set.
+
+use super::*;
+
+/// Splits `specs` (spectra of `h` frequencies each) into per-group pieces of frequency blocks.
+pub(super) fn split_by_groups(
+    specs: &mut [C64],
+    h: usize,
+    groups: usize,
+    nblk: usize,
+) -> Vec<Vec<&mut [C64]>> {
+    let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+    let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
+    for spec in specs.chunks_exact_mut(h) {
+        let mut rest = spec;
+        for (g, part) in parts.iter_mut().enumerate() {
+            let r = group(g);
+            let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
+            let (mine, others) = rest.split_at_mut(len);
+            part.push(mine);
+            rest = others;
+        }
+    }
+    parts
+}
+
+#[inline(always)]
+pub(super) fn mac(acc: &mut Block, s: &Block, x: &Block) {
+    for f in 0..BLOCK {
+        let (sr, si, xr, xi) = (s[f], s[BLOCK + f], x[f], x[BLOCK + f]);
+        acc[f] += sr * xr - si * xi;
+        acc[BLOCK + f] += sr * xi + si * xr;
+    }
+}
+
+/// What the transposed block stage reads for one column tile.
+pub(super) struct StageT<'a> {
+    pub(super) e: &'a Expansion,
+    pub(super) spectra: &'a [Block],
+    /// `conj(FFT(q^α ∘ a_c))`: spectrum `c * n_α + α`.
+    pub(super) qs: &'a [C64],
+    /// `FFT(k^β ∘ b_c)`: spectrum `c * n_β + β` (correlations only).
+    pub(super) ks: Option<&'a [C64]>,
+    pub(super) h: usize,
+    pub(super) tile: usize,
+    pub(super) cb: usize,
+}
+
+pub(super) fn load(src: &[C64], blk: &mut Block) {
+    *blk = ZERO_BLOCK;
+    for (o, z) in src.iter().enumerate() {
+        blk[o] = z.re;
+        blk[BLOCK + o] = z.im;
+    }
+}
+
+/// For frequency blocks `blocks`: `Ŵ_β,c = Σ_{pairs (α,β)} Ĉ_αβ ⊙ Q̂_α,c` into
+/// `out[c * n_β + β]`, and with correlations `Ĥ_p += Σ_c Q̂_α,c ⊙ X̂_β,c` into
+/// `hout[(b - blocks.start) * n_pairs + p]`. Pairs are visited in their (α-sorted) order and
+/// scattered to their β accumulator, so the kernel spectra stream in order.
+#[inline(always)]
+pub(super) fn stage_t_blocks(
+    st: &StageT,
+    blocks: Range<usize>,
+    out: &mut [&mut [C64]],
+    mut hout: Option<&mut [Block]>,
+    xl: &mut [Block],
+    kl: &mut [Block],
+    al: &mut [Block],
+) {
+    let (e, tile, cb, h) = (st.e, st.tile, st.cb, st.h);
+    let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
+    let first = blocks.start;
+    for b in blocks {
+        let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(h));
+        for alpha in 0..na {
+            for c in 0..cb {
+                let at = (c * na + alpha) * h;
+                load(&st.qs[at + lo..at + hi], &mut xl[alpha * tile + c]);
+            }
+        }
+        if let Some(ks) = st.ks {
+            for beta in 0..nb {
+                for c in 0..cb {
+                    let at = (c * nb + beta) * h;
+                    load(&ks[at + lo..at + hi], &mut kl[beta * tile + c]);
+                }
+            }
+        }
+        al.iter_mut().for_each(|x| *x = ZERO_BLOCK);
+        let spec = &st.spectra[b * np..(b + 1) * np];
+        for (p, pr) in e.pairs.iter().enumerate() {
+            let (alpha, beta) = (pr.alpha, pr.beta);
+            let s = &spec[p];
+            let xs = &xl[alpha * tile..alpha * tile + cb];
+            for (a, x) in al[beta * tile..beta * tile + cb].iter_mut().zip(xs) {
+                mac(a, s, x);
+            }
+            if let Some(hb) = hout.as_deref_mut() {
+                let dst = &mut hb[(b - first) * np + p];
+                for (x, y) in xs.iter().zip(&kl[beta * tile..beta * tile + cb]) {
+                    mac(dst, x, y);
+                }
+            }
+        }
+        for beta in 0..nb {
+            for c in 0..cb {
+                let blk = &al[beta * tile + c];
+                let dst =
+                    &mut out[c * nb + beta][(b - first) * BLOCK..(b - first) * BLOCK + hi - lo];
+                for (o, z) in dst.iter_mut().enumerate() {
+                    *z = C64::new(blk[o], blk[BLOCK + o]);
+                }
+            }
+        }
+    }
+}
+
+/// [`stage_t_blocks`] compiled for AVX2+FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn stage_t_blocks_avx2(
+    st: &StageT,
+    blocks: Range<usize>,
+    out: &mut [&mut [C64]],
+    hout: Option<&mut [Block]>,
+    xl: &mut [Block],
+    kl: &mut [Block],
+    al: &mut [Block],
+) {
+    stage_t_blocks(st, blocks, out, hout, xl, kl, al)
+}
+
+pub(super) fn stage_t_dispatch(
+    st: &StageT,
+    blocks: Range<usize>,
+    out: &mut [&mut [C64]],
+    hout: Option<&mut [Block]>,
+    xl: &mut [Block],
+    kl: &mut [Block],
+    al: &mut [Block],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() != crate::simd::Isa::Baseline {
+        // SAFETY: isa() reports AVX2 and FMA (AVX-512 machines have both).
+        return unsafe { stage_t_blocks_avx2(st, blocks, out, hout, xl, kl, al) };
+    }
+    stage_t_blocks(st, blocks, out, hout, xl, kl, al)
+}
