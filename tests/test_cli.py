@@ -43,6 +43,9 @@ def test_check_reports_bounds_and_recommends(tmp_path, capsys):
     np.save(tmp_path / "big.npy", big)
     assert main(["check", str(tmp_path / "big.npy"), str(tmp_path / "big.npy")]) == 0
     assert "recommendation: use the exact method" in capsys.readouterr().out
+    # w=None: q and k taken as already rotated
+    assert main(args[:3] + ["--w", "none"]) == 0
+    assert "recommendation: the fast method applies" in capsys.readouterr().out
 
 
 def test_check_missing_file_exits_1(tmp_path):

@@ -224,6 +224,8 @@ def check(args: argparse.Namespace) -> int:
     d = q.shape[-1]
     if args.w == "rotary":
         w = fastrope.Rotary(base=args.base, layout=args.layout)
+    elif args.w == "none":
+        w = None
     else:
         w = fastrope.BlockW(_load(args.w, "blocks"), layout=args.layout)
     scale = 1.0 / np.sqrt(d) if args.scale is None else args.scale
@@ -478,7 +480,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("q", help="queries (..., n, d): .npy, .npz or .pt")
     c.add_argument("k", help="keys (..., n, d): .npy, .npz or .pt")
     c.add_argument(
-        "--w", default="rotary", help="'rotary' or a BlockW blocks file (2L-1, d/2, 2, 2)"
+        "--w",
+        default="rotary",
+        help="'rotary', 'none' (W = I: q, k already rotated) or a BlockW blocks file"
+        " (2L-1, d/2, 2, 2)",
     )
     c.add_argument("--base", type=float, default=10000.0, help="rotary base (default 10000)")
     c.add_argument("--layout", default="interleaved", choices=["interleaved", "half"])
