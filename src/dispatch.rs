@@ -11,6 +11,7 @@
 use crate::error::{Error, Result};
 use crate::fast::bounds::{ScoreBound, WNorms};
 use crate::fast::cache::{self, KernelKey};
+use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate, LowRank};
 use crate::fast::{
     fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
 };
@@ -86,6 +87,44 @@ fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
         Position::Rotary(_) => 0,
         Position::Sparse(sp) => sp.index[bh],
     }
+}
+
+/// `max_i |x_i|` (2-norms of the rows).
+fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
+    x.outer_iter()
+        .map(|r| r.iter().map(|a| a * a).sum::<f64>().sqrt())
+        .fold(0.0, f64::max)
+}
+
+/// The low-rank path's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no window,
+/// no bias; not with `FASTROPE_FAST_PATH=toeplitz` in the environment), for a Cauchy-Schwarz
+/// bound `r2` on the rotated scores.
+fn lowrank_of<T>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    bias: Option<&Bias<'_, T>>,
+    r2: f64,
+) -> Option<LowRank> {
+    let Position::Rotary(rot) = pos else {
+        return None;
+    };
+    if bias.is_some() || prob.window.is_some() {
+        return None;
+    }
+    // FASTROPE_FAST_PATH=toeplitz keeps Rotary on the Toeplitz path (benchmarks, tests of it)
+    if std::env::var("FASTROPE_FAST_PATH").is_ok_and(|v| v == "toeplitz") {
+        return None;
+    }
+    let c = prob.q_offset - prob.k_offset;
+    let max_pos = (c.unsigned_abs() as f64)
+        .max((c + prob.nq as i64 - 1).unsigned_abs() as f64)
+        .max(prob.nk as f64);
+    let theta = rot.theta.iter().fold(0.0f64, |m, t| m.max(t.abs()));
+    Some(LowRank {
+        r2,
+        psi_max: max_pos * theta,
+        causal_shift: prob.causal.then_some(c),
+    })
 }
 
 /// Where the data-dependent bounds of a plan come from.
@@ -167,7 +206,11 @@ pub fn plan_fast_from<'a, T: Real>(
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
-        let bounds: Vec<FastBounds> = match &from {
+        let factor2 = match pos {
+            Position::Rotary(r) => r.factor * r.factor,
+            Position::Sparse(_) => 0.0,
+        };
+        let (bounds, r2s): (Vec<FastBounds>, Vec<f64>) = match &from {
             BoundsFrom::Data { q, k, v } => heads
                 .par_iter()
                 .map(|&bh| {
@@ -177,9 +220,13 @@ pub fn plan_fast_from<'a, T: Real>(
                     let vh = v.slice(ndarray::s![b, kvh, .., ..]);
                     let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
                     let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
-                    FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac)
+                    let r2 = prob.scale.abs() * factor2 * max_norm(qh.view()) * max_norm(kh.view());
+                    (
+                        FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac),
+                        r2,
+                    )
                 })
-                .collect(),
+                .unzip(),
             BoundsFrom::Given { r, v_max } => {
                 if !(r.is_finite() && *r >= 0.0 && v_max.is_finite() && *v_max >= 0.0) {
                     return Err(Error::Value(format!(
@@ -192,13 +239,35 @@ pub fn plan_fast_from<'a, T: Real>(
                     spectral: *r,
                     blocks: *r,
                 };
-                vec![FastBounds::from_parts(
-                    score, *v_max, prob.nq, prob.nk, &fac,
-                )]
+                (
+                    vec![FastBounds::from_parts(
+                        score, *v_max, prob.nq, prob.nk, &fac,
+                    )],
+                    vec![*r],
+                )
             }
         };
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| a.worst(b));
-        let plan = fast_plan(shape, &support, &worst, eps, limits)?;
+        let toeplitz = fast_plan(shape, &support, &worst, eps, limits);
+        let plan = match lowrank_of(prob, pos, bias, r2s.iter().fold(0.0, |a, &b| a.max(b))) {
+            None => toeplitz?,
+            Some(lr) => {
+                let low = lowrank_plan(shape, &worst, lr, eps, limits);
+                let h = heads.len() as f64;
+                match (toeplitz, low) {
+                    (Ok(t), Ok(l)) => {
+                        if l.flops * h <= t.kernel_flops + h * (t.flops - t.kernel_flops) {
+                            l
+                        } else {
+                            t
+                        }
+                    }
+                    (Err(_), Ok(l)) => l,
+                    (Ok(t), Err(_)) => t,
+                    (Err(e), Err(_)) => return Err(e),
+                }
+            }
+        };
         support_all = support;
         out.push(FastGroup {
             heads,
@@ -302,6 +371,48 @@ pub fn run_fast<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
+        if let (Some(lr), Position::Rotary(rot)) = (g.plan.lowrank, pos) {
+            let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+            let c = prob.q_offset - prob.k_offset;
+            let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
+                .heads
+                .par_iter()
+                .map(|&bh| {
+                    ctl.check()?;
+                    let (b, h) = (bh / prob.hq, bh % prob.hq);
+                    let kvh = h / prob.group();
+                    let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                    let vh = head_f64(&v, b, kvh);
+                    // the plan's certificate holds for this head only within its bounds
+                    let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
+                    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    let r2 = prob.scale.abs()
+                        * rot.factor
+                        * rot.factor
+                        * max_norm(qh.view())
+                        * max_norm(kh.view());
+                    if score.r > g.plan.bounds.r || vmax > g.plan.bounds.v_max || r2 > lr.r2 {
+                        return Err(Error::Approximation(
+                            "fast method (low-rank): a head is outside the bounds its plan \
+                             certified"
+                                .into(),
+                        ));
+                    }
+                    let x = rotate(rot, qh.view(), c, prob.scale * rot.factor * rot.factor);
+                    let y = rotate(rot, kh.view(), 0, 1.0);
+                    Ok((bh, lowrank_head(&g.plan, x.view(), y.view(), vh.view())?))
+                })
+                .collect();
+            for r in results {
+                let (bh, fo) = r?;
+                let (b, h) = (bh / prob.hq, bh % prob.hq);
+                let mut o = out.slice_mut(ndarray::s![b, h, .., ..]);
+                o.zip_mut_with(&fo.out, |x, &y| *x = T::of(y));
+                let mut l = lse.slice_mut(ndarray::s![b, h, ..]);
+                l.zip_mut_with(&fo.lse, |x, &y| *x = T::of(y));
+            }
+            continue;
+        }
         let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits)?;
         let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
             .heads

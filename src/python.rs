@@ -462,6 +462,14 @@ fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDic
     };
     d.set_item("degree", p.poly.degree)?;
     d.set_item(
+        "path",
+        if p.lowrank.is_some() {
+            "lowrank"
+        } else {
+            "toeplitz"
+        },
+    )?;
+    d.set_item(
         "poly_kind",
         match p.poly.kind {
             PolyKind::Taylor => "taylor",

@@ -183,6 +183,13 @@ def test_method_auto_never_returns_an_uncertified_result():
 # --- the planner, on shape tuples -------------------------------------------------------------
 
 
+@pytest.fixture
+def toeplitz_path(monkeypatch):
+    """Rotary without window or bias takes the low-rank path; these planner tests are about the
+    Toeplitz path (the low-rank path's own tests are below)."""
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
+
+
 def shape_plan(n, d, dv=64, eps=1e-3, r=1.0, w=None, **kw):
     w = fastrope.Rotary() if w is None else w
     return fastrope.plan(
@@ -190,7 +197,7 @@ def shape_plan(n, d, dv=64, eps=1e-3, r=1.0, w=None, **kw):
     )
 
 
-def test_planner_picks_exact_for_short_sequences_and_fast_for_long_ones():
+def test_planner_picks_exact_for_short_sequences_and_fast_for_long_ones(toeplitz_path):
     short = shape_plan(4096, 2)
     assert short.method == "exact" and "exact is predicted" in short.why
     long = shape_plan(2**18, 2)
@@ -205,7 +212,7 @@ def test_planner_degree_grows_with_r_and_shrinks_with_eps():
     assert degrees_eps == sorted(degrees_eps) and degrees_eps[0] < degrees_eps[-1]
 
 
-def test_planner_counts_terms_as_the_multinomial_expansion():
+def test_planner_counts_terms_as_the_multinomial_expansion(toeplitz_path):
     from math import comb
 
     p = shape_plan(2**14, 2, method="fast")
@@ -214,7 +221,7 @@ def test_planner_counts_terms_as_the_multinomial_expansion():
     assert p.n_pairs <= p.n_alpha * p.n_beta
 
 
-def test_planner_refuses_with_reasons():
+def test_planner_refuses_with_reasons(toeplitz_path):
     with pytest.raises(fastrope.ApproximationError, match="eps = 0"):
         shape_plan(2**14, 2, eps=0.0, method="fast")
     with pytest.raises(fastrope.ApproximationError, match="GB|MiB|memory"):
@@ -227,9 +234,124 @@ def test_planner_refuses_with_reasons():
         fastrope.plan((1, 8, 2), (1, 8, 2), (1, 8, 2), fastrope.Rotary(), 1e-3)
 
 
-def test_plan_is_plain_data_and_prints():
+def test_plan_is_plain_data_and_prints(toeplitz_path):
     p = shape_plan(2**18, 2)
     text = str(p)
     assert "method: fast" in text and "polynomial" in text and "why" in text
     assert p.certified_error <= p.eps
     assert p.details["fft_len"] >= 2 * 2**18 - 1
+
+
+# --- the low-rank path (Rotary / w=None without window or bias) --------------------------------
+
+
+def _bounded(rng, shape, d, r=1.0):
+    x = rng.standard_normal(shape + (d,))
+    return x * (r**0.5 / np.linalg.norm(x, axis=-1, keepdims=True).max())
+
+
+LOWRANK_CASES = [
+    # w, lead_q, group, n_q, n_k, d, d_v, kw
+    (fastrope.Rotary(), (2,), 1, 97, 97, 4, 5, dict(causal=True)),
+    (fastrope.Rotary(), (2,), 1, 64, 101, 2, 3, dict()),
+    (fastrope.Rotary(layout="half"), (2, 4), 2, 53, 71, 4, 2, dict(causal=True, q_offset=18)),
+    (fastrope.Rotary(base=500.0), (3,), 1, 300, 280, 2, 4, dict(causal=True, k_offset=9)),
+    (fastrope.Rotary(scaling={"rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32}), (1,), 1, 70, 70, 6, 3,
+     dict(causal=True)),
+    (None, (2,), 1, 41, 43, 3, 2, dict(causal=True, q_offset=2)),
+    (fastrope.Rotary(), (1,), 1, 600, 600, 2, 8, dict(causal=True, q_offset=5, k_offset=3)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(LOWRANK_CASES)))
+@pytest.mark.parametrize("eps", [1e-2, 1e-4, 1e-6])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lowrank_path_is_certified_against_the_reference(case, eps, dtype):
+    w, lead, group, nq, nk, d, dv, kw = LOWRANK_CASES[case]
+    if dtype == np.float32 and eps < 1e-5:
+        eps = 1e-5  # below float32's output rounding the planner refuses any fast method
+    rng = np.random.default_rng(case)
+    lead_k = lead[:-1] + (lead[-1] // group,)
+    q = _bounded(rng, lead + (nq,), d, 2.0).astype(dtype)
+    k = _bounded(rng, lead_k + (nk,), d, 2.0).astype(dtype)
+    v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", **kw)
+    assert p.details["path"] == "lowrank"
+    d_eff = d + d % 2 if w is None else d  # w=None pads an odd d with a zero column
+    assert p.terms == comb_(d_eff + p.degree, p.degree)
+    out, lse = fastrope.attention(q, k, v, w, eps, method="fast", return_lse=True, **kw)
+    ref, ref_lse = reference.attention(q, k, v, w, return_lse=True, **kw)
+    assert out.dtype == dtype
+    err = np.abs(out - ref).max()
+    assert err <= p.certified_error <= eps, (err, p.certified_error)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    assert np.abs(lse[fin] - ref_lse[fin]).max() <= p.details["certified_lse_error"] + 1e-6
+
+
+def comb_(a, b):
+    from math import comb
+
+    return comb(a, b)
+
+
+def test_lowrank_adversarial_aligned_inputs():
+    """q and k aligned (every score at +R): the bound's worst case, still within eps."""
+    rng = np.random.default_rng(7)
+    n, d = 200, 4
+    base = rng.standard_normal(d)
+    base *= 2.0 / np.linalg.norm(base)  # scale 1/2: R = 2
+    q = np.tile(base, (n, 1))
+    w = fastrope.Rotary(base=1e9)  # angles ~ 0: scores stay aligned along the sequence
+    v = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
+    for eps in (1e-2, 1e-4):
+        p = fastrope.plan(q, q, v, w, eps, method="fast", causal=True)
+        assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
+        out = fastrope.attention(q, q, v, w, eps, method="fast", causal=True)
+        ref = reference.attention(q, q, v, w, causal=True)
+        assert np.abs(out - ref).max() <= eps
+
+
+def test_lowrank_and_toeplitz_paths_agree(monkeypatch):
+    rng = np.random.default_rng(3)
+    q = _bounded(rng, (2, 150), 4)
+    k = _bounded(rng, (2, 150), 4)
+    v = rng.uniform(-1, 1, (2, 150, 3))
+    w = fastrope.Rotary()
+    a = fastrope.attention(q, k, v, w, 1e-6, method="fast", causal=True)
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
+    assert fastrope.plan(q, k, v, w, 1e-6, method="fast", causal=True).details["path"] == (
+        "toeplitz"
+    )
+    b = fastrope.attention(q, k, v, w, 1e-6, method="fast", causal=True)
+    assert np.abs(a - b).max() <= 2e-6
+
+
+def test_lowrank_path_choice():
+    """Rotary / w=None without window or bias: low-rank; a window, a bias or general W: Toeplitz."""
+    rng = np.random.default_rng(5)
+    q = _bounded(rng, (1, 64), 4)
+    v = rng.uniform(-1, 1, (1, 64, 2))
+    rot = fastrope.Rotary()
+
+    def path(w, **kw):
+        return fastrope.plan(q, q, v, w, 1e-3, method="fast", **kw).details["path"]
+
+    assert path(rot) == path(rot, causal=True) == path(None) == "lowrank"
+    assert path(rot, window=(8, 0)) == "toeplitz"
+    assert path(rot, bias=fastrope.alibi(1, 64)) == "toeplitz"
+    blocks = np.tile(np.eye(2), (127, 2, 1, 1))
+    assert path(fastrope.BlockW(blocks)) == "toeplitz"
+
+
+def test_lowrank_planner_fits_long_small_heads_in_little_memory():
+    """n = 2^20, d = 4, d_v = 64 (issue #3's memory target): the low-rank plan needs a few MiB
+    besides the inputs, where the Toeplitz plan needs tens of GB; it is predicted far cheaper
+    than exact, and the why says how."""
+    p = shape_plan(2**20, 4, causal=True)
+    assert p.method == "fast" and p.details["path"] == "lowrank"
+    inputs = 8 * 2**20 * (4 + 4 + 64 + 64)  # q, k, v, out in float64
+    assert p.working_set_bytes - inputs < 256 * 2**20
+    assert p.fast_seconds * 50 < p.exact_seconds
+    assert "low-rank features" in p.why and "low-rank features" in str(p)

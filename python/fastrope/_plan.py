@@ -81,7 +81,12 @@ class Plan:
                 else ""
             )
         )
-        if self.degree is not None:
+        if self.degree is not None and self.details.get("path") == "lowrank":
+            lines.append(
+                f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R],"
+                f" R = {self.bound_r:.4g}; {self.terms} low-rank features (no FFT)"
+            )
+        elif self.degree is not None:
             lines.append(
                 f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R],"
                 f" R = {self.bound_r:.4g};"
@@ -279,6 +284,7 @@ def make_plan(
     details = {
         k: info[k]
         for k in (
+            "path",
             "rho",
             "fft_len",
             "groups",
@@ -298,8 +304,14 @@ def make_plan(
             raise ApproximationError(f"method='fast': {msg}")
         return exact_plan(msg, fast)
     ratio = seconds / max(fast["fast_seconds"], 1e-12)
+    via = (
+        f", as {fast['terms']} low-rank features (RoPE scores are q'·k' after rotating by absolute"
+        " position: no Toeplitz products)"
+        if info.get("path") == "lowrank"
+        else ""
+    )
     summary = (
-        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R],"
+        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R]{via},"
         f" R = {fast['bound_r']:.3g}, certifies {certified:.2g} <= eps = {eps:.2g};"
         f" predicted fast {fast['fast_seconds']:.3g} s vs exact {seconds:.3g} s"
     )

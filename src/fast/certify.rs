@@ -108,6 +108,9 @@ pub struct FastPlan {
     /// data-dependent rounding bound before any FFT runs.
     pub certified_error: f64,
     pub certified_lse_error: f64,
+    /// A plan for the low-rank path ([`super::lowrank`]: Rotary without window or bias) rather
+    /// than Toeplitz products.
+    pub lowrank: Option<super::lowrank::LowRank>,
 }
 
 /// `ε_f`: normwise relative error of one FFT of length `n` (see the module docs).
@@ -273,6 +276,7 @@ fn plan_unchecked(
         rounding_error: cert.rounding_error,
         certified_error: cert.certified_error,
         certified_lse_error: cert.certified_lse_error,
+        lowrank: None,
     })
 }
 

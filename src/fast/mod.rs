@@ -27,6 +27,7 @@ pub mod cache;
 pub mod certify;
 pub mod expansion;
 pub mod forward;
+pub mod lowrank;
 pub mod naive;
 pub mod naive_backward;
 
