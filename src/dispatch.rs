@@ -400,7 +400,10 @@ pub fn run_fast<'a, T: Real>(
                     }
                     let x = rotate(rot, qh.view(), c, prob.scale * rot.factor * rot.factor);
                     let y = rotate(rot, kh.view(), 0, 1.0);
-                    Ok((bh, lowrank_head(&g.plan, x.view(), y.view(), vh.view())?))
+                    Ok((
+                        bh,
+                        lowrank_head(&g.plan, x.view(), y.view(), vh.view(), ctl)?,
+                    ))
                 })
                 .collect();
             for r in results {

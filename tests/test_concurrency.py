@@ -141,3 +141,41 @@ def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
     assert "interrupted" in out, (out, err)
     # The kernels poll between tiles and the binding checks signals every 50 ms.
     assert latency < 3.0, f"took {latency:.2f} s to return after SIGINT"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX-specific")
+def test_ctrl_c_interrupts_a_long_fast_call():
+    """The fast method's low-rank path (one long head: no parallelism to hide behind) polls too."""
+    code = """
+        import sys, time, numpy as np, fastrope
+        rng = np.random.default_rng(0)
+        n, d = 1 << 19, 8
+        q = rng.uniform(-1, 1, (n, d)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=-1).max()
+        v = rng.uniform(-1, 1, (n, 64)).astype(np.float32)
+        p = fastrope.plan(q, q, v, fastrope.Rotary(), 1e-3, method="fast")
+        assert p.details["path"] == "lowrank", p
+        print("ready", flush=True)
+        t0 = time.perf_counter()
+        try:
+            fastrope.attention(q, q, v, fastrope.Rotary(), 1e-3, method="fast")
+            print("finished", time.perf_counter() - t0, flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", time.perf_counter() - t0, flush=True)
+    """
+    p = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
+    time.sleep(1.0)
+    t_sig = time.perf_counter()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    latency = time.perf_counter() - t_sig
+    assert "interrupted" in out, (out, err)
+    assert latency < 3.0, f"took {latency:.2f} s to return after SIGINT"

@@ -36,6 +36,7 @@ use super::{FastLimits, FastOutput, FastReport};
 use crate::error::{Error, Result};
 use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
 use crate::position::RotaryW;
+use crate::problem::Control;
 use ndarray::{s, Array1, Array2, ArrayView2};
 use std::collections::HashMap;
 
@@ -293,6 +294,7 @@ pub fn lowrank_head(
     x: ArrayView2<f64>,
     y: ArrayView2<f64>,
     v: ArrayView2<f64>,
+    ctl: &Control,
 ) -> Result<FastOutput> {
     let lr = plan
         .lowrank
@@ -306,11 +308,13 @@ pub fn lowrank_head(
         None => {
             let mut state = Array2::<f64>::zeros((feats.len(), dv + 1));
             for k0 in (0..nk).step_by(BLOCK) {
+                ctl.check()?;
                 let k1 = (k0 + BLOCK).min(nk);
                 let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
                 state += &fk.t().dot(&vb.slice(s![k0..k1, ..]));
             }
             for i0 in (0..nq).step_by(BLOCK) {
+                ctl.check()?;
                 let i1 = (i0 + BLOCK).min(nq);
                 let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
                 acc.slice_mut(s![i0..i1, ..]).assign(&fq.dot(&state));
@@ -322,9 +326,11 @@ pub fn lowrank_head(
             let mut state = Array2::<f64>::zeros((feats.len(), dv + 1));
             let mut in_state = 0usize;
             for i0 in (0..nq).step_by(BLOCK) {
+                ctl.check()?;
                 let i1 = (i0 + BLOCK).min(nq);
                 let (full, last) = (visible(i0 as i64), visible(i1 as i64 - 1));
                 while in_state < full {
+                    ctl.check()?;
                     let k1 = (in_state + BLOCK).min(full);
                     let fk = feats.fill(y.slice(s![in_state..k1, ..]), false);
                     state += &fk.t().dot(&vb.slice(s![in_state..k1, ..]));
@@ -492,7 +498,7 @@ mod tests {
             assert_eq!(plan.counts.terms as f64, feature_count(d, plan.poly.degree));
             let x = rotate(&rot, q.view(), shift, scale * rot.factor * rot.factor);
             let y = rotate(&rot, k.view(), 0, 1.0);
-            let got = lowrank_head(&plan, x.view(), y.view(), v.view()).unwrap();
+            let got = lowrank_head(&plan, x.view(), y.view(), v.view(), &Control::new()).unwrap();
             let (out, lse) = naive(&rot, &plan.poly, &q, &k, &v, scale, shift, causal);
             for i in 0..nq {
                 assert_eq!(got.lse[i].is_finite(), lse[i].is_finite(), "row {i}");
