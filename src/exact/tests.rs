@@ -532,7 +532,12 @@ fn timing_rotary_f32() {
         let v = f(rng.array4((1, 8, n, d)));
         let dout = f(rng.array4((1, 8, n, d)));
         let flops = 4.0 * (n * n * d * 8) as f64 * if causal { 0.5 } else { 1.0 };
+        // FASTROPE_TIMING_ISA=Avx512 (or Avx2, Baseline) times one instruction set only.
+        let only = std::env::var("FASTROPE_TIMING_ISA").ok();
         for isa in isas() {
+            if only.as_ref().is_some_and(|o| *o != format!("{isa:?}")) {
+                continue;
+            }
             crate::simd::with_isa(isa, || {
                 let ctl = Control::new();
                 let (mut tf, mut tb) = (f64::MAX, f64::MAX);
