@@ -562,7 +562,8 @@ def numpy_point(a):
 _RSS_CHILD = r"""
 import json, sys, numpy as np
 import fastrope
-n, d, form, pas, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+n, d, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
+form, pas = sys.argv[3], sys.argv[4]
 def status(key):
     with open("/proc/self/status") as f:
         for line in f:
@@ -589,7 +590,9 @@ if pas == "fwd":
     res = fastrope.attention(q, k, v, w, method="exact", return_lse=True, num_threads=threads)
     outputs = sum(x.nbytes for x in res)
 else:
-    g = fastrope.attention_grad(q, k, v, w, dout, method="exact", out=out, lse=lse, num_threads=threads)
+    g = fastrope.attention_grad(
+        q, k, v, w, dout, method="exact", out=out, lse=lse, num_threads=threads
+    )
     outputs = sum(x.nbytes for x in (g.dq, g.dk, g.dv)) + (g.dw.nbytes if g.dw is not None else 0)
 peak = status("VmHWM")
 print(json.dumps({"base": base, "peak": peak, "outputs": outputs, "extra": peak - base - outputs}))
