@@ -267,7 +267,7 @@ mod x86 {
         type E = f32;
         type V = __m512;
         const W: usize = 16;
-        const MR: usize = 8;
+        const MR: usize = 12;
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m512 {
             _mm512_set1_ps(x)
