@@ -138,10 +138,30 @@ def parse_args(argv=None):
         default=None,
         help="no timing: re-render the table (and --plot, --markdown) from a --json file",
     )
+    p.add_argument(
+        "--numpy-n",
+        type=int,
+        default=2048,
+        help="n of the BlockW forward against a naive NumPy general-W forward, d=64, one head "
+        "(0: skip)",
+    )
+    p.add_argument(
+        "--rss-n",
+        type=int,
+        default=65536,
+        help="n of the extra-resident-memory measurement (d=64, one head, in a subprocess; "
+        "0: skip)",
+    )
+    p.add_argument(
+        "--extras-only",
+        action="store_true",
+        help="only the NumPy comparison and the memory measurement, no grid",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.d, a.heads, a.repeats, a.min_repeats, a.budget = [256, 512], [64], 2, 3, 1, 5.0
+        a.numpy_n, a.rss_n = 256, 4096
     if a.bwd_all:
         a.bwd_max_n = max(a.n)
     if a.blockw_bwd_max_n is None:
@@ -469,6 +489,145 @@ def markdown_table(rows):
 # --------------------------------------------------------------------------------------------------
 
 
+def numpy_general_w(q, k, v, w, scale):
+    """Naive general-W forward in NumPy, one head: per relative position δ the diagonal
+    ``S[i, i - δ] = scale q_i^T W_δ k_{i-δ}`` (``w`` dense, ``(2L-1, d, d)``), then a
+    materialised softmax and ``P V``. What a user without fastrope would write."""
+    n, L = q.shape[0], (w.shape[0] + 1) // 2
+    s = np.empty((n, n), dtype=q.dtype)
+    for delta in range(-(n - 1), n):
+        i0, j0 = max(delta, 0), max(-delta, 0)
+        m = n - abs(delta)
+        qw = q[i0 : i0 + m] @ w[delta + L - 1]
+        s[np.arange(i0, i0 + m), np.arange(j0, j0 + m)] = scale * np.einsum(
+            "id,id->i", qw, k[j0 : j0 + m]
+        )
+    s -= s.max(axis=1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=1, keepdims=True)
+    return s @ v
+
+
+def numpy_point(a):
+    """BlockW (and Rotary) forward against :func:`numpy_general_w`, n = a.numpy_n, d = 64, one
+    head, float32, non-causal."""
+    import fastrope
+
+    n, d = a.numpy_n, 64
+    q, k, v = C.make_qkv(1, 1, n, d, "float32", seed=a.seed)
+    blocks = C.rotary_blocks(n, d, "float32")  # (2L-1, d/2, 2, 2)
+    dense = np.zeros((blocks.shape[0], d, d), dtype=np.float32)
+    for m in range(d // 2):
+        dense[:, 2 * m : 2 * m + 2, 2 * m : 2 * m + 2] = blocks[:, m]
+    bw = fastrope.BlockW(blocks)
+    scale = 1.0 / np.sqrt(d)
+    fns = {
+        "numpy": lambda: numpy_general_w(q[0, 0], k[0, 0], v[0, 0], dense, scale),
+        "blockw": lambda: fastrope.attention(q, k, v, bw, method="exact", num_threads=a.threads),
+        "rotary": lambda: fastrope.attention(
+            q, k, v, fastrope.Rotary(), method="exact", num_threads=a.threads
+        ),
+    }
+    load0 = C.loadavg()
+    samples = {}
+    outs = {}
+    for name, fn in fns.items():
+        reps = 3 if name == "numpy" else 7
+        ts = []
+        for _ in range(reps):
+            t, outs[name] = C.timed(fn)
+            ts.append(t)
+        samples[name] = ts
+    med = {k_: C.median(t) for k_, t in samples.items()}
+    res = {
+        "n": n,
+        "d": d,
+        "heads": 1,
+        "samples_s": samples,
+        "median_s": med,
+        "numpy_over_blockw": med["numpy"] / med["blockw"],
+        "numpy_over_rotary": med["numpy"] / med["rotary"],
+        "max_diff_blockw_numpy": max_diff(outs["blockw"][0, 0], outs["numpy"]),
+        "loadavg": [load0, C.loadavg()],
+    }
+    C.log(
+        f"# NumPy general-W vs fastrope, n={n} d={d} one head: numpy {med['numpy'] * 1e3:.0f} ms, "
+        f"BlockW {med['blockw'] * 1e3:.1f} ms ({res['numpy_over_blockw']:.0f}x faster), "
+        f"Rotary {med['rotary'] * 1e3:.1f} ms ({res['numpy_over_rotary']:.0f}x), "
+        f"max|diff| {res['max_diff_blockw_numpy']:.1e}, load {load0} -> {C.loadavg()}"
+    )
+    return res
+
+
+_RSS_CHILD = r"""
+import json, sys, numpy as np
+import fastrope
+n, d, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[5])
+form, pas = sys.argv[3], sys.argv[4]
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+rng = np.random.default_rng(0)
+q, k, v, dout = (rng.standard_normal((1, 1, n, d), dtype=np.float32) for _ in range(4))
+if form == "rotary":
+    w = fastrope.Rotary()
+else:
+    th = 10000.0 ** (-2.0 * np.arange(d // 2) / d)
+    ang = np.arange(-(n - 1), n)[:, None] * th
+    c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    w = fastrope.BlockW(np.stack([np.stack([c, s], -1), np.stack([-s, c], -1)], -2))
+# Warm up on a small problem (thread pool, lazily loaded code), then count from here.
+fastrope.attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], fastrope.Rotary(), method="exact")
+out = lse = None
+if pas == "bwd":
+    out, lse = fastrope.attention(q, k, v, w, method="exact", return_lse=True, num_threads=threads)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+if pas == "fwd":
+    res = fastrope.attention(q, k, v, w, method="exact", return_lse=True, num_threads=threads)
+    outputs = sum(x.nbytes for x in res)
+else:
+    g = fastrope.attention_grad(
+        q, k, v, w, dout, method="exact", out=out, lse=lse, num_threads=threads
+    )
+    outputs = sum(x.nbytes for x in (g.dq, g.dk, g.dv)) + (g.dw.nbytes if g.dw is not None else 0)
+peak = status("VmHWM")
+print(json.dumps({"base": base, "peak": peak, "outputs": outputs, "extra": peak - base - outputs}))
+"""
+
+
+def rss_point(a):
+    """Extra resident memory of one call (peak RSS minus RSS before minus the outputs), in a
+    fresh subprocess per (form, pass): n = a.rss_n, d = 64, one head, float32."""
+    import subprocess
+
+    res = []
+    for form in ("rotary", "blockw"):
+        for pas in ("fwd", "bwd"):
+            r = subprocess.run(
+                [sys.executable, "-c", _RSS_CHILD, str(a.rss_n), "64", form, pas, str(a.threads)],
+                capture_output=True,
+                text=True,
+                check=False,
+                # The child imports the same fastrope (the snapshot copy, when there is one).
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+            )
+            if r.returncode != 0:
+                C.log(f"# RSS {form} {pas}: failed: {r.stderr.strip()[-300:]}")
+                continue
+            x = json.loads(r.stdout.strip().splitlines()[-1])
+            x.update(form=form, pass_=pas, n=a.rss_n, d=64)
+            res.append(x)
+            C.log(
+                f"# extra RSS n={a.rss_n} d=64 one head {form} {pas}: "
+                f"{x['extra'] / 2**20:.1f} MiB (outputs {x['outputs'] / 2**20:.1f} MiB)"
+            )
+    return res
+
+
 def main(argv=None):
     a = parse_args(argv)
     if a.from_json:
@@ -516,8 +675,13 @@ def main(argv=None):
     )
     C.log(progress_line(HEADER))
     records, rows = [], []
+    extras = {}
+    if a.numpy_n:
+        extras["numpy"] = numpy_point(a)
+    if a.rss_n:
+        extras["rss"] = rss_point(a)
     t_start = time.perf_counter()
-    for n in a.n:
+    for n in [] if a.extras_only else a.n:
         for d in a.d:
             for causal in masks(a):
                 waited = C.wait_for_load(a.max_load, a.max_wait)
@@ -540,6 +704,7 @@ def main(argv=None):
                 "machine": machine,
                 "config": config,
                 "records": records,
+                "extras": extras,
                 "table": {"header": HEADER, "rows": rows},
             },
         )

@@ -1,5 +1,7 @@
 //! The floating-point types the kernels are generic over, with the GEMM each one uses.
 
+use crate::exact::lanes::{self, LanesTask, Portable};
+use crate::simd::Isa;
 use num_traits::Float;
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -12,6 +14,10 @@ pub trait Real: Float + Debug + Default + Send + Sync + Sum + 'static {
     fn f64(self) -> f64;
     /// `e^x`, vectorisable (see [`crate::simd`]); exactly 0 for `-inf`.
     fn exp_lane(self) -> Self;
+
+    /// Runs `task` with this type's SIMD lanes for `isa` (from [`crate::simd::call_isa`]),
+    /// compiled for that instruction set.
+    fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out;
 
     /// `C = alpha * A B + beta * C` with arbitrary (row, column) strides, via `matrixmultiply`.
     ///
@@ -51,6 +57,10 @@ impl Real for f32 {
     fn exp_lane(self) -> Self {
         crate::simd::exp_f32(self)
     }
+    #[inline]
+    fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out {
+        lanes::dispatch::<f32, lanes::F32x16, lanes::F32x8, Portable<f32, 4>, K>(isa, task)
+    }
     unsafe fn gemm(
         m: usize,
         k: usize,
@@ -84,6 +94,10 @@ impl Real for f64 {
     #[inline(always)]
     fn exp_lane(self) -> Self {
         crate::simd::exp_f64(self)
+    }
+    #[inline]
+    fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out {
+        lanes::dispatch::<f64, lanes::F64x8, lanes::F64x4, Portable<f64, 2>, K>(isa, task)
     }
     unsafe fn gemm(
         m: usize,

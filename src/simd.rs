@@ -8,9 +8,11 @@
 //! Inputs below the smallest normal result (and `-inf`, the masked scores) give exactly 0.
 
 use crate::real::Real;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Instruction sets, in increasing order of capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Baseline,
     Avx2,
@@ -35,6 +37,26 @@ pub fn isa() -> Isa {
         }
         Isa::Baseline
     })
+}
+
+thread_local! {
+    static FORCED: Cell<Option<Isa>> = const { Cell::new(None) };
+}
+
+/// The instruction set a call made on this thread uses: [`isa`], or a narrower one chosen with
+/// [`with_isa`]. Kernels read it once per call, on the calling thread, and hand it to their
+/// workers.
+pub fn call_isa() -> Isa {
+    let best = isa();
+    FORCED.with(|f| f.get()).map_or(best, |f| f.min(best))
+}
+
+/// Runs `f` with calls on this thread limited to `limit` (tests compare the instruction sets).
+pub fn with_isa<R>(limit: Isa, f: impl FnOnce() -> R) -> R {
+    let old = FORCED.with(|c| c.replace(Some(limit)));
+    let r = f();
+    FORCED.with(|c| c.set(old));
+    r
 }
 
 /// `e^x` for f32, per lane (see the module docs).

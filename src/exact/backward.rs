@@ -9,18 +9,26 @@
 //! dW_δ  = scale Σ_{i-j=δ} dS_ij q_i k_j^T  (on the support)      db(δ) = Σ_{i-j=δ} dS_ij
 //! ```
 //!
-//! A unit of work is a chunk of key blocks of one `(batch, kv head)`, over every query head of
-//! its group (GQA shares the K/V tiles). dK and dV of a chunk belong to it alone; its dq, dW and
-//! db contributions are partial sums, reduced in unit order (deterministic for a given unit
-//! split) in waves whose size bounds the memory of the partials.
+//! A unit of work is a chunk of key tiles of one `(batch, kv head)`, over every query head of its
+//! group (GQA shares the K/V tiles). Per key tile and query block it recomputes `P` and `dS`
+//! (strip by strip, on the micro-kernel), then `dV += P^T dO` and, for rotary, `dK += dS^T Q̃`
+//! and `dQ̃ += dS K̃`: five GEMMs. For sparse `W`, dq, dk and dW come from [`super::sparse`]'s
+//! diagonal kernels. dK and dV of a chunk belong to it alone; its dq, dW and db contributions
+//! are partial sums, reduced in unit order (deterministic for a given unit split) in waves whose
+//! size bounds the memory of the partials.
 
 use super::forward::check_shapes;
-use super::{Shared, BK, BQ};
+use super::kernel::Epilogue;
+use super::kernel::{self, round_up};
+use super::lanes::{Lanes, LanesTask};
+use super::sparse::{self, padded, PAD_L};
+use super::{key_panels, Shared};
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
-use crate::real::{gemm_rm, gemm_tn, Real};
+use crate::real::Real;
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
+use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 /// Gradients from [`attention_backward`]; `dw` is `(tables, 2L-1, |S|)` for sparse `W` when
@@ -86,15 +94,15 @@ pub fn attention_backward<'a, T: Real>(
         dw: None,
         dbias: None,
     };
-    let sparse = match pos {
+    let sparse_w = match pos {
         Position::Sparse(sp) => Some(sp),
         Position::Rotary(_) => None,
     };
-    let want_dw = inp.want_dw && sparse.is_some();
+    let want_dw = inp.want_dw && sparse_w.is_some();
     let want_db = inp.want_dbias && bias.is_some();
     let glen = prob.glen();
-    let ns = sparse.map_or(0, |sp| sp.support.len());
-    let mut dw_acc: Vec<Vec<f64>> = match sparse {
+    let ns = sparse_w.map_or(0, |sp| sp.support.len());
+    let mut dw_acc: Vec<Vec<f64>> = match sparse_w {
         Some(sp) if want_dw => vec![Vec::new(); sp.values.dim().0],
         _ => Vec::new(),
     };
@@ -103,41 +111,54 @@ pub fn attention_backward<'a, T: Real>(
         _ => Vec::new(),
     };
     if nq > 0 && nk > 0 && dv > 0 && d > 0 && prob.batch * prob.hq > 0 {
-        let sh = Shared::new(prob, pos, bias, &k);
-        let ctx = Ctx::new(&sh, &q, v.view(), inp);
+        let mut sh = Shared::new(prob, pos, bias, true);
+        sh.pack_keys(&k, true);
+        let ctx = Ctx::new(&sh, &q, &v, inp);
+        let bk = sh.tiles.bk;
         // Key chunks: enough units to keep every thread busy at batch 1, one head.
         let heads = prob.batch * prob.hk;
-        let nkb = nk.div_ceil(BK);
+        let nkb = nk.div_ceil(bk);
         let per_head = (4 * inp.threads.max(1)).div_ceil(heads).clamp(1, nkb);
-        let chunk = BK * nkb.div_ceil(per_head);
+        let chunk = bk * nkb.div_ceil(per_head);
         let units: Vec<(usize, usize)> = (0..heads)
             .flat_map(|kvh| (0..nk.div_ceil(chunk)).map(move |c| (kvh, c * chunk)))
             .collect();
         let elt = std::mem::size_of::<T>();
         let per_unit = elt
-            * (prob.group() * nq * d
-                + chunk * (d + dv)
+            * (prob.group() * (nq + bk) * (d + bk)
+                + 2 * chunk * (d + dv)
                 + prob.group() * (ns * want_dw as usize + want_db as usize) * (nq + chunk));
         let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, 4 * inp.threads.max(1));
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()
-                .map(|&(kvh, jc0)| ctx.unit(kvh, jc0, chunk.min(nk - jc0), want_dw, want_db, ctl))
+                .map(|&(kvh, jc0)| {
+                    let task = Unit {
+                        ctx: &ctx,
+                        kvh,
+                        jc0,
+                        rows: chunk.min(nk - jc0),
+                        want_dw,
+                        want_db,
+                        ctl,
+                    };
+                    T::with_lanes(sh.isa, task)
+                })
                 .collect();
             ctl.check()?;
             for part in parts {
-                reduce_unit(prob, &mut g, &mut dw_acc, &mut db_acc, part, sparse, bias);
+                reduce_unit(prob, &sh, &mut g, &mut dw_acc, &mut db_acc, part, ns);
             }
         }
-        if let Position::Rotary(r) = pos {
+        if let (Position::Rotary(r), Some(rot)) = (pos, &sh.rot) {
             let mult = prob.scale * r.factor;
             if let Some(all) = g.dq.as_slice_mut() {
                 all.par_chunks_mut(nq * d)
-                    .for_each(|rows| r.rotate_back(rows, d, prob.q_offset, mult));
+                    .for_each(|rows| rot.rotate(rows, d, nq, prob.q_offset, mult, true));
             }
         }
     }
-    if let Some(sp) = sparse.filter(|_| want_dw) {
+    if let Some(sp) = sparse_w.filter(|_| want_dw) {
         let (nw, rows, _) = sp.values.dim();
         let half = (rows as i64 - 1) / 2;
         let mut dw = Array3::zeros((nw, rows, ns));
@@ -170,7 +191,8 @@ pub fn attention_backward<'a, T: Real>(
     Ok(g)
 }
 
-/// One unit's contributions. `dw`/`db` hold `(table, values over g in g0..g0+len)`.
+/// One unit's contributions. `dk` (`rows x d`), `dv` (`rows x dv`) are final; `dq` holds the
+/// group's `n_q x dp` partials; `dw`/`db` hold `(table, values over g in g0..g0+len, padded)`.
 struct UnitGrad<T> {
     kvh: usize,
     jc0: usize,
@@ -178,46 +200,52 @@ struct UnitGrad<T> {
     dv: Vec<T>,
     dq: Vec<T>,
     g0: usize,
+    glen_u: usize,
     dw: Vec<(usize, Vec<T>)>,
     db: Vec<(usize, Vec<T>)>,
 }
 
 fn reduce_unit<T: Real>(
     prob: &Problem,
+    sh: &Shared<'_, '_, T>,
     g: &mut Grads<T>,
     dw_acc: &mut [Vec<f64>],
     db_acc: &mut [Vec<f64>],
     part: UnitGrad<T>,
-    sparse: Option<&crate::position::SparseW<'_, T>>,
-    _bias: Option<&Bias<'_, T>>,
+    ns: usize,
 ) {
-    let (nq, d, dv, glen) = (prob.nq, prob.d, prob.dv, prob.glen());
-    let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
+    let (nq, nk, d, dv, glen) = (prob.nq, prob.nk, prob.d, prob.dv, prob.glen());
+    let dp = round_up(d, sh.tiles.nr);
     let rows = part.dk.len() / d;
-    let mut dk =
-        g.dk.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
-    dk.iter_mut().zip(&part.dk).for_each(|(x, &y)| *x = y);
-    let mut dvv =
-        g.dv.slice_mut(ndarray::s![b, hk, part.jc0..part.jc0 + rows, ..]);
-    dvv.iter_mut().zip(&part.dv).for_each(|(x, &y)| *x = y);
-    let grp = prob.group();
-    for hg in 0..grp {
-        let mut dq = g.dq.slice_mut(ndarray::s![b, hk * grp + hg, .., ..]);
-        let src = &part.dq[hg * nq * d..(hg + 1) * nq * d];
-        dq.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
+    // The gradients are fresh standard-layout arrays.
+    let kv_off = part.kvh * nk + part.jc0;
+    if let (Some(dk), Some(dvs)) = (g.dk.as_slice_mut(), g.dv.as_slice_mut()) {
+        dk[kv_off * d..(kv_off + rows) * d].copy_from_slice(&part.dk);
+        dvs[kv_off * dv..(kv_off + rows) * dv].copy_from_slice(&part.dv);
     }
-    let ns = sparse.map_or(0, |sp| sp.support.len());
+    let grp = prob.group();
+    let nqp = part.dq.len() / (grp * dp).max(1);
+    if let Some(dq) = g.dq.as_slice_mut() {
+        let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
+        for hg in 0..grp {
+            let head = b * prob.hq + hk * grp + hg;
+            let dst = &mut dq[head * nq * d..(head + 1) * nq * d];
+            for (i, row) in dst.chunks_exact_mut(d).enumerate() {
+                let src = &part.dq[(hg * nqp + i) * dp..(hg * nqp + i) * dp + d];
+                row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
+            }
+        }
+    }
+    let stride = padded(part.glen_u);
     for (t, buf) in part.dw {
         let acc = &mut dw_acc[t];
         if acc.is_empty() {
             acc.resize(ns * glen, 0.0);
         }
-        let len = buf.len() / ns.max(1);
         for s in 0..ns {
-            for (o, &x) in acc[s * glen + part.g0..s * glen + part.g0 + len]
-                .iter_mut()
-                .zip(&buf[s * len..(s + 1) * len])
-            {
+            let src = &buf[s * stride + PAD_L..s * stride + PAD_L + part.glen_u];
+            let dst = &mut acc[s * glen + part.g0..s * glen + part.g0 + part.glen_u];
+            for (o, &x) in dst.iter_mut().zip(src) {
                 *o += x.f64();
             }
         }
@@ -227,36 +255,71 @@ fn reduce_unit<T: Real>(
         if acc.is_empty() {
             acc.resize(glen, 0.0);
         }
-        for (o, &x) in acc[part.g0..part.g0 + buf.len()].iter_mut().zip(&buf) {
+        let src = &buf[PAD_L..PAD_L + part.glen_u];
+        for (o, &x) in acc[part.g0..part.g0 + part.glen_u].iter_mut().zip(src) {
             *o += x.f64();
         }
     }
-    let _ = dv;
 }
 
-/// Per-call state of the backward: packed queries, `D`, `lse`.
+/// Per-call state of the backward: packed queries, `dO`, `D`, keys and values.
 struct Ctx<'s, 'a, 'p, 'i, T> {
     sh: &'s Shared<'a, 'p, T>,
-    v: ArrayView4<'s, T>,
     inp: &'s BackwardInputs<'i, T>,
+    /// Per query head: scaled (rotated) queries, `nqp x dp`.
     qpack: Vec<Vec<T>>,
+    /// Per query head, sparse `W` only: `qpack` as transposed strips of `MR` rows.
+    qtpack: Vec<Vec<T>>,
+    /// Per query head: `dO`, `nqp x dvp`.
+    dopack: Vec<Vec<T>>,
+    /// Per query head: `D_i`.
     dvec: Vec<Vec<T>>,
+    /// Per kv head: key panels of `v` (the `B` operand of `dO V^T`).
+    vkey: Vec<Vec<T>>,
+    nqp: usize,
+    dp: usize,
+    dvp: usize,
 }
 
 impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
     fn new(
         sh: &'s Shared<'a, 'p, T>,
         q: &ArrayView4<'_, T>,
-        v: ArrayView4<'s, T>,
+        v: &ArrayView4<'_, T>,
         inp: &'s BackwardInputs<'i, T>,
     ) -> Self {
         let prob = sh.prob;
+        let (nq, d, dv) = (prob.nq, prob.d, prob.dv);
+        let t = sh.tiles;
+        let nqp = round_up(nq, t.bq.max(t.mr));
+        let (dp, dvp) = (round_up(d, t.nr), round_up(dv, t.nr));
         let heads = prob.batch * prob.hq;
-        let qpack = (0..heads)
+        let qpack: Vec<Vec<T>> = (0..heads)
             .into_par_iter()
             .map(|bh| {
-                let mut buf = Vec::with_capacity(prob.nq * prob.d);
-                super::pack_queries(prob, sh.pos, q, bh, 0, prob.nq, &mut buf);
+                let mut buf = Vec::new();
+                sh.pack_queries(q, bh, 0, nq, nqp, dp, &mut buf);
+                buf
+            })
+            .collect();
+        let qtpack = match sh.pos {
+            Position::Sparse(_) => qpack
+                .par_iter()
+                .map(|x: &Vec<T>| sparse::transpose_strips(x, nqp, dp, d, t.mr))
+                .collect(),
+            Position::Rotary(_) => Vec::new(),
+        };
+        let dopack = (0..heads)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / prob.hq, bh % prob.hq);
+                let mut buf = vec![T::zero(); nqp * dvp];
+                let src = inp.dout.slice(ndarray::s![b, h, .., ..]);
+                for (i, row) in src.outer_iter().enumerate() {
+                    for (x, &y) in buf[i * dvp..].iter_mut().zip(row.iter()) {
+                        *x = y;
+                    }
+                }
                 buf
             })
             .collect();
@@ -264,230 +327,65 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
             .into_par_iter()
             .map(|bh| {
                 let (b, h) = (bh / prob.hq, bh % prob.hq);
-                (0..prob.nq)
-                    .map(|i| {
-                        let o = inp.out.slice(ndarray::s![b, h, i, ..]);
-                        let d_o = inp.dout.slice(ndarray::s![b, h, i, ..]);
-                        T::of(
-                            o.iter()
-                                .zip(d_o.iter())
-                                .map(|(&x, &y)| x.f64() * y.f64())
+                let o = inp.out.slice(ndarray::s![b, h, .., ..]);
+                let d_o = inp.dout.slice(ndarray::s![b, h, .., ..]);
+                o.outer_iter()
+                    .zip(d_o.outer_iter())
+                    .map(|(x, y)| match (x.as_slice(), y.as_slice()) {
+                        (Some(x), Some(y)) => {
+                            T::of(x.iter().zip(y).map(|(&a, &b)| a.f64() * b.f64()).sum())
+                        }
+                        _ => T::of(
+                            x.iter()
+                                .zip(y.iter())
+                                .map(|(&a, &b)| a.f64() * b.f64())
                                 .sum(),
-                        )
+                        ),
                     })
                     .collect()
             })
             .collect();
+        let kv_heads = prob.batch * prob.hk;
+        let vkey = (0..kv_heads)
+            .into_par_iter()
+            .map(|kvh| {
+                key_panels(
+                    v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]),
+                    t.nr,
+                )
+            })
+            .collect();
         Self {
             sh,
-            v,
             inp,
             qpack,
+            qtpack,
+            dopack,
             dvec,
+            vkey,
+            nqp,
+            dp,
+            dvp,
         }
     }
+}
 
-    /// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against every query of its group.
-    fn unit(
-        &self,
-        kvh: usize,
-        jc0: usize,
-        rows: usize,
-        want_dw: bool,
-        want_db: bool,
-        ctl: &Control,
-    ) -> UnitGrad<T> {
-        let sh = self.sh;
-        let prob = sh.prob;
-        let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
-        let (b, hk) = (kvh / prob.hk, kvh % prob.hk);
-        let sparse = match sh.pos {
-            Position::Sparse(sp) => Some(sp),
-            Position::Rotary(_) => None,
-        };
-        let ns = sparse.map_or(0, |sp| sp.support.len());
-        let glen = prob.glen();
-        let g0 = jc0;
-        let glen_u = (rows + nq - 1).min(glen - g0);
-        let mut u = UnitGrad {
-            kvh,
-            jc0,
-            dk: vec![T::zero(); rows * d],
-            dv: vec![T::zero(); rows * dv],
-            dq: vec![T::zero(); grp * nq * d],
-            g0,
-            dw: Vec::new(),
-            db: Vec::new(),
-        };
-        // Sparse W accumulates dk transposed (d x rows) so its inner loops run over keys.
-        let mut dkt = if sparse.is_some() {
-            vec![T::zero(); d * rows]
-        } else {
-            Vec::new()
-        };
-        let vh = self.v.slice(ndarray::s![b, hk, .., ..]);
-        let (vrs, vcs) = (vh.strides()[0], vh.strides()[1]);
-        let keys = &sh.keys[kvh];
-        let mut s = vec![T::zero(); BQ * BK];
-        let mut ds = vec![T::zero(); BQ * BK];
-        let scale = T::of(prob.scale);
-        for hg in 0..grp {
-            let h = hk * grp + hg;
-            let bh = b * prob.hq + h;
-            let dw_slot = if want_dw {
-                let t = sparse.map_or(0, |sp| sp.index[bh]);
-                Some(slot(&mut u.dw, t, ns * glen_u))
-            } else {
-                None
-            };
-            let db_slot = match sh.bias {
-                Some(bi) if want_db => Some(slot(&mut u.db, bi.index[bh], glen_u)),
-                _ => None,
-            };
-            let qp = &self.qpack[bh];
-            let lse = self.inp.lse.slice(ndarray::s![b, h, ..]);
-            let dvec = &self.dvec[bh];
-            let dout = self.inp.dout.slice(ndarray::s![b, h, .., ..]);
-            let (ors, ocs) = (dout.strides()[0], dout.strides()[1]);
-            for j0 in (jc0..jc0 + rows).step_by(BK) {
-                let nbk = BK.min(jc0 + rows - j0);
-                for i0 in (0..nq).step_by(BQ) {
-                    if ctl.cancelled() {
-                        return u;
-                    }
-                    let nb = BQ.min(nq - i0);
-                    let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, j0, nbk);
-                    if !sh.logf.any_visible(g_lo, g_hi) {
-                        continue;
-                    }
-                    let qb = &qp[i0 * d..(i0 + nb) * d];
-                    sh.tile_scores(bh, kvh, qb, i0, nb, j0, nbk, &mut s);
-                    for i in 0..nb {
-                        let l = lse[i0 + i];
-                        let row = &mut s[i * nbk..(i + 1) * nbk];
-                        if l == T::neg_infinity() {
-                            row.iter_mut().for_each(|x| *x = T::zero());
-                        } else {
-                            crate::simd::exp_shift_sum(row, l);
-                        }
-                    }
-                    // SAFETY: every pointer below addresses rows i0..i0+nb of dout and
-                    // j0..j0+nbk of v (in range), and distinct local buffers.
-                    unsafe {
-                        let op = dout.as_ptr().offset(i0 as isize * ors);
-                        let vp = vh.as_ptr().offset(j0 as isize * vrs);
-                        // dP = dO V^T
-                        T::gemm(
-                            nb,
-                            dv,
-                            nbk,
-                            T::one(),
-                            op,
-                            ors,
-                            ocs,
-                            vp,
-                            vcs,
-                            vrs,
-                            T::zero(),
-                            ds.as_mut_ptr(),
-                            nbk as isize,
-                            1,
-                        );
-                        // dV += P^T dO
-                        let dvp = u.dv.as_mut_ptr().add((j0 - jc0) * dv);
-                        T::gemm(
-                            nbk,
-                            nb,
-                            dv,
-                            T::one(),
-                            s.as_ptr(),
-                            1,
-                            nbk as isize,
-                            op,
-                            ors,
-                            ocs,
-                            T::one(),
-                            dvp,
-                            dv as isize,
-                            1,
-                        );
-                    }
-                    for i in 0..nb {
-                        let di = dvec[i0 + i];
-                        let (prow, drow) =
-                            (&s[i * nbk..(i + 1) * nbk], &mut ds[i * nbk..(i + 1) * nbk]);
-                        crate::simd::softmax_grad(drow, prow, di);
-                    }
-                    let dq = &mut u.dq[hg * nq * d..(hg + 1) * nq * d];
-                    match sparse {
-                        None => {
-                            // dQ̃ += dS K̃,  dK̃ += dS^T Q̃
-                            gemm_rm(
-                                nb,
-                                nbk,
-                                d,
-                                T::one(),
-                                &ds,
-                                nbk,
-                                &keys[j0 * d..],
-                                d,
-                                false,
-                                T::one(),
-                                &mut dq[i0 * d..],
-                                d,
-                            );
-                            gemm_tn(
-                                nbk,
-                                nb,
-                                d,
-                                T::one(),
-                                &ds,
-                                nbk,
-                                qb,
-                                d,
-                                T::one(),
-                                &mut u.dk[(j0 - jc0) * d..],
-                                d,
-                            );
-                        }
-                        Some(sp) => {
-                            let table = &sh.tables[sp.index[bh]];
-                            let dwbuf = dw_slot.map(|k| &mut u.dw[k].1);
-                            sparse_tile_grads(
-                                prob, sp, table, keys, qb, &ds, i0, nb, j0, nbk, jc0, rows, g0,
-                                glen_u, scale, dq, &mut dkt, dwbuf,
-                            );
-                        }
-                    }
-                    if let Some(kslot) = db_slot {
-                        let buf = &mut u.db[kslot].1;
-                        for i in 0..nb {
-                            let base = j0 + nq - 1 - (i0 + i) - g0;
-                            for (o, &x) in buf[base..base + nbk]
-                                .iter_mut()
-                                .zip(&ds[i * nbk..(i + 1) * nbk])
-                            {
-                                *o = *o + x;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        match sh.pos {
-            Position::Rotary(r) => {
-                r.rotate_back(&mut u.dk, d, prob.k_offset + jc0 as i64, r.factor)
-            }
-            Position::Sparse(_) => {
-                for l in 0..d {
-                    for j in 0..rows {
-                        u.dk[j * d + l] = dkt[l * rows + j];
-                    }
-                }
-            }
-        }
-        let _ = nk;
-        u
+/// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against every query of its group.
+struct Unit<'c, 's, 'a, 'p, 'i, T> {
+    ctx: &'c Ctx<'s, 'a, 'p, 'i, T>,
+    kvh: usize,
+    jc0: usize,
+    rows: usize,
+    want_dw: bool,
+    want_db: bool,
+    ctl: &'c Control,
+}
+
+impl<T: Real> LanesTask<T> for Unit<'_, '_, '_, '_, '_, T> {
+    type Out = UnitGrad<T>;
+    #[inline(always)]
+    fn run<L: Lanes<E = T>>(self) -> UnitGrad<T> {
+        backward_unit::<L>(self)
     }
 }
 
@@ -500,46 +398,351 @@ fn slot<T: Real>(slots: &mut Vec<(usize, Vec<T>)>, t: usize, len: usize) -> usiz
     slots.len() - 1
 }
 
-/// dq, dk (transposed) and dW contributions of one tile for sparse `W`; `qb` holds `scale q`.
-#[allow(clippy::too_many_arguments)]
-fn sparse_tile_grads<T: Real>(
-    prob: &Problem,
-    sp: &crate::position::SparseW<'_, T>,
-    table: &[T],
-    kt: &[T],
-    qb: &[T],
-    ds: &[T],
-    i0: usize,
-    nb: usize,
-    j0: usize,
-    nbk: usize,
-    jc0: usize,
-    rows: usize,
-    g0: usize,
-    glen_u: usize,
-    scale: T,
-    dq: &mut [T],
-    dkt: &mut [T],
-    mut dw: Option<&mut Vec<T>>,
-) {
-    let (nq, nk, d, glen) = (prob.nq, prob.nk, prob.d, prob.glen());
-    for (si, &(l1, l2)) in sp.support.iter().enumerate() {
-        let seq = &table[si * glen..(si + 1) * glen];
-        let krow = &kt[l2 * nk + j0..l2 * nk + j0 + nbk];
-        let dkrow = &mut dkt[l2 * rows + (j0 - jc0)..l2 * rows + (j0 - jc0) + nbk];
-        for i in 0..nb {
-            let base = j0 + nq - 1 - (i0 + i);
-            let w = &seq[base..base + nbk];
-            let dsr = &ds[i * nbk..(i + 1) * nbk];
-            let a = qb[i * d + l1];
-            let acc = crate::simd::sparse_dq_dk(dsr, w, krow, dkrow, a);
-            dq[(i0 + i) * d + l1] = dq[(i0 + i) * d + l1] + scale * acc;
-            if let Some(buf) = dw.as_deref_mut() {
-                let out = &mut buf[si * glen_u + base - g0..si * glen_u + base - g0 + nbk];
-                for ((o, &x), &kv) in out.iter_mut().zip(dsr).zip(krow) {
-                    *o = *o + a * x * kv;
+#[inline(always)]
+fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> {
+    let ctx = u.ctx;
+    let sh = ctx.sh;
+    let prob = sh.prob;
+    let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
+    let t = sh.tiles;
+    let (mr, nr, bq, bk) = (t.mr, t.nr, t.bq, t.bk);
+    let (nqp, dp, dvp) = (ctx.nqp, ctx.dp, ctx.dvp);
+    let (kvh, jc0, rows) = (u.kvh, u.jc0, u.rows);
+    let (b, hk) = (kvh / prob.hk, kvh % prob.hk);
+    let sparse_w = match sh.pos {
+        Position::Sparse(sp) => Some(sp),
+        Position::Rotary(_) => None,
+    };
+    let ns = sparse_w.map_or(0, |sp| sp.support.len());
+    let g0 = jc0;
+    let glen_u = (rows + nq - 1).min(prob.glen() - g0);
+    let zero = L::E::zero();
+    let ninf = L::E::neg_infinity();
+    // dK (rows padded for the micro-kernel) and dV of the chunk; sparse W accumulates dk
+    // transposed and padded (d x padded(rows)) for its diagonal kernels.
+    let rows_p = round_up(rows, bk) + mr;
+    let mut dk = vec![zero; rows_p * dp];
+    let mut dvacc = vec![zero; rows_p * dvp];
+    let mut dkt = if sparse_w.is_some() {
+        vec![zero; d * padded(rows)]
+    } else {
+        Vec::new()
+    };
+    let mut dq = vec![zero; grp * nqp * dp];
+    let mut dws: Vec<(usize, Vec<L::E>)> = Vec::new();
+    let mut dbs: Vec<(usize, Vec<L::E>)> = Vec::new();
+    let ld = sparse::strip_stride(bk, nr);
+    let tile_len = bq * ld + 2 * sparse::MARGIN;
+    let mut pbuf = vec![zero; tile_len];
+    let mut dsbuf = vec![zero; tile_len];
+    let keys = &sh.keys[kvh];
+    let vkey = &ctx.vkey[kvh];
+    for hg in 0..grp {
+        let h = hk * grp + hg;
+        let bh = b * prob.hq + h;
+        let dw_slot = match sparse_w {
+            Some(sp) if u.want_dw => Some(slot(&mut dws, sp.index[bh], ns * padded(glen_u))),
+            _ => None,
+        };
+        let db_slot = match sh.bias {
+            Some(bi) if u.want_db => Some(slot(&mut dbs, bi.index[bh], padded(glen_u))),
+            _ => None,
+        };
+        let qp = &ctx.qpack[bh];
+        let dop = &ctx.dopack[bh];
+        let dvec = &ctx.dvec[bh];
+        let lse = u.inp_lse(b, h);
+        let dqh = &mut dq[hg * nqp * dp..(hg + 1) * nqp * dp];
+        for tj in (jc0..jc0 + rows).step_by(bk) {
+            let nbk = bk.min(jc0 + rows - tj);
+            let kext = round_up(round_up(nbk, nr), mr);
+            for i0 in (0..nq).step_by(bq) {
+                if u.ctl.cancelled() {
+                    return empty_grad(kvh, jc0);
+                }
+                let nb = bq.min(nq - i0);
+                let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, tj, nbk);
+                if !sh.logf.any_visible(g_lo, g_hi) {
+                    continue;
+                }
+                if sparse_w.is_some() {
+                    // The diagonal kernels read around each strip: start from zeros.
+                    pbuf.iter_mut().for_each(|x| *x = zero);
+                    dsbuf.iter_mut().for_each(|x| *x = zero);
+                }
+                // SAFETY: MARGIN < tile_len.
+                let (pt, dst) = unsafe {
+                    (
+                        pbuf.as_mut_ptr().add(sparse::MARGIN),
+                        dsbuf.as_mut_ptr().add(sparse::MARGIN),
+                    )
+                };
+                for r0 in (0..round_up(nb, mr)).step_by(mr) {
+                    let nrow = mr.min(nb - r0.min(nb));
+                    let i = i0 + r0;
+                    let vis = if nrow > 0 {
+                        sh.visible_keys(i, nrow, tj, nbk, nr)
+                    } else {
+                        None
+                    };
+                    // SAFETY: rows r0..r0+mr of the tile buffers exist (bq is a multiple of mr)
+                    // with ld >= kext + 2 nr + margins columns.
+                    let Some((j0, j1)) = vis else {
+                        if sparse_w.is_none() {
+                            for r in 0..mr {
+                                unsafe {
+                                    kernel::fill(pt.add((r0 + r) * ld), 0, kext, zero);
+                                    kernel::fill(dst.add((r0 + r) * ld), 0, kext, zero);
+                                }
+                            }
+                        }
+                        continue;
+                    };
+                    let (w, c0) = (j1 - j0, j0 - tj);
+                    let wp = round_up(w, nr);
+                    let lfr = sh
+                        .needs_log_factor(i, nrow, j0, j1)
+                        .then(|| sh.log_rows(bh, i, j0));
+                    let neg_lse: [L::E; 12] = std::array::from_fn(|r| {
+                        if r < nrow && lse[i + r] != ninf {
+                            -lse[i + r]
+                        } else {
+                            ninf
+                        }
+                    });
+                    let dd: [L::E; 12] =
+                        std::array::from_fn(|r| if r < nrow { dvec[i + r] } else { zero });
+                    // SAFETY: strips of `pbuf`/`dsbuf` have ld >= c0 + wp + margins; qpack and
+                    // dopack have nqp >= i + mr rows; key panels cover j0 + wp; the padded
+                    // log-factor covers the strip.
+                    unsafe {
+                        let srow = pt.add(r0 * ld + c0);
+                        let dsrow = dst.add(r0 * ld + c0);
+                        if sparse_w.is_none() {
+                            for r in 0..mr {
+                                let (prow, drow) = (srow.add(r * ld), dsrow.add(r * ld));
+                                kernel::fill(prow.sub(c0), 0, c0, zero);
+                                kernel::fill(drow.sub(c0), 0, c0, zero);
+                                kernel::fill(prow, wp, kext.saturating_sub(c0), zero);
+                                kernel::fill(drow, wp, kext.saturating_sub(c0), zero);
+                            }
+                        }
+                        let mut es = kernel::ExpShift::<L> {
+                            lf: lfr,
+                            w,
+                            neg_lse,
+                        };
+                        match sparse_w {
+                            // P = exp(Q̃ K̃^T + log-factor - lse)
+                            None => kernel::strip::<L, _>(
+                                wp,
+                                d,
+                                qp.as_ptr().add(i * dp),
+                                dp,
+                                1,
+                                keys.as_ptr().add(j0 * d),
+                                nr,
+                                d * nr,
+                                srow,
+                                ld,
+                                &mut es,
+                            ),
+                            Some(spw) => {
+                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
+                                sparse::scores::<L>(sh, spw, bh, q, i, j0, w, srow, ld);
+                                for r in 0..mr {
+                                    let row = srow.add(r * ld);
+                                    for col in (0..wp).step_by(L::W) {
+                                        let p = es.apply(r, col, L::load(row.add(col)));
+                                        L::store(row.add(col), p);
+                                    }
+                                    // The diagonal kernel spilled scores around the strip: P
+                                    // must be zero outside it for the dV GEMM.
+                                    kernel::fill(row.sub(mr - 1), 0, mr - 1, zero);
+                                    kernel::fill(row, wp, wp + nr + mr, zero);
+                                }
+                            }
+                        }
+                        // dS = P ∘ (dO V^T - D)
+                        let mut sg = kernel::SoftmaxGrad::<L> { p: srow, ld, d: dd };
+                        kernel::strip::<L, _>(
+                            wp,
+                            dv,
+                            dop.as_ptr().add(i * dvp),
+                            dvp,
+                            1,
+                            vkey.as_ptr().add(j0 * dv),
+                            nr,
+                            dv * nr,
+                            dsrow,
+                            ld,
+                            &mut sg,
+                        );
+                        if let Some(k) = db_slot {
+                            let buf = &mut dbs[k].1;
+                            for r in 0..nrow {
+                                let base = PAD_L + j0 + nq - 1 - (i + r) - g0;
+                                kernel::add_assign::<L>(
+                                    buf.as_mut_ptr().add(base),
+                                    dsrow.add(r * ld),
+                                    w,
+                                );
+                            }
+                        }
+                        match sparse_w {
+                            // dQ̃ += dS K̃ over the visible keys.
+                            None => kernel::strip::<L, _>(
+                                dp,
+                                w,
+                                dsrow,
+                                ld,
+                                1,
+                                sh.kcols[kvh].as_ptr().add(j0 * nr),
+                                nr,
+                                nk * nr,
+                                dqh.as_mut_ptr().add(i * dp),
+                                dp,
+                                &mut kernel::Accumulate,
+                            ),
+                            Some(spw) => {
+                                let out = sparse::GradOut {
+                                    dq: dqh.as_mut_ptr().add(i * dp),
+                                    ldq: dp,
+                                    dkt: std::ptr::null_mut(),
+                                    ldk: 0,
+                                    dw: dw_slot.map(|k| {
+                                        dws[k].1.as_mut_ptr().add(PAD_L + j0 + nq - 1 - i - g0)
+                                    }),
+                                    ldw: padded(glen_u),
+                                };
+                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
+                                sparse::strip_grads::<L>(sh, spw, bh, q, i, j0, w, dsrow, ld, &out);
+                            }
+                        }
+                    }
+                }
+                // SAFETY: the tile buffers hold nb rows of kext <= ld columns (zero outside
+                // the visible strips); dK/dV have rows_p >= tj - jc0 + kext rows.
+                unsafe {
+                    for jr in (0..kext).step_by(mr) {
+                        let row = tj - jc0 + jr;
+                        // dV += P^T dO
+                        kernel::strip::<L, _>(
+                            dvp,
+                            nb,
+                            pt.add(jr),
+                            1,
+                            ld,
+                            dop.as_ptr().add(i0 * dvp),
+                            dvp,
+                            nr,
+                            dvacc.as_mut_ptr().add(row * dvp),
+                            dvp,
+                            &mut kernel::Accumulate,
+                        );
+                        if sparse_w.is_none() {
+                            // dK̃ += dS^T Q̃
+                            kernel::strip::<L, _>(
+                                dp,
+                                nb,
+                                dst.add(jr),
+                                1,
+                                ld,
+                                qp.as_ptr().add(i0 * dp),
+                                dp,
+                                nr,
+                                dk.as_mut_ptr().add(row * dp),
+                                dp,
+                                &mut kernel::Accumulate,
+                            );
+                        }
+                    }
+                    if let Some(spw) = sparse_w {
+                        let out = sparse::GradOut {
+                            dq: std::ptr::null_mut(),
+                            ldq: 0,
+                            dkt: dkt.as_mut_ptr().add(PAD_L + tj - jc0),
+                            ldk: padded(rows),
+                            dw: None,
+                            ldw: 0,
+                        };
+                        sparse::tile_dk::<L>(
+                            sh,
+                            spw,
+                            bh,
+                            qp.as_ptr().add(i0 * dp),
+                            dp,
+                            i0,
+                            nb,
+                            tj,
+                            round_up(nbk, nr),
+                            dst,
+                            ld,
+                            &out,
+                        );
+                    }
                 }
             }
         }
+    }
+    let mut out_dk = vec![zero; rows * d];
+    let mut out_dv = vec![zero; rows * dv];
+    for j in 0..rows {
+        out_dv[j * dv..(j + 1) * dv].copy_from_slice(&dvacc[j * dvp..j * dvp + dv]);
+    }
+    match (sh.pos, &sh.rot) {
+        (Position::Rotary(r), Some(rot)) => {
+            for j in 0..rows {
+                out_dk[j * d..(j + 1) * d].copy_from_slice(&dk[j * dp..j * dp + d]);
+            }
+            rot.rotate(
+                &mut out_dk,
+                d,
+                rows,
+                prob.k_offset + jc0 as i64,
+                r.factor,
+                true,
+            );
+        }
+        _ => {
+            let stride = padded(rows);
+            for l in 0..d {
+                for j in 0..rows {
+                    out_dk[j * d + l] = dkt[l * stride + PAD_L + j];
+                }
+            }
+        }
+    }
+    let _ = nk;
+    UnitGrad {
+        kvh,
+        jc0,
+        dk: out_dk,
+        dv: out_dv,
+        dq,
+        g0,
+        glen_u,
+        dw: dws,
+        db: dbs,
+    }
+}
+
+fn empty_grad<T>(kvh: usize, jc0: usize) -> UnitGrad<T> {
+    UnitGrad {
+        kvh,
+        jc0,
+        dk: Vec::new(),
+        dv: Vec::new(),
+        dq: Vec::new(),
+        g0: 0,
+        glen_u: 0,
+        dw: Vec::new(),
+        db: Vec::new(),
+    }
+}
+
+impl<T: Real> Unit<'_, '_, '_, '_, '_, T> {
+    fn inp_lse(&self, b: usize, h: usize) -> ndarray::ArrayView1<'_, T> {
+        self.ctx.inp.lse.slice_move(ndarray::s![b, h, ..])
     }
 }

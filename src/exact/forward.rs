@@ -4,14 +4,22 @@
 //! `m' = max(m, max_j S_ij)`, `P_ij = exp(S_ij - m')`, `l = l e^{m-m'} + Σ_j P_ij`,
 //! `o = o e^{m-m'} + P V`. At the end `O = o / l`, `lse = m + ln l`; a row that saw no visible
 //! key keeps `l = 0` and returns `O = 0`, `lse = -inf`.
+//!
+//! A unit of work is a block of `bq` query rows of one head; it walks the key tiles, and within
+//! a tile its strips of `MR` rows: scores of the strip (a row of micro-tiles), the softmax update
+//! of its rows, and `P V` into the block's accumulator, while the tile's keys and values stay in
+//! L2 for the next strip. Causal and window masks skip every key outside a strip's visible range.
 
-use super::{pack_queries, Shared, BK, BQ};
+use super::kernel::Epilogue;
+use super::kernel::{self, round_up};
+use super::lanes::{Lanes, LanesTask};
+use super::{column_panels, sparse, Shared};
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
-use crate::simd;
 use ndarray::{Array3, Array4, ArrayView4};
+use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 /// Checks that the arrays agree with `prob`.
@@ -58,107 +66,212 @@ pub fn attention_forward<'a, T: Real>(
     if nq == 0 || prob.nk == 0 || dv == 0 || prob.batch * prob.hq == 0 {
         return Ok((out, lse));
     }
-    let shared = Shared::new(prob, pos, bias, &k);
+    let mut sh = Shared::new(prob, pos, bias, false);
+    sh.pack_keys(&k, false);
+    let nr = sh.tiles.nr;
+    // The `B` operand of `P V`: each head of `v` itself when its rows are contiguous and a
+    // multiple of NR long (row stride dv, tile step NR), else column panels (NR, n_k NR).
+    let direct = dv % nr == 0;
+    let values: Vec<Option<Vec<T>>> = (0..prob.batch * prob.hk)
+        .into_par_iter()
+        .map(|kvh| {
+            let vh = v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+            match vh.as_slice() {
+                Some(_) if direct => None,
+                _ => Some(column_panels(vh, nr)),
+            }
+        })
+        .collect();
+    let bq = sh.tiles.bq;
     let (Some(out_s), Some(lse_s)) = (out.as_slice_mut(), lse.as_slice_mut()) else {
         return Err(Error::Value("internal: output not contiguous".into()));
     };
+    let sh = &sh;
     out_s
         .par_chunks_mut(nq * dv)
         .zip(lse_s.par_chunks_mut(nq))
         .enumerate()
         .for_each(|(bh, (o_head, l_head))| {
+            let kvh = sh.kv_head(bh);
+            let (vals, vrs, vstep) = match &values[kvh] {
+                Some(panels) => (&panels[..], nr, prob.nk * nr),
+                None => {
+                    let vh = v.slice_move(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+                    (vh.to_slice().expect("contiguous"), dv, nr)
+                }
+            };
             o_head
-                .par_chunks_mut(BQ * dv)
-                .zip(l_head.par_chunks_mut(BQ))
+                .par_chunks_mut(bq * dv)
+                .zip(l_head.par_chunks_mut(bq))
                 .enumerate()
-                .for_each(|(qb, (o, l))| forward_block(&shared, &q, &v, bh, qb * BQ, o, l, ctl));
+                .for_each(|(qb, (out, lse))| {
+                    let unit = Block {
+                        sh,
+                        vals,
+                        vrs,
+                        vstep,
+                        q: &q,
+                        bh,
+                        i0: qb * bq,
+                        out,
+                        lse,
+                        ctl,
+                    };
+                    T::with_lanes(sh.isa, unit)
+                });
         });
     ctl.check()?;
     Ok((out, lse))
 }
 
 /// One query block of one head: rows `i0..i0 + lse.len()`.
-#[allow(clippy::too_many_arguments)]
-fn forward_block<T: Real>(
-    sh: &Shared<'_, '_, T>,
-    q: &ArrayView4<'_, T>,
-    v: &ArrayView4<'_, T>,
+struct Block<'s, 'a, 'p, 'q, 'o, T> {
+    sh: &'s Shared<'a, 'p, T>,
+    /// The `B` operand of `P V` (see `attention_forward`): row `j` at `j vrs`, tile `t` at
+    /// `t vstep`.
+    vals: &'s [T],
+    vrs: usize,
+    vstep: usize,
+    q: &'s ArrayView4<'q, T>,
     bh: usize,
     i0: usize,
-    out: &mut [T],
-    lse: &mut [T],
-    ctl: &Control,
-) {
-    let prob = sh.prob;
-    let (nk, dv) = (prob.nk, prob.dv);
-    let nb = lse.len();
-    let kvh = (bh / prob.hq) * prob.hk + (bh % prob.hq) / prob.group();
-    let mut qb = Vec::with_capacity(nb * prob.d);
-    pack_queries(prob, sh.pos, q, bh, i0, nb, &mut qb);
-    let vh = v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
-    let (vrs, vcs) = (vh.strides()[0], vh.strides()[1]);
+    out: &'o mut [T],
+    lse: &'o mut [T],
+    ctl: &'s Control,
+}
 
-    let mut m = vec![T::neg_infinity(); nb];
-    let mut l = vec![T::zero(); nb];
-    let mut s = vec![T::zero(); nb * BK];
-    for j0 in (0..nk).step_by(BK) {
-        if ctl.cancelled() {
+impl<T: Real> LanesTask<T> for Block<'_, '_, '_, '_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<L: Lanes<E = T>>(self) {
+        forward_block::<L>(self)
+    }
+}
+
+#[inline(always)]
+fn forward_block<L: Lanes>(u: Block<'_, '_, '_, '_, '_, L::E>) {
+    let sh = u.sh;
+    let prob = sh.prob;
+    let (nk, d, dv) = (prob.nk, prob.d, prob.dv);
+    let t = sh.tiles;
+    let (mr, nr, bk) = (t.mr, t.nr, t.bk);
+    let nb = u.lse.len();
+    let nbp = round_up(nb, mr);
+    let dvp = round_up(dv, nr);
+    let (i0, bh) = (u.i0, u.bh);
+    let kvh = sh.kv_head(bh);
+    let mut qb = Vec::new();
+    sh.pack_queries(u.q, bh, i0, nb, nbp, d, &mut qb);
+    let qt = match sh.pos {
+        Position::Sparse(_) => sparse::transpose_strips(&qb, nbp, d, d, mr),
+        Position::Rotary(_) => Vec::new(),
+    };
+    let zero = L::E::zero();
+    let ninf = L::E::neg_infinity();
+    let mut oacc = vec![zero; nbp * dvp];
+    let mut m = vec![ninf; nbp];
+    let mut l = vec![zero; nbp];
+    let ld = sparse::strip_stride(bk, nr);
+    // Row r of the strip starts at s[MARGIN + r ld] (sparse scores spill into the margins).
+    let mut s = vec![zero; mr * ld + 2 * sparse::MARGIN];
+    let keys = &sh.keys[kvh];
+    for tj in (0..nk).step_by(bk) {
+        if u.ctl.cancelled() {
             return;
         }
-        let nbk = BK.min(nk - j0);
-        let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, j0, nbk);
-        if !sh.logf.any_visible(g_lo, g_hi) {
-            continue;
-        }
-        sh.tile_scores(bh, kvh, &qb, i0, nb, j0, nbk, &mut s);
-        for i in 0..nb {
-            let row = &mut s[i * nbk..(i + 1) * nbk];
-            let mx = simd::max(row);
-            if mx == T::neg_infinity() {
-                row.iter_mut().for_each(|x| *x = T::zero());
+        let nbk = bk.min(nk - tj);
+        for r0 in (0..nb).step_by(mr) {
+            let rows = mr.min(nb - r0);
+            let Some((j0, j1)) = sh.visible_keys(i0 + r0, rows, tj, nbk, nr) else {
                 continue;
+            };
+            let w = j1 - j0;
+            let wp = round_up(w, nr);
+            // SAFETY: MARGIN < s.len().
+            let sp = unsafe { s.as_mut_ptr().add(sparse::MARGIN) };
+            let lf = sh
+                .needs_log_factor(i0 + r0, rows, j0, j1)
+                .then(|| sh.log_rows(bh, i0 + r0, j0));
+            // SAFETY (this block): `qb` has nbp >= r0 + mr rows of d; key panels cover
+            // j0..j0 + wp (j0 + wp <= round_up(nk, nr)); rows of `s` have ld >= wp + margins;
+            // the padded log-factor covers every diagonal of the strip and `nr` more; oacc has
+            // nbp rows of dvp; value column panels hold nk rows of nr.
+            unsafe {
+                // Scores, with the log-factor added, columns >= w at -inf, and the row maxima.
+                let mut mm = kernel::MaskMax::<L>::new(lf, w);
+                match sh.pos {
+                    Position::Rotary(_) => kernel::strip::<L, _>(
+                        wp,
+                        d,
+                        qb.as_ptr().add(r0 * d),
+                        d,
+                        1,
+                        keys.as_ptr().add(j0 * d),
+                        nr,
+                        d * nr,
+                        sp,
+                        ld,
+                        &mut mm,
+                    ),
+                    Position::Sparse(spw) => {
+                        let q = qt.as_ptr().add(r0 * d);
+                        sparse::scores::<L>(sh, spw, bh, q, i0 + r0, j0, w, sp, ld);
+                        for r in 0..mr {
+                            let row = sp.add(r * ld);
+                            for col in (0..wp).step_by(L::W) {
+                                L::store(row.add(col), mm.apply(r, col, L::load(row.add(col))));
+                            }
+                        }
+                    }
+                }
+                for r in 0..mr {
+                    let row = sp.add(r * ld);
+                    let i = r0 + r;
+                    let mx = mm.max(r);
+                    if mx == ninf {
+                        kernel::fill(row, 0, wp, zero);
+                        continue;
+                    }
+                    let (m_new, alpha) = if mx > m[i] {
+                        (mx, (m[i] - mx).exp())
+                    } else {
+                        (m[i], L::E::one())
+                    };
+                    let sum = kernel::exp_shift_sum::<L>(row, wp, m_new);
+                    l[i] = l[i] * alpha + sum;
+                    if alpha != L::E::one() {
+                        kernel::scale::<L>(oacc.as_mut_ptr().add(i * dvp), dvp, alpha);
+                    }
+                    m[i] = m_new;
+                }
+                // O += P V over the visible keys.
+                kernel::strip::<L, _>(
+                    dvp,
+                    w,
+                    sp,
+                    ld,
+                    1,
+                    u.vals.as_ptr().add(j0 * u.vrs),
+                    u.vrs,
+                    u.vstep,
+                    oacc.as_mut_ptr().add(r0 * dvp),
+                    dvp,
+                    &mut kernel::Accumulate,
+                );
             }
-            let m_new = m[i].max(mx);
-            let alpha = (m[i] - m_new).exp();
-            let sum = simd::exp_shift_sum(row, m_new);
-            l[i] = l[i] * alpha + sum;
-            if alpha != T::one() {
-                out[i * dv..(i + 1) * dv]
-                    .iter_mut()
-                    .for_each(|x| *x = *x * alpha);
-            }
-            m[i] = m_new;
-        }
-        // SAFETY: `vh` rows j0..j0+nbk exist (nbk <= nk - j0); `out` is nb x dv, distinct memory.
-        unsafe {
-            let vp = vh.as_ptr().offset(j0 as isize * vrs);
-            T::gemm(
-                nb,
-                nbk,
-                dv,
-                T::one(),
-                s.as_ptr(),
-                nbk as isize,
-                1,
-                vp,
-                vrs,
-                vcs,
-                T::one(),
-                out.as_mut_ptr(),
-                dv as isize,
-                1,
-            );
         }
     }
     for i in 0..nb {
-        let row = &mut out[i * dv..(i + 1) * dv];
-        if l[i] > T::zero() {
-            let inv = T::one() / l[i];
-            row.iter_mut().for_each(|x| *x = *x * inv);
-            lse[i] = m[i] + l[i].ln();
+        let row = &mut u.out[i * dv..(i + 1) * dv];
+        if l[i] > zero {
+            let inv = L::E::one() / l[i];
+            for (o, &a) in row.iter_mut().zip(&oacc[i * dvp..]) {
+                *o = a * inv;
+            }
+            u.lse[i] = m[i] + l[i].ln();
         } else {
-            row.iter_mut().for_each(|x| *x = T::zero());
-            lse[i] = T::neg_infinity();
+            row.iter_mut().for_each(|x| *x = zero);
+            u.lse[i] = ninf;
         }
     }
 }

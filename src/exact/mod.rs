@@ -1,18 +1,30 @@
 //! The exact method: streaming ("online") softmax over key blocks, FlashAttention-2 style.
 //!
-//! Nothing of size `n_q x n_k` is ever allocated: a unit of work holds one `BQ x BK` tile of
-//! scores. Memory beyond inputs and outputs is `O((n_q + n_k) d)` for rotated/transposed copies
-//! of q and k, plus, for sparse `W`, the support's sequences along the diagonals
-//! (`|S| (n_q + n_k)` per table, the size of the part of `W` the call touches).
+//! Nothing of size `n_q x n_k` is ever allocated: a unit of work (a block of `bq` queries of one
+//! head) holds one strip of `MR x bk` scores at a time. Memory beyond inputs and outputs is
+//! `O((n_q + n_k) d)`: keys and values packed once per call into the layouts the micro-kernel
+//! reads, plus, for sparse `W`, the support's sequences along the diagonals (`|S| (n_q + n_k)`
+//! per table, the part of `W` the call touches).
 //!
-//! Scores of a tile: for [`Position::Rotary`], `q` and `k` are rotated once (with `scale` and the
-//! attention factor folded into `q`), and the tile is a GEMM `Q̃ K̃^T`. For
-//! [`Position::Sparse`], `S_ij = Σ_s (scale q_i[l1_s]) w_s(δ_ij) k_j[l2_s]`: along a tile row `δ`
-//! runs over a contiguous range, so each support entry contributes a contiguous slice of its
-//! diagonal sequence times a contiguous row of `k^T` — a vectorisable loop over keys.
+//! Scores: for [`Position::Rotary`], `q` and `k` are rotated once (with `scale` and the attention
+//! factor folded into `q`) and a strip is a GEMM `Q̃ K̃^T` on the register-blocked micro-kernel
+//! of [`kernel`]. For [`Position::Sparse`], `S_ij = Σ_s (scale q_i[l1_s]) w_s(δ_ij) k_j[l2_s]`:
+//! along a row `δ` runs over a contiguous range, so each support entry is a contiguous slice of
+//! its diagonal sequence times a contiguous row of `k^T` ([`sparse`]).
+//!
+//! Layouts (`NR` = the micro-tile width, two SIMD registers): *key panels* hold `NR` keys
+//! side by side, `[j / NR][l][j % NR]` (the `B` operand of `Q K^T`); *column panels* hold `NR`
+//! columns of every row, `[c / NR][j][c % NR]` (the `B` operand of `P V`). Both are zero-padded.
 
 pub mod backward;
 pub mod forward;
+pub mod kernel;
+// The AVX-512 intrinsics in `lanes` are stable from Rust 1.89; the crate's `rust-version`
+// (1.80) has to follow before a release.
+#[clippy::msrv = "1.89"]
+pub mod lanes;
+pub(crate) mod rotate;
+pub(crate) mod sparse;
 
 pub use backward::attention_backward;
 pub use forward::attention_forward;
@@ -20,190 +32,346 @@ pub use forward::attention_forward;
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::Problem;
 use crate::real::Real;
+use crate::simd::Isa;
+use lanes::{Lanes, LanesTask};
+use ndarray::ArrayView2;
 use ndarray::ArrayView4;
 use rayon::prelude::*;
 
-/// Query rows per tile.
-pub const BQ: usize = 64;
-/// Key rows per tile.
-pub const BK: usize = 128;
+/// Block sizes of a call: `bq` queries per unit of work (a multiple of the micro-tile rows),
+/// `bk` keys per tile (a multiple of `NR`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiles {
+    pub mr: usize,
+    pub nr: usize,
+    pub bq: usize,
+    pub bk: usize,
+}
 
-/// Keys prepared once per `(batch, kv head)`: rotated (`n_k x d`, row-major, times the attention
-/// factor) for rotary, transposed (`d x n_k`) for sparse `W`.
-pub(crate) fn pack_keys<T: Real>(
-    prob: &Problem,
-    pos: &Position<'_, T>,
-    k: &ArrayView4<'_, T>,
-) -> Vec<Vec<T>> {
-    let (nk, d) = (prob.nk, prob.d);
-    (0..prob.batch * prob.hk)
-        .into_par_iter()
-        .map(|bh| {
-            let kh = k.slice(ndarray::s![bh / prob.hk, bh % prob.hk, .., ..]);
-            match pos {
-                Position::Rotary(r) => {
-                    let mut rows: Vec<T> = kh.iter().copied().collect();
-                    r.rotate(&mut rows, d, prob.k_offset, r.factor);
-                    rows
-                }
-                Position::Sparse(_) => {
-                    let mut kt = vec![T::zero(); d * nk];
-                    for (j, row) in kh.outer_iter().enumerate() {
-                        for (l, &x) in row.iter().enumerate() {
-                            kt[l * nk + j] = x;
-                        }
-                    }
-                    kt
+struct TilesOf;
+impl<T: Real> LanesTask<T> for TilesOf {
+    type Out = (usize, usize);
+    #[inline(always)]
+    fn run<L: Lanes<E = T>>(self) -> (usize, usize) {
+        (L::MR, kernel::nr::<L>())
+    }
+}
+
+impl Tiles {
+    /// The blocks for element `T` on `isa`: key tiles of 2 KiB of scores per row (1 KiB for the
+    /// backward) and query blocks of 60-120 rows (4x that for long sequences), whose K/V tiles
+    /// stay in L2 for every strip of the block.
+    pub fn choose<T: Real>(isa: Isa, prob: &Problem, backward: bool) -> Self {
+        let (mr, nr) = T::with_lanes(isa, TilesOf);
+        let elt = std::mem::size_of::<T>();
+        // The backward keeps two bq x bk tiles (P and dS) in L2: smaller key tiles.
+        let bytes = if backward { 1024 } else { 2048 };
+        let bk = kernel::round_up((bytes / elt).min(prob.nk.max(1)), nr).max(nr);
+        // Once a head's K and V outgrow the caches (8 MiB), every query block streams them from
+        // memory: 4x taller forward blocks make each pass serve more rows (measured at n = 16K,
+        // d = 128: 93 against 82-85 GF/s per thread; within noise at n <= 4K).
+        let streamed = !backward && prob.nk * (prob.d + prob.dv) * elt >= 8 << 20;
+        let bq = mr
+            * (64 / mr).max(1)
+            * if prob.d >= 128 { 1 } else { 2 }
+            * if streamed { 4 } else { 1 };
+        Self { mr, nr, bq, bk }
+    }
+}
+
+/// `x` (`n x m`, any strides) into column panels `[c / nr][j][c % nr]` (zero-padded columns).
+pub(crate) fn column_panels<T: Real>(x: ArrayView2<'_, T>, nr: usize) -> Vec<T> {
+    let (n, m) = x.dim();
+    let mut out = vec![T::zero(); m.div_ceil(nr) * n * nr];
+    column_panels_into(x, nr, &mut out, n, 0);
+    out
+}
+
+/// Rows `j0..j0 + x.nrows()` of the column panels of an `n x m` array, from `x`.
+fn column_panels_into<T: Real>(
+    x: ArrayView2<'_, T>,
+    nr: usize,
+    out: &mut [T],
+    n: usize,
+    j0: usize,
+) {
+    for (jj, row) in x.outer_iter().enumerate() {
+        let j = j0 + jj;
+        match row.as_slice() {
+            Some(r) => {
+                for (p, chunk) in r.chunks(nr).enumerate() {
+                    let at = p * n * nr + j * nr;
+                    out[at..at + chunk.len()].copy_from_slice(chunk);
                 }
             }
-        })
-        .collect()
+            None => {
+                for (c, &v) in row.iter().enumerate() {
+                    out[(c / nr) * n * nr + j * nr + c % nr] = v;
+                }
+            }
+        }
+    }
 }
 
-/// Query rows `i0..i0+nb` of head `(b, h)`, prepared for scoring: times `scale` (and rotated
-/// with the attention factor for rotary), row-major `nb x d`.
-pub(crate) fn pack_queries<T: Real>(
+/// `x` (`n x m`) into key panels `[j / nr][c][j % nr]` (zero-padded rows).
+pub(crate) fn key_panels<T: Real>(x: ArrayView2<'_, T>, nr: usize) -> Vec<T> {
+    let (n, m) = x.dim();
+    let mut out = vec![T::zero(); n.div_ceil(nr) * m * nr];
+    key_panels_into(x, nr, &mut out);
+    out
+}
+
+/// `x` into the key panels starting at `out` (rows of `x` from a multiple of `nr`).
+fn key_panels_into<T: Real>(x: ArrayView2<'_, T>, nr: usize, out: &mut [T]) {
+    let m = x.ncols();
+    for (j, row) in x.outer_iter().enumerate() {
+        let panel = &mut out[(j / nr) * m * nr..(j / nr + 1) * m * nr];
+        let jj = j % nr;
+        match row.as_slice() {
+            Some(r) => {
+                for (c, &v) in r.iter().enumerate() {
+                    panel[c * nr + jj] = v;
+                }
+            }
+            None => {
+                for (c, &v) in row.iter().enumerate() {
+                    panel[c * nr + jj] = v;
+                }
+            }
+        }
+    }
+}
+
+/// Rotated keys (times the attention factor) of one kv head as key panels and, with
+/// `columns`, column panels, a block of rows at a time (no `n_k x d` temporary).
+fn rotated_key_panels<T: Real>(
     prob: &Problem,
-    pos: &Position<'_, T>,
-    q: &ArrayView4<'_, T>,
-    bh: usize,
-    i0: usize,
-    nb: usize,
-    out: &mut Vec<T>,
-) {
-    let qh = q.slice(ndarray::s![bh / prob.hq, bh % prob.hq, i0..i0 + nb, ..]);
-    out.clear();
-    out.extend(qh.iter().copied());
-    match pos {
-        Position::Rotary(r) => r.rotate(
-            out,
-            prob.d,
-            prob.q_offset + i0 as i64,
-            prob.scale * r.factor,
-        ),
-        Position::Sparse(_) => {
-            let s = T::of(prob.scale);
-            out.iter_mut().for_each(|x| *x = *x * s);
+    rot: &rotate::Rotator<'_>,
+    factor: f64,
+    kh: ArrayView2<'_, T>,
+    nr: usize,
+    columns: bool,
+) -> (Vec<T>, Vec<T>) {
+    let (nk, d) = (prob.nk, prob.d);
+    const CHUNK: usize = 256;
+    let chunk = kernel::round_up(CHUNK, nr);
+    let mut kp = vec![T::zero(); nk.div_ceil(nr) * d * nr];
+    let mut kc = if columns {
+        vec![T::zero(); d.div_ceil(nr) * nk * nr]
+    } else {
+        Vec::new()
+    };
+    let mut buf = vec![T::zero(); chunk * d];
+    for j0 in (0..nk).step_by(chunk) {
+        let rows = chunk.min(nk - j0);
+        for (dst, src) in buf
+            .chunks_exact_mut(d)
+            .zip(kh.slice(ndarray::s![j0..j0 + rows, ..]).outer_iter())
+        {
+            match src.as_slice() {
+                Some(x) => dst.copy_from_slice(x),
+                None => dst.iter_mut().zip(src.iter()).for_each(|(a, &b)| *a = b),
+            }
+        }
+        rot.rotate(&mut buf, d, rows, prob.k_offset + j0 as i64, factor, false);
+        let view = ArrayView2::from_shape((rows, d), &buf[..rows * d]).expect("rows x d");
+        key_panels_into(view, nr, &mut kp[j0 * d..]);
+        if columns {
+            column_panels_into(view, nr, &mut kc, nk, j0);
         }
     }
+    (kp, kc)
 }
 
-/// Per-table diagonal sequences of a sparse `W` (empty for rotary).
-pub(crate) fn diagonal_tables<T: Real>(prob: &Problem, pos: &Position<'_, T>) -> Vec<Vec<T>> {
-    match pos {
-        Position::Rotary(_) => Vec::new(),
-        Position::Sparse(sp) => {
-            let mut used = vec![false; sp.values.dim().0];
-            sp.index.iter().for_each(|&w| used[w] = true);
-            (0..used.len())
-                .into_par_iter()
-                .map(|w| {
-                    if used[w] {
-                        sp.diagonals(w, prob)
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect()
-        }
-    }
-}
-
-/// Everything the tile kernels of one call share.
+/// Everything the units of one call share.
 pub(crate) struct Shared<'a, 'p, T> {
     pub prob: &'p Problem,
     pub pos: &'p Position<'a, T>,
     pub bias: Option<&'p Bias<'a, T>>,
+    pub isa: Isa,
+    pub tiles: Tiles,
+    /// Per kv head: key panels of the rotated keys (rotary) or padded `k^T` (sparse).
     pub keys: Vec<Vec<T>>,
+    /// Per kv head, rotary backward only: column panels of the rotated keys.
+    pub kcols: Vec<Vec<T>>,
+    /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]).
     pub tables: Vec<Vec<T>>,
     pub logf: LogFactor<T>,
+    /// The log-factor sequences with `sparse::PAD_L` / `PAD_R` of `-inf` either side.
+    pub lfpad: Vec<Vec<T>>,
+    pub rot: Option<rotate::Rotator<'p>>,
+    /// The support grouped into 2x2 blocks, when it is one (BlockW).
+    pub blocks: Option<Vec<(usize, usize)>>,
 }
 
 impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
+    /// Shared state without packed keys (each pass packs what it reads).
     pub fn new(
         prob: &'p Problem,
         pos: &'p Position<'a, T>,
         bias: Option<&'p Bias<'a, T>>,
-        k: &ArrayView4<'_, T>,
+        backward: bool,
     ) -> Self {
-        let keys = pack_keys(prob, pos, k);
-        let tables = diagonal_tables(prob, pos);
+        let isa = crate::simd::call_isa();
+        let tiles = Tiles::choose::<T>(isa, prob, backward);
+        let tables = match pos {
+            Position::Rotary(_) => Vec::new(),
+            Position::Sparse(sp) => sparse::tables(prob, sp),
+        };
         let logf = LogFactor::new(prob, bias);
+        let lfpad = logf
+            .seqs
+            .iter()
+            .map(|seq| {
+                let mut v = vec![T::neg_infinity(); sparse::padded(seq.len())];
+                v[sparse::PAD_L..sparse::PAD_L + seq.len()].copy_from_slice(seq);
+                v
+            })
+            .collect();
+        let (rot, blocks) = match pos {
+            Position::Rotary(r) => (Some(rotate::Rotator::new(r)), None),
+            Position::Sparse(sp) => (None, sparse::block_pairs(&sp.support)),
+        };
         Self {
             prob,
             pos,
             bias,
-            keys,
+            isa,
+            tiles,
+            keys: Vec::new(),
+            kcols: Vec::new(),
             tables,
             logf,
+            lfpad,
+            rot,
+            blocks,
         }
     }
 
-    /// The diagonal range `g_lo..=g_hi` of tile rows `i0..i0+nb`, keys `j0..j0+nbk`.
+    /// Packs the keys for scoring (see [`Shared::keys`]) and, with `columns` (the backward of
+    /// rotary), as column panels too.
+    pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>, columns: bool) {
+        let prob = self.prob;
+        let nr = self.tiles.nr;
+        let pos = self.pos;
+        let rot = &self.rot;
+        let both: Vec<(Vec<T>, Vec<T>)> = (0..prob.batch * prob.hk)
+            .into_par_iter()
+            .map(|kvh| {
+                let kh = k.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+                match (pos, rot) {
+                    (Position::Rotary(r), Some(rot)) => {
+                        rotated_key_panels(prob, rot, r.factor, kh, nr, columns)
+                    }
+                    _ => (sparse::padded_transpose(kh), Vec::new()),
+                }
+            })
+            .collect();
+        (self.keys, self.kcols) = both.into_iter().unzip();
+    }
+
+    /// Flattened kv head of flattened query head `bh`.
+    #[inline]
+    pub fn kv_head(&self, bh: usize) -> usize {
+        let prob = self.prob;
+        (bh / prob.hq) * prob.hk + (bh % prob.hq) / prob.group()
+    }
+
+    /// The diagonal range `g_lo..=g_hi` of rows `i0..i0+nb`, keys `j0..j0+nbk`.
     #[inline]
     pub fn tile_diagonals(&self, i0: usize, nb: usize, j0: usize, nbk: usize) -> (usize, usize) {
         let nq = self.prob.nq;
         (j0 + nq - (i0 + nb), j0 + nbk - 1 + nq - 1 - i0)
     }
 
-    /// Scores of a tile into `s` (`nb x nbk`, row-major), including the bias and mask when the
-    /// tile needs them. `qb` comes from [`pack_queries`]; `kvh` is the flattened kv head.
-    #[allow(clippy::too_many_arguments)]
-    pub fn tile_scores(
+    /// The keys `j0..j1` of `tile_j0..tile_j0 + nbk` that rows `i0..i0+nb` may see (empty when
+    /// none), with `j0` rounded down to a multiple of `align` (counted from the tile start).
+    #[inline]
+    pub fn visible_keys(
         &self,
-        bh: usize,
-        kvh: usize,
-        qb: &[T],
         i0: usize,
         nb: usize,
-        j0: usize,
+        tile_j0: usize,
         nbk: usize,
-        s: &mut [T],
+        align: usize,
+    ) -> Option<(usize, usize)> {
+        let prob = self.prob;
+        let (lo, hi) = prob.visible_delta_range()?;
+        let c = prob.q_offset - prob.k_offset;
+        // j = c + i - δ
+        let jlo = (c + i0 as i64 - hi).max(tile_j0 as i64);
+        let jhi = (c + (i0 + nb - 1) as i64 - lo).min((tile_j0 + nbk - 1) as i64);
+        if jlo > jhi {
+            return None;
+        }
+        let (g_lo, g_hi) = self.tile_diagonals(i0, nb, jlo as usize, (jhi - jlo + 1) as usize);
+        if !self.logf.any_visible(g_lo, g_hi) {
+            return None;
+        }
+        let j0 = tile_j0 + (jlo as usize - tile_j0) / align * align;
+        Some((j0, jhi as usize + 1))
+    }
+
+    /// Whether scores of rows `i0..i0+nb`, keys `j0..j1` need the log-factor added (a bias, or a
+    /// mask that drops some of them).
+    #[inline]
+    pub fn needs_log_factor(&self, i0: usize, nb: usize, j0: usize, j1: usize) -> bool {
+        if self.logf.trivial {
+            return false;
+        }
+        let (g_lo, g_hi) = self.tile_diagonals(i0, nb, j0, j1 - j0);
+        self.bias.is_some() || !self.logf.all_visible(g_lo, g_hi)
+    }
+
+    /// Pointers to the padded log-factor of rows `i..i + 12` of head `bh` at key `j0` (rows
+    /// past `n_q` land in the padding).
+    #[inline]
+    pub fn log_rows(&self, bh: usize, i: usize, j0: usize) -> [*const T; 12] {
+        let seq = match self.bias {
+            None => &self.lfpad[0],
+            Some(b) => &self.lfpad[b.index[bh]],
+        };
+        let base = sparse::PAD_L + j0 + self.prob.nq - 1;
+        std::array::from_fn(|r| seq[base - (i + r).min(base)..].as_ptr())
+    }
+
+    /// Query rows `i0..i0+nb` of head `bh`, prepared for scoring, into `out` (row stride `ld`,
+    /// `nbp` rows, zero padding): times `scale` (and rotated with the attention factor for
+    /// rotary).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_queries(
+        &self,
+        q: &ArrayView4<'_, T>,
+        bh: usize,
+        i0: usize,
+        nb: usize,
+        nbp: usize,
+        ld: usize,
+        out: &mut Vec<T>,
     ) {
-        let (nq, nk, d) = (self.prob.nq, self.prob.nk, self.prob.d);
-        let keys = &self.keys[kvh];
-        match self.pos {
-            Position::Rotary(_) => {
-                crate::real::gemm_rm(
-                    nb,
-                    d,
-                    nbk,
-                    T::one(),
-                    qb,
-                    d,
-                    &keys[j0 * d..],
-                    d,
-                    true,
-                    T::zero(),
-                    s,
-                    nbk,
-                );
-            }
-            Position::Sparse(sp) => {
-                let glen = self.prob.glen();
-                let table = &self.tables[sp.index[bh]];
-                s[..nb * nbk].iter_mut().for_each(|x| *x = T::zero());
-                for (si, &(l1, l2)) in sp.support.iter().enumerate() {
-                    let seq = &table[si * glen..(si + 1) * glen];
-                    let krow = &keys[l2 * nk + j0..l2 * nk + j0 + nbk];
-                    for i in 0..nb {
-                        let a = qb[i * d + l1];
-                        if a == T::zero() {
-                            continue;
-                        }
-                        let base = j0 + nq - 1 - (i0 + i);
-                        let w = &seq[base..base + nbk];
-                        crate::simd::axpy_prod(&mut s[i * nbk..(i + 1) * nbk], a, w, krow);
-                    }
-                }
+        let prob = self.prob;
+        let qh = q.slice(ndarray::s![bh / prob.hq, bh % prob.hq, i0..i0 + nb, ..]);
+        out.clear();
+        out.resize(nbp * ld, T::zero());
+        for (i, row) in qh.outer_iter().enumerate() {
+            let dst = &mut out[i * ld..i * ld + prob.d];
+            match row.as_slice() {
+                Some(r) => dst.copy_from_slice(r),
+                None => dst.iter_mut().zip(row.iter()).for_each(|(x, &y)| *x = y),
             }
         }
-        let (g_lo, g_hi) = self.tile_diagonals(i0, nb, j0, nbk);
-        if !(self.logf.trivial || (self.bias.is_none() && self.logf.all_visible(g_lo, g_hi))) {
-            let lf = self.logf.for_head(self.bias, bh);
-            for i in 0..nb {
-                let base = j0 + nq - 1 - (i0 + i);
-                crate::simd::add_assign(&mut s[i * nbk..(i + 1) * nbk], &lf[base..base + nbk]);
+        match (self.pos, &self.rot) {
+            (Position::Rotary(r), Some(rot)) => rot.rotate(
+                out,
+                ld,
+                nb,
+                prob.q_offset + i0 as i64,
+                prob.scale * r.factor,
+                false,
+            ),
+            _ => {
+                let s = T::of(prob.scale);
+                out.iter_mut().for_each(|x| *x = *x * s);
             }
         }
     }

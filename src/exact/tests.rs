@@ -4,6 +4,7 @@ use super::backward::BackwardInputs;
 use super::{attention_backward, attention_forward};
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
+use crate::simd::Isa;
 use ndarray::{Array2, Array3, Array4};
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -54,6 +55,9 @@ struct Naive {
     dq: Array4<f64>,
     dk: Array4<f64>,
     dv: Array4<f64>,
+    /// dW `(tables, 2L-1, |S|)` for sparse `W`, db `(tables, 2L_b-1)` with a bias.
+    dw: Option<Array3<f64>>,
+    db: Option<Array2<f64>>,
 }
 
 fn naive<'a>(
@@ -72,13 +76,17 @@ fn naive<'a>(
         dq: Array4::zeros(q.dim()),
         dk: Array4::zeros(k.dim()),
         dv: Array4::zeros(v.dim()),
+        dw: match pos {
+            Position::Sparse(sp) => Some(Array3::zeros(sp.values.dim())),
+            Position::Rotary(_) => None,
+        },
+        db: bias.map(|bi| Array2::zeros(bi.values.dim())),
     };
     for b in 0..prob.batch {
         for h in 0..prob.hq {
             let bh = b * prob.hq + h;
             let kh = h / prob.group();
             let mut a = Array2::<f64>::zeros((nq, nk));
-            let mut ws = Vec::new();
             for i in 0..nq {
                 for j in 0..nk {
                     let delta = prob.q_offset + i as i64 - prob.k_offset - j as i64;
@@ -96,7 +104,6 @@ fn naive<'a>(
                         });
                         a[[i, j]] = (prob.scale * m + bb).exp();
                     }
-                    ws.push(w);
                 }
             }
             for i in 0..nq {
@@ -115,14 +122,38 @@ fn naive<'a>(
                 for j in 0..nk {
                     let dp: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * v[[b, kh, j, c]]).sum();
                     let ds = p[j] * (dp - di);
-                    let w = &ws[i * nk + j];
                     for c in 0..dv {
                         r.dv[[b, kh, j, c]] += p[j] * dout[[b, h, i, c]];
                     }
+                    if ds == 0.0 {
+                        continue;
+                    }
+                    let w = &w_dense(
+                        pos,
+                        bh,
+                        prob.q_offset + i as i64 - prob.k_offset - j as i64,
+                        d,
+                    );
                     for x in 0..d {
                         for y in 0..d {
                             r.dq[[b, h, i, x]] += prob.scale * ds * w[[x, y]] * k[[b, kh, j, y]];
                             r.dk[[b, kh, j, y]] += prob.scale * ds * w[[x, y]] * q[[b, h, i, x]];
+                        }
+                    }
+                    let delta = prob.q_offset + i as i64 - prob.k_offset - j as i64;
+                    if let (Position::Sparse(sp), Some(dw)) = (pos, r.dw.as_mut()) {
+                        let row = delta + (sp.values.dim().1 as i64 - 1) / 2;
+                        if (0..sp.values.dim().1 as i64).contains(&row) {
+                            for (si, &(l1, l2)) in sp.support.iter().enumerate() {
+                                dw[[sp.index[bh], row as usize, si]] +=
+                                    prob.scale * ds * q[[b, h, i, l1]] * k[[b, kh, j, l2]];
+                            }
+                        }
+                    }
+                    if let (Some(bi), Some(db)) = (bias, r.db.as_mut()) {
+                        let row = delta + (bi.values.dim().1 as i64 - 1) / 2;
+                        if (0..bi.values.dim().1 as i64).contains(&row) {
+                            db[[bi.index[bh], row as usize]] += ds;
                         }
                     }
                 }
@@ -139,7 +170,22 @@ fn max_diff(a: &Array4<f64>, b: &Array4<f64>) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// [`check_isa`] with every instruction set this CPU has.
 fn check<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64>>, seed: u64) {
+    for isa in isas() {
+        crate::simd::with_isa(isa, || check_isa(prob, pos, bias, seed));
+    }
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= crate::simd::isa())
+        .collect()
+}
+
+fn check_isa<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64>>, seed: u64) {
+    let isa = crate::simd::call_isa();
     let mut rng = Rng(seed);
     let q = rng.array4((prob.batch, prob.hq, prob.nq, prob.d));
     let k = rng.array4((prob.batch, prob.hk, prob.nk, prob.d));
@@ -151,7 +197,7 @@ fn check<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64
     let nv = naive(prob, pos, bias, &q, &k, &v, &dout);
     assert!(
         max_diff(&out, &nv.out) < 1e-12,
-        "out differs by {}",
+        "{isa:?}: out differs by {}",
         max_diff(&out, &nv.out)
     );
     for (x, y) in lse.iter().zip(nv.lse.iter()) {
@@ -168,19 +214,42 @@ fn check<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64
     let g = attention_backward(prob, pos, bias, q.view(), k.view(), v.view(), &inp, &ctl).unwrap();
     assert!(
         max_diff(&g.dq, &nv.dq) < 1e-11,
-        "dq differs by {}",
+        "{isa:?}: dq differs by {}",
         max_diff(&g.dq, &nv.dq)
     );
     assert!(
         max_diff(&g.dk, &nv.dk) < 1e-11,
-        "dk differs by {}",
+        "{isa:?}: dk differs by {}",
         max_diff(&g.dk, &nv.dk)
     );
     assert!(
         max_diff(&g.dv, &nv.dv) < 1e-11,
-        "dv differs by {}",
+        "{isa:?}: dv differs by {}",
         max_diff(&g.dv, &nv.dv)
     );
+    let diff = |a: &Array3<f64>, b: &Array3<f64>| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    };
+    match (&g.dw, &nv.dw) {
+        (Some(a), Some(b)) => assert!(diff(a, b) < 1e-11, "{isa:?}: dw differs by {}", diff(a, b)),
+        (None, None) => {}
+        _ => panic!("{isa:?}: dw presence differs"),
+    }
+    match (&g.dbias, &nv.db) {
+        (Some(a), Some(b)) => {
+            let e = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            assert!(e < 1e-11, "{isa:?}: dbias differs by {e}");
+        }
+        (None, None) => {}
+        _ => panic!("{isa:?}: dbias presence differs"),
+    }
 }
 
 fn problem(nq: usize, nk: usize, d: usize, hq: usize, hk: usize) -> Problem {
@@ -299,4 +368,206 @@ fn table_too_short_is_an_error_not_a_panic() {
         &Control::new(),
     );
     assert!(matches!(e, Err(crate::Error::Value(m)) if m.contains("δ in [-9, 9]")));
+}
+
+/// BlockW's support: per pair `(p,p), (p,r), (r,p), (r,r)`.
+fn block_support(pairs: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    pairs
+        .iter()
+        .flat_map(|&(p, r)| [(p, p), (p, r), (r, p), (r, r)])
+        .collect()
+}
+
+#[test]
+fn rotary_several_tiles_causal_and_window() {
+    // More rows and keys than one block and one tile of every instruction set.
+    let mut prob = problem(150, 290, 8, 2, 1);
+    prob.dv = 20;
+    prob.causal = true;
+    prob.q_offset = 7;
+    check(&prob, &Position::Rotary(rotary(8)), None, 11);
+    // dv a multiple of every micro-tile width: the forward reads v in place.
+    prob.dv = 32;
+    prob.causal = false;
+    prob.window = Some((40, 3));
+    check(&prob, &Position::Rotary(rotary(8)), None, 12);
+}
+
+#[test]
+fn blockw_matches_naive_with_bias_and_masks() {
+    let mut rng = Rng(21);
+    let d = 8;
+    for (pairs, causal, window) in [
+        (
+            (0..d / 2).map(|m| (2 * m, 2 * m + 1)).collect::<Vec<_>>(),
+            true,
+            None,
+        ),
+        (
+            (0..d / 2).map(|m| (m, m + d / 2)).collect(),
+            false,
+            Some((60, 25)),
+        ),
+    ] {
+        let prob = Problem {
+            causal,
+            window,
+            q_offset: 3,
+            k_offset: 1,
+            dv: 5,
+            ..problem(161, 203, d, 2, 2)
+        };
+        let l = 210usize;
+        let support = block_support(&pairs);
+        let values = Array3::from_shape_fn((2, 2 * l - 1, support.len()), |_| rng.next());
+        let sp = SparseW {
+            support,
+            values: values.view(),
+            index: vec![1, 0, 0, 1],
+        };
+        let bvals = Array2::from_shape_fn((2, 2 * l - 1), |_| 0.3 * rng.next());
+        let bias = Bias {
+            values: bvals.view(),
+            index: vec![0, 1, 1, 0],
+        };
+        check(&prob, &Position::Sparse(sp.clone()), Some(&bias), 22);
+        check(&prob, &Position::Sparse(sp), None, 23);
+    }
+}
+
+#[test]
+fn float32_matches_naive_every_isa() {
+    let mut prob = problem(150, 170, 16, 2, 1);
+    prob.causal = true;
+    prob.q_offset = 20;
+    let pos64 = Position::Rotary(rotary(16));
+    let pos32: Position<'_, f32> = Position::Rotary(rotary(16));
+    let mut rng = Rng(31);
+    let q = rng.array4((2, 2, 150, 16));
+    let k = rng.array4((2, 1, 170, 16));
+    let v = rng.array4((2, 1, 170, 3));
+    let dout = rng.array4((2, 2, 150, 3));
+    let nv = naive(&prob, &pos64, None, &q, &k, &v, &dout);
+    let f = |x: &Array4<f64>| x.mapv(|y| y as f32);
+    let (q32, k32, v32, do32) = (f(&q), f(&k), f(&v), f(&dout));
+    for isa in isas() {
+        crate::simd::with_isa(isa, || {
+            let ctl = Control::new();
+            let (out, lse) = attention_forward(
+                &prob,
+                &pos32,
+                None,
+                q32.view(),
+                k32.view(),
+                v32.view(),
+                &ctl,
+            )
+            .unwrap();
+            let out64 = out.mapv(|x| x as f64);
+            assert!(
+                max_diff(&out64, &nv.out) < 2e-6,
+                "{isa:?}: out {}",
+                max_diff(&out64, &nv.out)
+            );
+            let inp = BackwardInputs {
+                out: out.view(),
+                lse: lse.view(),
+                dout: do32.view(),
+                want_dw: false,
+                want_dbias: false,
+                threads: 2,
+            };
+            let g = attention_backward(
+                &prob,
+                &pos32,
+                None,
+                q32.view(),
+                k32.view(),
+                v32.view(),
+                &inp,
+                &ctl,
+            )
+            .unwrap();
+            for (name, a, b) in [
+                ("dq", &g.dq, &nv.dq),
+                ("dk", &g.dk, &nv.dk),
+                ("dv", &g.dv, &nv.dv),
+            ] {
+                let e = max_diff(&a.mapv(|x| x as f64), b);
+                assert!(e < 1e-5, "{isa:?}: {name} differs by {e}");
+            }
+        });
+    }
+}
+
+#[test]
+fn empty_sparse_support_scores_zero() {
+    let mut prob = problem(13, 12, 4, 2, 2);
+    prob.causal = true;
+    let values = ndarray::Array2::<f64>::zeros((2 * 13 - 1, 0));
+    let sp = SparseW {
+        support: Vec::new(),
+        values: values.view().insert_axis(ndarray::Axis(0)),
+        index: vec![0; 4],
+    };
+    check(&prob, &Position::Sparse(sp), None, 41);
+}
+
+/// Forward and backward throughput, float32, batch 1, 8 heads, per instruction set (run with
+/// `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn timing_rotary_f32() {
+    for (n, d, causal) in [(1024, 64, false), (4096, 128, false), (4096, 64, true)] {
+        let mut prob = problem(n, n, d, 8, 8);
+        prob.batch = 1;
+        prob.dv = d;
+        prob.causal = causal;
+        prob.scale = 1.0 / (d as f64).sqrt();
+        let pos: Position<'_, f32> = Position::Rotary(rotary(d));
+        let mut rng = Rng(5);
+        let f = |x: Array4<f64>| x.mapv(|y| y as f32);
+        let q = f(rng.array4((1, 8, n, d)));
+        let k = f(rng.array4((1, 8, n, d)));
+        let v = f(rng.array4((1, 8, n, d)));
+        let dout = f(rng.array4((1, 8, n, d)));
+        let flops = 4.0 * (n * n * d * 8) as f64 * if causal { 0.5 } else { 1.0 };
+        // FASTROPE_TIMING_ISA=Avx512 (or Avx2, Baseline) times one instruction set only.
+        let only = std::env::var("FASTROPE_TIMING_ISA").ok();
+        for isa in isas() {
+            if only.as_ref().is_some_and(|o| *o != format!("{isa:?}")) {
+                continue;
+            }
+            crate::simd::with_isa(isa, || {
+                let ctl = Control::new();
+                let (mut tf, mut tb) = (f64::MAX, f64::MAX);
+                for _ in 0..3 {
+                    let t0 = std::time::Instant::now();
+                    let (out, lse) =
+                        attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl)
+                            .unwrap();
+                    tf = tf.min(t0.elapsed().as_secs_f64());
+                    let inp = BackwardInputs {
+                        out: out.view(),
+                        lse: lse.view(),
+                        dout: dout.view(),
+                        want_dw: false,
+                        want_dbias: false,
+                        threads: 2,
+                    };
+                    let t0 = std::time::Instant::now();
+                    attention_backward(&prob, &pos, None, q.view(), k.view(), v.view(), &inp, &ctl)
+                        .unwrap();
+                    tb = tb.min(t0.elapsed().as_secs_f64());
+                }
+                println!(
+                    "n={n} d={d} causal={causal} {isa:?}: fwd {:.1} ms {:.0} GF/s, bwd {:.1} ms {:.0} GF/s",
+                    tf * 1e3,
+                    flops / tf / 1e9,
+                    tb * 1e3,
+                    2.5 * flops / tb / 1e9
+                );
+            });
+        }
+    }
 }
