@@ -107,7 +107,7 @@ pub struct SparseW<'a, T> {
 
 /// A table of values per `δ` (rows `δ + L - 1`), shared by the position matrices and the bias.
 fn half_width(rows: usize, what: &str) -> Result<i64> {
-    if rows % 2 == 0 {
+    if rows.is_multiple_of(2) {
         return Err(Error::Value(format!(
             "{what}: expected an odd number 2L-1 of rows along the δ axis, got {rows}"
         )));

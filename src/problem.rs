@@ -30,7 +30,7 @@ pub struct Problem {
 
 impl Problem {
     pub fn validate(&self) -> Result<()> {
-        if self.hk == 0 || self.hq % self.hk != 0 {
+        if self.hk == 0 || !self.hq.is_multiple_of(self.hk) {
             return Err(Error::Value(format!(
                 "k: expected a number of heads that divides q's {}, got {}",
                 self.hq, self.hk

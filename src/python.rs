@@ -282,6 +282,7 @@ macro_rules! dispatch {
 }
 
 #[allow(clippy::type_complexity)]
+#[allow(clippy::too_many_arguments)]
 fn forward_typed<'py, T: Real + Element>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,

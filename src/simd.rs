@@ -93,7 +93,7 @@ pub fn exp_f32(x: f32) -> f32 {
 pub fn exp_f64(x: f64) -> f64 {
     {
         const LOG2E: f64 = std::f64::consts::LOG2_E;
-        const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+        const LN2_HI: f64 = 6.931_471_803_691_238e-1;
         const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
         let xc = x.clamp(-708.0, 709.0);
         let k = (xc * LOG2E + 6_755_399_441_055_744.0) - 6_755_399_441_055_744.0;

@@ -211,7 +211,7 @@ impl ToeplitzPlan {
         // The imaginary parts at DC (and Nyquist) of a real signal are zero; products of such
         // spectra keep them zero exactly, but clear them so realfft never reports bad input.
         spec[0].im = 0.0;
-        if self.n % 2 == 0 {
+        if self.n.is_multiple_of(2) {
             spec[self.n / 2].im = 0.0;
         }
         self.c2r
@@ -376,11 +376,11 @@ mod tests {
             let n = fft_len(m);
             let mut r = n;
             for p in [2, 3, 5] {
-                while r % p == 0 {
+                while r.is_multiple_of(p) {
                     r /= p;
                 }
             }
-            assert!(n >= m && n % 2 == 0 && r == 1);
+            assert!(n >= m && n.is_multiple_of(2) && r == 1);
         }
     }
 

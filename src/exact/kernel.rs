@@ -148,7 +148,7 @@ pub unsafe fn strip<L: Lanes, P: Epilogue<L>>(
     epi: &mut P,
 ) {
     let nr = nr::<L>();
-    debug_assert!(n % nr == 0);
+    debug_assert!(n.is_multiple_of(nr));
     for t in 0..n / nr {
         tile::<L, P>(
             k,

@@ -19,9 +19,7 @@
 pub mod backward;
 pub mod forward;
 pub mod kernel;
-// The AVX-512 intrinsics in `lanes` are stable from Rust 1.89; the crate's `rust-version`
-// (1.80) has to follow before a release.
-#[clippy::msrv = "1.89"]
+// The AVX-512 intrinsics in `lanes` are stable from Rust 1.89 (the crate's `rust-version`).
 pub mod lanes;
 pub(crate) mod rotate;
 pub(crate) mod sparse;

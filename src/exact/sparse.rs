@@ -43,7 +43,7 @@ pub const fn padded(n: usize) -> usize {
 
 /// The pairs `(p, r)` when the support is 2x2 blocks in BlockW's order.
 pub fn block_pairs(support: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
-    if support.is_empty() || support.len() % 4 != 0 {
+    if support.is_empty() || !support.len().is_multiple_of(4) {
         return None;
     }
     support
