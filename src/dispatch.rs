@@ -96,9 +96,9 @@ fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The low-rank path's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no window,
-/// no bias; not with `FASTROPE_FAST_PATH=toeplitz` in the environment), for a Cauchy-Schwarz
-/// bound `r2` on the rotated scores.
+/// The low-rank path's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no bias,
+/// no window that masks anything; not with `FASTROPE_FAST_PATH=toeplitz` in the environment),
+/// for a Cauchy-Schwarz bound `r2` on the rotated scores.
 fn lowrank_of<T>(
     prob: &Problem,
     pos: &Position<'_, T>,
@@ -108,14 +108,19 @@ fn lowrank_of<T>(
     let Position::Rotary(rot) = pos else {
         return None;
     };
-    if bias.is_some() || prob.window.is_some() {
+    let c = prob.q_offset - prob.k_offset;
+    // a window wider than every visible δ (e.g. `(None, None)`) masks nothing
+    let window_masks = prob.window.is_some_and(|(left, right)| {
+        (left as i128) < c as i128 + prob.nq as i128 - 1
+            || (right as i128) < prob.nk as i128 - 1 - c as i128
+    });
+    if bias.is_some() || window_masks {
         return None;
     }
     // FASTROPE_FAST_PATH=toeplitz keeps Rotary on the Toeplitz path (benchmarks, tests of it)
     if std::env::var("FASTROPE_FAST_PATH").is_ok_and(|v| v == "toeplitz") {
         return None;
     }
-    let c = prob.q_offset - prob.k_offset;
     let max_pos = (c.unsigned_abs() as f64)
         .max((c + prob.nq as i64 - 1).unsigned_abs() as f64)
         .max(prob.nk as f64);

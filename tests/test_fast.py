@@ -340,6 +340,7 @@ def test_lowrank_path_choice():
 
     assert path(rot) == path(rot, causal=True) == path(None) == "lowrank"
     assert path(rot, window=(8, 0)) == "toeplitz"
+    assert path(rot, window=(None, None)) == path(rot, window=(63, 63)) == "lowrank"  # no-ops
     assert path(rot, bias=fastrope.alibi(1, 64)) == "toeplitz"
     blocks = np.tile(np.eye(2), (127, 2, 1, 1))
     assert path(fastrope.BlockW(blocks)) == "toeplitz"
