@@ -56,7 +56,7 @@ impl FastCall {
 }
 
 /// The support and its diagonal sequences (f64, `|S| x glen`) of `w` table `t`.
-fn sequences<T: Real>(
+pub(crate) fn sequences<T: Real>(
     prob: &Problem,
     pos: &Position<'_, T>,
     t: usize,
@@ -74,15 +74,15 @@ fn sequences<T: Real>(
 }
 
 /// `exp(b(δ(g)))`, 0 where masked, for bias table `t`.
-fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
+pub(crate) fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
     logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
 }
 
-fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
+pub(crate) fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
     x.slice(ndarray::s![b, h, .., ..]).mapv(|v| v.f64())
 }
 
-fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
+pub(crate) fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
     match pos {
         Position::Rotary(_) => 0,
         Position::Sparse(sp) => sp.index[bh],
@@ -411,14 +411,7 @@ pub fn run_fast<'a, T: Real>(
                     ))
                 })
                 .collect();
-            for r in results {
-                let (bh, fo) = r?;
-                let (b, h) = (bh / prob.hq, bh % prob.hq);
-                let mut o = out.slice_mut(ndarray::s![b, h, .., ..]);
-                o.zip_mut_with(&fo.out, |x, &y| *x = T::of(y));
-                let mut l = lse.slice_mut(ndarray::s![b, h, ..]);
-                l.zip_mut_with(&fo.lse, |x, &y| *x = T::of(y));
-            }
+            scatter(prob, results, &mut out, &mut lse)?;
             continue;
         }
         let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits)?;
@@ -434,14 +427,25 @@ pub fn run_fast<'a, T: Real>(
                 Ok((bh, kernel.apply(qh.view(), kh.view(), vh.view())?))
             })
             .collect();
-        for r in results {
-            let (bh, fo) = r?;
-            let (b, h) = (bh / prob.hq, bh % prob.hq);
-            let mut o = out.slice_mut(ndarray::s![b, h, .., ..]);
-            o.zip_mut_with(&fo.out, |x, &y| *x = T::of(y));
-            let mut l = lse.slice_mut(ndarray::s![b, h, ..]);
-            l.zip_mut_with(&fo.lse, |x, &y| *x = T::of(y));
-        }
+        scatter(prob, results, &mut out, &mut lse)?;
     }
     Ok((out, lse))
+}
+
+/// Per-head results into the call's `(out, lse)`, or the first error.
+fn scatter<T: Real>(
+    prob: &Problem,
+    results: Vec<Result<(usize, crate::fast::FastOutput)>>,
+    out: &mut Array4<T>,
+    lse: &mut Array3<T>,
+) -> Result<()> {
+    for r in results {
+        let (bh, fo) = r?;
+        let (b, h) = (bh / prob.hq, bh % prob.hq);
+        let mut o = out.slice_mut(ndarray::s![b, h, .., ..]);
+        o.zip_mut_with(&fo.out, |x, &y| *x = T::of(y));
+        let mut l = lse.slice_mut(ndarray::s![b, h, ..]);
+        l.zip_mut_with(&fo.lse, |x, &y| *x = T::of(y));
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@
 //! for dk and dv, the number of heads sharing a table for dw and dbias. The call's certificate
 //! reports the sums.
 
+use crate::dispatch::{factor, head_f64, sequences, w_table};
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
 use crate::fast::backward::{
@@ -68,39 +69,6 @@ impl FastBackwardCall {
             .iter()
             .map(|g| &g.plan)
             .max_by_key(|p| (p.poly.degree, p.counts.n_pairs))
-    }
-}
-
-/// The support and its diagonal sequences (f64, `|S| x glen`) of `w` table `t`.
-fn sequences<T: Real>(
-    prob: &Problem,
-    pos: &Position<'_, T>,
-    t: usize,
-) -> (Vec<(usize, usize)>, Array2<f64>) {
-    match pos {
-        Position::Rotary(r) => r.as_sparse(prob),
-        Position::Sparse(sp) => {
-            let glen = prob.glen();
-            let flat = sp.diagonals(t, prob);
-            let seqs =
-                Array2::from_shape_fn((sp.support.len(), glen), |(s, g)| flat[s * glen + g].f64());
-            (sp.support.clone(), seqs)
-        }
-    }
-}
-
-fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
-    logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
-}
-
-fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
-    x.slice(ndarray::s![b, h, .., ..]).mapv(|v| v.f64())
-}
-
-fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
-    match pos {
-        Position::Rotary(_) => 0,
-        Position::Sparse(sp) => sp.index[bh],
     }
 }
 
