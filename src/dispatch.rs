@@ -90,7 +90,7 @@ pub(crate) fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
 }
 
 /// `max_i |x_i|` (2-norms of the rows).
-fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
+pub(crate) fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
     x.outer_iter()
         .map(|r| r.iter().map(|a| a * a).sum::<f64>().sqrt())
         .fold(0.0, f64::max)
@@ -99,7 +99,7 @@ fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
 /// The low-rank path's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no bias,
 /// no window that masks anything; not with `FASTROPE_FAST_PATH=toeplitz` in the environment),
 /// for a Cauchy-Schwarz bound `r2` on the rotated scores.
-fn lowrank_of<T>(
+pub(crate) fn lowrank_of<T>(
     prob: &Problem,
     pos: &Position<'_, T>,
     bias: Option<&Bias<'_, T>>,

@@ -13,17 +13,23 @@
 //! for dk and dv, the number of heads sharing a table for dw and dbias. The call's certificate
 //! reports the sums.
 
-use crate::dispatch::{factor, head_f64, sequences, w_table};
+use crate::dispatch::{factor, head_f64, lowrank_of, max_norm, sequences, w_table};
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
 use crate::fast::backward::{
     backward_plan, BackwardKernel, BackwardPlan, BackwardRequest, BackwardSpectra,
 };
-use crate::fast::backward_certify::{FactorStats, Grad5, GradBounds, PSums, Want};
+use crate::fast::backward_certify::{
+    approximation_errors, FactorStats, Grad5, GradBounds, PSums, Want,
+};
 use crate::fast::bounds::WNorms;
 use crate::fast::cache::{self, KernelKey};
+use crate::fast::lowrank::{rotate, rotate_back};
+use crate::fast::lowrank_backward::{
+    lowrank_backward_head, lowrank_backward_plan, lowrank_grad_rounding, lowrank_psums, LowRankGrad,
+};
 use crate::fast::{FastBounds, FastLimits, FastShape};
-use crate::poly::Polynomial;
+use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
@@ -214,6 +220,17 @@ pub fn plan_fast_backward<'a, T: Real>(
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
         let fstats = FactorStats::new(prob.nq, prob.nk, &fac)?;
         let want_diag = want.dw || want.db;
+        // Rotary without bias or masking window: PSums by prefix sums of the rotated q and k
+        let low_rot = match pos {
+            Position::Rotary(rot) if !want_diag => lowrank_of(prob, pos, bias, 0.0).map(|lr| {
+                (
+                    rot,
+                    prob.scale * rot.factor * rot.factor,
+                    (lr.causal_shift, lr.psi_max),
+                )
+            }),
+            _ => None,
+        };
         let bounds: Vec<(FastBounds, GradBounds, PSums)> = if let Some((r, vm)) = given {
             vec![given_bounds(prob, &fac, &fstats, r, vm)?]
         } else {
@@ -257,17 +274,40 @@ pub fn plan_fast_backward<'a, T: Real>(
                             .unit_dout(prob.dv, vmax)
                         }
                     };
-                    let ps = PSums::from_data(
-                        qh.view(),
-                        kh.view(),
-                        prob.scale,
-                        &support,
-                        seqs.view(),
-                        &fac,
-                        fb.r,
-                        &fstats,
-                        want_diag,
-                    )?;
+                    let ps = match low_rot {
+                        // no bias, no masking window: the same bounds by prefix sums
+                        Some((rot, mul, shift)) => {
+                            let c = prob.q_offset - prob.k_offset;
+                            let x = rotate(rot, qh.view(), c, mul);
+                            let y = rotate(rot, kh.view(), 0, 1.0);
+                            let kx =
+                                prob.scale.abs() * rot.factor * rot.factor * max_norm(qh.view());
+                            let eta = 2.0 * U * (shift.1 + 8.0);
+                            let dm_rot = kx
+                                * max_norm(kh.view())
+                                * ((1.0 + eta).powi(2) - 1.0)
+                                * (1.0 + 1e-9);
+                            lowrank_psums(
+                                x.view(),
+                                y.view(),
+                                fb.r,
+                                shift.0,
+                                dm_rot,
+                                PSums::from_factor(&fstats, fb.r),
+                            )
+                        }
+                        None => PSums::from_data(
+                            qh.view(),
+                            kh.view(),
+                            prob.scale,
+                            &support,
+                            seqs.view(),
+                            &fac,
+                            fb.r,
+                            &fstats,
+                            want_diag,
+                        )?,
+                    };
                     Ok((fb, gb, ps))
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -275,6 +315,32 @@ pub fn plan_fast_backward<'a, T: Real>(
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| {
             (a.0.worst(&b.0), a.1.worst(&b.1), a.2.worst(&b.2))
         });
+        // The low-rank path (Rotary / w=None without bias or masking window): its rounding
+        // bound needs the largest rotated query and key norms.
+        let lowrank = match pos {
+            Position::Rotary(rot) if !(want.dw || want.db) => {
+                let mul = prob.scale.abs() * rot.factor * rot.factor;
+                let (kx, ky) = match given {
+                    Some((r, _)) => (r.sqrt(), r.sqrt()),
+                    None => heads
+                        .iter()
+                        .map(|&bh| {
+                            let (b, h) = (bh / prob.hq, bh % prob.hq);
+                            let kvh = h / prob.group();
+                            let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                            (mul * max_norm(qh.view()), max_norm(kh.view()))
+                        })
+                        .fold((0.0f64, 0.0f64), |a, b| (a.0.max(b.0), a.1.max(b.1))),
+                };
+                let r2 = if given.is_some() {
+                    kx * ky
+                } else {
+                    kx * ky * (1.0 + 4.0 * U)
+                };
+                lowrank_of(prob, pos, bias, r2).map(|lr| LowRankGrad { lr, kx, ky, mul })
+            }
+            _ => None,
+        };
         let req = BackwardRequest {
             shape,
             support: &support,
@@ -287,7 +353,24 @@ pub fn plan_fast_backward<'a, T: Real>(
             out_rel: out_rel::<T>(),
             heads: if want.dw || want.db { heads.len() } else { 1 },
         };
-        let plan = backward_plan(&req, limits, forced)?;
+        // The low-rank path when it applies and certifies: it is always cheaper than the
+        // Toeplitz products (no kernel spectra, no FFTs; `r (dv+1)` work per row against their
+        // `n_pairs (dv+1)` spectrum products per frequency), so the latter is planned only
+        // when the former cannot serve the call.
+        let low = lowrank.map(|lg| lowrank_backward_plan(&req, lg, limits, forced));
+        let plan = match low {
+            Some(Ok(l)) => l,
+            Some(Err(le)) => match backward_plan(&req, limits, forced) {
+                Ok(t) => t,
+                Err(Error::Approximation(te)) => {
+                    return Err(Error::Approximation(format!(
+                        "{te}; the low-rank path: {le}"
+                    )))
+                }
+                Err(e) => return Err(e),
+            },
+            None => backward_plan(&req, limits, forced)?,
+        };
         support_all = support;
         let psums = if given.is_some() {
             vec![worst.2; heads.len()]
@@ -443,58 +526,81 @@ pub fn run_fast_backward<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
-        let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits, serial)?;
-        let one = |(idx, &bh): (usize, &usize),
-                   corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
-         -> Result<(usize, crate::fast::backward::HeadGrads)> {
-            ctl.check()?;
-            let (b, h) = (bh / prob.hq, bh % prob.hq);
-            let kvh = h / prob.group();
-            let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
-            let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
-            let ps = g.psums.get(idx);
-            Ok((
-                bh,
-                kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
-            ))
-        };
-        let results: Vec<Result<(usize, crate::fast::backward::HeadGrads)>> = if serial {
-            let mut corr = kernel.accumulator()?;
-            let r: Vec<_> = g
-                .heads
-                .iter()
-                .enumerate()
-                .map(|x| one(x, Some(&mut corr)))
-                .collect();
-            if r.iter().all(|x| x.is_ok()) {
-                let (dw, db) = kernel.finish(corr)?;
-                let cw: f64 = r.iter().flatten().map(|x| x.1.cert.certified.dw).sum();
-                let cb: f64 = r.iter().flatten().map(|x| x.1.cert.certified.db).sum();
-                if let Some(dw) = dw {
-                    let acc = &mut dw_acc[g.w_table];
-                    if acc.is_empty() {
-                        acc.resize(ns * glen, 0.0);
+        let results: Vec<Result<(usize, crate::fast::backward::HeadGrads)>> =
+            if let (Some(lg), Position::Rotary(rot)) = (g.plan.lowrank, pos) {
+                let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+                g.heads
+                    .par_iter()
+                    .enumerate()
+                    .map(|(idx, &bh)| {
+                        lowrank_one(
+                            g,
+                            idx,
+                            bh,
+                            lg,
+                            rot,
+                            &norms,
+                            &support,
+                            prob,
+                            [&q, &k, &v, &dout],
+                            ctl,
+                        )
+                    })
+                    .collect()
+            } else {
+                let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits, serial)?;
+                let one = |(idx, &bh): (usize, &usize),
+                           corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
+                 -> Result<(usize, crate::fast::backward::HeadGrads)> {
+                    ctl.check()?;
+                    let (b, h) = (bh / prob.hq, bh % prob.hq);
+                    let kvh = h / prob.group();
+                    let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                    let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
+                    let ps = g.psums.get(idx);
+                    Ok((
+                        bh,
+                        kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
+                    ))
+                };
+                if serial {
+                    let mut corr = kernel.accumulator()?;
+                    let r: Vec<_> = g
+                        .heads
+                        .iter()
+                        .enumerate()
+                        .map(|x| one(x, Some(&mut corr)))
+                        .collect();
+                    if r.iter().all(|x| x.is_ok()) {
+                        let (dw, db) = kernel.finish(corr)?;
+                        let cw: f64 = r.iter().flatten().map(|x| x.1.cert.certified.dw).sum();
+                        let cb: f64 = r.iter().flatten().map(|x| x.1.cert.certified.db).sum();
+                        if let Some(dw) = dw {
+                            let acc = &mut dw_acc[g.w_table];
+                            if acc.is_empty() {
+                                acc.resize(ns * glen, 0.0);
+                            }
+                            acc.iter_mut().zip(dw.iter()).for_each(|(a, x)| *a += x);
+                            cert_w[g.w_table] += cw;
+                        }
+                        if let Some(db) = db {
+                            let acc = &mut db_acc[g.bias_table];
+                            if acc.is_empty() {
+                                acc.resize(glen, 0.0);
+                            }
+                            acc.iter_mut().zip(&db).for_each(|(a, x)| *a += x);
+                            cert_b[g.bias_table] += cb;
+                        }
                     }
-                    acc.iter_mut().zip(dw.iter()).for_each(|(a, x)| *a += x);
-                    cert_w[g.w_table] += cw;
+                    r
+                } else {
+                    g.heads
+                        .par_iter()
+                        .enumerate()
+                        .map(|x| one(x, None))
+                        .collect()
                 }
-                if let Some(db) = db {
-                    let acc = &mut db_acc[g.bias_table];
-                    if acc.is_empty() {
-                        acc.resize(glen, 0.0);
-                    }
-                    acc.iter_mut().zip(&db).for_each(|(a, x)| *a += x);
-                    cert_b[g.bias_table] += cb;
-                }
-            }
-            r
-        } else {
-            g.heads
-                .par_iter()
-                .enumerate()
-                .map(|x| one(x, None))
-                .collect()
-        };
+            };
         for r in results {
             let (bh, hg) = r?;
             let (b, h) = (bh / prob.hq, bh % prob.hq);
@@ -561,4 +667,95 @@ pub fn run_fast_backward<'a, T: Real>(
         db: cert_b.iter().copied().fold(0.0, f64::max),
     };
     Ok((grads, out, lse, cert))
+}
+
+/// One head of a low-rank group: checks that the head is within the bounds its plan certified,
+/// rotates, runs [`lowrank_backward_head`], rotates the gradients back, and certifies the head
+/// from its own bounds (never looser than the plan's).
+#[allow(clippy::too_many_arguments)]
+fn lowrank_one<T: Real>(
+    g: &FastBackwardGroup,
+    idx: usize,
+    bh: usize,
+    lg: LowRankGrad,
+    rot: &crate::position::RotaryW,
+    norms: &WNorms,
+    support: &[(usize, usize)],
+    prob: &Problem,
+    arrays: [&ArrayView4<'_, T>; 4],
+    ctl: &Control,
+) -> Result<(usize, crate::fast::backward::HeadGrads)> {
+    ctl.check()?;
+    let [q, k, v, dout] = arrays;
+    let plan = &g.plan;
+    let (b, h) = (bh / prob.hq, bh % prob.hq);
+    let kvh = h / prob.group();
+    let (qh, kh) = (head_f64(q, b, h), head_f64(k, b, kvh));
+    let (vh, dh) = (head_f64(v, b, kvh), head_f64(dout, b, h));
+    let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
+    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let (kx, ky) = (lg.mul * max_norm(qh.view()), max_norm(kh.view()));
+    let gb = GradBounds::new(
+        norms,
+        support,
+        prob.scale,
+        qh.view(),
+        kh.view(),
+        vh.view(),
+        dh.view(),
+    );
+    let ps = g.psums.get(idx).copied().unwrap_or(plan.psums);
+    if score.r > plan.bounds.r
+        || vmax > plan.bounds.v_max
+        || kx > lg.kx
+        || ky > lg.ky
+        || !gb.within(&plan.grad)
+        || !ps.within(&plan.psums)
+    {
+        return Err(Error::Approximation(format!(
+            "fast backward (low-rank): this head (R = {:.4}, max|v| = {:.4}, max|dout| = {:.4}) \
+             exceeds the bounds its plan certified (R = {:.4}, max|v| = {:.4}, max|dout| = {:.4})",
+            score.r, vmax, gb.do_max, plan.bounds.r, plan.bounds.v_max, plan.grad.do_max
+        )));
+    }
+    let c = prob.q_offset - prob.k_offset;
+    let mul = prob.scale * rot.factor * rot.factor;
+    let x = rotate(rot, qh.view(), c, mul);
+    let y = rotate(rot, kh.view(), 0, 1.0);
+    let mut hg = lowrank_backward_head(plan, x.view(), y.view(), vh.view(), dh.view(), ctl)?;
+    hg.dq = rotate_back(rot, hg.dq.view(), c, mul);
+    hg.dk = rotate_back(rot, hg.dk.view(), 0, 1.0);
+    // The head's own certificate (its bounds are within the plan's, so the plan's holds too).
+    let own = LowRankGrad {
+        kx,
+        ky,
+        lr: crate::fast::lowrank::LowRank {
+            r2: kx * ky,
+            ..lg.lr
+        },
+        ..lg
+    };
+    let (rho, rho_d) = (plan.poly.rho, plan.rho_d);
+    let (approx, mag) = approximation_errors(rho, rho_d, &gb, &ps);
+    let shape = plan.shape;
+    let rounding = lowrank_grad_rounding(&plan.poly, shape, score.r, vmax, &gb, &own);
+    let want = plan.want;
+    let approx = approx.masked(want).zip(plan.approximation, f64::min);
+    let rounding = rounding.masked(want).zip(plan.rounding, f64::min);
+    let output = mag
+        .plus(plan.eps)
+        .zip(mag, |a, _| a * plan.out_rel)
+        .masked(want)
+        .zip(plan.output, f64::min);
+    let certified = approx.plus(rounding).plus(output);
+    hg.cert = crate::fast::backward::GradCertificate {
+        approximation: approx,
+        rounding,
+        output,
+        certified,
+    };
+    if let Some(msg) = plan.over_message(&hg.cert, "this head's") {
+        return Err(Error::Approximation(msg));
+    }
+    Ok((bh, hg))
 }

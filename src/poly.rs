@@ -226,6 +226,29 @@ pub fn certify(coeffs: &[f64], r: f64) -> f64 {
     if coeffs.is_empty() || !r.is_finite() || r < 0.0 {
         return f64::INFINITY;
     }
+    // Memoised on the exact coefficients and radius: planning tries the same few polynomials
+    // on every call (a plan, then the run; every step of a training loop), and the grid below
+    // costs up to milliseconds each.
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Key = (Vec<u64>, u64);
+    static MEMO: OnceLock<Mutex<HashMap<Key, f64>>> = OnceLock::new();
+    let memo = MEMO.get_or_init(|| Mutex::new(HashMap::new()));
+    let key: Key = (coeffs.iter().map(|c| c.to_bits()).collect(), r.to_bits());
+    if let Some(&rho) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
+        return rho;
+    }
+    let rho = certify_uncached(coeffs, r);
+    if let Ok(mut m) = memo.lock() {
+        if m.len() >= 4096 {
+            m.clear();
+        }
+        m.insert(key, rho);
+    }
+    rho
+}
+
+fn certify_uncached(coeffs: &[f64], r: f64) -> f64 {
     let g = coeffs.len() - 1;
     let gamma = |k: usize| {
         let ku = k as f64 * U;

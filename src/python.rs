@@ -673,6 +673,8 @@ fn backward_plan_dict<'py>(
         },
     )?;
     d.set_item("poly_family", p.family)?;
+    let lowrank = call.groups.iter().all(|g| g.plan.lowrank.is_some());
+    d.set_item("path", if lowrank { "lowrank" } else { "toeplitz" })?;
     let r = call
         .groups
         .iter()

@@ -144,21 +144,27 @@ def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX-specific")
-def test_ctrl_c_interrupts_a_long_fast_call():
-    """The fast method's low-rank path (one long head: no parallelism to hide behind) polls too."""
-    code = """
+@pytest.mark.parametrize("backward", [False, True])
+def test_ctrl_c_interrupts_a_long_fast_call(backward):
+    """The fast method's low-rank path (one long head: no parallelism to hide behind) polls too,
+    forward and backward."""
+    code = f"""
         import sys, time, numpy as np, fastrope
         rng = np.random.default_rng(0)
         n, d = 1 << 19, 8
         q = rng.uniform(-1, 1, (n, d)).astype(np.float32)
         q /= np.linalg.norm(q, axis=-1).max()
         v = rng.uniform(-1, 1, (n, 64)).astype(np.float32)
-        p = fastrope.plan(q, q, v, fastrope.Rotary(), 1e-3, method="fast")
+        backward = {backward}
+        p = fastrope.plan(q, q, v, fastrope.Rotary(), 1e-3, method="fast", backward=backward)
         assert p.details["path"] == "lowrank", p
         print("ready", flush=True)
         t0 = time.perf_counter()
         try:
-            fastrope.attention(q, q, v, fastrope.Rotary(), 1e-3, method="fast")
+            if backward:
+                fastrope.attention_grad(q, q, v, fastrope.Rotary(), v, 1e-3, method="fast")
+            else:
+                fastrope.attention(q, q, v, fastrope.Rotary(), 1e-3, method="fast")
             print("finished", time.perf_counter() - t0, flush=True)
         except KeyboardInterrupt:
             print("interrupted", time.perf_counter() - t0, flush=True)

@@ -314,3 +314,154 @@ def test_dv_zero_and_threads():
     )
     for x, y in zip(a[:3], b[:3]):
         assert np.array_equal(x, y)  # deterministic for any thread count
+
+
+# --- the low-rank backward (Rotary / w=None without window or bias) ------------------------------
+
+
+def _unit_rows(rng, shape, d, r=1.0):
+    """Rows with largest 2-norm sqrt(r) (scores up to r at scale 1)."""
+    x = rng.standard_normal(shape + (d,))
+    return x * (r**0.5 / np.linalg.norm(x, axis=-1, keepdims=True).max())
+
+
+LOWRANK_CASES = [
+    # w, lead_q, group, n_q, n_k, d, d_v, kw
+    (fastrope.Rotary(), (2,), 1, 97, 97, 4, 5, dict(causal=True)),
+    (fastrope.Rotary(), (2,), 1, 64, 101, 2, 3, dict()),
+    (fastrope.Rotary(layout="half"), (2, 4), 2, 53, 71, 4, 2, dict(causal=True, q_offset=18)),
+    (fastrope.Rotary(base=500.0), (3,), 1, 300, 280, 2, 4, dict(causal=True, k_offset=9)),
+    (fastrope.Rotary(scaling={"rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32}), (1,), 1, 70, 70, 6, 3,
+     dict(causal=True)),
+    (None, (2,), 1, 41, 43, 3, 2, dict(causal=True, q_offset=2)),
+    (fastrope.Rotary(), (1,), 1, 600, 600, 2, 8, dict(causal=True, q_offset=5, k_offset=3)),
+    (fastrope.Rotary(), (4,), 4, 90, 120, 4, 3, dict(causal=True, q_offset=-6)),  # empty rows
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", range(len(LOWRANK_CASES)))
+@pytest.mark.parametrize("eps", EPS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
+    w, lead, group, nq, nk, d, dv, kw = LOWRANK_CASES[case]
+    if dtype == np.float32:
+        # float32 rounding of gradients of size ~10 is ~1e-6: below that nothing certifies
+        eps = max(eps, 1e-4)
+    rng = np.random.default_rng(100 + case)
+    lead_k = lead[:-1] + (lead[-1] // group,)
+    q = _unit_rows(rng, lead + (nq,), d, 2.0).astype(dtype)
+    k = _unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
+    v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
+    dout = rng.uniform(-1, 1, lead + (nq, dv)).astype(dtype)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, **kw)
+    assert p.details["path"] == "lowrank", p
+    assert p.details["fft_len"] == 0 and "low-rank features" in p.why
+    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", **kw)
+    assert got.dq.dtype == dtype and got.dk.dtype == dtype and got.dv.dtype == dtype
+    ref = reference.attention_grad(q, k, v, w, dout, **kw)
+    err = errors(got, ref)
+    info = native_certificate(q, k, v, w, dout, eps, **kw)
+    assert info["path"] == "lowrank"
+    cert = info["certified_run"]
+    for name, e in err.items():
+        assert e <= cert[name] <= eps, (name, e, cert)
+    if kw.get("q_offset", 0) < 0:
+        assert not got.dq[..., : -kw["q_offset"], :].any()  # rows that see no key
+
+
+def test_lowrank_backward_adversarial_aligned_inputs():
+    """q and k aligned (every score at +R, angles ~ 0): the bound's worst case, within eps."""
+    rng = np.random.default_rng(7)
+    n, d = 200, 4
+    base = rng.standard_normal(d)
+    base *= 2.0 / np.linalg.norm(base)  # scale 1/2: R = 2
+    q = np.tile(base, (n, 1))
+    w = fastrope.Rotary(base=1e9)
+    v = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
+    dout = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
+    for causal in (False, True):
+        for eps in (1e-2, 1e-4):
+            p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal)
+            assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
+            got = fastrope.attention_grad(q, q, v, w, dout, eps, method="fast", causal=causal)
+            ref = reference.attention_grad(q, q, v, w, dout, causal=causal)
+            assert max(errors(got, ref).values()) <= eps
+
+
+def test_lowrank_backward_is_the_gradient_of_its_forward():
+    """Central differences of the approximate forward (a fixed Taylor polynomial) match the
+    low-rank backward, with a causal mask, offsets and GQA."""
+    rng = np.random.default_rng(21)
+    nq, nk, d, dv = 13, 11, 4, 2
+    q, k = bounded(rng, (2, nq, d), 0.6), bounded(rng, (1, nk, d), 0.6)
+    v, dout = rng.standard_normal((1, nk, dv)), rng.uniform(-1, 1, (2, nq, dv))
+    w = fastrope.Rotary(base=50.0)
+    kw = dict(causal=True, q_offset=3, k_offset=1)
+    (dq, dk, dv_, _, _, out, lse, info), _ = _fixed_polynomial(q, k, v, w, dout, **kw)
+    assert info["path"] == "lowrank" and info["degree"] == 6 and info["poly_kind"] == "taylor"
+
+    def loss(q_, k_, v_):
+        res, _ = _fixed_polynomial(q_, k_, v_, w, dout, **kw)
+        return float((res[5].reshape(dout.shape) * dout).sum())
+
+    h = 1e-6
+
+    def fd(x, idx, make):
+        a, b = x.copy(), x.copy()
+        a[idx] += h
+        b[idx] -= h
+        return (loss(*make(a)) - loss(*make(b))) / (2 * h)
+
+    def close(x, y, what):
+        assert abs(x - y) <= 1e-6 * (1 + abs(y)), (what, x, y)
+
+    for idx in [(0, 0, 0), (1, 5, 3), (0, 12, 1)]:
+        close(fd(q, idx, lambda a: (a, k, v)), dq.reshape(q.shape)[idx], "dq")
+    for idx in [(0, 0, 1), (0, 7, 0), (0, 10, 3)]:
+        close(fd(k, idx, lambda a: (q, a, v)), dk.reshape(k.shape)[idx], "dk")
+    for idx in [(0, 2, 0), (0, 10, 1)]:
+        close(fd(v, idx, lambda a: (q, k, a)), dv_.reshape(v.shape)[idx], "dv")
+
+
+def test_lowrank_and_toeplitz_backward_agree(monkeypatch):
+    rng = np.random.default_rng(3)
+    q, k = _unit_rows(rng, (2, 150), 4), _unit_rows(rng, (2, 150), 4)
+    v, dout = rng.uniform(-1, 1, (2, 150, 3)), rng.uniform(-1, 1, (2, 150, 3))
+    w = fastrope.Rotary()
+    a = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", causal=True)
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
+    p = fastrope.plan(q, k, v, w, 1e-6, method="fast", backward=True, causal=True)
+    assert p.details["path"] == "toeplitz"
+    b = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", causal=True)
+    for x, y in zip(a[:3], b[:3]):
+        assert np.abs(x - y).max() <= 2e-6
+
+
+def test_lowrank_backward_path_choice():
+    """Rotary / w=None without window or bias: low-rank; a window, a bias or general W: Toeplitz."""
+    rng = np.random.default_rng(5)
+    q = _unit_rows(rng, (1, 64), 4)
+    v = rng.uniform(-1, 1, (1, 64, 2))
+    rot = fastrope.Rotary()
+
+    def path(w, **kw):
+        return fastrope.plan(q, q, v, w, 1e-3, method="fast", backward=True, **kw).details["path"]
+
+    assert path(rot) == path(rot, causal=True) == path(None) == "lowrank"
+    assert path(rot, window=(None, None)) == "lowrank"
+    assert path(rot, window=(8, 0)) == "toeplitz"
+    assert path(rot, bias=fastrope.alibi(1, 64)) == "toeplitz"
+    assert path(fastrope.BlockW(np.tile(np.eye(2), (127, 2, 1, 1)))) == "toeplitz"
+
+
+def test_lowrank_backward_plans_long_small_heads_in_little_memory():
+    """n = 2^20, d = 4, d_v = 64 (issue #4's sweep): the low-rank backward plan needs a few MiB
+    besides the inputs and outputs, and is predicted far cheaper than the exact backward."""
+    n, d, dv = 2**20, 4, 64
+    p = fastrope.plan((1, n, d), (1, n, d), (1, n, dv), fastrope.Rotary(), 1e-3, backward=True,
+                      bound_r=1.0, v_max=1.0, dtype=np.float64, causal=True)  # fmt: skip
+    assert p.method == "fast" and p.details["path"] == "lowrank", p
+    arrays = 8 * n * (2 * d + 2 * d + 4 * dv)  # q, k, dq, dk; v, dout, out, dv
+    assert p.working_set_bytes - arrays < 256 * 2**20
+    assert p.fast_seconds * 50 < p.exact_seconds

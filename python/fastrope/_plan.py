@@ -341,6 +341,12 @@ def make_plan(
 # Throughput of the fast backward in its flop model (fastrope::fast::backward: two forward-sized
 # FFT passes, plus the diagonal correlations of dw/dbias), 2 threads.
 FAST_BACKWARD_FLOPS_PER_SECOND = 4e9
+# The low-rank backward (Rotary / w=None, no bias or masking window) in its flop model
+# (fastrope::fast::lowrank_backward: GEMMs with the feature states, reverse sweeps through the
+# monomials): 5-25 GFLOP/s per head measured on the reference machine (one thread per head),
+# plus a fixed cost per call (bounds, the certificate, Python), about 1 ms.
+FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND = 1e10
+FAST_CALL_SECONDS = 1e-3
 
 
 def _backward_probe(call, fast_probe, dout4=None, threads=None):
@@ -402,7 +408,12 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
             raise ApproximationError(f"method='fast': the fast backward: {e}") from None
         return exact_plan(f"the fast backward cannot serve this call: {e}")
     fast = _fast_fields(info)
-    fast["fast_seconds"] = float(info["flops"]) / FAST_BACKWARD_FLOPS_PER_SECOND
+    if info.get("path") == "lowrank":
+        fast["fast_seconds"] = (
+            float(info["flops"]) / FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND + FAST_CALL_SECONDS
+        )
+    else:
+        fast["fast_seconds"] = float(info["flops"]) / FAST_BACKWARD_FLOPS_PER_SECOND
     # A deferred plan certifies each head from its data before its FFTs run (refusing
     # otherwise): what a result guarantees is then eps.
     certified = min(float(info["certified_error"]), eps)
@@ -410,6 +421,7 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
     details = {
         k: info[k]
         for k in (
+            "path",
             "poly_family",
             "rho",
             "rho_derivative",
@@ -433,8 +445,14 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
             raise ApproximationError(f"method='fast': {msg}")
         return exact_plan(msg, fast)
     ratio = seconds / max(fast["fast_seconds"], 1e-12)
+    via = (
+        f", differentiated through {fast['terms']} low-rank features (RoPE scores are q'·k'"
+        " after rotating by absolute position: no Toeplitz products)"
+        if info.get("path") == "lowrank"
+        else ""
+    )
     summary = (
-        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R],"
+        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R]{via},"
         f" R = {fast['bound_r']:.3g}, certifies every gradient to {certified:.2g} <= eps ="
         f" {eps:.2g}; predicted fast backward {fast['fast_seconds']:.3g} s vs exact"
         f" {seconds:.3g} s"

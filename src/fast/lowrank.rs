@@ -60,7 +60,7 @@ pub fn feature_count(d: usize, g: usize) -> f64 {
 }
 
 /// `γ_n = n u / (1 - n u)`.
-fn gamma(n: f64) -> f64 {
+pub(crate) fn gamma(n: f64) -> f64 {
     let nu = n * U;
     if nu >= 0.5 {
         f64::INFINITY
@@ -70,7 +70,7 @@ fn gamma(n: f64) -> f64 {
 }
 
 /// `P(x) = Σ |c_t| x^t` and `P'(x) = Σ t |c_t| x^(t-1)` for `x >= 0`.
-fn abs_evals(coeffs: &[f64], x: f64) -> (f64, f64) {
+pub(crate) fn abs_evals(coeffs: &[f64], x: f64) -> (f64, f64) {
     let p = coeffs.iter().rev().fold(0.0, |acc, c| acc * x + c.abs());
     let dp = coeffs
         .iter()
@@ -212,16 +212,32 @@ pub fn rotate(rot: &RotaryW, x: ArrayView2<f64>, start: i64, mul: f64) -> Array2
     out
 }
 
+/// The transpose of [`rotate`]: `mul R(ψ_i)^T g_i` with `ψ_i = (start + i) θ` per pair (the
+/// chain rule back from rotated coordinates: `dq = rotate_back(dx, c, scale f²)`).
+pub fn rotate_back(rot: &RotaryW, g: ArrayView2<f64>, start: i64, mul: f64) -> Array2<f64> {
+    let mut out = Array2::zeros(g.raw_dim());
+    for (i, row) in g.outer_iter().enumerate() {
+        let pos = (start + i as i64) as f64;
+        for (m, &(p, r)) in rot.pairs.iter().enumerate() {
+            let (sn, cs) = (pos * rot.theta[m]).sin_cos();
+            let (a, b) = (row[p], row[r]);
+            out[[i, p]] = mul * (a * cs + b * sn);
+            out[[i, r]] = mul * (b * cs - a * sn);
+        }
+    }
+    out
+}
+
 /// The monomials `x^α`, `|α| <= g`, built one product at a time, with the weights
 /// `c_|α| (|α| choose α)` of the query side.
-struct Features {
+pub(crate) struct Features {
     /// `(parent, coordinate)`: monomial `m` is monomial `parent` times `x[coordinate]`.
-    steps: Vec<(usize, usize)>,
-    weight: Vec<f64>,
+    pub(crate) steps: Vec<(usize, usize)>,
+    pub(crate) weight: Vec<f64>,
 }
 
 impl Features {
-    fn new(d: usize, poly: &Polynomial) -> Self {
+    pub(crate) fn new(d: usize, poly: &Polynomial) -> Self {
         let mut index: HashMap<Vec<usize>, usize> = HashMap::new();
         let mut list: Vec<Vec<usize>> = vec![Vec::new()];
         index.insert(Vec::new(), 0);
@@ -258,12 +274,12 @@ impl Features {
         Features { steps, weight }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.steps.len()
     }
 
     /// `rows x r` monomials of `x` (weighted for the query side).
-    fn fill(&self, x: ArrayView2<f64>, weighted: bool) -> Array2<f64> {
+    pub(crate) fn fill(&self, x: ArrayView2<f64>, weighted: bool) -> Array2<f64> {
         let mut f = Array2::zeros((x.nrows(), self.len()));
         for (i, row) in x.outer_iter().enumerate() {
             let mut fr = f.row_mut(i);
@@ -277,10 +293,36 @@ impl Features {
         }
         f
     }
+
+    /// Row by row, the gradient `Σ_m coef[m] ∂(x^α_m)/∂x` (`rows x d`), with `mono` the
+    /// unweighted monomials of `x` ([`Features::fill`] with `weighted = false`): reverse mode
+    /// through the product steps, so each entry is a sum of products `coef[m] α_l x^{α_m - e_l}`.
+    pub(crate) fn backprop(
+        &self,
+        x: ArrayView2<f64>,
+        mono: ArrayView2<f64>,
+        coef: ArrayView2<f64>,
+    ) -> Array2<f64> {
+        let mut out = Array2::zeros(x.raw_dim());
+        let mut adj = vec![0.0; self.len()];
+        for (i, row) in x.outer_iter().enumerate() {
+            adj.iter_mut().zip(coef.row(i)).for_each(|(a, &c)| *a = c);
+            let mr = mono.row(i);
+            let mut gr = out.row_mut(i);
+            for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1).rev() {
+                let a = adj[m];
+                if a != 0.0 {
+                    gr[l] += a * mr[parent];
+                    adj[parent] += a * row[l];
+                }
+            }
+        }
+        out
+    }
 }
 
 /// `[V, 1]` (`nk x (dv + 1)`).
-fn with_ones(v: ArrayView2<f64>) -> Array2<f64> {
+pub(crate) fn with_ones(v: ArrayView2<f64>) -> Array2<f64> {
     let (nk, dv) = v.dim();
     let mut vb = Array2::ones((nk, dv + 1));
     vb.slice_mut(s![.., ..dv]).assign(&v);

@@ -28,6 +28,7 @@ pub mod certify;
 pub mod expansion;
 pub mod forward;
 pub mod lowrank;
+pub mod lowrank_backward;
 pub mod naive;
 pub mod naive_backward;
 

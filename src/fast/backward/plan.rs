@@ -64,11 +64,13 @@ pub struct BackwardPlan {
     /// True when the a-priori certificate exceeds `eps` and the plan relies on each head's
     /// data-dependent rounding bound (approximation within `15/16` of each budget).
     pub deferred: bool,
+    /// `Some` for a plan of the low-rank path ([`crate::fast::lowrank_backward`]: no FFTs).
+    pub lowrank: Option<crate::fast::lowrank_backward::LowRankGrad>,
 }
 
 impl BackwardPlan {
     /// A plain-text summary of why a gradient failed its budget.
-    pub(super) fn over_message(&self, c: &GradCertificate, what: &str) -> Option<String> {
+    pub(crate) fn over_message(&self, c: &GradCertificate, what: &str) -> Option<String> {
         c.certified.over(&self.eps, 1.0, self.want).map(|i| {
             format!(
                 "fast backward: {what} error bound of {} is {:.3e} (approximation {:.3e}, rounding {:.3e}, \
@@ -285,6 +287,7 @@ pub(super) fn plan_for(
         output,
         certified,
         deferred: false,
+        lowrank: None,
     })
 }
 
