@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--log2n-min", type=int, default=12)
     p.add_argument("--log2n-max", type=int, default=20)
     p.add_argument("--eps", type=float, default=1e-3)
+    p.add_argument("--dv", type=int, default=0, help="d_v (0: d_v = d)")
+    p.add_argument("--causal", action="store_true", help="causal mask (default: none)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exact-max-seconds", type=float, default=120.0)
     p.add_argument("--fast-max-seconds", type=float, default=240.0)
@@ -117,35 +119,38 @@ def worker(spec: dict) -> dict:
     from fastrope._plan import _backward_probe
 
     d, n, eps, th = spec["d"], spec["n"], spec["eps"], spec["threads"]
+    dv = spec.get("dv") or d
+    mask = dict(causal=True) if spec.get("causal") else {}
     rng = np.random.default_rng(1000 * d + int(math.log2(n)))
     q = rng.uniform(-1, 1, (n, d))
     k = rng.uniform(-1, 1, (n, d))
-    v = rng.uniform(-1, 1, (n, d))
-    dout = rng.uniform(-1, 1, (n, d))
+    v = rng.uniform(-1, 1, (n, dv))
+    dout = rng.uniform(-1, 1, (n, dv))
     w = fastrope.Rotary()
-    out = {"d": d, "n": n, "eps": eps}
+    out = {"d": d, "n": n, "eps": eps, "dv": dv, "causal": bool(mask)}
     try:
-        r0 = fastrope.plan(q, k, v, w, eps, method="fast").bound_r
+        r0 = fastrope.plan(q, k, v, w, eps, method="fast", **mask).bound_r
     except fastrope.ApproximationError:
-        r0 = fastrope.plan(q, k, v, w, 1.0, method="fast").bound_r
+        r0 = fastrope.plan(q, k, v, w, 1.0, method="fast", **mask).bound_r
     q /= math.sqrt(r0)
     k /= math.sqrt(r0)
     rss0 = _vm("VmRSS")
-    call = prepare(q, k, v, w)
+    call = prepare(q, k, v, w, **mask)
     try:
-        info = _backward_probe(call, None, dout.reshape(1, 1, n, d), th)(eps, 1 << 62)
+        info = _backward_probe(call, None, dout.reshape(1, 1, n, dv), th)(eps, 1 << 62)
         out["bwd_plan"] = {
             key: info[key]
             for key in ("degree", "poly_kind", "poly_family", "n_pairs", "n_alpha", "n_beta",
-                        "terms", "flops", "working_bytes", "bound_r", "deferred")
+                        "terms", "flops", "working_bytes", "bound_r", "deferred", "path")
         }  # fmt: skip
         out["bwd_plan"]["certified"] = info["certified"]
     except fastrope.ApproximationError as e:
         out["bwd_refused"] = str(e)
     try:
-        pf = fastrope.plan(q, k, v, w, eps, method="fast")
+        pf = fastrope.plan(q, k, v, w, eps, method="fast", **mask)
         out["fwd_plan"] = {"degree": pf.degree, "n_pairs": pf.n_pairs, "kind": pf.poly_kind,
-                           "working_bytes": pf.fast_working_set_bytes}  # fmt: skip
+                           "working_bytes": pf.fast_working_set_bytes,
+                           "path": pf.details.get("path")}  # fmt: skip
     except fastrope.ApproximationError as e:
         out["fwd_refused"] = str(e)
     from fastrope._plan import available_memory
@@ -163,7 +168,7 @@ def worker(spec: dict) -> dict:
         try:
             t, grads, reps = _timed(
                 lambda: fastrope.attention_grad(
-                    q, k, v, w, dout, eps, method="fast", num_threads=th
+                    q, k, v, w, dout, eps, method="fast", num_threads=th, **mask
                 )
             )
             out["t_bwd"], out["reps_bwd"] = t, reps
@@ -172,16 +177,20 @@ def worker(spec: dict) -> dict:
     if "fwd" in spec["what"] and "fwd_plan" in out:
         try:
             t, _, reps = _timed(
-                lambda: fastrope.attention(q, k, v, w, eps, method="fast", num_threads=th)
+                lambda: fastrope.attention(
+                    q, k, v, w, eps, method="fast", num_threads=th, **mask
+                )
             )
             out["t_fwd"], out["reps_fwd"] = t, reps
         except (fastrope.ApproximationError, MemoryError) as e:
             out["fwd_refused"] = str(e)
     if "exact" in spec["what"]:
-        o, lse = fastrope.attention(q, k, v, w, method="exact", return_lse=True, num_threads=th)
+        o, lse = fastrope.attention(
+            q, k, v, w, method="exact", return_lse=True, num_threads=th, **mask
+        )
         t, ex, reps = _timed(
             lambda: fastrope.attention_grad(
-                q, k, v, w, dout, method="exact", out=o, lse=lse, num_threads=th
+                q, k, v, w, dout, method="exact", out=o, lse=lse, num_threads=th, **mask
             )
         )
         out["t_exact"], out["reps_exact"] = t, reps
@@ -286,7 +295,7 @@ def summarize(results: list, eps: float) -> dict:
 
 def render(doc: dict) -> str:
     res, summ, eps = doc["results"], doc["summary"], doc["args"]["eps"]
-    header = ["d", "n", "deg f/b", "pairs f/b", "fast fwd s", "fast bwd s", "bwd/fwd",
+    header = ["d", "n", "path f/b", "deg f/b", "pairs or features f/b", "fast fwd s", "fast bwd s", "bwd/fwd",
               "exact bwd s", "speed-up", "max err (dq,dk,dv)", "peak GiB", "load1"]  # fmt: skip
     rows = []
     for r in sorted(res, key=lambda r: (r["d"], r["n"])):
@@ -306,6 +315,7 @@ def render(doc: dict) -> str:
         err = r.get("err")
         rows.append([
             r["d"], f"2^{int(math.log2(r['n']))}",
+            f"{fp.get('path', 'toeplitz')}/{bp.get('path', 'toeplitz')}",
             f"{fp.get('degree', '-')}/{bp.get('degree', '-')}",
             f"{fp.get('n_pairs', '-')}/{bp.get('n_pairs', '-')}",
             C.fmt(r.get("t_fwd"), ".3f"), C.fmt(tb, ".3f"),
@@ -389,7 +399,7 @@ def main(argv=None):
             if pred_exact is None or (pred_exact <= a.exact_max_seconds and pred_exact < left / 2):
                 what.append("exact")
             C.wait_for_load(a.max_load, 60)
-            spec = {"d": d, "n": n, "eps": a.eps, "threads": a.threads, "what": what}
+            spec = {"d": d, "n": n, "eps": a.eps, "threads": a.threads, "what": what, "dv": a.dv, "causal": a.causal}
             timeout = max(60.0, min(left, 3 * ((pred_fast or 10) * 4 + (pred_exact or 10))))
             r = run_point(spec, timeout)
             results.append(r)

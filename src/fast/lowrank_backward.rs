@@ -68,6 +68,7 @@ use crate::error::{Error, Result};
 use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
 use crate::problem::Control;
 use ndarray::{s, Array1, Array2, ArrayView2};
+use rayon::prelude::*;
 
 /// What a low-rank backward plan needs beyond [`BackwardPlan`]: the bounds of its rounding
 /// certificate.
@@ -246,7 +247,8 @@ pub fn lowrank_grad_rounding(
     let gn = gamma(n);
     let e = gn * p0 + p1 * dm;
     let l = (1.0 - poly.rho) * (-r).exp();
-    if poly.rho.is_nan() || poly.rho >= 1.0 || e.is_nan() || e > 0.25 * l || eta > 1e-3 || gn > 1e-3 {
+    if poly.rho.is_nan() || poly.rho >= 1.0 || e.is_nan() || e > 0.25 * l || eta > 1e-3 || gn > 1e-3
+    {
         return Grad5::splat(f64::INFINITY);
     }
     let v = v_max;
@@ -527,83 +529,6 @@ pub fn lowrank_backward_head(
     };
     let sees = |i: usize, j: usize| -> bool { shift.is_none_or(|c| j as i64 <= i as i64 + c) };
 
-    // Pass 1: query blocks in order; S holds keys [0, full).
-    let mut a_all = Array2::<f64>::zeros((nq, cols));
-    let mut out = Array2::<f64>::zeros((nq, dv));
-    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
-    let mut dx = Array2::<f64>::zeros((nq, d));
-    let mut state = Array2::<f64>::zeros((r, cols));
-    let mut in_state = 0usize;
-    for i0 in (0..nq).step_by(blk) {
-        ctl.check()?;
-        let i1 = (i0 + blk).min(nq);
-        let (full, last) = (visible(i0), visible(i1 - 1));
-        while in_state < full {
-            ctl.check()?;
-            let k1 = (in_state + blk).min(full);
-            let fk = feats.fill(y.slice(s![in_state..k1, ..]), false);
-            state += &fk.t().dot(&b.slice(s![in_state..k1, ..]));
-            in_state = k1;
-        }
-        let xb = x.slice(s![i0..i1, ..]);
-        let mono = feats.fill(xb, false);
-        let phi = &mono * &wv;
-        let mut acc = phi.dot(&state);
-        let partial = (last > full).then(|| {
-            let yp = y.slice(s![full..last, ..]);
-            let m = xb.dot(&yp.t());
-            let pm = Array2::from_shape_fn(m.dim(), |(a, j)| {
-                if sees(i0 + a, full + j) {
-                    poly.eval(m[[a, j]])
-                } else {
-                    0.0
-                }
-            });
-            acc += &pm.dot(&b.slice(s![full..last, ..]));
-            m
-        });
-        for a in 0..i1 - i0 {
-            let i = i0 + a;
-            if visible(i) == 0 {
-                continue; // no visible key: no gradient flows through this row
-            }
-            let den = acc[[a, dv]];
-            if !(den.is_finite() && den > 0.0) {
-                return Err(Error::Approximation(format!(
-                    "fast backward (low-rank): row {i} has denominator {den:e} despite the \
-                     certificate; use the exact method"
-                )));
-            }
-            let mut dsum = 0.0;
-            for c in 0..dv {
-                let o = acc[[a, c]] / den;
-                out[[i, c]] = o;
-                dsum += dout[[i, c]] * o;
-                a_all[[i, c]] = dout[[i, c]] / den;
-            }
-            a_all[[i, dv]] = -dsum / den;
-            lse[i] = den.ln();
-        }
-        let ab = a_all.slice(s![i0..i1, ..]);
-        let mut coef = ab.dot(&state.t());
-        coef *= &wv;
-        let mut gx = feats.backprop(xb, mono.view(), coef.view());
-        if let Some(m) = partial {
-            let yp = y.slice(s![full..last, ..]);
-            let gm = ab.dot(&b.slice(s![full..last, ..]).t());
-            let dpm = Array2::from_shape_fn(m.dim(), |(a, j)| {
-                if sees(i0 + a, full + j) {
-                    dp(m[[a, j]]) * gm[[a, j]]
-                } else {
-                    0.0
-                }
-            });
-            gx += &dpm.dot(&yp);
-        }
-        dx.slice_mut(s![i0..i1, ..]).assign(&gx);
-    }
-
-    // Pass 2: key blocks in reverse; T holds rows [t_from, nq) (those that see the whole block).
     let first_full = |k1: usize| -> usize {
         match shift {
             None => 0,
@@ -616,46 +541,195 @@ pub fn lowrank_backward_head(
             Some(c) => (k0 as i64 - c).clamp(0, nq as i64) as usize,
         }
     };
+    let zero = Array2::<f64>::zeros((r, cols));
+    // Σ_{j in [a, b)} Φk(y_j) b_j^T and Σ_{i in [a, b)} Φq(x_i) a_i^T, block by block
+    let key_state = |a: usize, b_: usize| -> Result<Array2<f64>> {
+        let mut st = zero.clone();
+        for k0 in (a..b_).step_by(blk) {
+            ctl.check()?;
+            let k1 = (k0 + blk).min(b_);
+            let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
+            st += &fk.t().dot(&b.slice(s![k0..k1, ..]));
+        }
+        Ok(st)
+    };
+
+    // Pass 1: chunks of query blocks in parallel, each from the prefix state S of the keys its
+    // first block sees in full; within a chunk, blocks in order (S grows by the keys between).
+    let qchunks = chunk_ranges(nq, blk);
+    let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
+    let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
+    let prefix = scan(pieces, &zero, false);
+    let pass1 = |c: usize| -> Result<(Array2<f64>, Array2<f64>, Array1<f64>, Array2<f64>)> {
+        let (c0, c1) = qchunks[c];
+        let mut state = prefix[c].clone();
+        let mut in_state = kbounds[c];
+        let rows = c1 - c0;
+        let mut a_ch = Array2::<f64>::zeros((rows, cols));
+        let mut out = Array2::<f64>::zeros((rows, dv));
+        let mut lse = Array1::<f64>::from_elem(rows, f64::NEG_INFINITY);
+        let mut dx = Array2::<f64>::zeros((rows, d));
+        for i0 in (c0..c1).step_by(blk) {
+            ctl.check()?;
+            let i1 = (i0 + blk).min(c1);
+            let (full, last) = (visible(i0), visible(i1 - 1));
+            if in_state < full {
+                state += &key_state(in_state, full)?;
+                in_state = full;
+            }
+            let xb = x.slice(s![i0..i1, ..]);
+            let mono = feats.fill(xb, false);
+            let phi = &mono * &wv;
+            let mut acc = phi.dot(&state);
+            let partial = (last > full).then(|| {
+                let yp = y.slice(s![full..last, ..]);
+                let m = xb.dot(&yp.t());
+                let pm = Array2::from_shape_fn(m.dim(), |(a, j)| {
+                    if sees(i0 + a, full + j) {
+                        poly.eval(m[[a, j]])
+                    } else {
+                        0.0
+                    }
+                });
+                acc += &pm.dot(&b.slice(s![full..last, ..]));
+                m
+            });
+            for a in 0..i1 - i0 {
+                let (i, o) = (i0 + a, i0 + a - c0);
+                if visible(i) == 0 {
+                    continue; // no visible key: no gradient flows through this row
+                }
+                let den = acc[[a, dv]];
+                if !(den.is_finite() && den > 0.0) {
+                    return Err(Error::Approximation(format!(
+                        "fast backward (low-rank): row {i} has denominator {den:e} despite the \
+                         certificate; use the exact method"
+                    )));
+                }
+                let mut dsum = 0.0;
+                for col in 0..dv {
+                    let val = acc[[a, col]] / den;
+                    out[[o, col]] = val;
+                    dsum += dout[[i, col]] * val;
+                    a_ch[[o, col]] = dout[[i, col]] / den;
+                }
+                a_ch[[o, dv]] = -dsum / den;
+                lse[o] = den.ln();
+            }
+            let ab = a_ch.slice(s![i0 - c0..i1 - c0, ..]);
+            let mut coef = ab.dot(&state.t());
+            coef *= &wv;
+            let mut gx = feats.backprop(xb, mono.view(), coef.view());
+            if let Some(m) = partial {
+                let yp = y.slice(s![full..last, ..]);
+                let gm = ab.dot(&b.slice(s![full..last, ..]).t());
+                let dpm = Array2::from_shape_fn(m.dim(), |(a, j)| {
+                    if sees(i0 + a, full + j) {
+                        dp(m[[a, j]]) * gm[[a, j]]
+                    } else {
+                        0.0
+                    }
+                });
+                gx += &dpm.dot(&yp);
+            }
+            dx.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&gx);
+        }
+        Ok((a_ch, out, lse, dx))
+    };
+    let parts: Vec<_> = (0..qchunks.len())
+        .into_par_iter()
+        .map(pass1)
+        .collect::<Result<_>>()?;
+    let mut a_all = Array2::<f64>::zeros((nq, cols));
+    let mut out = Array2::<f64>::zeros((nq, dv));
+    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+    let mut dx = Array2::<f64>::zeros((nq, d));
+    for (&(c0, c1), (a_ch, o, l, g)) in qchunks.iter().zip(parts) {
+        a_all.slice_mut(s![c0..c1, ..]).assign(&a_ch);
+        out.slice_mut(s![c0..c1, ..]).assign(&o);
+        lse.slice_mut(s![c0..c1]).assign(&l);
+        dx.slice_mut(s![c0..c1, ..]).assign(&g);
+    }
+
+    // Pass 2: chunks of key blocks in parallel, each from the suffix state T of the query rows
+    // that see its last block in full; within a chunk, blocks in reverse (T grows downwards).
+    let a_all = a_all.view();
+    let row_state = |a: usize, b_: usize| -> Result<Array2<f64>> {
+        let mut st = zero.clone();
+        for r0 in (a..b_).step_by(blk) {
+            ctl.check()?;
+            let r1 = (r0 + blk).min(b_);
+            let fq = feats.fill(x.slice(s![r0..r1, ..]), true);
+            st += &fq.t().dot(&a_all.slice(s![r0..r1, ..]));
+        }
+        Ok(st)
+    };
+    let kchunks = chunk_ranges(nk, blk);
+    let rbounds: Vec<usize> = kchunks.iter().map(|&(_, k1)| first_full(k1)).collect();
+    // rows [rbounds[c], rbounds[c+1]) (and [last, nq)) as pieces; T_c sums the pieces from c on
+    let mut row_ranges: Vec<(usize, usize)> = rbounds
+        .iter()
+        .zip(rbounds.iter().skip(1).chain(std::iter::once(&nq)))
+        .map(|(&lo, &hi)| (lo, hi))
+        .collect();
+    if row_ranges.is_empty() {
+        row_ranges.push((nq, nq));
+    }
+    let pieces = range_sums(&row_ranges, nq, blk, &zero, &row_state)?;
+    let suffix = scan(pieces, &zero, true);
+    let pass2 = |c: usize| -> Result<(Array2<f64>, Array2<f64>)> {
+        let (c0, c1) = kchunks[c];
+        let mut t = suffix[c].clone();
+        let mut t_from = rbounds[c];
+        let rows = c1 - c0;
+        let mut dy = Array2::<f64>::zeros((rows, d));
+        let mut dvv = Array2::<f64>::zeros((rows, dv));
+        let nblocks = rows.div_ceil(blk);
+        for kb in (0..nblocks).rev() {
+            ctl.check()?;
+            let (k0, k1) = (c0 + kb * blk, (c0 + (kb + 1) * blk).min(c1));
+            let ff = first_full(k1);
+            if t_from > ff {
+                t += &row_state(ff, t_from)?;
+                t_from = ff;
+            }
+            let yb = y.slice(s![k0..k1, ..]);
+            let bb = b.slice(s![k0..k1, ..]);
+            let mono = feats.fill(yb, false);
+            let mut dvb = mono.dot(&t.slice(s![.., ..dv]));
+            let coef = bb.dot(&t.t());
+            let mut gy = feats.backprop(yb, mono.view(), coef.view());
+            let p0 = first_seen(k0).min(ff);
+            if ff > p0 {
+                let xp = x.slice(s![p0..ff, ..]);
+                let ap = a_all.slice(s![p0..ff, ..]);
+                let m = xp.dot(&yb.t());
+                let gm = ap.dot(&bb.t());
+                let mut pm = Array2::<f64>::zeros(m.dim());
+                let mut dpm = Array2::<f64>::zeros(m.dim());
+                for ((a, j), &mv) in m.indexed_iter() {
+                    if sees(p0 + a, k0 + j) {
+                        pm[[a, j]] = poly.eval(mv);
+                        dpm[[a, j]] = dp(mv) * gm[[a, j]];
+                    }
+                }
+                dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
+                gy += &dpm.t().dot(&xp);
+            }
+            dy.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&gy);
+            dvv.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&dvb);
+        }
+        Ok((dy, dvv))
+    };
+    let parts: Vec<_> = (0..kchunks.len())
+        .into_par_iter()
+        .map(pass2)
+        .collect::<Result<_>>()?;
     let mut dy = Array2::<f64>::zeros((nk, d));
     let mut dvv = Array2::<f64>::zeros((nk, dv));
-    let mut t = Array2::<f64>::zeros((r, cols));
-    let mut t_from = nq;
-    for kb in (0..nk.div_ceil(blk)).rev() {
-        ctl.check()?;
-        let (k0, k1) = (kb * blk, ((kb + 1) * blk).min(nk));
-        let ff = first_full(k1);
-        while t_from > ff {
-            ctl.check()?;
-            let r0 = ff.max(t_from.saturating_sub(blk));
-            let fq = feats.fill(x.slice(s![r0..t_from, ..]), true);
-            t += &fq.t().dot(&a_all.slice(s![r0..t_from, ..]));
-            t_from = r0;
-        }
-        let yb = y.slice(s![k0..k1, ..]);
-        let bb = b.slice(s![k0..k1, ..]);
-        let mono = feats.fill(yb, false);
-        let mut dvb = mono.dot(&t.slice(s![.., ..dv]));
-        let coef = bb.dot(&t.t());
-        let mut gy = feats.backprop(yb, mono.view(), coef.view());
-        let p0 = first_seen(k0).min(ff);
-        if ff > p0 {
-            let xp = x.slice(s![p0..ff, ..]);
-            let ap = a_all.slice(s![p0..ff, ..]);
-            let m = xp.dot(&yb.t());
-            let gm = ap.dot(&bb.t());
-            let mut pm = Array2::<f64>::zeros(m.dim());
-            let mut dpm = Array2::<f64>::zeros(m.dim());
-            for ((a, j), &mv) in m.indexed_iter() {
-                if sees(p0 + a, k0 + j) {
-                    pm[[a, j]] = poly.eval(mv);
-                    dpm[[a, j]] = dp(mv) * gm[[a, j]];
-                }
-            }
-            dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
-            gy += &dpm.t().dot(&xp);
-        }
-        dy.slice_mut(s![k0..k1, ..]).assign(&gy);
-        dvv.slice_mut(s![k0..k1, ..]).assign(&dvb);
+    for (&(c0, c1), (g, dvb)) in kchunks.iter().zip(parts) {
+        dy.slice_mut(s![c0..c1, ..]).assign(&g);
+        dvv.slice_mut(s![c0..c1, ..]).assign(&dvb);
     }
     Ok(HeadGrads {
         dq: dx,
@@ -665,6 +739,86 @@ pub fn lowrank_backward_head(
         lse,
         cert: Default::default(),
     })
+}
+
+/// At most this many chunks per pass (a function of the shape only: results are bitwise the same
+/// for every thread count).
+const MAX_CHUNKS: usize = 8;
+
+/// Contiguous ranges of whole blocks covering `0..n`, at least 4 blocks each, at most
+/// [`MAX_CHUNKS`] of them.
+pub(crate) fn chunk_ranges(n: usize, blk: usize) -> Vec<(usize, usize)> {
+    let nb = n.div_ceil(blk.max(1));
+    let parts = (nb / 4).clamp(1, MAX_CHUNKS);
+    let per = nb.div_ceil(parts).max(1) * blk;
+    (0..parts)
+        .map(|c| ((c * per).min(n), ((c + 1) * per).min(n)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// `[(0, b_0), (b_0, b_1), ...]` for nondecreasing bounds `b`.
+pub(crate) fn consecutive(bounds: &[usize]) -> Vec<(usize, usize)> {
+    let mut prev = 0;
+    bounds
+        .iter()
+        .map(|&b| {
+            let r = (prev, b.max(prev));
+            prev = b.max(prev);
+            r
+        })
+        .collect()
+}
+
+/// `piece` summed over each range, the ranges cut into sub-ranges of whole blocks (about
+/// `total / MAX_CHUNKS` rows) computed in parallel and added in order (deterministic).
+pub(crate) fn range_sums(
+    ranges: &[(usize, usize)],
+    total: usize,
+    blk: usize,
+    zero: &Array2<f64>,
+    piece: &(dyn Fn(usize, usize) -> Result<Array2<f64>> + Sync),
+) -> Result<Vec<Array2<f64>>> {
+    let step = (total.div_ceil(MAX_CHUNKS).div_ceil(blk).max(1)) * blk;
+    let subs: Vec<(usize, usize, usize)> = ranges
+        .iter()
+        .enumerate()
+        .flat_map(|(c, &(a, b))| {
+            (a..b)
+                .step_by(step)
+                .map(move |s0| (c, s0, (s0 + step).min(b)))
+        })
+        .collect();
+    let parts: Vec<Array2<f64>> = subs
+        .par_iter()
+        .map(|&(_, s0, s1)| piece(s0, s1))
+        .collect::<Result<_>>()?;
+    let mut out = vec![zero.clone(); ranges.len()];
+    for (&(c, _, _), p) in subs.iter().zip(parts) {
+        out[c] += &p;
+    }
+    Ok(out)
+}
+
+/// Running sums of `pieces` (inclusive), from the front or from the back.
+pub(crate) fn scan(
+    pieces: Vec<Array2<f64>>,
+    zero: &Array2<f64>,
+    from_back: bool,
+) -> Vec<Array2<f64>> {
+    let n = pieces.len();
+    let mut out = vec![zero.clone(); n];
+    let mut acc = zero.clone();
+    let order: Vec<usize> = if from_back {
+        (0..n).rev().collect()
+    } else {
+        (0..n).collect()
+    };
+    for i in order {
+        acc += &pieces[i];
+        out[i] = acc.clone();
+    }
+    out
 }
 
 #[cfg(test)]
