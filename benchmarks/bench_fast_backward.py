@@ -177,9 +177,7 @@ def worker(spec: dict) -> dict:
     if "fwd" in spec["what"] and "fwd_plan" in out:
         try:
             t, _, reps = _timed(
-                lambda: fastrope.attention(
-                    q, k, v, w, eps, method="fast", num_threads=th, **mask
-                )
+                lambda: fastrope.attention(q, k, v, w, eps, method="fast", num_threads=th, **mask)
             )
             out["t_fwd"], out["reps_fwd"] = t, reps
         except (fastrope.ApproximationError, MemoryError) as e:
@@ -295,8 +293,9 @@ def summarize(results: list, eps: float) -> dict:
 
 def render(doc: dict) -> str:
     res, summ, eps = doc["results"], doc["summary"], doc["args"]["eps"]
-    header = ["d", "n", "path f/b", "deg f/b", "pairs or features f/b", "fast fwd s", "fast bwd s", "bwd/fwd",
-              "exact bwd s", "speed-up", "max err (dq,dk,dv)", "peak GiB", "load1"]  # fmt: skip
+    header = ["d", "n", "path f/b", "deg f/b", "pairs or features f/b", "fast fwd s",
+              "fast bwd s", "bwd/fwd", "exact bwd s", "speed-up", "max err (dq,dk,dv)",
+              "peak GiB", "load1"]  # fmt: skip
     rows = []
     for r in sorted(res, key=lambda r: (r["d"], r["n"])):
         fp, bp = r.get("fwd_plan", {}), r.get("bwd_plan", {})
@@ -399,7 +398,15 @@ def main(argv=None):
             if pred_exact is None or (pred_exact <= a.exact_max_seconds and pred_exact < left / 2):
                 what.append("exact")
             C.wait_for_load(a.max_load, 60)
-            spec = {"d": d, "n": n, "eps": a.eps, "threads": a.threads, "what": what, "dv": a.dv, "causal": a.causal}
+            spec = {
+                "d": d,
+                "n": n,
+                "eps": a.eps,
+                "threads": a.threads,
+                "what": what,
+                "dv": a.dv,
+                "causal": a.causal,
+            }
             timeout = max(60.0, min(left, 3 * ((pred_fast or 10) * 4 + (pred_exact or 10))))
             r = run_point(spec, timeout)
             results.append(r)

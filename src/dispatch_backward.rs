@@ -33,7 +33,7 @@ use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
-use ndarray::{Array2, Array3, Array4, ArrayView4};
+use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 
 /// One group of heads sharing a kernel, with its certified plan.
@@ -142,6 +142,7 @@ pub fn plan_fast_backward<'a, T: Real>(
     k: ArrayView4<'_, T>,
     v: ArrayView4<'_, T>,
     dout: Option<ArrayView4<'_, T>>,
+    dlse: Option<ArrayView3<'_, T>>,
     given: Option<(f64, f64)>,
     eps: f64,
     want: Want,
@@ -173,6 +174,7 @@ pub fn plan_fast_backward<'a, T: Real>(
             "fast backward: nothing to approximate (an empty axis)".into(),
         ));
     }
+    let dlse_max = check_dlse(prob, dlse.as_ref())?;
     let want = want_for(pos, bias, want.dw, want.db);
     let heads_total = prob.batch * prob.hq;
     let count = |idx: &dyn Fn(usize) -> usize| -> usize {
@@ -308,6 +310,14 @@ pub fn plan_fast_backward<'a, T: Real>(
                             want_diag,
                         )?,
                     };
+                    let gb = match &dlse {
+                        Some(g) => gb.with_dlse(
+                            g.slice(ndarray::s![b, h, ..])
+                                .iter()
+                                .fold(0.0f64, |m, x| m.max(x.f64().abs())),
+                        ),
+                        None => gb,
+                    };
                     Ok((fb, gb, ps))
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -358,6 +368,15 @@ pub fn plan_fast_backward<'a, T: Real>(
         // `n_pairs (dv+1)` spectrum products per frequency), so the latter is planned only
         // when the former cannot serve the call.
         let low = lowrank.map(|lg| lowrank_backward_plan(&req, lg, limits, forced));
+        if dlse_max > 0.0 && !matches!(low, Some(Ok(_))) {
+            let why = match low {
+                Some(Err(e)) => format!(": the low-rank path: {e}"),
+                _ => " (Rotary or w=None without bias or a window that masks anything)".into(),
+            };
+            return Err(Error::Approximation(format!(
+                "fast backward: a cotangent for lse (dlse) is taken by the low-rank path only{why}"
+            )));
+        }
         let plan = match low {
             Some(Ok(l)) => l,
             Some(Err(le)) => match backward_plan(&req, limits, forced) {
@@ -483,6 +502,7 @@ pub fn run_fast_backward<'a, T: Real>(
     k: ArrayView4<'_, T>,
     v: ArrayView4<'_, T>,
     dout: ArrayView4<'_, T>,
+    dlse: Option<ArrayView3<'_, T>>,
     limits: &FastLimits,
     ctl: &Control,
 ) -> Result<(Grads<T>, Array4<T>, Array3<T>, Grad5)> {
@@ -493,6 +513,12 @@ pub fn run_fast_backward<'a, T: Real>(
             (prob.batch, prob.hq, nq, dv),
             dout.dim()
         )));
+    }
+    let dlse_max = check_dlse(prob, dlse.as_ref())?;
+    if dlse_max > 0.0 && call.groups.iter().any(|g| g.plan.lowrank.is_none()) {
+        return Err(Error::Approximation(
+            "fast backward: a cotangent for lse (dlse) is taken by the low-rank path only".into(),
+        ));
     }
     let glen = prob.glen();
     let want = call.want;
@@ -543,6 +569,7 @@ pub fn run_fast_backward<'a, T: Real>(
                             &support,
                             prob,
                             [&q, &k, &v, &dout],
+                            dlse.as_ref(),
                             ctl,
                         )
                     })
@@ -683,6 +710,7 @@ fn lowrank_one<T: Real>(
     support: &[(usize, usize)],
     prob: &Problem,
     arrays: [&ArrayView4<'_, T>; 4],
+    dlse: Option<&ArrayView3<'_, T>>,
     ctl: &Control,
 ) -> Result<(usize, crate::fast::backward::HeadGrads)> {
     ctl.check()?;
@@ -695,6 +723,8 @@ fn lowrank_one<T: Real>(
     let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
     let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let (kx, ky) = (lg.mul * max_norm(qh.view()), max_norm(kh.view()));
+    let gh: Option<ndarray::Array1<f64>> =
+        dlse.map(|g| g.slice(ndarray::s![b, h, ..]).mapv(|x| x.f64()));
     let gb = GradBounds::new(
         norms,
         support,
@@ -704,6 +734,10 @@ fn lowrank_one<T: Real>(
         vh.view(),
         dh.view(),
     );
+    let gb = match &gh {
+        Some(g) => gb.with_dlse(g.iter().fold(0.0f64, |m, x| m.max(x.abs()))),
+        None => gb,
+    };
     let ps = g.psums.get(idx).copied().unwrap_or(plan.psums);
     if score.r > plan.bounds.r
         || vmax > plan.bounds.v_max
@@ -722,7 +756,15 @@ fn lowrank_one<T: Real>(
     let mul = prob.scale * rot.factor * rot.factor;
     let x = rotate(rot, qh.view(), c, mul);
     let y = rotate(rot, kh.view(), 0, 1.0);
-    let mut hg = lowrank_backward_head(plan, x.view(), y.view(), vh.view(), dh.view(), ctl)?;
+    let mut hg = lowrank_backward_head(
+        plan,
+        x.view(),
+        y.view(),
+        vh.view(),
+        dh.view(),
+        gh.as_ref().map(|g| g.view()),
+        ctl,
+    )?;
     hg.dq = rotate_back(rot, hg.dq.view(), c, mul);
     hg.dk = rotate_back(rot, hg.dk.view(), 0, 1.0);
     // The head's own certificate (its bounds are within the plan's, so the plan's holds too).
@@ -758,4 +800,25 @@ fn lowrank_one<T: Real>(
         return Err(Error::Approximation(msg));
     }
     Ok((bh, hg))
+}
+
+/// `max |dlse|` after checking its shape `(batch, hq, nq)` and values (finite).
+fn check_dlse<T: Real>(prob: &Problem, dlse: Option<&ArrayView3<'_, T>>) -> Result<f64> {
+    let Some(g) = dlse else {
+        return Ok(0.0);
+    };
+    if g.dim() != (prob.batch, prob.hq, prob.nq) {
+        return Err(Error::Value(format!(
+            "dlse: expected shape {:?}, got {:?}",
+            (prob.batch, prob.hq, prob.nq),
+            g.dim()
+        )));
+    }
+    let m = g.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
+    if !m.is_finite() {
+        return Err(Error::Value(
+            "dlse: expected finite values, got inf or nan".into(),
+        ));
+    }
+    Ok(m)
 }

@@ -710,6 +710,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
     py: Python<'py>,
     arrays: [&Bound<'py, PyAny>; 3],
     dout: Option<&Bound<'py, PyAny>>,
+    dlse: Option<&Bound<'py, PyAny>>,
     values: Option<&Bound<'py, PyAny>>,
     bias: Option<&Bound<'py, PyAny>>,
     sp: &Spec,
@@ -724,6 +725,13 @@ fn fast_backward_typed<'py, T: Real + Element>(
     let [q, k, v] = arrays;
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let dout = dout.map(|d| arr4::<T>(d, "dout")).transpose()?;
+    let dlse: Option<PyReadonlyArray3<'py, T>> = dlse
+        .map(|x| {
+            x.extract()
+                .map_err(|_| PyTypeError::new_err("dlse: expected a 3-d array of q's dtype"))
+        })
+        .transpose()?;
+    let dlse_v = dlse.as_ref().map(|g| g.as_array());
     let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
     let bias_arr: Option<PyReadonlyArray2<'py, T>> = bias.map(|x| x.extract()).transpose()?;
     let pos = position(sp, values.as_ref())?;
@@ -753,6 +761,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
             kv.view(),
             vv.view(),
             dv.as_ref().map(|d| d.view()),
+            dlse_v.as_ref().map(|g| g.view()),
             given,
             eps,
             want,
@@ -776,6 +785,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
             kv,
             vv,
             dv,
+            dlse_v.as_ref().map(|g| g.view()),
             &limits,
             ctl,
         )?;
@@ -823,7 +833,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
 /// those bounds instead of the data (`run=False` only). Raises `ApproximationError` when the
 /// gradients cannot be certified to `eps`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, dout, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, want_dw, want_dbias, max_terms, max_degree, memory_limit, run, num_threads, poly=None, bounds=None))]
+#[pyo3(signature = (q, k, v, dout, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, eps, want_dw, want_dbias, max_terms, max_degree, memory_limit, run, num_threads, poly=None, bounds=None, dlse=None))]
 #[allow(clippy::too_many_arguments)]
 fn fast_backward<'py>(
     py: Python<'py>,
@@ -853,6 +863,7 @@ fn fast_backward<'py>(
     num_threads: Option<usize>,
     poly: Option<(String, usize, f64)>,
     bounds: Option<(f64, f64)>,
+    dlse: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     if run && bounds.is_some() {
         return Err(PyValueError::new_err(
@@ -884,6 +895,7 @@ fn fast_backward<'py>(
         py,
         [q, k, v],
         dout,
+        dlse,
         values,
         bias,
         &sp,

@@ -181,6 +181,7 @@ fn random_problems_never_panic() {
             v.view(),
             Some(dout.view()),
             None,
+            None,
             1e-2,
             want,
             &limits,
@@ -197,6 +198,7 @@ fn random_problems_never_panic() {
                 k.view(),
                 v.view(),
                 dout.view(),
+                None,
                 &limits,
                 &ctl,
             );

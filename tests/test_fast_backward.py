@@ -175,15 +175,17 @@ def test_float32_eps_below_rounding_is_refused_or_met():
         assert max(errors(got, ref).values()) <= 1e-8
 
 
-def _fixed_polynomial(q, k, v, w, dout, degree=6, **kw):
+def _fixed_polynomial(q, k, v, w, dout, degree=6, dlse=None, **kw):
     """Gradients and approximate forward with a fixed Taylor polynomial (test hook)."""
     call = prepare(q, k, v, w, full_dense_support=True, **kw)
     b, hq, hk, nq, nk, d, dv = call.shape
+    g3 = None if dlse is None else np.ascontiguousarray(dlse.reshape(b, hq, nq))
     res = native.fast_backward(
         call.q4, call.k4, call.v4, np.ascontiguousarray(dout.reshape(b, hq, nq, dv)),
         **call.native_args(), eps=1e6, want_dw=call.values is not None,
         want_dbias=call.bias is not None, max_terms=1_000_000, max_degree=40,
         memory_limit=8 << 30, run=True, num_threads=None, poly=("taylor", degree, 2.0),
+        dlse=g3,
     )  # fmt: skip
     return res, call
 
@@ -389,21 +391,26 @@ def test_lowrank_backward_adversarial_aligned_inputs():
             assert max(errors(got, ref).values()) <= eps
 
 
-def test_lowrank_backward_is_the_gradient_of_its_forward():
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
     """Central differences of the approximate forward (a fixed Taylor polynomial) match the
-    low-rank backward, with a causal mask, offsets and GQA."""
+    low-rank backward, with a causal mask, offsets and GQA, and a cotangent for lse."""
     rng = np.random.default_rng(21)
     nq, nk, d, dv = 13, 11, 4, 2
     q, k = bounded(rng, (2, nq, d), 0.6), bounded(rng, (1, nk, d), 0.6)
     v, dout = rng.standard_normal((1, nk, dv)), rng.uniform(-1, 1, (2, nq, dv))
+    dlse = 2.0 * rng.standard_normal((2, nq)) if with_dlse else None
     w = fastrope.Rotary(base=50.0)
     kw = dict(causal=True, q_offset=3, k_offset=1)
-    (dq, dk, dv_, _, _, out, lse, info), _ = _fixed_polynomial(q, k, v, w, dout, **kw)
+    (dq, dk, dv_, _, _, out, lse, info), _ = _fixed_polynomial(q, k, v, w, dout, dlse=dlse, **kw)
     assert info["path"] == "lowrank" and info["degree"] == 6 and info["poly_kind"] == "taylor"
 
     def loss(q_, k_, v_):
         res, _ = _fixed_polynomial(q_, k_, v_, w, dout, **kw)
-        return float((res[5].reshape(dout.shape) * dout).sum())
+        total = float((res[5].reshape(dout.shape) * dout).sum())
+        if dlse is not None:
+            total += float((res[6].reshape(dlse.shape) * dlse).sum())
+        return total
 
     h = 1e-6
 

@@ -176,8 +176,10 @@ def attention_grad(
     ``out`` and ``lse`` from a forward with ``return_lse=True`` may be passed to skip
     recomputing them.  ``dlse``, shape ``(..., n_q)``, is a cotangent for ``lse`` (the gradient
     of a loss that also uses ``lse``, e.g. a merge of sequence shards by
-    :func:`merge_partials`); the fast backward does not take one, so a nonzero ``dlse`` runs the
-    exact backward (``method="fast"`` raises :class:`ApproximationError`).
+    :func:`merge_partials`).  With ``d lse_i / d A_ij = 1 / l_i`` it joins ``dS`` as above; the
+    fast backward takes it on its low-rank path (:class:`Rotary` or ``w=None`` without a bias or
+    a masking window), elsewhere a nonzero ``dlse`` runs the exact backward
+    (``method="fast"`` raises :class:`ApproximationError`).
     Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
     layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).
     Other arguments as in :func:`attention`.
@@ -207,37 +209,31 @@ def attention_grad(
         dlse_a = _like(dlse, "dlse", call.lead_q + (nq,), call.dtype, check_finite)
         if not np.any(dlse_a):
             dlse_a = None
-    if dlse_a is not None:
-        if method == "fast":
-            raise ApproximationError(
-                "method='fast': the fast backward does not take a cotangent for lse (dlse is"
-                " nonzero); use method='exact' or 'auto'"
-            )
-        # Checks memory_limit; the exact backward meets any eps.
-        make_plan(call, 0.0, "exact", memory_limit, backward=True, fast_probe=None)
-        return _grad_with_dlse(call, dout_a, dlse_a, out, lse, check_finite, threads)
     dout4 = dout_a.reshape(batch, hq, nq, 0 if call.dv_padded else dv)
     if call.dv_padded:
         dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
+    dlse3 = None if dlse_a is None else np.ascontiguousarray(dlse_a.reshape(batch, hq, nq))
     p = make_plan(
         call,
         eps,
         method,
         memory_limit,
         backward=True,
-        fast_probe=_backward_probe(call, None, dout4, threads),
+        fast_probe=_backward_probe(call, None, dout4, threads, dlse3),
     )
     if p.method == "fast":
         try:
             # The fast backward recomputes the approximate forward it differentiates in its
-            # first FFT pass: `out`/`lse` are not needed.
-            dq, dk, dv4, dw3, db2 = _fast_backward(call, dout4, eps, p.memory_limit, threads)
+            # first pass: `out`/`lse` are not needed.
+            dq, dk, dv4, dw3, db2 = _fast_backward(call, dout4, eps, p.memory_limit, threads, dlse3)
             return _finish_grads(call, dq, dk, dv4, dw3, db2)
         except ApproximationError:
             # A head's own data failed the run-time certificate: never return an uncertified
             # result.
             if method == "fast":
                 raise
+    if dlse_a is not None:
+        return _grad_with_dlse(call, dout_a, dlse_a, out, lse, check_finite, threads)
     if out is None or lse is None:
         out4, lse3 = _forward(call, threads)
     else:
@@ -306,7 +302,14 @@ def _grad_with_dlse(call: Call, dout_a, dlse_a, out, lse, check_finite: bool, th
     return _finish_grads(call, dq, dk, dv4, dw3, db2)
 
 
-def _fast_backward(call: Call, dout4: np.ndarray, eps: float, limit: int, threads: Optional[int]):
+def _fast_backward(
+    call: Call,
+    dout4: np.ndarray,
+    eps: float,
+    limit: int,
+    threads: Optional[int],
+    dlse3: Optional[np.ndarray] = None,
+):
     """The native fast backward: ``(dq, dk, dv, dw, dbias)`` in canonical form."""
     res = _native.fast_backward(
         call.q4,
@@ -322,6 +325,7 @@ def _fast_backward(call: Call, dout4: np.ndarray, eps: float, limit: int, thread
         memory_limit=limit,
         run=True,
         num_threads=threads,
+        dlse=dlse3,
     )
     return res[:5]
 

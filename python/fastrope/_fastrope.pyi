@@ -115,8 +115,12 @@ def fast_backward(
     num_threads: Optional[int],
     poly: Optional[Tuple[str, int, float]] = None,
     bounds: Optional[Tuple[float, float]] = None,
+    dlse: Optional[np.ndarray] = None,
 ) -> Tuple[Any, ...]:
-    """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``."""
+    """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``.
+
+    ``dlse`` (``(batch, hq, nq)``): a cotangent for ``lse``, taken by the low-rank path only.
+    """
 
 def default_num_threads() -> int: ...
 def clear_cache() -> None: ...

@@ -349,7 +349,7 @@ FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND = 1e10
 FAST_CALL_SECONDS = 1e-3
 
 
-def _backward_probe(call, fast_probe, dout4=None, threads=None):
+def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None):
     """``probe(kernel_eps, limit) -> dict``: the native fast backward's plan for ``call``.
 
     With ``dout4`` the certificate is for that ``dout``; without (``plan(..., backward=True)``),
@@ -378,6 +378,7 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None):
             run=False,
             num_threads=threads,
             bounds=given,
+            dlse=dlse3,
         )[7]
 
     probe.backward = True

@@ -200,6 +200,8 @@ pub struct GradBounds {
     pub rq: f64,
     /// `max_l scale Σ_{s: l2_s = l} max|w_s| max|q[:,l1_s]|` (sizes the dk monomials).
     pub rk: f64,
+    /// `max |dlse|`, the cotangent of `lse` (0 without one; only the low-rank path takes it).
+    pub dlse: f64,
 }
 
 impl GradBounds {
@@ -280,6 +282,18 @@ impl GradBounds {
             qk: qk * slack,
             rq: rq_l.iter().fold(0.0, |m: f64, &x| m.max(x)) * slack,
             rk: rk_l.iter().fold(0.0, |m: f64, &x| m.max(x)) * slack,
+            dlse: 0.0,
+        }
+    }
+
+    /// With a cotangent for `lse` (`max|dlse| = m`): `d lse_i / d Ã_ij = 1 / l̃_i`, so `G_ij`
+    /// gains `dlse_i / l̃_i` and `|g_ij| <= Γ_i + |dlse_i|` (the approximation bounds hold with
+    /// `Γ + m`).
+    pub fn with_dlse(&self, m: f64) -> GradBounds {
+        GradBounds {
+            gamma: self.gamma + m * (1.0 + 4.0 * U),
+            dlse: m,
+            ..*self
         }
     }
 
@@ -295,6 +309,7 @@ impl GradBounds {
             qk: self.qk.max(o.qk),
             rq: self.rq.max(o.rq),
             rk: self.rk.max(o.rk),
+            dlse: self.dlse.max(o.dlse),
         }
     }
 
@@ -309,6 +324,7 @@ impl GradBounds {
             && self.qk <= plan.qk
             && self.rq <= plan.rq
             && self.rk <= plan.rk
+            && self.dlse <= plan.dlse
     }
 
     /// Bounds for a unit `dout` (every entry at most 1 in magnitude), for plans made before

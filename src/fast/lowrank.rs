@@ -38,10 +38,22 @@ use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
 use crate::position::RotaryW;
 use crate::problem::Control;
 use ndarray::{s, Array1, Array2, ArrayView2};
+use rayon::prelude::*;
 use std::collections::HashMap;
+
+use super::lowrank_backward::{chunk_len, chunk_ranges, consecutive, range_sums, scan};
 
 /// Query rows per block (and the largest number of partially visible keys per block).
 pub const BLOCK: usize = 256;
+
+/// Rows per block of the low-rank forward with a causal mask: each row meets up to a block of
+/// keys through `p(M)` directly (about `block (d + g + dv + 1)` flops on average) against
+/// `4 r (dv + 1)` through the states; a multiple of 16 in `32..=BLOCK`.
+pub fn forward_block(r: f64, d: usize, g: usize, dv: usize) -> usize {
+    let cols = (dv + 1) as f64;
+    let balance = 4.0 * r * cols / (d as f64 + g as f64 + cols);
+    ((balance / 16.0).ceil() as usize * 16).clamp(32, BLOCK)
+}
 
 /// What a low-rank plan needs beyond [`FastPlan`]: the bounds its rounding certificate used.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -151,11 +163,16 @@ pub fn lowrank_plan(
                 + 2.0 * (shape.nq + shape.nk) as f64 * feats as f64 * cols as f64;
             if lr.causal_shift.is_some() {
                 flops += shape.nq as f64
-                    * BLOCK as f64
+                    * forward_block(feats as f64, shape.d, degree, shape.dv) as f64
                     * (2.0 * shape.d as f64 + 2.0 * degree as f64 + 2.0 * cols as f64);
             }
-            let working_bytes = 8 * (2 * rows * feats + feats * cols + rows * BLOCK + rows * cols)
-                + 8 * (shape.nq + shape.nk) * shape.d;
+            // per chunk in flight (at most 8): block buffers and its prefix state; the
+            // numerators
+            let chunks = 8usize.min(shape.nq.div_ceil(4 * BLOCK)).max(1);
+            let working_bytes =
+                8 * chunks * (2 * rows * feats + 2 * feats * cols + rows * BLOCK + rows * cols)
+                    + 8 * (shape.nq + shape.nk) * shape.d
+                    + 16 * shape.nq * cols;
             let (e, l) = rounding_parts(&poly, shape, r, &lr);
             // |ln l̃ - ln l| <= -ln(1-ρ); the computed denominator is off by a factor within
             // 1 ± E/(L-E); the logarithm adds a few units of rounding
@@ -344,60 +361,74 @@ pub fn lowrank_head(
     let (nq, nk, dv) = (x.nrows(), y.nrows(), v.ncols());
     let poly = &plan.poly;
     let feats = Features::new(x.ncols(), poly);
+    let r = feats.len();
+    let blk = forward_block(r as f64, x.ncols(), poly.degree, dv);
     let vb = with_ones(v);
-    let mut acc = Array2::<f64>::zeros((nq, dv + 1));
-    match lr.causal_shift {
-        None => {
-            let mut state = Array2::<f64>::zeros((feats.len(), dv + 1));
-            for k0 in (0..nk).step_by(BLOCK) {
-                ctl.check()?;
-                let k1 = (k0 + BLOCK).min(nk);
-                let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
-                state += &fk.t().dot(&vb.slice(s![k0..k1, ..]));
-            }
-            for i0 in (0..nq).step_by(BLOCK) {
-                ctl.check()?;
-                let i1 = (i0 + BLOCK).min(nq);
-                let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
-                acc.slice_mut(s![i0..i1, ..]).assign(&fq.dot(&state));
-            }
+    let cols = dv + 1;
+    // query i sees keys j < visible(i)
+    let visible = |i: usize| -> usize {
+        match lr.causal_shift {
+            None => nk,
+            Some(c) => (i as i64 + c + 1).clamp(0, nk as i64) as usize,
         }
-        Some(c) => {
-            // query i sees keys j <= i + c
-            let visible = |i: i64| -> usize { (i + c + 1).clamp(0, nk as i64) as usize };
-            let mut state = Array2::<f64>::zeros((feats.len(), dv + 1));
-            let mut in_state = 0usize;
-            for i0 in (0..nq).step_by(BLOCK) {
-                ctl.check()?;
-                let i1 = (i0 + BLOCK).min(nq);
-                let (full, last) = (visible(i0 as i64), visible(i1 as i64 - 1));
-                while in_state < full {
-                    ctl.check()?;
-                    let k1 = (in_state + BLOCK).min(full);
-                    let fk = feats.fill(y.slice(s![in_state..k1, ..]), false);
-                    state += &fk.t().dot(&vb.slice(s![in_state..k1, ..]));
-                    in_state = k1;
-                }
-                let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
-                let mut block = fq.dot(&state);
-                if last > full {
-                    // partially visible keys: p(M) itself, masked
-                    let m = x
-                        .slice(s![i0..i1, ..])
-                        .dot(&y.slice(s![full..last, ..]).t());
-                    let pm = Array2::from_shape_fn(m.dim(), |(a, b)| {
-                        if (full + b) as i64 <= (i0 + a) as i64 + c {
-                            poly.eval(m[[a, b]])
-                        } else {
-                            0.0
-                        }
-                    });
-                    block += &pm.dot(&vb.slice(s![full..last, ..]));
-                }
-                acc.slice_mut(s![i0..i1, ..]).assign(&block);
-            }
+    };
+    let zero = Array2::<f64>::zeros((r, cols));
+    let key_state = |a: usize, b: usize| -> Result<Array2<f64>> {
+        let mut st = zero.clone();
+        for k0 in (a..b).step_by(blk) {
+            ctl.check()?;
+            let k1 = (k0 + blk).min(b);
+            let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
+            st += &fk.t().dot(&vb.slice(s![k0..k1, ..]));
         }
-    }
+        Ok(st)
+    };
+    // Chunks of query blocks in parallel, each from the prefix state of the keys its first
+    // block sees in full (the chunking depends on the shape only: the same bits for any thread
+    // count); within a chunk, blocks in order.
+    let qchunks = chunk_ranges(nq, blk);
+    let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
+    let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
+    let prefix = scan(pieces, &zero, false);
+    let mut acc = Array2::<f64>::zeros((nq, cols));
+    let chunk = |(c, mut acc): (usize, ndarray::ArrayViewMut2<f64>)| -> Result<()> {
+        let (c0, c1) = qchunks[c];
+        let mut state = prefix[c].clone();
+        let mut in_state = kbounds[c];
+        for i0 in (c0..c1).step_by(blk) {
+            ctl.check()?;
+            let i1 = (i0 + blk).min(c1);
+            let (full, last) = (visible(i0), visible(i1 - 1));
+            if in_state < full {
+                state += &key_state(in_state, full)?;
+                in_state = full;
+            }
+            let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
+            let mut block = fq.dot(&state);
+            if last > full {
+                // partially visible keys: p(M) itself, masked
+                let m = x
+                    .slice(s![i0..i1, ..])
+                    .dot(&y.slice(s![full..last, ..]).t());
+                let pm = Array2::from_shape_fn(m.dim(), |(a, b)| {
+                    if full + b < visible(i0 + a) {
+                        poly.eval(m[[a, b]])
+                    } else {
+                        0.0
+                    }
+                });
+                block += &pm.dot(&vb.slice(s![full..last, ..]));
+            }
+            acc.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&block);
+        }
+        Ok(())
+    };
+    let per = chunk_len(nq, blk);
+    let jobs: Vec<(usize, ndarray::ArrayViewMut2<f64>)> = acc
+        .axis_chunks_iter_mut(ndarray::Axis(0), per)
+        .enumerate()
+        .collect();
+    jobs.into_par_iter().map(chunk).collect::<Result<()>>()?;
     let mut out = Array2::<f64>::zeros((nq, dv));
     let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
     for i in 0..nq {

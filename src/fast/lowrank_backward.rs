@@ -67,7 +67,16 @@ use super::FastLimits;
 use crate::error::{Error, Result};
 use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
 use crate::problem::Control;
-use ndarray::{s, Array1, Array2, ArrayView2};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+
+/// One chunk of pass 1's outputs: `(chunk, a, out, lse, dx)` rows.
+type Pass1Rows<'a> = (
+    usize,
+    ArrayViewMut2<'a, f64>,
+    ArrayViewMut2<'a, f64>,
+    ArrayViewMut1<'a, f64>,
+    ArrayViewMut2<'a, f64>,
+);
 use rayon::prelude::*;
 
 /// What a low-rank backward plan needs beyond [`BackwardPlan`]: the bounds of its rounding
@@ -252,13 +261,13 @@ pub fn lowrank_grad_rounding(
         return Grad5::splat(f64::INFINITY);
     }
     let v = v_max;
-    let (d1, dinf) = (gb.do_l1, gb.do_max);
+    let (d1, dinf, lm) = (gb.do_l1, gb.do_max, gb.dlse);
     let el = e / (l - e) + 2.0 * U;
     let eo = 2.0 * e * v / (l - e) + 2.0 * U * v;
     let gdv = gamma(dv as f64 + 1.0);
-    let ab = d1 * (2.0 * v + eo) * (1.0 + gdv) * (1.0 + el);
-    let da = 1.01 * (2.0 * d1 * v * el + d1 * eo + gdv * d1 * (v + eo));
-    let per = (gn * ab * p1 + da * p1 + 2.0 * d1 * v * (p2 * dm + p1 * eta)) / l;
+    let ab = (d1 * (2.0 * v + eo) * (1.0 + gdv) + lm) * (1.0 + el);
+    let da = 1.01 * (2.0 * d1 * v * el + d1 * eo + gdv * d1 * (v + eo) + lm * el);
+    let per = (gn * ab * p1 + da * p1 + (2.0 * d1 * v + lm) * (p2 * dm + p1 * eta)) / l;
     let h = inverse_mass_sum(nq, nk, lg.lr.causal_shift);
     let (kx, ky) = (lg.kx * (1.0 + eta), lg.ky * (1.0 + eta));
     let sq2 = std::f64::consts::SQRT_2;
@@ -328,9 +337,14 @@ fn plan_for(
         (nq + nk)
             .saturating_mul(2 * d + dv + 2)
             .saturating_add(nq.saturating_mul(dv + 1))
-            .saturating_add(rows.saturating_mul(r_us).saturating_mul(4))
-            .saturating_add(r_us.saturating_mul(dv + 1).saturating_mul(2))
-            .saturating_add(rows.saturating_mul(BLOCK).saturating_mul(4)),
+            .saturating_add(
+                // per chunk in flight (at most MAX_CHUNKS): block buffers and its state
+                rows.saturating_mul(r_us)
+                    .saturating_mul(4)
+                    .saturating_add(r_us.saturating_mul(dv + 1).saturating_mul(2))
+                    .saturating_add(rows.saturating_mul(BLOCK).saturating_mul(4))
+                    .saturating_mul(MAX_CHUNKS),
+            ),
     );
     BackwardPlan {
         shape,
@@ -493,6 +507,7 @@ pub fn lowrank_backward_head(
     y: ArrayView2<f64>,
     v: ArrayView2<f64>,
     dout: ArrayView2<f64>,
+    dlse: Option<ArrayView1<f64>>,
     ctl: &Control,
 ) -> Result<HeadGrads> {
     let lg = plan
@@ -509,6 +524,14 @@ pub fn lowrank_backward_head(
             return Err(Error::Value(format!(
                 "{name}: expected shape ({rows}, {cols}), got {:?}",
                 a.dim()
+            )));
+        }
+    }
+    if let Some(g) = &dlse {
+        if g.len() != nq {
+            return Err(Error::Value(format!(
+                "dlse: expected shape ({nq},), got ({},)",
+                g.len()
             )));
         }
     }
@@ -560,15 +583,14 @@ pub fn lowrank_backward_head(
     let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
     let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
     let prefix = scan(pieces, &zero, false);
-    let pass1 = |c: usize| -> Result<(Array2<f64>, Array2<f64>, Array1<f64>, Array2<f64>)> {
+    let mut a_all = Array2::<f64>::zeros((nq, cols));
+    let mut out = Array2::<f64>::zeros((nq, dv));
+    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+    let mut dx = Array2::<f64>::zeros((nq, d));
+    let pass1 = |(c, mut a_ch, mut out, mut lse, mut dx): Pass1Rows| -> Result<()> {
         let (c0, c1) = qchunks[c];
         let mut state = prefix[c].clone();
         let mut in_state = kbounds[c];
-        let rows = c1 - c0;
-        let mut a_ch = Array2::<f64>::zeros((rows, cols));
-        let mut out = Array2::<f64>::zeros((rows, dv));
-        let mut lse = Array1::<f64>::from_elem(rows, f64::NEG_INFINITY);
-        let mut dx = Array2::<f64>::zeros((rows, d));
         for i0 in (c0..c1).step_by(blk) {
             ctl.check()?;
             let i1 = (i0 + blk).min(c1);
@@ -613,7 +635,9 @@ pub fn lowrank_backward_head(
                     dsum += dout[[i, col]] * val;
                     a_ch[[o, col]] = dout[[i, col]] / den;
                 }
-                a_ch[[o, dv]] = -dsum / den;
+                // d lse_i / d Ã_ij = 1 / l̃_i: the cotangent of lse joins -D_i
+                let g = dlse.as_ref().map_or(0.0, |g| g[i]);
+                a_ch[[o, dv]] = (g - dsum) / den;
                 lse[o] = den.ln();
             }
             let ab = a_ch.slice(s![i0 - c0..i1 - c0, ..]);
@@ -634,22 +658,18 @@ pub fn lowrank_backward_head(
             }
             dx.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&gx);
         }
-        Ok((a_ch, out, lse, dx))
+        Ok(())
     };
-    let parts: Vec<_> = (0..qchunks.len())
-        .into_par_iter()
-        .map(pass1)
-        .collect::<Result<_>>()?;
-    let mut a_all = Array2::<f64>::zeros((nq, cols));
-    let mut out = Array2::<f64>::zeros((nq, dv));
-    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
-    let mut dx = Array2::<f64>::zeros((nq, d));
-    for (&(c0, c1), (a_ch, o, l, g)) in qchunks.iter().zip(parts) {
-        a_all.slice_mut(s![c0..c1, ..]).assign(&a_ch);
-        out.slice_mut(s![c0..c1, ..]).assign(&o);
-        lse.slice_mut(s![c0..c1]).assign(&l);
-        dx.slice_mut(s![c0..c1, ..]).assign(&g);
-    }
+    let per = chunk_len(nq, blk);
+    let jobs: Vec<Pass1Rows> = a_all
+        .axis_chunks_iter_mut(Axis(0), per)
+        .zip(out.axis_chunks_iter_mut(Axis(0), per))
+        .zip(lse.axis_chunks_iter_mut(Axis(0), per))
+        .zip(dx.axis_chunks_iter_mut(Axis(0), per))
+        .enumerate()
+        .map(|(c, (((a, o), l), g))| (c, a, o, l, g))
+        .collect();
+    jobs.into_par_iter().map(pass1).collect::<Result<()>>()?;
 
     // Pass 2: chunks of key blocks in parallel, each from the suffix state T of the query rows
     // that see its last block in full; within a chunk, blocks in reverse (T grows downwards).
@@ -677,60 +697,59 @@ pub fn lowrank_backward_head(
     }
     let pieces = range_sums(&row_ranges, nq, blk, &zero, &row_state)?;
     let suffix = scan(pieces, &zero, true);
-    let pass2 = |c: usize| -> Result<(Array2<f64>, Array2<f64>)> {
-        let (c0, c1) = kchunks[c];
-        let mut t = suffix[c].clone();
-        let mut t_from = rbounds[c];
-        let rows = c1 - c0;
-        let mut dy = Array2::<f64>::zeros((rows, d));
-        let mut dvv = Array2::<f64>::zeros((rows, dv));
-        let nblocks = rows.div_ceil(blk);
-        for kb in (0..nblocks).rev() {
-            ctl.check()?;
-            let (k0, k1) = (c0 + kb * blk, (c0 + (kb + 1) * blk).min(c1));
-            let ff = first_full(k1);
-            if t_from > ff {
-                t += &row_state(ff, t_from)?;
-                t_from = ff;
-            }
-            let yb = y.slice(s![k0..k1, ..]);
-            let bb = b.slice(s![k0..k1, ..]);
-            let mono = feats.fill(yb, false);
-            let mut dvb = mono.dot(&t.slice(s![.., ..dv]));
-            let coef = bb.dot(&t.t());
-            let mut gy = feats.backprop(yb, mono.view(), coef.view());
-            let p0 = first_seen(k0).min(ff);
-            if ff > p0 {
-                let xp = x.slice(s![p0..ff, ..]);
-                let ap = a_all.slice(s![p0..ff, ..]);
-                let m = xp.dot(&yb.t());
-                let gm = ap.dot(&bb.t());
-                let mut pm = Array2::<f64>::zeros(m.dim());
-                let mut dpm = Array2::<f64>::zeros(m.dim());
-                for ((a, j), &mv) in m.indexed_iter() {
-                    if sees(p0 + a, k0 + j) {
-                        pm[[a, j]] = poly.eval(mv);
-                        dpm[[a, j]] = dp(mv) * gm[[a, j]];
-                    }
-                }
-                dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
-                gy += &dpm.t().dot(&xp);
-            }
-            dy.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&gy);
-            dvv.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&dvb);
-        }
-        Ok((dy, dvv))
-    };
-    let parts: Vec<_> = (0..kchunks.len())
-        .into_par_iter()
-        .map(pass2)
-        .collect::<Result<_>>()?;
     let mut dy = Array2::<f64>::zeros((nk, d));
     let mut dvv = Array2::<f64>::zeros((nk, dv));
-    for (&(c0, c1), (g, dvb)) in kchunks.iter().zip(parts) {
-        dy.slice_mut(s![c0..c1, ..]).assign(&g);
-        dvv.slice_mut(s![c0..c1, ..]).assign(&dvb);
-    }
+    let pass2 =
+        |(c, mut dy, mut dvv): (usize, ArrayViewMut2<f64>, ArrayViewMut2<f64>)| -> Result<()> {
+            let (c0, c1) = kchunks[c];
+            let mut t = suffix[c].clone();
+            let mut t_from = rbounds[c];
+            let rows = c1 - c0;
+            let nblocks = rows.div_ceil(blk);
+            for kb in (0..nblocks).rev() {
+                ctl.check()?;
+                let (k0, k1) = (c0 + kb * blk, (c0 + (kb + 1) * blk).min(c1));
+                let ff = first_full(k1);
+                if t_from > ff {
+                    t += &row_state(ff, t_from)?;
+                    t_from = ff;
+                }
+                let yb = y.slice(s![k0..k1, ..]);
+                let bb = b.slice(s![k0..k1, ..]);
+                let mono = feats.fill(yb, false);
+                let mut dvb = mono.dot(&t.slice(s![.., ..dv]));
+                let coef = bb.dot(&t.t());
+                let mut gy = feats.backprop(yb, mono.view(), coef.view());
+                let p0 = first_seen(k0).min(ff);
+                if ff > p0 {
+                    let xp = x.slice(s![p0..ff, ..]);
+                    let ap = a_all.slice(s![p0..ff, ..]);
+                    let m = xp.dot(&yb.t());
+                    let gm = ap.dot(&bb.t());
+                    let mut pm = Array2::<f64>::zeros(m.dim());
+                    let mut dpm = Array2::<f64>::zeros(m.dim());
+                    for ((a, j), &mv) in m.indexed_iter() {
+                        if sees(p0 + a, k0 + j) {
+                            pm[[a, j]] = poly.eval(mv);
+                            dpm[[a, j]] = dp(mv) * gm[[a, j]];
+                        }
+                    }
+                    dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
+                    gy += &dpm.t().dot(&xp);
+                }
+                dy.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&gy);
+                dvv.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&dvb);
+            }
+            Ok(())
+        };
+    let per = chunk_len(nk, blk);
+    let jobs: Vec<(usize, ArrayViewMut2<f64>, ArrayViewMut2<f64>)> = dy
+        .axis_chunks_iter_mut(Axis(0), per)
+        .zip(dvv.axis_chunks_iter_mut(Axis(0), per))
+        .enumerate()
+        .map(|(c, (g, v))| (c, g, v))
+        .collect();
+    jobs.into_par_iter().map(pass2).collect::<Result<()>>()?;
     Ok(HeadGrads {
         dq: dx,
         dk: dy,
@@ -748,13 +767,18 @@ const MAX_CHUNKS: usize = 8;
 /// Contiguous ranges of whole blocks covering `0..n`, at least 4 blocks each, at most
 /// [`MAX_CHUNKS`] of them.
 pub(crate) fn chunk_ranges(n: usize, blk: usize) -> Vec<(usize, usize)> {
-    let nb = n.div_ceil(blk.max(1));
-    let parts = (nb / 4).clamp(1, MAX_CHUNKS);
-    let per = nb.div_ceil(parts).max(1) * blk;
-    (0..parts)
-        .map(|c| ((c * per).min(n), ((c + 1) * per).min(n)))
-        .filter(|(a, b)| a < b)
+    let per = chunk_len(n, blk);
+    (0..n.div_ceil(per))
+        .map(|c| (c * per, ((c + 1) * per).min(n)))
         .collect()
+}
+
+/// The rows of each chunk of [`chunk_ranges`] but the last.
+pub(crate) fn chunk_len(n: usize, blk: usize) -> usize {
+    let blk = blk.max(1);
+    let nb = n.div_ceil(blk);
+    let parts = (nb / 4).clamp(1, MAX_CHUNKS);
+    nb.div_ceil(parts).max(1) * blk
 }
 
 /// `[(0, b_0), (b_0, b_1), ...]` for nondecreasing bounds `b`.
@@ -862,6 +886,7 @@ mod tests {
             qk: 1.5,
             rq: 1.5,
             rk: 1.5,
+            dlse: 0.0,
         };
         let req = BackwardRequest {
             shape,
@@ -899,6 +924,7 @@ mod tests {
         y: &Array2<f64>,
         v: &Array2<f64>,
         dout: &Array2<f64>,
+        dlse: &Array1<f64>,
         shift: Option<i64>,
     ) -> (Array2<f64>, Array2<f64>, Array2<f64>, Array2<f64>) {
         let (nq, nk, d, dv) = (x.nrows(), y.nrows(), x.ncols(), v.ncols());
@@ -924,7 +950,7 @@ mod tests {
                     dsum += dout[[i, c]] * out[[i, c]];
                     a[[i, c]] = dout[[i, c]] / den;
                 }
-                a[[i, dv]] = -dsum / den;
+                a[[i, dv]] = (dlse[i] - dsum) / den;
             }
         }
         let (mut dx, mut dy, mut dvv) = (
@@ -960,13 +986,19 @@ mod tests {
         let y = g.mat(nk, d, 0.5);
         let v = g.mat(nk, dv, 1.0);
         let dout = g.mat(nq, dv, 1.0);
+        let dlse = Array1::from_iter((0..nq).map(|_| 2.0 * g.next()));
+        let no_dlse = Array1::<f64>::zeros(nq);
         let shape = FastShape { nq, nk, d, dv };
         let limits = FastLimits {
             max_degree: 12,
             max_terms: 5000,
             max_working_bytes: 1 << 30,
         };
-        for shift in [None, Some(0), Some(-7), Some(300), Some(-700), Some(2000)] {
+        for (t, shift) in [None, Some(0), Some(-7), Some(300), Some(-700), Some(2000)]
+            .into_iter()
+            .enumerate()
+        {
+            let g_lse = if t % 2 == 1 { &dlse } else { &no_dlse };
             let (req, lg) = request(shape, shift);
             let plan = lowrank_backward_plan(&req, lg, &limits, None).unwrap();
             assert!(
@@ -979,10 +1011,11 @@ mod tests {
                 y.view(),
                 v.view(),
                 dout.view(),
+                (t % 2 == 1).then(|| dlse.view()),
                 &Control::new(),
             )
             .unwrap();
-            let (dx, dy, dvv, out) = naive(&plan.poly, &x, &y, &v, &dout, shift);
+            let (dx, dy, dvv, out) = naive(&plan.poly, &x, &y, &v, &dout, g_lse, shift);
             let close = |a: &Array2<f64>, b: &Array2<f64>, what: &str| {
                 let err = (a - b).iter().fold(0.0f64, |m, e| m.max(e.abs()));
                 let mag = b.iter().fold(0.0f64, |m, e| m.max(e.abs()));
