@@ -218,11 +218,17 @@ impl GradBounds {
     ) -> Self {
         let d = q.ncols();
         let scale = scale.abs();
-        let col_max = |x: &ArrayView2<f64>, l: usize| -> f64 {
-            x.column(l).fold(0.0f64, |m, v| m.max(v.abs()))
+        // column maxima and ranges in one pass over the rows (the arrays are row-major: a pass
+        // per column would read every cache line once per column)
+        let col_max = |x: &ArrayView2<f64>| -> Vec<f64> {
+            let mut m = vec![0.0f64; x.ncols()];
+            for row in x.rows() {
+                m.iter_mut().zip(row).for_each(|(a, v)| *a = a.max(v.abs()));
+            }
+            m
         };
-        let qmax: Vec<f64> = (0..d).map(|l| col_max(&q, l)).collect();
-        let kmax: Vec<f64> = (0..d).map(|l| col_max(&k, l)).collect();
+        let qmax = col_max(&q);
+        let kmax = col_max(&k);
         let restricted = |x: &ArrayView2<f64>, coords: &[usize]| -> f64 {
             x.rows().into_iter().fold(0.0f64, |m, row| {
                 m.max(coords.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt())
@@ -245,17 +251,17 @@ impl GradBounds {
         let kw = (0..d).map(|l| rq_l[l].min(sq_l[l])).fold(0.0, f64::max);
         let qw = (0..d).map(|l| rk_l[l].min(sk_l[l])).fold(0.0, f64::max);
         let dv = v.ncols();
-        let range: Vec<f64> = (0..dv)
-            .map(|c| {
-                let col = v.column(c);
-                let hi = col.fold(f64::NEG_INFINITY, |m, &x| m.max(x));
-                let lo = col.fold(f64::INFINITY, |m, &x| m.min(x));
-                if hi >= lo {
-                    hi - lo
-                } else {
-                    0.0
-                }
-            })
+        let (mut hi, mut lo) = (vec![f64::NEG_INFINITY; dv], vec![f64::INFINITY; dv]);
+        for row in v.rows() {
+            for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(row) {
+                *h = h.max(x);
+                *l = l.min(x);
+            }
+        }
+        let range: Vec<f64> = hi
+            .iter()
+            .zip(&lo)
+            .map(|(&h, &l)| if h >= l { h - l } else { 0.0 })
             .collect();
         let (mut do_max, mut do_l1, mut gamma) = (0.0f64, 0.0f64, 0.0f64);
         let mut colmax = vec![0.0f64; dv];

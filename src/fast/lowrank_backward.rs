@@ -50,6 +50,11 @@
 //! * rotating back (a pair's 2-norm is at most `√2` times its largest entry):
 //!   `|dq̂ - dq| <= |scale| f² √2 ((1+η) err_dx + η |dx|)`, `|dk̂ - dk| <= √2 ((1+η) err_dy + η |dy|)`.
 //!
+//! With a cotangent for `lse` (`|dlse_i| <= L_m`), `d lse_i / d Ã_ij = 1/l̃_i` puts `dlse_i` into
+//! the last entry of `a_i` (`(dlse_i - D_i)/l̃_i`): the approximation bounds hold with `Γ + L_m`
+//! ([`GradBounds::with_dlse`]), `AB` gains `L_m (1 + e_l)`, `Δa` gains `1.01 L_m e_l`, and the
+//! `2 D_1 V` in front of the score perturbations becomes `2 D_1 V + L_m`.
+//!
 //! All first order in quantities held below `1/4` (`E <= L/4`, `η <= 10^-3`), hence the `1.01`
 //! factors; otherwise the bound is `inf`. `H <= nq/nk` without a mask, `1 + ln(nq)` or so with
 //! one (computed in closed form by [`inverse_mass_sum`]).
