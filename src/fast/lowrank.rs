@@ -297,15 +297,21 @@ impl Features {
 
     /// `rows x r` monomials of `x` (weighted for the query side).
     pub(crate) fn fill(&self, x: ArrayView2<f64>, weighted: bool) -> Array2<f64> {
-        let mut f = Array2::zeros((x.nrows(), self.len()));
-        for (i, row) in x.outer_iter().enumerate() {
-            let mut fr = f.row_mut(i);
+        let r = self.len();
+        let d = x.ncols();
+        let mut f = Array2::zeros((x.nrows(), r));
+        let mut xr = vec![0.0; d];
+        let fs = f
+            .as_slice_mut()
+            .expect("a fresh array is in standard layout");
+        for (row, fr) in x.outer_iter().zip(fs.chunks_exact_mut(r.max(1))) {
+            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
             fr[0] = 1.0;
             for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1) {
-                fr[m] = fr[parent] * row[l];
+                fr[m] = fr[parent] * xr[l];
             }
             if weighted {
-                fr.zip_mut_with(&ndarray::ArrayView1::from(&self.weight), |a, &w| *a *= w);
+                fr.iter_mut().zip(&self.weight).for_each(|(a, &w)| *a *= w);
             }
         }
         f
@@ -320,19 +326,23 @@ impl Features {
         mono: ArrayView2<f64>,
         coef: ArrayView2<f64>,
     ) -> Array2<f64> {
+        let d = x.ncols();
         let mut out = Array2::zeros(x.raw_dim());
         let mut adj = vec![0.0; self.len()];
+        let (mut mr, mut xr, mut gr) = (vec![0.0; self.len()], vec![0.0; d], vec![0.0; d]);
         for (i, row) in x.outer_iter().enumerate() {
             adj.iter_mut().zip(coef.row(i)).for_each(|(a, &c)| *a = c);
-            let mr = mono.row(i);
-            let mut gr = out.row_mut(i);
+            mr.iter_mut().zip(mono.row(i)).for_each(|(a, &c)| *a = c);
+            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
+            gr.iter_mut().for_each(|g| *g = 0.0);
             for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1).rev() {
                 let a = adj[m];
                 if a != 0.0 {
                     gr[l] += a * mr[parent];
-                    adj[parent] += a * row[l];
+                    adj[parent] += a * xr[l];
                 }
             }
+            out.row_mut(i).iter_mut().zip(&gr).for_each(|(o, &g)| *o = g);
         }
         out
     }
