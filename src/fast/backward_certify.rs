@@ -26,7 +26,8 @@
 //! * `P̃_ij = P_ij (1 + η_ij)`, `|η| <= κ`;
 //! * `Õ_ic - O_ic = Σ_j (P̃_ij - P_ij)(v_jc - m_c)` for any `m_c` (both rows sum to 1); with
 //!   `m_c` the midrange of column `c`, `|Õ_ic - O_ic| <= κ range_c / 2`;
-//! * with `g_ij = dO_i·(v_j - O_i)`, `|g_ij| <= Γ_i = Σ_c |dO_ic| range_c`, the true
+//! * with `g_ij = dO_i·(v_j - O_i)`, `|g_ij| <= Γ_i = min(Σ_c |dO_ic| range_c, 2 |dO_i|_2
+//!   max_j |v_j - m|_2)` (`O_i` lies in the convex hull of the `v_j`; `m` the midrange), the true
 //!   `dS_ij = P_ij g_ij` and the approximate `dS̃_ij = P_ij (1 + η'_ij) g̃_ij` (`|η'| <= κ'`,
 //!   `g̃_ij = g_ij + dO_i·(O_i - Õ_i)`) differ by at most `σ P_ij Γ_i`,
 //!   `σ = κ' + (1 + κ') κ/2`; for `db` (which uses `p`, not `p'`) by `σ_b P_ij Γ_i`,
@@ -263,18 +264,36 @@ impl GradBounds {
             .zip(&lo)
             .map(|(&h, &l)| if h >= l { h - l } else { 0.0 })
             .collect();
+        // |g_ij| = |dO_i·(v_j - O_i)| with O_i in the convex hull of the v_j: at most
+        // Σ_c |dO_ic| range_c (a box) and at most 2 |dO_i|_2 max_j |v_j - m|_2 (a ball about the
+        // midrange m); Γ takes the smaller per row.
+        let rho_v = v
+            .rows()
+            .into_iter()
+            .map(|row| {
+                row.iter()
+                    .zip(hi.iter().zip(&lo))
+                    .map(|(&x, (&h, &l))| {
+                        let m = 0.5 * (h + l);
+                        (x - m) * (x - m)
+                    })
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .fold(0.0f64, f64::max);
         let (mut do_max, mut do_l1, mut gamma) = (0.0f64, 0.0f64, 0.0f64);
         let mut colmax = vec![0.0f64; dv];
         for row in dout.rows() {
-            let (mut l1, mut g) = (0.0, 0.0);
+            let (mut l1, mut g, mut l2) = (0.0, 0.0, 0.0);
             for (c, &x) in row.iter().enumerate() {
                 let a = x.abs();
                 l1 += a;
+                l2 += a * a;
                 g += a * range[c];
                 colmax[c] = colmax[c].max(a);
             }
             do_l1 = do_l1.max(l1);
-            gamma = gamma.max(g);
+            gamma = gamma.max(g.min(2.0 * l2.sqrt() * rho_v));
         }
         colmax.iter().for_each(|&m| do_max = do_max.max(m));
         let slack = 1.0 + 64.0 * U * (support.len() + dv + 4) as f64;
