@@ -13,16 +13,21 @@
 //! group (GQA shares the K/V tiles). Per key tile and query block it recomputes `P` and `dS`
 //! (strip by strip, on the micro-kernel), then `dV += P^T dO` and, for rotary, `dK += dS^T Q̃`
 //! and `dQ̃ += dS K̃`: five GEMMs. For sparse `W`, dq, dk and dW come from [`super::sparse`]'s
-//! diagonal kernels. dK and dV of a chunk belong to it alone; its dq, dW and db contributions
-//! are partial sums, reduced in unit order (deterministic for a given unit split) in waves whose
-//! size bounds the memory of the partials.
+//! diagonal kernels. dK and dV of a chunk belong to it alone and are written in place; its dq,
+//! dW and db contributions are partial sums. Units run in waves of at most one per thread: the
+//! first unit of a wave adds its dq straight into the output, the others into partials that are
+//! added after the wave, in unit order (deterministic for a given thread count).
+//!
+//! Memory beyond inputs and outputs is linear in n and small: queries and `dO` are packed (and
+//! rotated) per tile, a unit packs the keys and values of its own chunk, and a wave holds
+//! `threads - 1` dq partials of `group x n_q x d`.
 
 use super::forward::check_shapes;
 use super::kernel::Epilogue;
 use super::kernel::{self, round_up};
 use super::lanes::{Lanes, LanesTask};
 use super::sparse::{self, padded, PAD_L};
-use super::{key_panels, Shared};
+use super::{key_panels, rotated_key_panels, Shared};
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
@@ -112,8 +117,11 @@ pub fn attention_backward<'a, T: Real>(
     };
     if nq > 0 && nk > 0 && dv > 0 && d > 0 && prob.batch * prob.hq > 0 {
         let mut sh = Shared::new(prob, pos, bias, true);
-        sh.pack_keys(&k, true);
-        let ctx = Ctx::new(&sh, &q, &v, inp);
+        if sparse_w.is_some() {
+            // The diagonal kernels read k^T of the whole head; rotary units pack their chunk.
+            sh.pack_keys(&k);
+        }
+        let ctx = Ctx::new(&sh, &q, &k, &v, inp);
         let bk = sh.tiles.bk;
         // Key chunks: enough units to keep every thread busy at batch 1, one head.
         let heads = prob.batch * prob.hk;
@@ -125,19 +133,29 @@ pub fn attention_backward<'a, T: Real>(
             .collect();
         let elt = std::mem::size_of::<T>();
         let per_unit = elt
-            * (prob.group() * (nq + bk) * (d + bk)
-                + 2 * chunk * (d + dv)
+            * (prob.group() * nq * d
+                + 5 * chunk * (d + dv)
                 + prob.group() * (ns * want_dw as usize + want_db as usize) * (nq + chunk));
-        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, 4 * inp.threads.max(1));
+        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, inp.threads.max(1));
+        // Every write to dq, dk and dv goes through these (units write disjoint dk/dv rows; in
+        // a wave only its first unit writes dq, the reduction after it the others' partials).
+        let out = OutPtrs {
+            dq: SendPtr(g.dq.as_mut_ptr()),
+            dk: SendPtr(g.dk.as_mut_ptr()),
+            dv: SendPtr(g.dv.as_mut_ptr()),
+        };
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()
-                .map(|&(kvh, jc0)| {
+                .enumerate()
+                .map(|(u, &(kvh, jc0))| {
                     let task = Unit {
                         ctx: &ctx,
                         kvh,
                         jc0,
                         rows: chunk.min(nk - jc0),
+                        direct_dq: u == 0,
+                        out,
                         want_dw,
                         want_db,
                         ctl,
@@ -147,7 +165,7 @@ pub fn attention_backward<'a, T: Real>(
                 .collect();
             ctl.check()?;
             for part in parts {
-                reduce_unit(prob, &sh, &mut g, &mut dw_acc, &mut db_acc, part, ns);
+                reduce_unit(prob, out, &mut dw_acc, &mut db_acc, part, ns);
             }
         }
         if let (Position::Rotary(r), Some(rot)) = (pos, &sh.rot) {
@@ -191,13 +209,37 @@ pub fn attention_backward<'a, T: Real>(
     Ok(g)
 }
 
-/// One unit's contributions. `dk` (`rows x d`), `dv` (`rows x dv`) are final; `dq` holds the
-/// group's `n_q x dp` partials; `dw`/`db` hold `(table, values over g in g0..g0+len, padded)`.
+/// Where the units write the gradients (standard-layout `dq`, `dk`, `dv` of [`Grads`]).
+struct OutPtrs<T> {
+    dq: SendPtr<T>,
+    dk: SendPtr<T>,
+    dv: SendPtr<T>,
+}
+
+impl<T> Clone for OutPtrs<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtrs<T> {}
+
+struct SendPtr<T>(*mut T);
+
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+// SAFETY: the pointers are shared by units that write disjoint parts (see `OutPtrs`).
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// One unit's partial contributions (dk and dv are already in place): `dq` holds the group's
+/// `n_q x d` partials (empty when the unit added them to the output itself); `dw`/`db` hold
+/// `(table, values over g in g0..g0+len, padded)`.
 struct UnitGrad<T> {
     kvh: usize,
-    jc0: usize,
-    dk: Vec<T>,
-    dv: Vec<T>,
     dq: Vec<T>,
     g0: usize,
     glen_u: usize,
@@ -207,34 +249,21 @@ struct UnitGrad<T> {
 
 fn reduce_unit<T: Real>(
     prob: &Problem,
-    sh: &Shared<'_, '_, T>,
-    g: &mut Grads<T>,
+    out: OutPtrs<T>,
     dw_acc: &mut [Vec<f64>],
     db_acc: &mut [Vec<f64>],
     part: UnitGrad<T>,
     ns: usize,
 ) {
-    let (nq, nk, d, dv, glen) = (prob.nq, prob.nk, prob.d, prob.dv, prob.glen());
-    let dp = round_up(d, sh.tiles.nr);
-    let rows = part.dk.len() / d;
-    // The gradients are fresh standard-layout arrays.
-    let kv_off = part.kvh * nk + part.jc0;
-    if let (Some(dk), Some(dvs)) = (g.dk.as_slice_mut(), g.dv.as_slice_mut()) {
-        dk[kv_off * d..(kv_off + rows) * d].copy_from_slice(&part.dk);
-        dvs[kv_off * dv..(kv_off + rows) * dv].copy_from_slice(&part.dv);
-    }
+    let (nq, d, glen) = (prob.nq, prob.d, prob.glen());
     let grp = prob.group();
-    let nqp = part.dq.len() / (grp * dp).max(1);
-    if let Some(dq) = g.dq.as_slice_mut() {
+    if !part.dq.is_empty() {
         let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
-        for hg in 0..grp {
-            let head = b * prob.hq + hk * grp + hg;
-            let dst = &mut dq[head * nq * d..(head + 1) * nq * d];
-            for (i, row) in dst.chunks_exact_mut(d).enumerate() {
-                let src = &part.dq[(hg * nqp + i) * dp..(hg * nqp + i) * dp + d];
-                row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
-            }
-        }
+        let head0 = b * prob.hq + hk * grp;
+        // SAFETY: the group's heads head0..head0 + grp of dq; no unit is running.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.dq.0.add(head0 * nq * d), grp * nq * d) };
+        dst.iter_mut().zip(&part.dq).for_each(|(x, &y)| *x = *x + y);
     }
     let stride = padded(part.glen_u);
     for (t, buf) in part.dw {
@@ -262,21 +291,15 @@ fn reduce_unit<T: Real>(
     }
 }
 
-/// Per-call state of the backward: packed queries, `dO`, `D`, keys and values.
+/// Per-call state of the backward: the inputs and `D`.
 struct Ctx<'s, 'a, 'p, 'i, T> {
     sh: &'s Shared<'a, 'p, T>,
     inp: &'s BackwardInputs<'i, T>,
-    /// Per query head: scaled (rotated) queries, `nqp x dp`.
-    qpack: Vec<Vec<T>>,
-    /// Per query head, sparse `W` only: `qpack` as transposed strips of `MR` rows.
-    qtpack: Vec<Vec<T>>,
-    /// Per query head: `dO`, `nqp x dvp`.
-    dopack: Vec<Vec<T>>,
+    q: ArrayView4<'s, T>,
+    k: ArrayView4<'s, T>,
+    v: ArrayView4<'s, T>,
     /// Per query head: `D_i`.
     dvec: Vec<Vec<T>>,
-    /// Per kv head: key panels of `v` (the `B` operand of `dO V^T`).
-    vkey: Vec<Vec<T>>,
-    nqp: usize,
     dp: usize,
     dvp: usize,
 }
@@ -284,45 +307,16 @@ struct Ctx<'s, 'a, 'p, 'i, T> {
 impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
     fn new(
         sh: &'s Shared<'a, 'p, T>,
-        q: &ArrayView4<'_, T>,
-        v: &ArrayView4<'_, T>,
+        q: &'s ArrayView4<'_, T>,
+        k: &'s ArrayView4<'_, T>,
+        v: &'s ArrayView4<'_, T>,
         inp: &'s BackwardInputs<'i, T>,
     ) -> Self {
         let prob = sh.prob;
-        let (nq, d, dv) = (prob.nq, prob.d, prob.dv);
+        let (d, dv) = (prob.d, prob.dv);
         let t = sh.tiles;
-        let nqp = round_up(nq, t.bq.max(t.mr));
         let (dp, dvp) = (round_up(d, t.nr), round_up(dv, t.nr));
         let heads = prob.batch * prob.hq;
-        let qpack: Vec<Vec<T>> = (0..heads)
-            .into_par_iter()
-            .map(|bh| {
-                let mut buf = Vec::new();
-                sh.pack_queries(q, bh, 0, nq, nqp, dp, &mut buf);
-                buf
-            })
-            .collect();
-        let qtpack = match sh.pos {
-            Position::Sparse(_) => qpack
-                .par_iter()
-                .map(|x: &Vec<T>| sparse::transpose_strips(x, nqp, dp, d, t.mr))
-                .collect(),
-            Position::Rotary(_) => Vec::new(),
-        };
-        let dopack = (0..heads)
-            .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / prob.hq, bh % prob.hq);
-                let mut buf = vec![T::zero(); nqp * dvp];
-                let src = inp.dout.slice(ndarray::s![b, h, .., ..]);
-                for (i, row) in src.outer_iter().enumerate() {
-                    for (x, &y) in buf[i * dvp..].iter_mut().zip(row.iter()) {
-                        *x = y;
-                    }
-                }
-                buf
-            })
-            .collect();
         let dvec = (0..heads)
             .into_par_iter()
             .map(|bh| {
@@ -345,25 +339,13 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                     .collect()
             })
             .collect();
-        let kv_heads = prob.batch * prob.hk;
-        let vkey = (0..kv_heads)
-            .into_par_iter()
-            .map(|kvh| {
-                key_panels(
-                    v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]),
-                    t.nr,
-                )
-            })
-            .collect();
         Self {
             sh,
             inp,
-            qpack,
-            qtpack,
-            dopack,
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
             dvec,
-            vkey,
-            nqp,
             dp,
             dvp,
         }
@@ -376,6 +358,9 @@ struct Unit<'c, 's, 'a, 'p, 'i, T> {
     kvh: usize,
     jc0: usize,
     rows: usize,
+    /// Add dq straight into `out.dq` (else into a partial).
+    direct_dq: bool,
+    out: OutPtrs<T>,
     want_dw: bool,
     want_db: bool,
     ctl: &'c Control,
@@ -406,7 +391,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
     let t = sh.tiles;
     let (mr, nr, bq, bk) = (t.mr, t.nr, t.bq, t.bk);
-    let (nqp, dp, dvp) = (ctx.nqp, ctx.dp, ctx.dvp);
+    let (dp, dvp) = (ctx.dp, ctx.dvp);
     let (kvh, jc0, rows) = (u.kvh, u.jc0, u.rows);
     let (b, hk) = (kvh / prob.hk, kvh % prob.hk);
     let sparse_w = match sh.pos {
@@ -428,15 +413,45 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     } else {
         Vec::new()
     };
-    let mut dq = vec![zero; grp * nqp * dp];
+    // dq: the group's partial (or, for the wave's first unit, the output itself), row stride d.
+    let mut dq_part = if u.direct_dq {
+        Vec::new()
+    } else {
+        vec![zero; grp * nq * d]
+    };
+    let dq_base = if u.direct_dq {
+        // SAFETY: the group's heads of dq, written by this unit alone during its wave.
+        unsafe { u.out.dq.0.add((b * prob.hq + hk * grp) * nq * d) }
+    } else {
+        dq_part.as_mut_ptr()
+    };
+    // Per tile: the block's queries (scaled, rotated), their transposed strips (sparse W),
+    // dO, and the block's dq contributions (row stride dp).
+    let mut qb: Vec<L::E> = Vec::with_capacity(bq * dp);
+    let mut qtb: Vec<L::E> = Vec::new();
+    let mut dob = vec![zero; bq * dvp];
+    let mut dqb = vec![zero; bq * dp];
     let mut dws: Vec<(usize, Vec<L::E>)> = Vec::new();
     let mut dbs: Vec<(usize, Vec<L::E>)> = Vec::new();
     let ld = sparse::strip_stride(bk, nr);
     let tile_len = bq * ld + 2 * sparse::MARGIN;
     let mut pbuf = vec![zero; tile_len];
     let mut dsbuf = vec![zero; tile_len];
-    let keys = &sh.keys[kvh];
-    let vkey = &ctx.vkey[kvh];
+    // The chunk's keys: rotated key and column panels (rotary), and v as key panels.
+    let kh = ctx.k.slice(ndarray::s![b, hk, jc0..jc0 + rows, ..]);
+    let (kown, kcols) = match (sh.pos, &sh.rot) {
+        (Position::Rotary(r), Some(rot)) => {
+            rotated_key_panels(prob, rot, r.factor, kh, jc0, nr, true)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    // Key panels of the chunk, from key jc0 (rotary); k^T of the head (sparse).
+    let keys = if sparse_w.is_some() {
+        &sh.keys[kvh][..]
+    } else {
+        &kown[..]
+    };
+    let vkey = key_panels(ctx.v.slice(ndarray::s![b, hk, jc0..jc0 + rows, ..]), nr);
     for hg in 0..grp {
         let h = hk * grp + hg;
         let bh = b * prob.hq + h;
@@ -448,23 +463,38 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             Some(bi) if u.want_db => Some(slot(&mut dbs, bi.index[bh], padded(glen_u))),
             _ => None,
         };
-        let qp = &ctx.qpack[bh];
-        let dop = &ctx.dopack[bh];
         let dvec = &ctx.dvec[bh];
         let lse = u.inp_lse(b, h);
-        let dqh = &mut dq[hg * nqp * dp..(hg + 1) * nqp * dp];
+        let dout = ctx.inp.dout.slice(ndarray::s![b, h, .., ..]);
         for tj in (jc0..jc0 + rows).step_by(bk) {
             let nbk = bk.min(jc0 + rows - tj);
             let kext = round_up(round_up(nbk, nr), mr);
             for i0 in (0..nq).step_by(bq) {
                 if u.ctl.cancelled() {
-                    return empty_grad(kvh, jc0);
+                    return empty_grad(kvh);
                 }
                 let nb = bq.min(nq - i0);
                 let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, tj, nbk);
                 if !sh.logf.any_visible(g_lo, g_hi) {
                     continue;
                 }
+                let nbp = round_up(nb, mr);
+                sh.pack_queries(&ctx.q, bh, i0, nb, nbp, dp, &mut qb);
+                if sparse_w.is_some() {
+                    sparse::transpose_strips_into(&qb, nbp, dp, d, mr, &mut qtb);
+                }
+                dob[..nbp * dvp].iter_mut().for_each(|x| *x = zero);
+                for (r, row) in dout
+                    .slice(ndarray::s![i0..i0 + nb, ..])
+                    .outer_iter()
+                    .enumerate()
+                {
+                    for (x, &y) in dob[r * dvp..].iter_mut().zip(row.iter()) {
+                        *x = y;
+                    }
+                }
+                dqb[..nbp * dp].iter_mut().for_each(|x| *x = zero);
+                let (qp, dop) = (&qb, &dob);
                 if sparse_w.is_some() {
                     // The diagonal kernels read around each strip: start from zeros.
                     pbuf.iter_mut().for_each(|x| *x = zero);
@@ -512,9 +542,9 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                     });
                     let dd: [L::E; 12] =
                         std::array::from_fn(|r| if r < nrow { dvec[i + r] } else { zero });
-                    // SAFETY: strips of `pbuf`/`dsbuf` have ld >= c0 + wp + margins; qpack and
-                    // dopack have nqp >= i + mr rows; key panels cover j0 + wp; the padded
-                    // log-factor covers the strip.
+                    // SAFETY: strips of `pbuf`/`dsbuf` have ld >= c0 + wp + margins; qb, dob
+                    // and dqb have nbp >= r0 + mr rows; key panels (of the chunk for rotary)
+                    // cover j0 + wp; the padded log-factor covers the strip.
                     unsafe {
                         let srow = pt.add(r0 * ld + c0);
                         let dsrow = dst.add(r0 * ld + c0);
@@ -537,10 +567,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             None => kernel::strip::<L, _>(
                                 wp,
                                 d,
-                                qp.as_ptr().add(i * dp),
+                                qp.as_ptr().add(r0 * dp),
                                 dp,
                                 1,
-                                keys.as_ptr().add(j0 * d),
+                                keys.as_ptr().add((j0 - jc0) * d),
                                 nr,
                                 d * nr,
                                 srow,
@@ -548,7 +578,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 &mut es,
                             ),
                             Some(spw) => {
-                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
+                                let q = qtb.as_ptr().add(r0 * d);
                                 sparse::scores::<L>(sh, spw, bh, q, i, j0, w, srow, ld);
                                 for r in 0..mr {
                                     let row = srow.add(r * ld);
@@ -568,10 +598,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         kernel::strip::<L, _>(
                             wp,
                             dv,
-                            dop.as_ptr().add(i * dvp),
+                            dop.as_ptr().add(r0 * dvp),
                             dvp,
                             1,
-                            vkey.as_ptr().add(j0 * dv),
+                            vkey.as_ptr().add((j0 - jc0) * dv),
                             nr,
                             dv * nr,
                             dsrow,
@@ -597,16 +627,16 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 dsrow,
                                 ld,
                                 1,
-                                sh.kcols[kvh].as_ptr().add(j0 * nr),
+                                kcols.as_ptr().add((j0 - jc0) * nr),
                                 nr,
-                                nk * nr,
-                                dqh.as_mut_ptr().add(i * dp),
+                                rows * nr,
+                                dqb.as_mut_ptr().add(r0 * dp),
                                 dp,
                                 &mut kernel::Accumulate,
                             ),
                             Some(spw) => {
                                 let out = sparse::GradOut {
-                                    dq: dqh.as_mut_ptr().add(i * dp),
+                                    dq: dqb.as_mut_ptr().add(r0 * dp),
                                     ldq: dp,
                                     dkt: std::ptr::null_mut(),
                                     ldk: 0,
@@ -615,7 +645,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                     }),
                                     ldw: padded(glen_u),
                                 };
-                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
+                                let q = qtb.as_ptr().add(r0 * d);
                                 sparse::strip_grads::<L>(sh, spw, bh, q, i, j0, w, dsrow, ld, &out);
                             }
                         }
@@ -633,7 +663,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             pt.add(jr),
                             1,
                             ld,
-                            dop.as_ptr().add(i0 * dvp),
+                            dop.as_ptr(),
                             dvp,
                             nr,
                             dvacc.as_mut_ptr().add(row * dvp),
@@ -648,7 +678,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 dst.add(jr),
                                 1,
                                 ld,
-                                qp.as_ptr().add(i0 * dp),
+                                qp.as_ptr(),
                                 dp,
                                 nr,
                                 dk.as_mut_ptr().add(row * dp),
@@ -670,7 +700,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             sh,
                             spw,
                             bh,
-                            qp.as_ptr().add(i0 * dp),
+                            qp.as_ptr(),
                             dp,
                             i0,
                             nb,
@@ -682,11 +712,20 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         );
                     }
                 }
+                // SAFETY: rows i0..i0 + nb of head hg of the group's dq (see `dq_base`).
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(dq_base.add((hg * nq + i0) * d), nb * d)
+                };
+                for (row, src) in dst.chunks_exact_mut(d).zip(dqb.chunks_exact(dp)) {
+                    row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
+                }
             }
         }
     }
-    let mut out_dk = vec![zero; rows * d];
-    let mut out_dv = vec![zero; rows * dv];
+    // SAFETY: rows kvh nk + jc0 .. + rows of dk and dv belong to this unit alone.
+    let kv_off = kvh * nk + jc0;
+    let out_dk = unsafe { std::slice::from_raw_parts_mut(u.out.dk.0.add(kv_off * d), rows * d) };
+    let out_dv = unsafe { std::slice::from_raw_parts_mut(u.out.dv.0.add(kv_off * dv), rows * dv) };
     for j in 0..rows {
         out_dv[j * dv..(j + 1) * dv].copy_from_slice(&dvacc[j * dvp..j * dvp + dv]);
     }
@@ -695,14 +734,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             for j in 0..rows {
                 out_dk[j * d..(j + 1) * d].copy_from_slice(&dk[j * dp..j * dp + d]);
             }
-            rot.rotate(
-                &mut out_dk,
-                d,
-                rows,
-                prob.k_offset + jc0 as i64,
-                r.factor,
-                true,
-            );
+            rot.rotate(out_dk, d, rows, prob.k_offset + jc0 as i64, r.factor, true);
         }
         _ => {
             let stride = padded(rows);
@@ -713,13 +745,9 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             }
         }
     }
-    let _ = nk;
     UnitGrad {
         kvh,
-        jc0,
-        dk: out_dk,
-        dv: out_dv,
-        dq,
+        dq: dq_part,
         g0,
         glen_u,
         dw: dws,
@@ -727,12 +755,9 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     }
 }
 
-fn empty_grad<T>(kvh: usize, jc0: usize) -> UnitGrad<T> {
+fn empty_grad<T>(kvh: usize) -> UnitGrad<T> {
     UnitGrad {
         kvh,
-        jc0,
-        dk: Vec::new(),
-        dv: Vec::new(),
         dq: Vec::new(),
         g0: 0,
         glen_u: 0,

@@ -67,7 +67,7 @@ pub fn attention_forward<'a, T: Real>(
         return Ok((out, lse));
     }
     let mut sh = Shared::new(prob, pos, bias, false);
-    sh.pack_keys(&k, false);
+    sh.pack_keys(&k);
     let nr = sh.tiles.nr;
     // The `B` operand of `P V`: each head of `v` itself when its rows are contiguous and a
     // multiple of NR long (row stride dv, tile step NR), else column panels (NR, n_k NR).

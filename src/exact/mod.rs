@@ -140,17 +140,19 @@ fn key_panels_into<T: Real>(x: ArrayView2<'_, T>, nr: usize, out: &mut [T]) {
     }
 }
 
-/// Rotated keys (times the attention factor) of one kv head as key panels and, with
-/// `columns`, column panels, a block of rows at a time (no `n_k x d` temporary).
-fn rotated_key_panels<T: Real>(
+/// Rotated keys (times the attention factor) of rows `j_base..j_base + kh.nrows()` of one kv
+/// head as key panels and, with `columns`, column panels (of `kh.nrows()` rows), a block of rows
+/// at a time (no `n x d` temporary). `j_base` is a multiple of `nr`.
+pub(crate) fn rotated_key_panels<T: Real>(
     prob: &Problem,
     rot: &rotate::Rotator<'_>,
     factor: f64,
     kh: ArrayView2<'_, T>,
+    j_base: usize,
     nr: usize,
     columns: bool,
 ) -> (Vec<T>, Vec<T>) {
-    let (nk, d) = (prob.nk, prob.d);
+    let (nk, d) = (kh.nrows(), prob.d);
     const CHUNK: usize = 256;
     let chunk = kernel::round_up(CHUNK, nr);
     let mut kp = vec![T::zero(); nk.div_ceil(nr) * d * nr];
@@ -171,7 +173,8 @@ fn rotated_key_panels<T: Real>(
                 None => dst.iter_mut().zip(src.iter()).for_each(|(a, &b)| *a = b),
             }
         }
-        rot.rotate(&mut buf, d, rows, prob.k_offset + j0 as i64, factor, false);
+        let at = prob.k_offset + (j_base + j0) as i64;
+        rot.rotate(&mut buf, d, rows, at, factor, false);
         let view = ArrayView2::from_shape((rows, d), &buf[..rows * d]).expect("rows x d");
         key_panels_into(view, nr, &mut kp[j0 * d..]);
         if columns {
@@ -190,8 +193,6 @@ pub(crate) struct Shared<'a, 'p, T> {
     pub tiles: Tiles,
     /// Per kv head: key panels of the rotated keys (rotary) or padded `k^T` (sparse).
     pub keys: Vec<Vec<T>>,
-    /// Per kv head, rotary backward only: column panels of the rotated keys.
-    pub kcols: Vec<Vec<T>>,
     /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]).
     pub tables: Vec<Vec<T>>,
     pub logf: LogFactor<T>,
@@ -237,7 +238,6 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
             isa,
             tiles,
             keys: Vec::new(),
-            kcols: Vec::new(),
             tables,
             logf,
             lfpad,
@@ -246,26 +246,24 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         }
     }
 
-    /// Packs the keys for scoring (see [`Shared::keys`]) and, with `columns` (the backward of
-    /// rotary), as column panels too.
-    pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>, columns: bool) {
+    /// Packs the keys for scoring (see [`Shared::keys`]).
+    pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>) {
         let prob = self.prob;
         let nr = self.tiles.nr;
         let pos = self.pos;
         let rot = &self.rot;
-        let both: Vec<(Vec<T>, Vec<T>)> = (0..prob.batch * prob.hk)
+        self.keys = (0..prob.batch * prob.hk)
             .into_par_iter()
             .map(|kvh| {
                 let kh = k.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
                 match (pos, rot) {
                     (Position::Rotary(r), Some(rot)) => {
-                        rotated_key_panels(prob, rot, r.factor, kh, nr, columns)
+                        rotated_key_panels(prob, rot, r.factor, kh, 0, nr, false).0
                     }
-                    _ => (sparse::padded_transpose(kh), Vec::new()),
+                    _ => sparse::padded_transpose(kh),
                 }
             })
             .collect();
-        (self.keys, self.kcols) = both.into_iter().unzip();
     }
 
     /// Flattened kv head of flattened query head `bh`.

@@ -492,12 +492,26 @@ pub(crate) fn transpose_strips<T: Real>(
     d: usize,
     mr: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); n * d];
+    let mut out = Vec::new();
+    transpose_strips_into(x, n, ld, d, mr, &mut out);
+    out
+}
+
+/// [`transpose_strips`] into `out` (resized to `n d`).
+pub(crate) fn transpose_strips_into<T: Real>(
+    x: &[T],
+    n: usize,
+    ld: usize,
+    d: usize,
+    mr: usize,
+    out: &mut Vec<T>,
+) {
+    out.clear();
+    out.resize(n * d, T::zero());
     for (i, row) in x.chunks(ld).take(n).enumerate() {
         let (s, r) = (i / mr, i % mr);
         for (l, &v) in row[..d].iter().enumerate() {
             out[(s * d + l) * mr + r] = v;
         }
     }
-    out
 }

@@ -185,6 +185,18 @@ fn isas() -> Vec<Isa> {
 }
 
 fn check_isa<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64>>, seed: u64) {
+    check_threads(prob, pos, bias, seed, 2);
+}
+
+/// The forward and the backward run for `threads` (which sets the backward's key chunks and
+/// waves) against the naive twin; the backward twice, bit for bit the same.
+fn check_threads<'a>(
+    prob: &Problem,
+    pos: &Position<'a, f64>,
+    bias: Option<&Bias<'a, f64>>,
+    seed: u64,
+    threads: usize,
+) {
     let isa = crate::simd::call_isa();
     let mut rng = Rng(seed);
     let q = rng.array4((prob.batch, prob.hq, prob.nq, prob.d));
@@ -209,9 +221,13 @@ fn check_isa<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a,
         dout: dout.view(),
         want_dw: true,
         want_dbias: true,
-        threads: 2,
+        threads,
     };
     let g = attention_backward(prob, pos, bias, q.view(), k.view(), v.view(), &inp, &ctl).unwrap();
+    let again =
+        attention_backward(prob, pos, bias, q.view(), k.view(), v.view(), &inp, &ctl).unwrap();
+    assert!(g.dq == again.dq && g.dk == again.dk && g.dv == again.dv);
+    assert!(g.dw == again.dw && g.dbias == again.dbias);
     assert!(
         max_diff(&g.dq, &nv.dq) < 1e-11,
         "{isa:?}: dq differs by {}",
@@ -569,5 +585,28 @@ fn timing_rotary_f32() {
                 );
             });
         }
+    }
+}
+
+#[test]
+fn backward_for_every_thread_count_matches_naive_and_repeats_exactly() {
+    // Many key tiles: the key chunks and the waves (direct dq and partials) vary with threads.
+    let mut prob = problem(150, 600, 8, 4, 2);
+    prob.dv = 16;
+    prob.causal = true;
+    prob.q_offset = 450;
+    let d = 8;
+    let l = 700usize;
+    let support = block_support(&(0..d / 2).map(|m| (2 * m, 2 * m + 1)).collect::<Vec<_>>());
+    let mut rng = Rng(31);
+    let values = Array3::from_shape_fn((1, 2 * l - 1, support.len()), |_| rng.next());
+    let sp = SparseW {
+        support,
+        values: values.view(),
+        index: vec![0; 8],
+    };
+    for threads in [1, 2, 3, 5] {
+        check_threads(&prob, &Position::Rotary(rotary(d)), None, 32, threads);
+        check_threads(&prob, &Position::Sparse(sp.clone()), None, 33, threads);
     }
 }
