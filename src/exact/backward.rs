@@ -464,6 +464,14 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             _ => None,
         };
         let dvec = &ctx.dvec[bh];
+        let seqs = match sparse_w {
+            Some(_) => sh.full_seqs(bh),
+            None => sparse::Seqs {
+                ptr: std::ptr::null(),
+                stride: 0,
+                x0: 0,
+            },
+        };
         let lse = u.inp_lse(b, h);
         let dout = ctx.inp.dout.slice(ndarray::s![b, h, .., ..]);
         for tj in (jc0..jc0 + rows).step_by(bk) {
@@ -579,7 +587,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             ),
                             Some(spw) => {
                                 let q = qtb.as_ptr().add(r0 * d);
-                                sparse::scores::<L>(sh, spw, bh, q, i, j0, w, srow, ld);
+                                sparse::scores::<L>(sh, spw, seqs, bh, q, i, j0, w, srow, ld);
                                 for r in 0..mr {
                                     let row = srow.add(r * ld);
                                     for col in (0..wp).step_by(L::W) {
@@ -646,7 +654,9 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                     ldw: padded(glen_u),
                                 };
                                 let q = qtb.as_ptr().add(r0 * d);
-                                sparse::strip_grads::<L>(sh, spw, bh, q, i, j0, w, dsrow, ld, &out);
+                                sparse::strip_grads::<L>(
+                                    sh, spw, seqs, bh, q, i, j0, w, dsrow, ld, &out,
+                                );
                             }
                         }
                     }
@@ -699,7 +709,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         sparse::tile_dk::<L>(
                             sh,
                             spw,
-                            bh,
+                            seqs,
                             qp.as_ptr(),
                             dp,
                             i0,

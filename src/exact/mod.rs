@@ -2,9 +2,12 @@
 //!
 //! Nothing of size `n_q x n_k` is ever allocated: a unit of work (a block of `bq` queries of one
 //! head) holds one strip of `MR x bk` scores at a time. Memory beyond inputs and outputs is
-//! `O((n_q + n_k) d)`: keys and values packed once per call into the layouts the micro-kernel
-//! reads, plus, for sparse `W`, the support's sequences along the diagonals (`|S| (n_q + n_k)`
-//! per table, the part of `W` the call touches).
+//! `O((n_q + n_k) d)`: the forward packs keys and values once per call into the layouts the
+//! micro-kernel reads; the backward packs each unit's key chunk and each tile's queries (see
+//! [`backward`]). For sparse `W` the kernels read the support's sequences along the diagonals:
+//! built whole (`|S| (n_q + n_k)` per table, the part of `W` the call touches) for the backward
+//! and for short forwards, per query block and a few key tiles for long forwards
+//! ([`sparse::TABLE_BYTES`]).
 //!
 //! Scores: for [`Position::Rotary`], `q` and `k` are rotated once (with `scale` and the attention
 //! factor folded into `q`) and a strip is a GEMM `Q̃ K̃^T` on the register-blocked micro-kernel
@@ -193,8 +196,12 @@ pub(crate) struct Shared<'a, 'p, T> {
     pub tiles: Tiles,
     /// Per kv head: key panels of the rotated keys (rotary) or padded `k^T` (sparse).
     pub keys: Vec<Vec<T>>,
-    /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]).
+    /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]); empty
+    /// when `seg_tiles` is not 0.
     pub tables: Vec<Vec<T>>,
+    /// The forward builds the sequences per `seg_tiles` key tiles ([`sparse::segment`])
+    /// instead of whole (when not 0).
+    pub seg_tiles: usize,
     pub logf: LogFactor<T>,
     /// The log-factor sequences with `sparse::PAD_L` / `PAD_R` of `-inf` either side.
     pub lfpad: Vec<Vec<T>>,
@@ -213,9 +220,13 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
     ) -> Self {
         let isa = crate::simd::call_isa();
         let tiles = Tiles::choose::<T>(isa, prob, backward);
+        let seg_tiles = match pos {
+            Position::Sparse(sp) if !backward => sparse::segment_tiles(prob, sp),
+            _ => 0,
+        };
         let tables = match pos {
-            Position::Rotary(_) => Vec::new(),
-            Position::Sparse(sp) => sparse::tables(prob, sp),
+            Position::Sparse(sp) if seg_tiles == 0 => sparse::tables(prob, sp),
+            _ => Vec::new(),
         };
         let logf = LogFactor::new(prob, bias);
         let lfpad = logf
@@ -239,6 +250,7 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
             tiles,
             keys: Vec::new(),
             tables,
+            seg_tiles,
             logf,
             lfpad,
             rot,
@@ -264,6 +276,18 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
                 }
             })
             .collect();
+    }
+
+    /// The whole sequences of head `bh`'s table (`seg_tiles` 0).
+    pub fn full_seqs(&self, bh: usize) -> sparse::Seqs<T> {
+        let Position::Sparse(sp) = self.pos else {
+            unreachable!("sequences of a rotary call")
+        };
+        sparse::Seqs {
+            ptr: self.tables[sp.index[bh]].as_ptr(),
+            stride: sparse::padded(self.prob.glen()),
+            x0: 0,
+        }
     }
 
     /// Flattened kv head of flattened query head `bh`.
