@@ -13,14 +13,15 @@
 //! group (GQA shares the K/V tiles). Per key tile and query block it recomputes `P` and `dS`
 //! (strip by strip, on the micro-kernel), then `dV += P^T dO` and, for rotary, `dK += dS^T Q̃`
 //! and `dQ̃ += dS K̃`: five GEMMs. For sparse `W`, dq, dk and dW come from [`super::sparse`]'s
-//! diagonal kernels. dK and dV of a chunk belong to it alone and are written in place; its dq,
-//! dW and db contributions are partial sums. Units run in waves of at most one per thread: the
-//! first unit of a wave adds its dq straight into the output, the others into partials that are
-//! added after the wave, in unit order (deterministic for a given thread count).
+//! diagonal kernels. Long calls also split the queries into chunks: a unit is then a key chunk
+//! against a query chunk. Its dq, dk, dv, dW and db are partial sums; units run in waves of at
+//! most one per thread, and the partials of a wave are added to the gradients after it, in unit
+//! order (deterministic for a given thread count).
 //!
 //! Memory beyond inputs and outputs is linear in n and small: queries and `dO` are packed (and
-//! rotated) per tile, a unit packs the keys and values of its own chunk, and a wave holds
-//! `threads - 1` dq partials of `group x n_q x d`.
+//! rotated) per tile, a unit packs the keys and values of its own key chunk, the query chunks
+//! keep each unit's partials to a few MiB ([`PART_BUDGET`]), and long sparse-W calls build the
+//! diagonal sequences per tile ([`super::sparse::segment`]).
 
 use super::forward::check_shapes;
 use super::kernel::Epilogue;
@@ -59,6 +60,17 @@ pub struct BackwardInputs<'a, T> {
 
 /// Bytes of partial results held at once.
 const WAVE_BUDGET: usize = 256 << 20;
+
+/// Bytes of a unit's query-side partials (dq and the dW/db diagonals) above which the queries
+/// are split into chunks.
+const PART_BUDGET: usize = 8 << 20;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: [`PART_BUDGET`] for calls made from this thread.
+    pub static PART_BUDGET_OVERRIDE: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
 
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<'a, T: Real>(
@@ -105,11 +117,11 @@ pub fn attention_backward<'a, T: Real>(
     };
     let want_dw = inp.want_dw && sparse_w.is_some();
     let want_db = inp.want_dbias && bias.is_some();
-    let glen = prob.glen();
     let ns = sparse_w.map_or(0, |sp| sp.support.len());
-    let mut dw_acc: Vec<Vec<f64>> = match sparse_w {
-        Some(sp) if want_dw => vec![Vec::new(); sp.values.dim().0],
-        _ => Vec::new(),
+    // dW accumulates in the output itself, `(tables, 2L-1, |S|)`.
+    let mut dw: Option<Array3<T>> = match sparse_w {
+        Some(sp) if want_dw => Some(Array3::zeros(sp.values.dim())),
+        _ => None,
     };
     let mut db_acc: Vec<Vec<f64>> = match bias {
         Some(b) if want_db => vec![Vec::new(); b.values.dim().0],
@@ -122,40 +134,53 @@ pub fn attention_backward<'a, T: Real>(
             sh.pack_keys(&k);
         }
         let ctx = Ctx::new(&sh, &q, &k, &v, inp);
-        let bk = sh.tiles.bk;
+        let (bq, bk) = (sh.tiles.bq, sh.tiles.bk);
         // Key chunks: enough units to keep every thread busy at batch 1, one head.
         let heads = prob.batch * prob.hk;
         let nkb = nk.div_ceil(bk);
         let per_head = (4 * inp.threads.max(1)).div_ceil(heads).clamp(1, nkb);
-        let chunk = bk * nkb.div_ceil(per_head);
-        let units: Vec<(usize, usize)> = (0..heads)
-            .flat_map(|kvh| (0..nk.div_ceil(chunk)).map(move |c| (kvh, c * chunk)))
-            .collect();
+        let mut chunk = bk * nkb.div_ceil(per_head);
+        // Query chunks: all queries unless a unit's dq and dW/db partials would outgrow
+        // PART_BUDGET; then key chunks of at most 4096 keys too.
         let elt = std::mem::size_of::<T>();
-        let per_unit = elt
-            * (prob.group() * nq * d
-                + 5 * chunk * (d + dv)
-                + prob.group() * (ns * want_dw as usize + want_db as usize) * (nq + chunk));
-        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, inp.threads.max(1));
-        // Every write to dq, dk and dv goes through these (units write disjoint dk/dv rows; in
-        // a wave only its first unit writes dq, the reduction after it the others' partials).
-        let out = OutPtrs {
-            dq: SendPtr(g.dq.as_mut_ptr()),
-            dk: SendPtr(g.dk.as_mut_ptr()),
-            dv: SendPtr(g.dv.as_mut_ptr()),
+        let per_row = elt * prob.group() * (d + ns * want_dw as usize + want_db as usize);
+        #[cfg(test)]
+        let part_budget = PART_BUDGET_OVERRIDE
+            .with(|b| b.get())
+            .unwrap_or(PART_BUDGET);
+        #[cfg(not(test))]
+        let part_budget = PART_BUDGET;
+        let qchunk = if nq * per_row <= part_budget {
+            nq
+        } else {
+            chunk = chunk.min(round_up(4096, bk));
+            (part_budget / per_row / bq).max(1) * bq
         };
+        let units: Vec<(usize, usize, usize)> = (0..heads)
+            .flat_map(|kvh| {
+                (0..nk.div_ceil(chunk)).flat_map(move |c| {
+                    (0..nq.div_ceil(qchunk)).map(move |qc| (kvh, c * chunk, qc * qchunk))
+                })
+            })
+            .filter(|&(_, jc0, ic0)| {
+                let (g_lo, g_hi) =
+                    sh.tile_diagonals(ic0, qchunk.min(nq - ic0), jc0, chunk.min(nk - jc0));
+                sh.logf.any_visible(g_lo, g_hi)
+            })
+            .collect();
+        let per_unit = elt * 5 * chunk * (d + dv) + qchunk * per_row + elt * ns * chunk;
+        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, inp.threads.max(1));
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()
-                .enumerate()
-                .map(|(u, &(kvh, jc0))| {
+                .map(|&(kvh, jc0, ic0)| {
                     let task = Unit {
                         ctx: &ctx,
                         kvh,
                         jc0,
                         rows: chunk.min(nk - jc0),
-                        direct_dq: u == 0,
-                        out,
+                        ic0,
+                        nqc: qchunk.min(nq - ic0),
                         want_dw,
                         want_db,
                         ctl,
@@ -165,7 +190,7 @@ pub fn attention_backward<'a, T: Real>(
                 .collect();
             ctl.check()?;
             for part in parts {
-                reduce_unit(prob, out, &mut dw_acc, &mut db_acc, part, ns);
+                reduce_unit(prob, &mut g, dw.as_mut(), &mut db_acc, part, ns);
             }
         }
         if let (Position::Rotary(r), Some(rot)) = (pos, &sh.rot) {
@@ -176,22 +201,7 @@ pub fn attention_backward<'a, T: Real>(
             }
         }
     }
-    if let Some(sp) = sparse_w.filter(|_| want_dw) {
-        let (nw, rows, _) = sp.values.dim();
-        let half = (rows as i64 - 1) / 2;
-        let mut dw = Array3::zeros((nw, rows, ns));
-        for (t, acc) in dw_acc.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
-            for g_i in 0..glen {
-                let row = prob.delta(g_i) + half;
-                if (0..rows as i64).contains(&row) {
-                    for s in 0..ns {
-                        dw[[t, row as usize, s]] = T::of(acc[s * glen + g_i]);
-                    }
-                }
-            }
-        }
-        g.dw = Some(dw);
-    }
+    g.dw = dw;
     if let Some(b) = bias.filter(|_| want_db) {
         let (nb, rows) = b.values.dim();
         let half = (rows as i64 - 1) / 2;
@@ -209,38 +219,16 @@ pub fn attention_backward<'a, T: Real>(
     Ok(g)
 }
 
-/// Where the units write the gradients (standard-layout `dq`, `dk`, `dv` of [`Grads`]).
-struct OutPtrs<T> {
-    dq: SendPtr<T>,
-    dk: SendPtr<T>,
-    dv: SendPtr<T>,
-}
-
-impl<T> Clone for OutPtrs<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for OutPtrs<T> {}
-
-struct SendPtr<T>(*mut T);
-
-impl<T> Clone for SendPtr<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for SendPtr<T> {}
-// SAFETY: the pointers are shared by units that write disjoint parts (see `OutPtrs`).
-unsafe impl<T: Send> Send for SendPtr<T> {}
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-
-/// One unit's partial contributions (dk and dv are already in place): `dq` holds the group's
-/// `n_q x d` partials (empty when the unit added them to the output itself); `dw`/`db` hold
-/// `(table, values over g in g0..g0+len, padded)`.
+/// One unit's partial contributions: `dq` the group's rows `ic0..ic0 + nqc` (`group x nqc x
+/// d`), `dk`/`dv` rows `jc0..jc0 + rows`, `dw`/`db` `(table, values over g in g0..g0+len,
+/// padded)`.
 struct UnitGrad<T> {
     kvh: usize,
+    jc0: usize,
+    ic0: usize,
     dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
     g0: usize,
     glen_u: usize,
     dw: Vec<(usize, Vec<T>)>,
@@ -249,33 +237,49 @@ struct UnitGrad<T> {
 
 fn reduce_unit<T: Real>(
     prob: &Problem,
-    out: OutPtrs<T>,
-    dw_acc: &mut [Vec<f64>],
+    g: &mut Grads<T>,
+    dw_out: Option<&mut Array3<T>>,
     db_acc: &mut [Vec<f64>],
     part: UnitGrad<T>,
     ns: usize,
 ) {
-    let (nq, d, glen) = (prob.nq, prob.d, prob.glen());
+    let (nq, nk, d, dv, glen) = (prob.nq, prob.nk, prob.d, prob.dv, prob.glen());
     let grp = prob.group();
-    if !part.dq.is_empty() {
-        let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
-        let head0 = b * prob.hq + hk * grp;
-        // SAFETY: the group's heads head0..head0 + grp of dq; no unit is running.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(out.dq.0.add(head0 * nq * d), grp * nq * d) };
-        dst.iter_mut().zip(&part.dq).for_each(|(x, &y)| *x = *x + y);
+    let add = |dst: &mut [T], src: &[T]| {
+        dst.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
+    };
+    // The gradients are fresh standard-layout arrays.
+    let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
+    if let Some(dq) = g.dq.as_slice_mut() {
+        let nqc = part.dq.len() / (grp * d).max(1);
+        for hg in 0..grp {
+            let head = b * prob.hq + hk * grp + hg;
+            let at = (head * nq + part.ic0) * d;
+            add(
+                &mut dq[at..at + nqc * d],
+                &part.dq[hg * nqc * d..(hg + 1) * nqc * d],
+            );
+        }
+    }
+    let kv_off = part.kvh * nk + part.jc0;
+    if let (Some(dk), Some(dvs)) = (g.dk.as_slice_mut(), g.dv.as_slice_mut()) {
+        add(&mut dk[kv_off * d..kv_off * d + part.dk.len()], &part.dk);
+        add(&mut dvs[kv_off * dv..kv_off * dv + part.dv.len()], &part.dv);
     }
     let stride = padded(part.glen_u);
-    for (t, buf) in part.dw {
-        let acc = &mut dw_acc[t];
-        if acc.is_empty() {
-            acc.resize(ns * glen, 0.0);
-        }
-        for s in 0..ns {
-            let src = &buf[s * stride + PAD_L..s * stride + PAD_L + part.glen_u];
-            let dst = &mut acc[s * glen + part.g0..s * glen + part.g0 + part.glen_u];
-            for (o, &x) in dst.iter_mut().zip(src) {
-                *o += x.f64();
+    if let Some(dw) = dw_out {
+        let rows = dw.dim().1;
+        let half = (rows as i64 - 1) / 2;
+        for (t, buf) in &part.dw {
+            for k in 0..part.glen_u {
+                let row = prob.delta(part.g0 + k) + half;
+                if !(0..rows as i64).contains(&row) {
+                    continue;
+                }
+                let mut dst = dw.slice_mut(ndarray::s![*t, row as usize, ..]);
+                for (s, o) in dst.iter_mut().enumerate().take(ns) {
+                    *o = *o + buf[s * stride + PAD_L + k];
+                }
             }
         }
     }
@@ -352,15 +356,15 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
     }
 }
 
-/// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against every query of its group.
+/// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against queries `ic0..ic0+nqc` of every
+/// head of its group.
 struct Unit<'c, 's, 'a, 'p, 'i, T> {
     ctx: &'c Ctx<'s, 'a, 'p, 'i, T>,
     kvh: usize,
     jc0: usize,
     rows: usize,
-    /// Add dq straight into `out.dq` (else into a partial).
-    direct_dq: bool,
-    out: OutPtrs<T>,
+    ic0: usize,
+    nqc: usize,
     want_dw: bool,
     want_db: bool,
     ctl: &'c Control,
@@ -388,7 +392,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     let ctx = u.ctx;
     let sh = ctx.sh;
     let prob = sh.prob;
-    let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
+    let (nq, d, dv, grp) = (prob.nq, prob.d, prob.dv, prob.group());
     let t = sh.tiles;
     let (mr, nr, bq, bk) = (t.mr, t.nr, t.bq, t.bk);
     let (dp, dvp) = (ctx.dp, ctx.dvp);
@@ -399,8 +403,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
         Position::Rotary(_) => None,
     };
     let ns = sparse_w.map_or(0, |sp| sp.support.len());
-    let g0 = jc0;
-    let glen_u = (rows + nq - 1).min(prob.glen() - g0);
+    let (ic0, nqc) = (u.ic0, u.nqc);
+    // The unit's diagonals: g0..g0 + glen_u.
+    let g0 = jc0 + nq - ic0 - nqc;
+    let glen_u = rows + nqc - 1;
     let zero = L::E::zero();
     let ninf = L::E::neg_infinity();
     // dK (rows padded for the micro-kernel) and dV of the chunk; sparse W accumulates dk
@@ -413,24 +419,15 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     } else {
         Vec::new()
     };
-    // dq: the group's partial (or, for the wave's first unit, the output itself), row stride d.
-    let mut dq_part = if u.direct_dq {
-        Vec::new()
-    } else {
-        vec![zero; grp * nq * d]
-    };
-    let dq_base = if u.direct_dq {
-        // SAFETY: the group's heads of dq, written by this unit alone during its wave.
-        unsafe { u.out.dq.0.add((b * prob.hq + hk * grp) * nq * d) }
-    } else {
-        dq_part.as_mut_ptr()
-    };
+    // dq: the group's partial, rows ic0..ic0 + nqc, row stride d.
+    let mut dq_part = vec![zero; grp * nqc * d];
     // Per tile: the block's queries (scaled, rotated), their transposed strips (sparse W),
     // dO, and the block's dq contributions (row stride dp).
     let mut qb: Vec<L::E> = Vec::with_capacity(bq * dp);
     let mut qtb: Vec<L::E> = Vec::new();
     let mut dob = vec![zero; bq * dvp];
     let mut dqb = vec![zero; bq * dp];
+    let mut segbuf = Vec::new();
     let mut dws: Vec<(usize, Vec<L::E>)> = Vec::new();
     let mut dbs: Vec<(usize, Vec<L::E>)> = Vec::new();
     let ld = sparse::strip_stride(bk, nr);
@@ -464,9 +461,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             _ => None,
         };
         let dvec = &ctx.dvec[bh];
-        let seqs = match sparse_w {
-            Some(_) => sh.full_seqs(bh),
-            None => sparse::Seqs {
+        // Sparse W: the whole table's sequences, or (seg_tiles) those of each tile, below.
+        let mut seqs = match sparse_w {
+            Some(_) if sh.seg_tiles == 0 => sh.full_seqs(bh),
+            _ => sparse::Seqs {
                 ptr: std::ptr::null(),
                 stride: 0,
                 x0: 0,
@@ -477,16 +475,24 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
         for tj in (jc0..jc0 + rows).step_by(bk) {
             let nbk = bk.min(jc0 + rows - tj);
             let kext = round_up(round_up(nbk, nr), mr);
-            for i0 in (0..nq).step_by(bq) {
+            for i0 in (ic0..ic0 + nqc).step_by(bq) {
                 if u.ctl.cancelled() {
                     return empty_grad(kvh);
                 }
-                let nb = bq.min(nq - i0);
+                let nb = bq.min(ic0 + nqc - i0);
                 let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, tj, nbk);
                 if !sh.logf.any_visible(g_lo, g_hi) {
                     continue;
                 }
                 let nbp = round_up(nb, mr);
+                if let Some(spw) = sparse_w.filter(|_| sh.seg_tiles > 0) {
+                    // Every diagonal the tile's kernels read (from MR - 1 left of a strip, or 7
+                    // before a row in tile_dk, to a register past the tile).
+                    let x_lo = (PAD_L + tj + nq).saturating_sub(i0 + nbp + 64);
+                    let x_hi = PAD_L + tj + round_up(nbk, nr) + nq - i0 + 128;
+                    let t = spw.index[bh];
+                    seqs = sparse::segment(prob, spw, t, x_lo, x_hi, &mut segbuf);
+                }
                 sh.pack_queries(&ctx.q, bh, i0, nb, nbp, dp, &mut qb);
                 if sparse_w.is_some() {
                     sparse::transpose_strips_into(&qb, nbp, dp, d, mr, &mut qtb);
@@ -722,20 +728,16 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         );
                     }
                 }
-                // SAFETY: rows i0..i0 + nb of head hg of the group's dq (see `dq_base`).
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(dq_base.add((hg * nq + i0) * d), nb * d)
-                };
+                let at = (hg * nqc + i0 - ic0) * d;
+                let dst = &mut dq_part[at..at + nb * d];
                 for (row, src) in dst.chunks_exact_mut(d).zip(dqb.chunks_exact(dp)) {
                     row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
                 }
             }
         }
     }
-    // SAFETY: rows kvh nk + jc0 .. + rows of dk and dv belong to this unit alone.
-    let kv_off = kvh * nk + jc0;
-    let out_dk = unsafe { std::slice::from_raw_parts_mut(u.out.dk.0.add(kv_off * d), rows * d) };
-    let out_dv = unsafe { std::slice::from_raw_parts_mut(u.out.dv.0.add(kv_off * dv), rows * dv) };
+    let mut out_dk = vec![zero; rows * d];
+    let mut out_dv = vec![zero; rows * dv];
     for j in 0..rows {
         out_dv[j * dv..(j + 1) * dv].copy_from_slice(&dvacc[j * dvp..j * dvp + dv]);
     }
@@ -744,7 +746,14 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             for j in 0..rows {
                 out_dk[j * d..(j + 1) * d].copy_from_slice(&dk[j * dp..j * dp + d]);
             }
-            rot.rotate(out_dk, d, rows, prob.k_offset + jc0 as i64, r.factor, true);
+            rot.rotate(
+                &mut out_dk,
+                d,
+                rows,
+                prob.k_offset + jc0 as i64,
+                r.factor,
+                true,
+            );
         }
         _ => {
             let stride = padded(rows);
@@ -757,7 +766,11 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     }
     UnitGrad {
         kvh,
+        jc0,
+        ic0,
         dq: dq_part,
+        dk: out_dk,
+        dv: out_dv,
         g0,
         glen_u,
         dw: dws,
@@ -768,7 +781,11 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
 fn empty_grad<T>(kvh: usize) -> UnitGrad<T> {
     UnitGrad {
         kvh,
+        jc0: 0,
+        ic0: 0,
         dq: Vec::new(),
+        dk: Vec::new(),
+        dv: Vec::new(),
         g0: 0,
         glen_u: 0,
         dw: Vec::new(),

@@ -5,8 +5,8 @@
 //! `O((n_q + n_k) d)`: the forward packs keys and values once per call into the layouts the
 //! micro-kernel reads; the backward packs each unit's key chunk and each tile's queries (see
 //! [`backward`]). For sparse `W` the kernels read the support's sequences along the diagonals:
-//! built whole (`|S| (n_q + n_k)` per table, the part of `W` the call touches) for the backward
-//! and for short forwards, per query block and a few key tiles for long forwards
+//! built whole (`|S| (n_q + n_k)` per table, the part of `W` the call touches) for short calls,
+//! per query block and a few key tiles (forward) or per tile (backward) for long ones
 //! ([`sparse::TABLE_BYTES`]).
 //!
 //! Scores: for [`Position::Rotary`], `q` and `k` are rotated once (with `scale` and the attention
@@ -199,8 +199,8 @@ pub(crate) struct Shared<'a, 'p, T> {
     /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]); empty
     /// when `seg_tiles` is not 0.
     pub tables: Vec<Vec<T>>,
-    /// The forward builds the sequences per `seg_tiles` key tiles ([`sparse::segment`])
-    /// instead of whole (when not 0).
+    /// The forward builds the sequences per query block and `seg_tiles` key tiles, the
+    /// backward per tile ([`sparse::segment`]), instead of whole (when not 0).
     pub seg_tiles: usize,
     pub logf: LogFactor<T>,
     /// The log-factor sequences with `sparse::PAD_L` / `PAD_R` of `-inf` either side.
@@ -221,7 +221,7 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         let isa = crate::simd::call_isa();
         let tiles = Tiles::choose::<T>(isa, prob, backward);
         let seg_tiles = match pos {
-            Position::Sparse(sp) if !backward => sparse::segment_tiles(prob, sp),
+            Position::Sparse(sp) => sparse::segment_tiles(prob, sp),
             _ => 0,
         };
         let tables = match pos {

@@ -515,6 +515,8 @@ pub(crate) unsafe fn tile_dk<L: Lanes>(
     let gstride = seqs.stride;
     let table = seqs.ptr;
     // Row i meets key j0 + c on diagonal g = j0 + c + nq - 1 - i.
+    debug_assert!(PAD_L + j0 + nq - i0 >= seqs.x0 + nb + 8);
+    debug_assert!(PAD_L + j0 + nq - i0 + kw + 2 * L::W <= seqs.x0 + seqs.stride);
     let gbase = PAD_L + j0 + nq - 1 - i0 - seqs.x0;
     let n_items = sh.blocks.as_ref().map_or(sp.support.len(), |p| p.len());
     let group = if sh.blocks.is_some() {

@@ -638,3 +638,39 @@ fn segmented_tables_match_naive() {
     check(&prob, &Position::Sparse(sp), None, 43);
     super::sparse::FORCE_SEGMENTS.with(|f| f.set(0));
 }
+
+#[test]
+fn backward_in_query_chunks_and_tile_segments_matches_naive() {
+    // Query chunks of one block (units of a key chunk against a query chunk, some fully
+    // masked), with the sparse sequences whole and built per tile.
+    super::backward::PART_BUDGET_OVERRIDE.with(|b| b.set(Some(1)));
+    let d = 8;
+    let l = 400usize;
+    let support = block_support(&(0..d / 2).map(|m| (2 * m, 2 * m + 1)).collect::<Vec<_>>());
+    let mut rng = Rng(51);
+    let values = Array3::from_shape_fn((2, 2 * l - 1, support.len()), |_| rng.next());
+    let sp = SparseW {
+        support,
+        values: values.view(),
+        index: vec![1, 0, 0, 1, 1, 1, 0, 0],
+    };
+    let bvals = Array2::from_shape_fn((2, 2 * l - 1), |_| 0.3 * rng.next());
+    let bias = Bias {
+        values: bvals.view(),
+        index: vec![0, 1, 1, 0, 0, 0, 1, 1],
+    };
+    for seg in [0, 1] {
+        super::sparse::FORCE_SEGMENTS.with(|f| f.set(seg));
+        let mut prob = problem(300, 270, d, 4, 2);
+        prob.dv = 16;
+        prob.causal = true;
+        check_threads(&prob, &Position::Rotary(rotary(d)), None, 52, 2);
+        check_threads(&prob, &Position::Sparse(sp.clone()), Some(&bias), 53, 3);
+        prob.causal = false;
+        prob.window = Some((100, 20));
+        prob.q_offset = -20;
+        check_threads(&prob, &Position::Sparse(sp.clone()), None, 54, 2);
+    }
+    super::sparse::FORCE_SEGMENTS.with(|f| f.set(0));
+    super::backward::PART_BUDGET_OVERRIDE.with(|b| b.set(None));
+}
