@@ -58,8 +58,11 @@ pub struct BackwardInputs<'a, T> {
     pub threads: usize,
 }
 
-/// Bytes of partial results held at once.
+/// Bytes of partial results held at once, at most.
 const WAVE_BUDGET: usize = 256 << 20;
+
+/// Bytes of partial results a wave may hold to run more than one unit per thread.
+const WAVE_MEM: usize = 32 << 20;
 
 /// Bytes of a unit's query-side partials (dq and the dW/db diagonals) above which the queries
 /// are split into chunks.
@@ -168,8 +171,14 @@ pub fn attention_backward<'a, T: Real>(
                 sh.logf.any_visible(g_lo, g_hi)
             })
             .collect();
-        let per_unit = elt * 5 * chunk * (d + dv) + qchunk * per_row + elt * ns * chunk;
-        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, inp.threads.max(1));
+        // A unit's partials, held until its wave is reduced. Waves of up to 4 units per thread
+        // while they hold at most WAVE_MEM (fewer barriers, which matter when another process
+        // takes a core), and at least one per thread.
+        let held = elt * chunk * (d + dv + ns * want_dw as usize) + qchunk * per_row;
+        let threads = inp.threads.max(1);
+        let wave = (WAVE_MEM / held.max(1))
+            .clamp(threads, 4 * threads)
+            .min((WAVE_BUDGET / held.max(1)).max(1));
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()
