@@ -163,7 +163,9 @@ def exact_cost(call, backward: bool) -> tuple:
         ns = call.support.shape[0]
         per_pair, kind = 4 * ns + 2 * dv + 4, "sparse"
         n_tables = int(np.unique(call.w_index).size)
-        tables = n_tables * ns * (nq + nk) * item
+        # Whole diagonal sequences up to 32 MiB per table, else a few tiles' worth per worker.
+        per_table = ns * (nq + nk) * item
+        tables = n_tables * (per_table if per_table <= 32 << 20 else ns * 32768 * item)
     ratio = EXACT_BACKWARD_RATIO if backward else 1.0
     flops = pairs * per_pair * ratio
     a, b, c = EXACT_NS_PER_PAIR[(kind, call.dtype.name)]
@@ -180,7 +182,7 @@ def exact_cost(call, backward: bool) -> tuple:
         grads = (batch * hq * nq * d + batch * hk * nk * (d + dv)) * item
         ws += grads + batch * hq * nq * d * item + min(256 << 20, 4 * grads)
         if call.values is not None:
-            ws += call.values.size * 16
+            ws += call.values.size * item  # dW accumulates in the output
     return flops, seconds, int(ws)
 
 

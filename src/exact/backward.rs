@@ -13,16 +13,22 @@
 //! group (GQA shares the K/V tiles). Per key tile and query block it recomputes `P` and `dS`
 //! (strip by strip, on the micro-kernel), then `dV += P^T dO` and, for rotary, `dK += dS^T Q̃`
 //! and `dQ̃ += dS K̃`: five GEMMs. For sparse `W`, dq, dk and dW come from [`super::sparse`]'s
-//! diagonal kernels. dK and dV of a chunk belong to it alone; its dq, dW and db contributions
-//! are partial sums, reduced in unit order (deterministic for a given unit split) in waves whose
-//! size bounds the memory of the partials.
+//! diagonal kernels. Long calls also split the queries into chunks: a unit is then a key chunk
+//! against a query chunk. Its dq, dk, dv, dW and db are partial sums; units run in waves of at
+//! most one per thread, and the partials of a wave are added to the gradients after it, in unit
+//! order (deterministic for a given thread count).
+//!
+//! Memory beyond inputs and outputs is linear in n and small: queries and `dO` are packed (and
+//! rotated) per tile, a unit packs the keys and values of its own key chunk, the query chunks
+//! keep each unit's partials to a few MiB ([`PART_BUDGET`]), and long sparse-W calls build the
+//! diagonal sequences per tile ([`super::sparse::segment`]).
 
 use super::forward::check_shapes;
 use super::kernel::Epilogue;
 use super::kernel::{self, round_up};
 use super::lanes::{Lanes, LanesTask};
 use super::sparse::{self, padded, PAD_L};
-use super::{key_panels, Shared};
+use super::{key_panels, rotated_key_panels, Shared};
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
@@ -52,8 +58,22 @@ pub struct BackwardInputs<'a, T> {
     pub threads: usize,
 }
 
-/// Bytes of partial results held at once.
+/// Bytes of partial results held at once, at most.
 const WAVE_BUDGET: usize = 256 << 20;
+
+/// Bytes of partial results a wave may hold to run more than one unit per thread.
+const WAVE_MEM: usize = 32 << 20;
+
+/// Bytes of a unit's query-side partials (dq and the dW/db diagonals) above which the queries
+/// are split into chunks.
+const PART_BUDGET: usize = 8 << 20;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: [`PART_BUDGET`] for calls made from this thread.
+    pub static PART_BUDGET_OVERRIDE: std::cell::Cell<Option<usize>> =
+        const { std::cell::Cell::new(None) };
+}
 
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<'a, T: Real>(
@@ -100,11 +120,11 @@ pub fn attention_backward<'a, T: Real>(
     };
     let want_dw = inp.want_dw && sparse_w.is_some();
     let want_db = inp.want_dbias && bias.is_some();
-    let glen = prob.glen();
     let ns = sparse_w.map_or(0, |sp| sp.support.len());
-    let mut dw_acc: Vec<Vec<f64>> = match sparse_w {
-        Some(sp) if want_dw => vec![Vec::new(); sp.values.dim().0],
-        _ => Vec::new(),
+    // dW accumulates in the output itself, `(tables, 2L-1, |S|)`.
+    let mut dw: Option<Array3<T>> = match sparse_w {
+        Some(sp) if want_dw => Some(Array3::zeros(sp.values.dim())),
+        _ => None,
     };
     let mut db_acc: Vec<Vec<f64>> = match bias {
         Some(b) if want_db => vec![Vec::new(); b.values.dim().0],
@@ -112,32 +132,64 @@ pub fn attention_backward<'a, T: Real>(
     };
     if nq > 0 && nk > 0 && dv > 0 && d > 0 && prob.batch * prob.hq > 0 {
         let mut sh = Shared::new(prob, pos, bias, true);
-        sh.pack_keys(&k, true);
-        let ctx = Ctx::new(&sh, &q, &v, inp);
-        let bk = sh.tiles.bk;
+        if sparse_w.is_some() {
+            // The diagonal kernels read k^T of the whole head; rotary units pack their chunk.
+            sh.pack_keys(&k);
+        }
+        let ctx = Ctx::new(&sh, &q, &k, &v, inp);
+        let (bq, bk) = (sh.tiles.bq, sh.tiles.bk);
         // Key chunks: enough units to keep every thread busy at batch 1, one head.
         let heads = prob.batch * prob.hk;
         let nkb = nk.div_ceil(bk);
         let per_head = (4 * inp.threads.max(1)).div_ceil(heads).clamp(1, nkb);
-        let chunk = bk * nkb.div_ceil(per_head);
-        let units: Vec<(usize, usize)> = (0..heads)
-            .flat_map(|kvh| (0..nk.div_ceil(chunk)).map(move |c| (kvh, c * chunk)))
-            .collect();
+        let mut chunk = bk * nkb.div_ceil(per_head);
+        // Query chunks: all queries unless a unit's dq and dW/db partials would outgrow
+        // PART_BUDGET; then key chunks of at most 4096 keys too.
         let elt = std::mem::size_of::<T>();
-        let per_unit = elt
-            * (prob.group() * (nq + bk) * (d + bk)
-                + 2 * chunk * (d + dv)
-                + prob.group() * (ns * want_dw as usize + want_db as usize) * (nq + chunk));
-        let wave = (WAVE_BUDGET / per_unit.max(1)).clamp(1, 4 * inp.threads.max(1));
+        let per_row = elt * prob.group() * (d + ns * want_dw as usize + want_db as usize);
+        #[cfg(test)]
+        let part_budget = PART_BUDGET_OVERRIDE
+            .with(|b| b.get())
+            .unwrap_or(PART_BUDGET);
+        #[cfg(not(test))]
+        let part_budget = PART_BUDGET;
+        let qchunk = if nq * per_row <= part_budget {
+            nq
+        } else {
+            chunk = chunk.min(round_up(4096, bk));
+            (part_budget / per_row / bq).max(1) * bq
+        };
+        let units: Vec<(usize, usize, usize)> = (0..heads)
+            .flat_map(|kvh| {
+                (0..nk.div_ceil(chunk)).flat_map(move |c| {
+                    (0..nq.div_ceil(qchunk)).map(move |qc| (kvh, c * chunk, qc * qchunk))
+                })
+            })
+            .filter(|&(_, jc0, ic0)| {
+                let (g_lo, g_hi) =
+                    sh.tile_diagonals(ic0, qchunk.min(nq - ic0), jc0, chunk.min(nk - jc0));
+                sh.logf.any_visible(g_lo, g_hi)
+            })
+            .collect();
+        // A unit's partials, held until its wave is reduced. Waves of up to 4 units per thread
+        // while they hold at most WAVE_MEM (fewer barriers, which matter when another process
+        // takes a core), and at least one per thread.
+        let held = elt * chunk * (d + dv + ns * want_dw as usize) + qchunk * per_row;
+        let threads = inp.threads.max(1);
+        let wave = (WAVE_MEM / held.max(1))
+            .clamp(threads, 4 * threads)
+            .min((WAVE_BUDGET / held.max(1)).max(1));
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()
-                .map(|&(kvh, jc0)| {
+                .map(|&(kvh, jc0, ic0)| {
                     let task = Unit {
                         ctx: &ctx,
                         kvh,
                         jc0,
                         rows: chunk.min(nk - jc0),
+                        ic0,
+                        nqc: qchunk.min(nq - ic0),
                         want_dw,
                         want_db,
                         ctl,
@@ -147,7 +199,7 @@ pub fn attention_backward<'a, T: Real>(
                 .collect();
             ctl.check()?;
             for part in parts {
-                reduce_unit(prob, &sh, &mut g, &mut dw_acc, &mut db_acc, part, ns);
+                reduce_unit(prob, &mut g, dw.as_mut(), &mut db_acc, part, ns);
             }
         }
         if let (Position::Rotary(r), Some(rot)) = (pos, &sh.rot) {
@@ -158,22 +210,7 @@ pub fn attention_backward<'a, T: Real>(
             }
         }
     }
-    if let Some(sp) = sparse_w.filter(|_| want_dw) {
-        let (nw, rows, _) = sp.values.dim();
-        let half = (rows as i64 - 1) / 2;
-        let mut dw = Array3::zeros((nw, rows, ns));
-        for (t, acc) in dw_acc.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
-            for g_i in 0..glen {
-                let row = prob.delta(g_i) + half;
-                if (0..rows as i64).contains(&row) {
-                    for s in 0..ns {
-                        dw[[t, row as usize, s]] = T::of(acc[s * glen + g_i]);
-                    }
-                }
-            }
-        }
-        g.dw = Some(dw);
-    }
+    g.dw = dw;
     if let Some(b) = bias.filter(|_| want_db) {
         let (nb, rows) = b.values.dim();
         let half = (rows as i64 - 1) / 2;
@@ -191,14 +228,16 @@ pub fn attention_backward<'a, T: Real>(
     Ok(g)
 }
 
-/// One unit's contributions. `dk` (`rows x d`), `dv` (`rows x dv`) are final; `dq` holds the
-/// group's `n_q x dp` partials; `dw`/`db` hold `(table, values over g in g0..g0+len, padded)`.
+/// One unit's partial contributions: `dq` the group's rows `ic0..ic0 + nqc` (`group x nqc x
+/// d`), `dk`/`dv` rows `jc0..jc0 + rows`, `dw`/`db` `(table, values over g in g0..g0+len,
+/// padded)`.
 struct UnitGrad<T> {
     kvh: usize,
     jc0: usize,
+    ic0: usize,
+    dq: Vec<T>,
     dk: Vec<T>,
     dv: Vec<T>,
-    dq: Vec<T>,
     g0: usize,
     glen_u: usize,
     dw: Vec<(usize, Vec<T>)>,
@@ -207,46 +246,49 @@ struct UnitGrad<T> {
 
 fn reduce_unit<T: Real>(
     prob: &Problem,
-    sh: &Shared<'_, '_, T>,
     g: &mut Grads<T>,
-    dw_acc: &mut [Vec<f64>],
+    dw_out: Option<&mut Array3<T>>,
     db_acc: &mut [Vec<f64>],
     part: UnitGrad<T>,
     ns: usize,
 ) {
     let (nq, nk, d, dv, glen) = (prob.nq, prob.nk, prob.d, prob.dv, prob.glen());
-    let dp = round_up(d, sh.tiles.nr);
-    let rows = part.dk.len() / d;
-    // The gradients are fresh standard-layout arrays.
-    let kv_off = part.kvh * nk + part.jc0;
-    if let (Some(dk), Some(dvs)) = (g.dk.as_slice_mut(), g.dv.as_slice_mut()) {
-        dk[kv_off * d..(kv_off + rows) * d].copy_from_slice(&part.dk);
-        dvs[kv_off * dv..(kv_off + rows) * dv].copy_from_slice(&part.dv);
-    }
     let grp = prob.group();
-    let nqp = part.dq.len() / (grp * dp).max(1);
+    let add = |dst: &mut [T], src: &[T]| {
+        dst.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
+    };
+    // The gradients are fresh standard-layout arrays.
+    let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
     if let Some(dq) = g.dq.as_slice_mut() {
-        let (b, hk) = (part.kvh / prob.hk, part.kvh % prob.hk);
+        let nqc = part.dq.len() / (grp * d).max(1);
         for hg in 0..grp {
             let head = b * prob.hq + hk * grp + hg;
-            let dst = &mut dq[head * nq * d..(head + 1) * nq * d];
-            for (i, row) in dst.chunks_exact_mut(d).enumerate() {
-                let src = &part.dq[(hg * nqp + i) * dp..(hg * nqp + i) * dp + d];
-                row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
-            }
+            let at = (head * nq + part.ic0) * d;
+            add(
+                &mut dq[at..at + nqc * d],
+                &part.dq[hg * nqc * d..(hg + 1) * nqc * d],
+            );
         }
     }
+    let kv_off = part.kvh * nk + part.jc0;
+    if let (Some(dk), Some(dvs)) = (g.dk.as_slice_mut(), g.dv.as_slice_mut()) {
+        add(&mut dk[kv_off * d..kv_off * d + part.dk.len()], &part.dk);
+        add(&mut dvs[kv_off * dv..kv_off * dv + part.dv.len()], &part.dv);
+    }
     let stride = padded(part.glen_u);
-    for (t, buf) in part.dw {
-        let acc = &mut dw_acc[t];
-        if acc.is_empty() {
-            acc.resize(ns * glen, 0.0);
-        }
-        for s in 0..ns {
-            let src = &buf[s * stride + PAD_L..s * stride + PAD_L + part.glen_u];
-            let dst = &mut acc[s * glen + part.g0..s * glen + part.g0 + part.glen_u];
-            for (o, &x) in dst.iter_mut().zip(src) {
-                *o += x.f64();
+    if let Some(dw) = dw_out {
+        let rows = dw.dim().1;
+        let half = (rows as i64 - 1) / 2;
+        for (t, buf) in &part.dw {
+            for k in 0..part.glen_u {
+                let row = prob.delta(part.g0 + k) + half;
+                if !(0..rows as i64).contains(&row) {
+                    continue;
+                }
+                let mut dst = dw.slice_mut(ndarray::s![*t, row as usize, ..]);
+                for (s, o) in dst.iter_mut().enumerate().take(ns) {
+                    *o = *o + buf[s * stride + PAD_L + k];
+                }
             }
         }
     }
@@ -262,21 +304,15 @@ fn reduce_unit<T: Real>(
     }
 }
 
-/// Per-call state of the backward: packed queries, `dO`, `D`, keys and values.
+/// Per-call state of the backward: the inputs and `D`.
 struct Ctx<'s, 'a, 'p, 'i, T> {
     sh: &'s Shared<'a, 'p, T>,
     inp: &'s BackwardInputs<'i, T>,
-    /// Per query head: scaled (rotated) queries, `nqp x dp`.
-    qpack: Vec<Vec<T>>,
-    /// Per query head, sparse `W` only: `qpack` as transposed strips of `MR` rows.
-    qtpack: Vec<Vec<T>>,
-    /// Per query head: `dO`, `nqp x dvp`.
-    dopack: Vec<Vec<T>>,
+    q: ArrayView4<'s, T>,
+    k: ArrayView4<'s, T>,
+    v: ArrayView4<'s, T>,
     /// Per query head: `D_i`.
     dvec: Vec<Vec<T>>,
-    /// Per kv head: key panels of `v` (the `B` operand of `dO V^T`).
-    vkey: Vec<Vec<T>>,
-    nqp: usize,
     dp: usize,
     dvp: usize,
 }
@@ -284,45 +320,16 @@ struct Ctx<'s, 'a, 'p, 'i, T> {
 impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
     fn new(
         sh: &'s Shared<'a, 'p, T>,
-        q: &ArrayView4<'_, T>,
-        v: &ArrayView4<'_, T>,
+        q: &'s ArrayView4<'_, T>,
+        k: &'s ArrayView4<'_, T>,
+        v: &'s ArrayView4<'_, T>,
         inp: &'s BackwardInputs<'i, T>,
     ) -> Self {
         let prob = sh.prob;
-        let (nq, d, dv) = (prob.nq, prob.d, prob.dv);
+        let (d, dv) = (prob.d, prob.dv);
         let t = sh.tiles;
-        let nqp = round_up(nq, t.bq.max(t.mr));
         let (dp, dvp) = (round_up(d, t.nr), round_up(dv, t.nr));
         let heads = prob.batch * prob.hq;
-        let qpack: Vec<Vec<T>> = (0..heads)
-            .into_par_iter()
-            .map(|bh| {
-                let mut buf = Vec::new();
-                sh.pack_queries(q, bh, 0, nq, nqp, dp, &mut buf);
-                buf
-            })
-            .collect();
-        let qtpack = match sh.pos {
-            Position::Sparse(_) => qpack
-                .par_iter()
-                .map(|x: &Vec<T>| sparse::transpose_strips(x, nqp, dp, d, t.mr))
-                .collect(),
-            Position::Rotary(_) => Vec::new(),
-        };
-        let dopack = (0..heads)
-            .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / prob.hq, bh % prob.hq);
-                let mut buf = vec![T::zero(); nqp * dvp];
-                let src = inp.dout.slice(ndarray::s![b, h, .., ..]);
-                for (i, row) in src.outer_iter().enumerate() {
-                    for (x, &y) in buf[i * dvp..].iter_mut().zip(row.iter()) {
-                        *x = y;
-                    }
-                }
-                buf
-            })
-            .collect();
         let dvec = (0..heads)
             .into_par_iter()
             .map(|bh| {
@@ -345,37 +352,28 @@ impl<'s, 'a, 'p, 'i, T: Real> Ctx<'s, 'a, 'p, 'i, T> {
                     .collect()
             })
             .collect();
-        let kv_heads = prob.batch * prob.hk;
-        let vkey = (0..kv_heads)
-            .into_par_iter()
-            .map(|kvh| {
-                key_panels(
-                    v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]),
-                    t.nr,
-                )
-            })
-            .collect();
         Self {
             sh,
             inp,
-            qpack,
-            qtpack,
-            dopack,
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
             dvec,
-            vkey,
-            nqp,
             dp,
             dvp,
         }
     }
 }
 
-/// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against every query of its group.
+/// Keys `jc0..jc0+rows` of flattened kv head `kvh`, against queries `ic0..ic0+nqc` of every
+/// head of its group.
 struct Unit<'c, 's, 'a, 'p, 'i, T> {
     ctx: &'c Ctx<'s, 'a, 'p, 'i, T>,
     kvh: usize,
     jc0: usize,
     rows: usize,
+    ic0: usize,
+    nqc: usize,
     want_dw: bool,
     want_db: bool,
     ctl: &'c Control,
@@ -403,10 +401,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     let ctx = u.ctx;
     let sh = ctx.sh;
     let prob = sh.prob;
-    let (nq, nk, d, dv, grp) = (prob.nq, prob.nk, prob.d, prob.dv, prob.group());
+    let (nq, d, dv, grp) = (prob.nq, prob.d, prob.dv, prob.group());
     let t = sh.tiles;
     let (mr, nr, bq, bk) = (t.mr, t.nr, t.bq, t.bk);
-    let (nqp, dp, dvp) = (ctx.nqp, ctx.dp, ctx.dvp);
+    let (dp, dvp) = (ctx.dp, ctx.dvp);
     let (kvh, jc0, rows) = (u.kvh, u.jc0, u.rows);
     let (b, hk) = (kvh / prob.hk, kvh % prob.hk);
     let sparse_w = match sh.pos {
@@ -414,8 +412,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
         Position::Rotary(_) => None,
     };
     let ns = sparse_w.map_or(0, |sp| sp.support.len());
-    let g0 = jc0;
-    let glen_u = (rows + nq - 1).min(prob.glen() - g0);
+    let (ic0, nqc) = (u.ic0, u.nqc);
+    // The unit's diagonals: g0..g0 + glen_u.
+    let g0 = jc0 + nq - ic0 - nqc;
+    let glen_u = rows + nqc - 1;
     let zero = L::E::zero();
     let ninf = L::E::neg_infinity();
     // dK (rows padded for the micro-kernel) and dV of the chunk; sparse W accumulates dk
@@ -428,15 +428,36 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     } else {
         Vec::new()
     };
-    let mut dq = vec![zero; grp * nqp * dp];
+    // dq: the group's partial, rows ic0..ic0 + nqc, row stride d.
+    let mut dq_part = vec![zero; grp * nqc * d];
+    // Per tile: the block's queries (scaled, rotated), their transposed strips (sparse W),
+    // dO, and the block's dq contributions (row stride dp).
+    let mut qb: Vec<L::E> = Vec::with_capacity(bq * dp);
+    let mut qtb: Vec<L::E> = Vec::new();
+    let mut dob = vec![zero; bq * dvp];
+    let mut dqb = vec![zero; bq * dp];
+    let mut segbuf = Vec::new();
     let mut dws: Vec<(usize, Vec<L::E>)> = Vec::new();
     let mut dbs: Vec<(usize, Vec<L::E>)> = Vec::new();
     let ld = sparse::strip_stride(bk, nr);
     let tile_len = bq * ld + 2 * sparse::MARGIN;
     let mut pbuf = vec![zero; tile_len];
     let mut dsbuf = vec![zero; tile_len];
-    let keys = &sh.keys[kvh];
-    let vkey = &ctx.vkey[kvh];
+    // The chunk's keys: rotated key and column panels (rotary), and v as key panels.
+    let kh = ctx.k.slice(ndarray::s![b, hk, jc0..jc0 + rows, ..]);
+    let (kown, kcols) = match (sh.pos, &sh.rot) {
+        (Position::Rotary(r), Some(rot)) => {
+            rotated_key_panels(prob, rot, r.factor, kh, jc0, nr, true)
+        }
+        _ => (Vec::new(), Vec::new()),
+    };
+    // Key panels of the chunk, from key jc0 (rotary); k^T of the head (sparse).
+    let keys = if sparse_w.is_some() {
+        &sh.keys[kvh][..]
+    } else {
+        &kown[..]
+    };
+    let vkey = key_panels(ctx.v.slice(ndarray::s![b, hk, jc0..jc0 + rows, ..]), nr);
     for hg in 0..grp {
         let h = hk * grp + hg;
         let bh = b * prob.hq + h;
@@ -448,23 +469,55 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             Some(bi) if u.want_db => Some(slot(&mut dbs, bi.index[bh], padded(glen_u))),
             _ => None,
         };
-        let qp = &ctx.qpack[bh];
-        let dop = &ctx.dopack[bh];
         let dvec = &ctx.dvec[bh];
+        // Sparse W: the whole table's sequences, or (seg_tiles) those of each tile, below.
+        let mut seqs = match sparse_w {
+            Some(_) if sh.seg_tiles == 0 => sh.full_seqs(bh),
+            _ => sparse::Seqs {
+                ptr: std::ptr::null(),
+                stride: 0,
+                x0: 0,
+            },
+        };
         let lse = u.inp_lse(b, h);
-        let dqh = &mut dq[hg * nqp * dp..(hg + 1) * nqp * dp];
+        let dout = ctx.inp.dout.slice(ndarray::s![b, h, .., ..]);
         for tj in (jc0..jc0 + rows).step_by(bk) {
             let nbk = bk.min(jc0 + rows - tj);
             let kext = round_up(round_up(nbk, nr), mr);
-            for i0 in (0..nq).step_by(bq) {
+            for i0 in (ic0..ic0 + nqc).step_by(bq) {
                 if u.ctl.cancelled() {
-                    return empty_grad(kvh, jc0);
+                    return empty_grad(kvh);
                 }
-                let nb = bq.min(nq - i0);
+                let nb = bq.min(ic0 + nqc - i0);
                 let (g_lo, g_hi) = sh.tile_diagonals(i0, nb, tj, nbk);
                 if !sh.logf.any_visible(g_lo, g_hi) {
                     continue;
                 }
+                let nbp = round_up(nb, mr);
+                if let Some(spw) = sparse_w.filter(|_| sh.seg_tiles > 0) {
+                    // Every diagonal the tile's kernels read (from MR - 1 left of a strip, or 7
+                    // before a row in tile_dk, to a register past the tile).
+                    let x_lo = (PAD_L + tj + nq).saturating_sub(i0 + nbp + 64);
+                    let x_hi = PAD_L + tj + round_up(nbk, nr) + nq - i0 + 128;
+                    let t = spw.index[bh];
+                    seqs = sparse::segment(prob, spw, t, x_lo, x_hi, &mut segbuf);
+                }
+                sh.pack_queries(&ctx.q, bh, i0, nb, nbp, dp, &mut qb);
+                if sparse_w.is_some() {
+                    sparse::transpose_strips_into(&qb, nbp, dp, d, mr, &mut qtb);
+                }
+                dob[..nbp * dvp].iter_mut().for_each(|x| *x = zero);
+                for (r, row) in dout
+                    .slice(ndarray::s![i0..i0 + nb, ..])
+                    .outer_iter()
+                    .enumerate()
+                {
+                    for (x, &y) in dob[r * dvp..].iter_mut().zip(row.iter()) {
+                        *x = y;
+                    }
+                }
+                dqb[..nbp * dp].iter_mut().for_each(|x| *x = zero);
+                let (qp, dop) = (&qb, &dob);
                 if sparse_w.is_some() {
                     // The diagonal kernels read around each strip: start from zeros.
                     pbuf.iter_mut().for_each(|x| *x = zero);
@@ -512,9 +565,9 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                     });
                     let dd: [L::E; 12] =
                         std::array::from_fn(|r| if r < nrow { dvec[i + r] } else { zero });
-                    // SAFETY: strips of `pbuf`/`dsbuf` have ld >= c0 + wp + margins; qpack and
-                    // dopack have nqp >= i + mr rows; key panels cover j0 + wp; the padded
-                    // log-factor covers the strip.
+                    // SAFETY: strips of `pbuf`/`dsbuf` have ld >= c0 + wp + margins; qb, dob
+                    // and dqb have nbp >= r0 + mr rows; key panels (of the chunk for rotary)
+                    // cover j0 + wp; the padded log-factor covers the strip.
                     unsafe {
                         let srow = pt.add(r0 * ld + c0);
                         let dsrow = dst.add(r0 * ld + c0);
@@ -537,10 +590,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             None => kernel::strip::<L, _>(
                                 wp,
                                 d,
-                                qp.as_ptr().add(i * dp),
+                                qp.as_ptr().add(r0 * dp),
                                 dp,
                                 1,
-                                keys.as_ptr().add(j0 * d),
+                                keys.as_ptr().add((j0 - jc0) * d),
                                 nr,
                                 d * nr,
                                 srow,
@@ -548,8 +601,8 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 &mut es,
                             ),
                             Some(spw) => {
-                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
-                                sparse::scores::<L>(sh, spw, bh, q, i, j0, w, srow, ld);
+                                let q = qtb.as_ptr().add(r0 * d);
+                                sparse::scores::<L>(sh, spw, seqs, bh, q, i, j0, w, srow, ld);
                                 for r in 0..mr {
                                     let row = srow.add(r * ld);
                                     for col in (0..wp).step_by(L::W) {
@@ -568,10 +621,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         kernel::strip::<L, _>(
                             wp,
                             dv,
-                            dop.as_ptr().add(i * dvp),
+                            dop.as_ptr().add(r0 * dvp),
                             dvp,
                             1,
-                            vkey.as_ptr().add(j0 * dv),
+                            vkey.as_ptr().add((j0 - jc0) * dv),
                             nr,
                             dv * nr,
                             dsrow,
@@ -597,16 +650,16 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 dsrow,
                                 ld,
                                 1,
-                                sh.kcols[kvh].as_ptr().add(j0 * nr),
+                                kcols.as_ptr().add((j0 - jc0) * nr),
                                 nr,
-                                nk * nr,
-                                dqh.as_mut_ptr().add(i * dp),
+                                rows * nr,
+                                dqb.as_mut_ptr().add(r0 * dp),
                                 dp,
                                 &mut kernel::Accumulate,
                             ),
                             Some(spw) => {
                                 let out = sparse::GradOut {
-                                    dq: dqh.as_mut_ptr().add(i * dp),
+                                    dq: dqb.as_mut_ptr().add(r0 * dp),
                                     ldq: dp,
                                     dkt: std::ptr::null_mut(),
                                     ldk: 0,
@@ -615,8 +668,10 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                     }),
                                     ldw: padded(glen_u),
                                 };
-                                let q = ctx.qtpack[bh].as_ptr().add(i * d);
-                                sparse::strip_grads::<L>(sh, spw, bh, q, i, j0, w, dsrow, ld, &out);
+                                let q = qtb.as_ptr().add(r0 * d);
+                                sparse::strip_grads::<L>(
+                                    sh, spw, seqs, bh, q, i, j0, w, dsrow, ld, &out,
+                                );
                             }
                         }
                     }
@@ -633,7 +688,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             pt.add(jr),
                             1,
                             ld,
-                            dop.as_ptr().add(i0 * dvp),
+                            dop.as_ptr(),
                             dvp,
                             nr,
                             dvacc.as_mut_ptr().add(row * dvp),
@@ -648,7 +703,7 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                                 dst.add(jr),
                                 1,
                                 ld,
-                                qp.as_ptr().add(i0 * dp),
+                                qp.as_ptr(),
                                 dp,
                                 nr,
                                 dk.as_mut_ptr().add(row * dp),
@@ -669,8 +724,8 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                         sparse::tile_dk::<L>(
                             sh,
                             spw,
-                            bh,
-                            qp.as_ptr().add(i0 * dp),
+                            seqs,
+                            qp.as_ptr(),
                             dp,
                             i0,
                             nb,
@@ -681,6 +736,11 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                             &out,
                         );
                     }
+                }
+                let at = (hg * nqc + i0 - ic0) * d;
+                let dst = &mut dq_part[at..at + nb * d];
+                for (row, src) in dst.chunks_exact_mut(d).zip(dqb.chunks_exact(dp)) {
+                    row.iter_mut().zip(src).for_each(|(x, &y)| *x = *x + y);
                 }
             }
         }
@@ -713,13 +773,13 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
             }
         }
     }
-    let _ = nk;
     UnitGrad {
         kvh,
         jc0,
+        ic0,
+        dq: dq_part,
         dk: out_dk,
         dv: out_dv,
-        dq,
         g0,
         glen_u,
         dw: dws,
@@ -727,13 +787,14 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
     }
 }
 
-fn empty_grad<T>(kvh: usize, jc0: usize) -> UnitGrad<T> {
+fn empty_grad<T>(kvh: usize) -> UnitGrad<T> {
     UnitGrad {
         kvh,
-        jc0,
+        jc0: 0,
+        ic0: 0,
+        dq: Vec::new(),
         dk: Vec::new(),
         dv: Vec::new(),
-        dq: Vec::new(),
         g0: 0,
         glen_u: 0,
         dw: Vec::new(),

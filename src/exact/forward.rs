@@ -67,7 +67,7 @@ pub fn attention_forward<'a, T: Real>(
         return Ok((out, lse));
     }
     let mut sh = Shared::new(prob, pos, bias, false);
-    sh.pack_keys(&k, false);
+    sh.pack_keys(&k);
     let nr = sh.tiles.nr;
     // The `B` operand of `P V`: each head of `v` itself when its rows are contiguous and a
     // multiple of NR long (row stride dv, tile step NR), else column panels (NR, n_k NR).
@@ -175,6 +175,14 @@ fn forward_block<L: Lanes>(u: Block<'_, '_, '_, '_, '_, L::E>) {
     // Row r of the strip starts at s[MARGIN + r ld] (sparse scores spill into the margins).
     let mut s = vec![zero; mr * ld + 2 * sparse::MARGIN];
     let keys = &sh.keys[kvh];
+    // Sparse W: the sequences of the whole table, or (segmented) of the current tile, built
+    // when its first strip is visible.
+    let mut segbuf = Vec::new();
+    let mut seqs = match sh.pos {
+        Position::Sparse(_) if sh.seg_tiles == 0 => Some(sh.full_seqs(bh)),
+        _ => None,
+    };
+    let mut seg_end = 0;
     for tj in (0..nk).step_by(bk) {
         if u.ctl.cancelled() {
             return;
@@ -214,8 +222,18 @@ fn forward_block<L: Lanes>(u: Block<'_, '_, '_, '_, '_, L::E>) {
                         &mut mm,
                     ),
                     Position::Sparse(spw) => {
+                        if sh.seg_tiles > 0 && tj >= seg_end {
+                            // Every diagonal the block's strips read in the next tiles (the
+                            // kernel reads from MR - 1 left of a strip to a register past it).
+                            seg_end = nk.min(tj + sh.seg_tiles * bk);
+                            let x_lo = (sparse::PAD_L + tj + prob.nq).saturating_sub(i0 + nbp + 64);
+                            let x_hi = sparse::PAD_L + seg_end + prob.nq - i0 + 128;
+                            let t = spw.index[bh];
+                            seqs = Some(sparse::segment(prob, spw, t, x_lo, x_hi, &mut segbuf));
+                        }
+                        let seqs = seqs.expect("sequences of the table");
                         let q = qt.as_ptr().add(r0 * d);
-                        sparse::scores::<L>(sh, spw, bh, q, i0 + r0, j0, w, sp, ld);
+                        sparse::scores::<L>(sh, spw, seqs, bh, q, i0 + r0, j0, w, sp, ld);
                         for r in 0..mr {
                             let row = sp.add(r * ld);
                             for col in (0..wp).step_by(L::W) {

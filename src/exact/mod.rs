@@ -2,9 +2,12 @@
 //!
 //! Nothing of size `n_q x n_k` is ever allocated: a unit of work (a block of `bq` queries of one
 //! head) holds one strip of `MR x bk` scores at a time. Memory beyond inputs and outputs is
-//! `O((n_q + n_k) d)`: keys and values packed once per call into the layouts the micro-kernel
-//! reads, plus, for sparse `W`, the support's sequences along the diagonals (`|S| (n_q + n_k)`
-//! per table, the part of `W` the call touches).
+//! `O((n_q + n_k) d)`: the forward packs keys and values once per call into the layouts the
+//! micro-kernel reads; the backward packs each unit's key chunk and each tile's queries (see
+//! [`backward`]). For sparse `W` the kernels read the support's sequences along the diagonals:
+//! built whole (`|S| (n_q + n_k)` per table, the part of `W` the call touches) for short calls,
+//! per query block and a few key tiles (forward) or per tile (backward) for long ones
+//! ([`sparse::TABLE_BYTES`]).
 //!
 //! Scores: for [`Position::Rotary`], `q` and `k` are rotated once (with `scale` and the attention
 //! factor folded into `q`) and a strip is a GEMM `Q̃ K̃^T` on the register-blocked micro-kernel
@@ -140,17 +143,19 @@ fn key_panels_into<T: Real>(x: ArrayView2<'_, T>, nr: usize, out: &mut [T]) {
     }
 }
 
-/// Rotated keys (times the attention factor) of one kv head as key panels and, with
-/// `columns`, column panels, a block of rows at a time (no `n_k x d` temporary).
-fn rotated_key_panels<T: Real>(
+/// Rotated keys (times the attention factor) of rows `j_base..j_base + kh.nrows()` of one kv
+/// head as key panels and, with `columns`, column panels (of `kh.nrows()` rows), a block of rows
+/// at a time (no `n x d` temporary). `j_base` is a multiple of `nr`.
+pub(crate) fn rotated_key_panels<T: Real>(
     prob: &Problem,
     rot: &rotate::Rotator<'_>,
     factor: f64,
     kh: ArrayView2<'_, T>,
+    j_base: usize,
     nr: usize,
     columns: bool,
 ) -> (Vec<T>, Vec<T>) {
-    let (nk, d) = (prob.nk, prob.d);
+    let (nk, d) = (kh.nrows(), prob.d);
     const CHUNK: usize = 256;
     let chunk = kernel::round_up(CHUNK, nr);
     let mut kp = vec![T::zero(); nk.div_ceil(nr) * d * nr];
@@ -171,7 +176,8 @@ fn rotated_key_panels<T: Real>(
                 None => dst.iter_mut().zip(src.iter()).for_each(|(a, &b)| *a = b),
             }
         }
-        rot.rotate(&mut buf, d, rows, prob.k_offset + j0 as i64, factor, false);
+        let at = prob.k_offset + (j_base + j0) as i64;
+        rot.rotate(&mut buf, d, rows, at, factor, false);
         let view = ArrayView2::from_shape((rows, d), &buf[..rows * d]).expect("rows x d");
         key_panels_into(view, nr, &mut kp[j0 * d..]);
         if columns {
@@ -190,10 +196,12 @@ pub(crate) struct Shared<'a, 'p, T> {
     pub tiles: Tiles,
     /// Per kv head: key panels of the rotated keys (rotary) or padded `k^T` (sparse).
     pub keys: Vec<Vec<T>>,
-    /// Per kv head, rotary backward only: column panels of the rotated keys.
-    pub kcols: Vec<Vec<T>>,
-    /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]).
+    /// Per `w` table: the padded diagonal sequences of its support ([`sparse::tables`]); empty
+    /// when `seg_tiles` is not 0.
     pub tables: Vec<Vec<T>>,
+    /// The forward builds the sequences per query block and `seg_tiles` key tiles, the
+    /// backward per tile ([`sparse::segment`]), instead of whole (when not 0).
+    pub seg_tiles: usize,
     pub logf: LogFactor<T>,
     /// The log-factor sequences with `sparse::PAD_L` / `PAD_R` of `-inf` either side.
     pub lfpad: Vec<Vec<T>>,
@@ -212,9 +220,13 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
     ) -> Self {
         let isa = crate::simd::call_isa();
         let tiles = Tiles::choose::<T>(isa, prob, backward);
+        let seg_tiles = match pos {
+            Position::Sparse(sp) => sparse::segment_tiles(prob, sp),
+            _ => 0,
+        };
         let tables = match pos {
-            Position::Rotary(_) => Vec::new(),
-            Position::Sparse(sp) => sparse::tables(prob, sp),
+            Position::Sparse(sp) if seg_tiles == 0 => sparse::tables(prob, sp),
+            _ => Vec::new(),
         };
         let logf = LogFactor::new(prob, bias);
         let lfpad = logf
@@ -237,8 +249,8 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
             isa,
             tiles,
             keys: Vec::new(),
-            kcols: Vec::new(),
             tables,
+            seg_tiles,
             logf,
             lfpad,
             rot,
@@ -246,26 +258,36 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         }
     }
 
-    /// Packs the keys for scoring (see [`Shared::keys`]) and, with `columns` (the backward of
-    /// rotary), as column panels too.
-    pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>, columns: bool) {
+    /// Packs the keys for scoring (see [`Shared::keys`]).
+    pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>) {
         let prob = self.prob;
         let nr = self.tiles.nr;
         let pos = self.pos;
         let rot = &self.rot;
-        let both: Vec<(Vec<T>, Vec<T>)> = (0..prob.batch * prob.hk)
+        self.keys = (0..prob.batch * prob.hk)
             .into_par_iter()
             .map(|kvh| {
                 let kh = k.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
                 match (pos, rot) {
                     (Position::Rotary(r), Some(rot)) => {
-                        rotated_key_panels(prob, rot, r.factor, kh, nr, columns)
+                        rotated_key_panels(prob, rot, r.factor, kh, 0, nr, false).0
                     }
-                    _ => (sparse::padded_transpose(kh), Vec::new()),
+                    _ => sparse::padded_transpose(kh),
                 }
             })
             .collect();
-        (self.keys, self.kcols) = both.into_iter().unzip();
+    }
+
+    /// The whole sequences of head `bh`'s table (`seg_tiles` 0).
+    pub fn full_seqs(&self, bh: usize) -> sparse::Seqs<T> {
+        let Position::Sparse(sp) = self.pos else {
+            unreachable!("sequences of a rotary call")
+        };
+        sparse::Seqs {
+            ptr: self.tables[sp.index[bh]].as_ptr(),
+            stride: sparse::padded(self.prob.glen()),
+            x0: 0,
+        }
     }
 
     /// Flattened kv head of flattened query head `bh`.

@@ -55,28 +55,128 @@ pub fn block_pairs(support: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
         .collect()
 }
 
+/// Bytes of one table's padded sequences above which a forward builds them per block of key
+/// tiles instead ([`segment`]): keeps the memory of long calls small (within noise at n = 16K,
+/// d = 64 in a loaded check, where the build is about 1/500 of the scoring work per element).
+pub const TABLE_BYTES: usize = 32 << 20;
+
+/// Key tiles per segment of the sequences in a segmented forward.
+pub const SEG_TILES: usize = 8;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: when not 0, segment the tables of calls made from this thread whatever their
+    /// size, this many key tiles per segment.
+    pub static FORCE_SEGMENTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Key tiles per segment when a call's tables are too large to build whole (see
+/// [`TABLE_BYTES`]), else 0.
+pub(crate) fn segment_tiles<T: Real>(prob: &Problem, sp: &SparseW<'_, T>) -> usize {
+    #[cfg(test)]
+    if FORCE_SEGMENTS.with(|f| f.get()) > 0 {
+        return FORCE_SEGMENTS.with(|f| f.get());
+    }
+    let bytes = sp.support.len() * padded(prob.glen()) * std::mem::size_of::<T>();
+    if bytes > TABLE_BYTES {
+        SEG_TILES
+    } else {
+        0
+    }
+}
+
+/// A window of the padded diagonal sequences of one table: padded index `x` (`PAD_L + g`) of
+/// support entry `s` at `ptr[s * stride + x - x0]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Seqs<E> {
+    pub ptr: *const E,
+    pub stride: usize,
+    pub x0: usize,
+}
+
 /// Per-table diagonal sequences, each support entry padded: `out[s * padded(glen) + PAD_L + g]
 /// = w_s(δ(g))`. Tables no head uses stay empty.
 pub(crate) fn tables<T: Real>(prob: &Problem, sp: &SparseW<'_, T>) -> Vec<Vec<T>> {
-    let glen = prob.glen();
-    let stride = padded(glen);
+    let stride = padded(prob.glen());
     let mut used = vec![false; sp.values.dim().0];
     sp.index.iter().for_each(|&w| used[w] = true);
     (0..used.len())
         .into_par_iter()
         .map(|w| {
-            if !used[w] {
-                return Vec::new();
-            }
-            let flat = sp.diagonals(w, prob);
-            let mut out = vec![T::zero(); sp.support.len() * stride];
-            for s in 0..sp.support.len() {
-                out[s * stride + PAD_L..s * stride + PAD_L + glen]
-                    .copy_from_slice(&flat[s * glen..(s + 1) * glen]);
+            let mut out = Vec::new();
+            if used[w] {
+                segment(prob, sp, w, 0, stride, &mut out);
             }
             out
         })
         .collect()
+}
+
+/// Padded indices `x_lo..x_hi` of table `t`'s sequences (zero outside the table) into `buf`.
+pub(crate) fn segment<T: Real>(
+    prob: &Problem,
+    sp: &SparseW<'_, T>,
+    t: usize,
+    x_lo: usize,
+    x_hi: usize,
+    buf: &mut Vec<T>,
+) -> Seqs<T> {
+    let len = x_hi - x_lo;
+    buf.clear();
+    buf.resize(sp.support.len() * len, T::zero());
+    let table = sp.values.index_axis(ndarray::Axis(0), t);
+    let (rows, ns) = table.dim();
+    let half = (rows as i64 - 1) / 2;
+    // Padded index x reads table row r0 - x (δ falls by one per diagonal).
+    let r0 = half + prob.delta(0) + PAD_L as i64;
+    let lo = [x_lo as i64, PAD_L as i64, r0 - rows as i64 + 1]
+        .into_iter()
+        .max();
+    let hi = [x_hi as i64, (PAD_L + prob.glen()) as i64, r0 + 1]
+        .into_iter()
+        .min();
+    let (lo, hi) = (lo.unwrap_or(0), hi.unwrap_or(0));
+    if lo >= hi {
+        return seqs_of(buf, len, x_lo);
+    }
+    let (lo, hi) = (lo as usize, hi as usize);
+    let row_of = |x: usize| (r0 - x as i64) as usize;
+    match table.as_slice() {
+        Some(tab) => {
+            // Blocks of 16 diagonals: 16 rows of the table in, 16 consecutive values per
+            // sequence out.
+            const XB: usize = 16;
+            for xs in (lo..hi).step_by(XB) {
+                let m = XB.min(hi - xs);
+                let src: [&[T]; XB] = std::array::from_fn(|e| {
+                    let r = row_of(xs + e.min(m - 1));
+                    &tab[r * ns..(r + 1) * ns]
+                });
+                for (si, dst) in buf.chunks_exact_mut(len).enumerate() {
+                    let dst = &mut dst[xs - x_lo..xs - x_lo + m];
+                    for (e, o) in dst.iter_mut().enumerate() {
+                        *o = src[e][si];
+                    }
+                }
+            }
+        }
+        None => {
+            for x in lo..hi {
+                for (si, &y) in table.row(row_of(x)).iter().enumerate() {
+                    buf[si * len + x - x_lo] = y;
+                }
+            }
+        }
+    }
+    seqs_of(buf, len, x_lo)
+}
+
+fn seqs_of<T>(buf: &[T], stride: usize, x0: usize) -> Seqs<T> {
+    Seqs {
+        ptr: buf.as_ptr(),
+        stride,
+        x0,
+    }
 }
 
 /// `x^T` (`x` is `n x m`) with each row padded: `out[c * padded(n) + PAD_L + j] = x[j, c]`.
@@ -104,6 +204,7 @@ pub(crate) fn padded_transpose<T: Real>(x: ArrayView2<'_, T>) -> Vec<T> {
 pub(crate) unsafe fn scores<L: Lanes>(
     sh: &Shared<'_, '_, L::E>,
     sp: &SparseW<'_, L::E>,
+    seqs: Seqs<L::E>,
     bh: usize,
     q: *const L::E,
     i0: usize,
@@ -113,10 +214,10 @@ pub(crate) unsafe fn scores<L: Lanes>(
     ld: usize,
 ) {
     match L::MR {
-        4 => scores_n::<L, 4>(sh, sp, bh, q, i0, j0, w, s, ld),
-        6 => scores_n::<L, 6>(sh, sp, bh, q, i0, j0, w, s, ld),
-        8 => scores_n::<L, 8>(sh, sp, bh, q, i0, j0, w, s, ld),
-        12 => scores_n::<L, 12>(sh, sp, bh, q, i0, j0, w, s, ld),
+        4 => scores_n::<L, 4>(sh, sp, seqs, bh, q, i0, j0, w, s, ld),
+        6 => scores_n::<L, 6>(sh, sp, seqs, bh, q, i0, j0, w, s, ld),
+        8 => scores_n::<L, 8>(sh, sp, seqs, bh, q, i0, j0, w, s, ld),
+        12 => scores_n::<L, 12>(sh, sp, seqs, bh, q, i0, j0, w, s, ld),
         _ => unreachable!("micro-tile rows"),
     }
 }
@@ -126,6 +227,7 @@ pub(crate) unsafe fn scores<L: Lanes>(
 unsafe fn scores_n<L: Lanes, const MR: usize>(
     sh: &Shared<'_, '_, L::E>,
     sp: &SparseW<'_, L::E>,
+    seqs: Seqs<L::E>,
     bh: usize,
     q: *const L::E,
     i0: usize,
@@ -136,14 +238,16 @@ unsafe fn scores_n<L: Lanes, const MR: usize>(
 ) {
     let prob = sh.prob;
     let nq = prob.nq;
-    let gstride = padded(prob.glen());
+    let gstride = seqs.stride;
     let kstride = padded(prob.nk);
-    let table = sh.tables[sp.index[bh]].as_ptr();
+    let table = seqs.ptr;
     let kt = sh.keys[sh.kv_head(bh)].as_ptr();
     // Diagonal of row 0 at column u - (MR - 1) is g0 + u; keys of row r start at j0 - (MR-1) + r.
-    let g0 = PAD_L + j0 + nq - 1 - i0 - (MR - 1);
+    debug_assert!(PAD_L + j0 + nq - 1 - i0 - (MR - 1) >= seqs.x0);
+    let g0 = PAD_L + j0 + nq - 1 - i0 - (MR - 1) - seqs.x0;
     let kbase = PAD_L + j0 - (MR - 1);
     let span = round_up(w + MR - 1, L::W);
+    debug_assert!(g0 + span <= seqs.stride, "{g0} + {span} > {}", seqs.stride);
     // Column u - (MR - 1) + row of row `row`.
     let at = |u: usize, row: usize| s.add(row * ld + u + row).sub(MR - 1);
     // The support in groups, so that a pass over the strip reads a few dozen sequences (the
@@ -243,6 +347,7 @@ pub(crate) struct GradOut<E> {
 pub(crate) unsafe fn strip_grads<L: Lanes>(
     sh: &Shared<'_, '_, L::E>,
     sp: &SparseW<'_, L::E>,
+    seqs: Seqs<L::E>,
     bh: usize,
     q: *const L::E,
     i0: usize,
@@ -253,10 +358,10 @@ pub(crate) unsafe fn strip_grads<L: Lanes>(
     out: &GradOut<L::E>,
 ) {
     match L::MR {
-        4 => strip_grads_n::<L, 4>(sh, sp, bh, q, i0, j0, w, ds, ld, out),
-        6 => strip_grads_n::<L, 6>(sh, sp, bh, q, i0, j0, w, ds, ld, out),
-        8 => strip_grads_n::<L, 8>(sh, sp, bh, q, i0, j0, w, ds, ld, out),
-        12 => strip_grads_n::<L, 12>(sh, sp, bh, q, i0, j0, w, ds, ld, out),
+        4 => strip_grads_n::<L, 4>(sh, sp, seqs, bh, q, i0, j0, w, ds, ld, out),
+        6 => strip_grads_n::<L, 6>(sh, sp, seqs, bh, q, i0, j0, w, ds, ld, out),
+        8 => strip_grads_n::<L, 8>(sh, sp, seqs, bh, q, i0, j0, w, ds, ld, out),
+        12 => strip_grads_n::<L, 12>(sh, sp, seqs, bh, q, i0, j0, w, ds, ld, out),
         _ => unreachable!("micro-tile rows"),
     }
 }
@@ -266,6 +371,7 @@ pub(crate) unsafe fn strip_grads<L: Lanes>(
 unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
     sh: &Shared<'_, '_, L::E>,
     sp: &SparseW<'_, L::E>,
+    seqs: Seqs<L::E>,
     bh: usize,
     q: *const L::E,
     i0: usize,
@@ -278,13 +384,15 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
     let prob = sh.prob;
     let nq = prob.nq;
     let scale = L::E::of(prob.scale);
-    let gstride = padded(prob.glen());
+    let gstride = seqs.stride;
     let kstride = padded(prob.nk);
-    let table = sh.tables[sp.index[bh]].as_ptr();
+    let table = seqs.ptr;
     let kt = sh.keys[sh.kv_head(bh)].as_ptr();
-    let g0 = PAD_L + j0 + nq - 1 - i0 - (MR - 1);
+    debug_assert!(PAD_L + j0 + nq - 1 - i0 - (MR - 1) >= seqs.x0);
+    let g0 = PAD_L + j0 + nq - 1 - i0 - (MR - 1) - seqs.x0;
     let kbase = PAD_L + j0 - (MR - 1);
     let span = round_up(w + MR - 1, L::W);
+    debug_assert!(g0 + span <= seqs.stride, "{g0} + {span} > {}", seqs.stride);
     // dS of row r at column u - (MR - 1) + r, and dW at diagonal u - (MR - 1).
     let dsp = |u: usize, r: usize| ds.add(r * ld + u + r).sub(MR - 1);
     let dwp = |s: usize, u: usize| out.dw.map(|p| p.add(s * out.ldw + u).sub(MR - 1));
@@ -391,7 +499,7 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
 pub(crate) unsafe fn tile_dk<L: Lanes>(
     sh: &Shared<'_, '_, L::E>,
     sp: &SparseW<'_, L::E>,
-    bh: usize,
+    seqs: Seqs<L::E>,
     q: *const L::E,
     d: usize,
     i0: usize,
@@ -404,10 +512,12 @@ pub(crate) unsafe fn tile_dk<L: Lanes>(
 ) {
     let prob = sh.prob;
     let nq = prob.nq;
-    let gstride = padded(prob.glen());
-    let table = sh.tables[sp.index[bh]].as_ptr();
+    let gstride = seqs.stride;
+    let table = seqs.ptr;
     // Row i meets key j0 + c on diagonal g = j0 + c + nq - 1 - i.
-    let gbase = PAD_L + j0 + nq - 1 - i0;
+    debug_assert!(PAD_L + j0 + nq - i0 >= seqs.x0 + nb + 8);
+    debug_assert!(PAD_L + j0 + nq - i0 + kw + 2 * L::W <= seqs.x0 + seqs.stride);
+    let gbase = PAD_L + j0 + nq - 1 - i0 - seqs.x0;
     let n_items = sh.blocks.as_ref().map_or(sp.support.len(), |p| p.len());
     let group = if sh.blocks.is_some() {
         PAIR_GROUP
@@ -492,12 +602,26 @@ pub(crate) fn transpose_strips<T: Real>(
     d: usize,
     mr: usize,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); n * d];
+    let mut out = Vec::new();
+    transpose_strips_into(x, n, ld, d, mr, &mut out);
+    out
+}
+
+/// [`transpose_strips`] into `out` (resized to `n d`).
+pub(crate) fn transpose_strips_into<T: Real>(
+    x: &[T],
+    n: usize,
+    ld: usize,
+    d: usize,
+    mr: usize,
+    out: &mut Vec<T>,
+) {
+    out.clear();
+    out.resize(n * d, T::zero());
     for (i, row) in x.chunks(ld).take(n).enumerate() {
         let (s, r) = (i / mr, i % mr);
         for (l, &v) in row[..d].iter().enumerate() {
             out[(s * d + l) * mr + r] = v;
         }
     }
-    out
 }
