@@ -342,7 +342,10 @@ impl Features {
                     adj[parent] += a * xr[l];
                 }
             }
-            out.row_mut(i).iter_mut().zip(&gr).for_each(|(o, &g)| *o = g);
+            out.row_mut(i)
+                .iter_mut()
+                .zip(&gr)
+                .for_each(|(o, &g)| *o = g);
         }
         out
     }
