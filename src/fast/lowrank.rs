@@ -317,6 +317,27 @@ impl Features {
         f
     }
 
+    /// `Σ_{i in rows} Φ(x_i) w_i^T` (`r x w.ncols()`), `blk` rows of features at a time, polling
+    /// `ctl` between blocks: the running states of the low-rank forward and backward.
+    pub(crate) fn state(
+        &self,
+        x: ArrayView2<f64>,
+        w: ArrayView2<f64>,
+        weighted: bool,
+        rows: std::ops::Range<usize>,
+        blk: usize,
+        ctl: &Control,
+    ) -> Result<Array2<f64>> {
+        let mut st = Array2::zeros((self.len(), w.ncols()));
+        for r0 in rows.clone().step_by(blk.max(1)) {
+            ctl.check()?;
+            let r1 = (r0 + blk).min(rows.end);
+            let f = self.fill(x.slice(s![r0..r1, ..]), weighted);
+            st += &f.t().dot(&w.slice(s![r0..r1, ..]));
+        }
+        Ok(st)
+    }
+
     /// Row by row, the gradient `Σ_m coef[m] ∂(x^α_m)/∂x` (`rows x d`), with `mono` the
     /// unweighted monomials of `x` ([`Features::fill`] with `weighted = false`): reverse mode
     /// through the product steps, so each entry is a sum of products `coef[m] α_l x^{α_m - e_l}`.
@@ -386,16 +407,7 @@ pub fn lowrank_head(
         }
     };
     let zero = Array2::<f64>::zeros((r, cols));
-    let key_state = |a: usize, b: usize| -> Result<Array2<f64>> {
-        let mut st = zero.clone();
-        for k0 in (a..b).step_by(blk) {
-            ctl.check()?;
-            let k1 = (k0 + blk).min(b);
-            let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
-            st += &fk.t().dot(&vb.slice(s![k0..k1, ..]));
-        }
-        Ok(st)
-    };
+    let key_state = |a: usize, b: usize| feats.state(y, vb.view(), false, a..b, blk, ctl);
     // Chunks of query blocks in parallel, each from the prefix state of the keys its first
     // block sees in full (the chunking depends on the shape only: the same bits for any thread
     // count); within a chunk, blocks in order.

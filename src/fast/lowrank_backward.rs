@@ -570,17 +570,8 @@ pub fn lowrank_backward_head(
         }
     };
     let zero = Array2::<f64>::zeros((r, cols));
-    // Σ_{j in [a, b)} Φk(y_j) b_j^T and Σ_{i in [a, b)} Φq(x_i) a_i^T, block by block
-    let key_state = |a: usize, b_: usize| -> Result<Array2<f64>> {
-        let mut st = zero.clone();
-        for k0 in (a..b_).step_by(blk) {
-            ctl.check()?;
-            let k1 = (k0 + blk).min(b_);
-            let fk = feats.fill(y.slice(s![k0..k1, ..]), false);
-            st += &fk.t().dot(&b.slice(s![k0..k1, ..]));
-        }
-        Ok(st)
-    };
+    // Σ_{j in [a, b)} Φk(y_j) b_j^T (and, in pass 2, Σ_{i in [a, b)} Φq(x_i) a_i^T)
+    let key_state = |a: usize, b_: usize| feats.state(y, b.view(), false, a..b_, blk, ctl);
 
     // Pass 1: chunks of query blocks in parallel, each from the prefix state S of the keys its
     // first block sees in full; within a chunk, blocks in order (S grows by the keys between).
@@ -679,16 +670,7 @@ pub fn lowrank_backward_head(
     // Pass 2: chunks of key blocks in parallel, each from the suffix state T of the query rows
     // that see its last block in full; within a chunk, blocks in reverse (T grows downwards).
     let a_all = a_all.view();
-    let row_state = |a: usize, b_: usize| -> Result<Array2<f64>> {
-        let mut st = zero.clone();
-        for r0 in (a..b_).step_by(blk) {
-            ctl.check()?;
-            let r1 = (r0 + blk).min(b_);
-            let fq = feats.fill(x.slice(s![r0..r1, ..]), true);
-            st += &fq.t().dot(&a_all.slice(s![r0..r1, ..]));
-        }
-        Ok(st)
-    };
+    let row_state = |a: usize, b_: usize| feats.state(x, a_all, true, a..b_, blk, ctl);
     let kchunks = chunk_ranges(nk, blk);
     let rbounds: Vec<usize> = kchunks.iter().map(|&(_, k1)| first_full(k1)).collect();
     // rows [rbounds[c], rbounds[c+1]) (and [last, nq)) as pieces; T_c sums the pieces from c on
