@@ -14,8 +14,8 @@
 //! (strip by strip, on the micro-kernel), then `dV += P^T dO` and, for rotary, `dK += dS^T Q̃`
 //! and `dQ̃ += dS K̃`: five GEMMs. For sparse `W`, dq, dk and dW come from [`super::sparse`]'s
 //! diagonal kernels. Long calls also split the queries into chunks: a unit is then a key chunk
-//! against a query chunk. Its dq, dk, dv, dW and db are partial sums; units run in waves of at
-//! most one per thread, and the partials of a wave are added to the gradients after it, in unit
+//! against a query chunk. Its dq, dk, dv, dW and db are partial sums; units run in waves of one to
+//! four per thread, and the partials of a wave are added to the gradients after it, in unit
 //! order (deterministic for a given thread count).
 //!
 //! Memory beyond inputs and outputs is linear in n and small: queries and `dO` are packed (and
@@ -176,9 +176,16 @@ pub fn attention_backward<'a, T: Real>(
         // takes a core), and at least one per thread.
         let held = elt * chunk * (d + dv + ns * want_dw as usize) + qchunk * per_row;
         let threads = inp.threads.max(1);
+        // A whole number of units per thread: a wave of 5 units on 2 threads keeps one thread
+        // idle for a third of it (measured: 1.71x instead of 1.86x on 2 threads at n = 4096).
         let wave = (WAVE_MEM / held.max(1))
             .clamp(threads, 4 * threads)
             .min((WAVE_BUDGET / held.max(1)).max(1));
+        let wave = if wave >= threads {
+            wave / threads * threads
+        } else {
+            wave
+        };
         for units in units.chunks(wave) {
             let parts: Vec<UnitGrad<T>> = units
                 .par_iter()

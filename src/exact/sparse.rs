@@ -31,6 +31,25 @@ pub const MARGIN: usize = 16;
 /// Support blocks per pass of the diagonal kernels (memory streams per pass: six per block).
 const PAIR_GROUP: usize = 8;
 
+/// Runs `$body` for `$row` = 0, 1, ... `$mr - 1` (`$mr` <= 12, a constant), unrolled in the
+/// source. A plain `for row in 0..MR` is not always unrolled by LLVM when the body is large (a
+/// register window per row): it then indexes the accumulator array by a run-time row, which
+/// keeps the array on the stack, and picks each row's window through a jump table (measured:
+/// the BlockW scores kernel spent most of its time on stack traffic and the jump).
+macro_rules! unroll_rows {
+    ($mr:expr, |$row:ident| $body:block) => {
+        unroll_rows!(@ $mr, $row, $body, 0 1 2 3 4 5 6 7 8 9 10 11)
+    };
+    (@ $mr:expr, $row:ident, $body:block, $($r:literal)*) => {
+        $(
+            if $r < $mr {
+                let $row: usize = $r;
+                $body
+            }
+        )*
+    };
+}
+
 /// Row stride of a score strip of `bk` keys (room for the margins).
 pub const fn strip_stride(bk: usize, nr: usize) -> usize {
     bk + 2 * nr + 2 * MARGIN
@@ -265,9 +284,9 @@ unsafe fn scores_n<L: Lanes, const MR: usize>(
         while u < span {
             let mut acc = [L::zero(); MR];
             if first > 0 {
-                for (row, a) in acc.iter_mut().enumerate() {
-                    *a = L::load(at(u, row));
-                }
+                unroll_rows!(MR, |row| {
+                    acc[row] = L::load(at(u, row));
+                });
             }
             match &sh.blocks {
                 Some(pairs) => {
@@ -287,7 +306,7 @@ unsafe fn scores_n<L: Lanes, const MR: usize>(
                         } else {
                             (kp0, kr0)
                         };
-                        for (row, a) in acc.iter_mut().enumerate() {
+                        unroll_rows!(MR, |row| {
                             // The keys of row `row` start `row` lanes further.
                             let (vp, vr) = if L::FAST_WINDOW {
                                 (L::window(kp0, kp1, row), L::window(kr0, kr1, row))
@@ -296,9 +315,9 @@ unsafe fn scores_n<L: Lanes, const MR: usize>(
                             };
                             let tp = L::fma(wpr, vr, L::mul(wpp, vp));
                             let tr = L::fma(wrr, vr, L::mul(wrp, vp));
-                            *a = L::fma(L::splat(*qp.add(row)), tp, *a);
-                            *a = L::fma(L::splat(*qr.add(row)), tr, *a);
-                        }
+                            let a = L::fma(L::splat(*qp.add(row)), tp, acc[row]);
+                            acc[row] = L::fma(L::splat(*qr.add(row)), tr, a);
+                        });
                     }
                 }
                 None => {
@@ -307,16 +326,16 @@ unsafe fn scores_n<L: Lanes, const MR: usize>(
                         let wv = L::load(table.add(si * gstride + g0 + u));
                         let kk = kt.add(l2 * kstride + kbase + u);
                         let ql = q.add(l1 * MR);
-                        for (row, a) in acc.iter_mut().enumerate() {
+                        unroll_rows!(MR, |row| {
                             let t = L::mul(wv, L::load(kk.add(row)));
-                            *a = L::fma(L::splat(*ql.add(row)), t, *a);
-                        }
+                            acc[row] = L::fma(L::splat(*ql.add(row)), t, acc[row]);
+                        });
                     }
                 }
             }
-            for (row, a) in acc.iter().enumerate() {
-                L::store(at(u, row), *a);
-            }
+            unroll_rows!(MR, |row| {
+                L::store(at(u, row), acc[row]);
+            });
             u += L::W;
         }
     }
@@ -419,7 +438,7 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
                     } else {
                         (kp0, kr0)
                     };
-                    for row in 0..MR {
+                    unroll_rows!(MR, |row| {
                         let x = L::load(dsp(u, row));
                         let (vp, vr) = if L::FAST_WINDOW {
                             (L::window(kp0, kp1, row), L::window(kr0, kr1, row))
@@ -438,7 +457,7 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
                             wacc[2] = L::fma(ur, vp, wacc[2]);
                             wacc[3] = L::fma(ur, vr, wacc[3]);
                         }
-                    }
+                    });
                     if out.dw.is_some() {
                         for (e, &a) in wacc.iter().enumerate() {
                             if let Some(ptr) = dwp(4 * m + e, u) {
@@ -448,11 +467,11 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
                     }
                     u += L::W;
                 }
-                for row in 0..MR {
+                unroll_rows!(MR, |row| {
                     let dq = out.dq.add(row * out.ldq);
                     *dq.add(p) = *dq.add(p) + scale * L::hsum(aqp[row]);
                     *dq.add(r) = *dq.add(r) + scale * L::hsum(aqr[row]);
-                }
+                });
             }
         }
         None => {
@@ -464,24 +483,24 @@ unsafe fn strip_grads_n<L: Lanes, const MR: usize>(
                 while u < span {
                     let wv = L::load(seq.add(u));
                     let mut wacc = L::zero();
-                    for (row, a) in aq.iter_mut().enumerate() {
+                    unroll_rows!(MR, |row| {
                         let x = L::load(dsp(u, row));
                         let kv = L::load(kk.add(u + row));
-                        *a = L::fma(x, L::mul(wv, kv), *a);
+                        aq[row] = L::fma(x, L::mul(wv, kv), aq[row]);
                         if out.dw.is_some() {
                             let up = L::mul(x, L::splat(*q.add(l1 * MR + row)));
                             wacc = L::fma(up, kv, wacc);
                         }
-                    }
+                    });
                     if let Some(ptr) = dwp(si, u) {
                         add_to(ptr, wacc);
                     }
                     u += L::W;
                 }
-                for (row, a) in aq.iter().enumerate() {
+                unroll_rows!(MR, |row| {
                     let dq = out.dq.add(row * out.ldq + l1);
-                    *dq = *dq + scale * L::hsum(*a);
-                }
+                    *dq = *dq + scale * L::hsum(aq[row]);
+                });
             }
         }
     }
