@@ -111,6 +111,7 @@ def machine_info(threads: int) -> dict:
         "logical_cores": os.cpu_count(),
         "threads": threads,
         "loadavg_start": loadavg(),
+        "steal_s_start": cpu_steal_seconds(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "fastrope": getattr(fastrope, "__version__", "?"),
@@ -119,6 +120,17 @@ def machine_info(threads: int) -> dict:
     torch = try_torch()
     info["torch"] = None if torch is None else torch.__version__
     return info
+
+
+def cpu_steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests (``steal`` in /proc/stat), in seconds summed
+    over cores: on a shared VM it is load that the load average does not show."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def set_threads(threads: int) -> None:

@@ -157,11 +157,16 @@ def parse_args(argv=None):
         action="store_true",
         help="only the NumPy comparison and the memory measurement, no grid",
     )
+    p.add_argument(
+        "--no-peak",
+        action="store_true",
+        help="skip the float32 matmul peak (torch.mm 4096^2, at the start and the end)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.d, a.heads, a.repeats, a.min_repeats, a.budget = [256, 512], [64], 2, 3, 1, 5.0
-        a.numpy_n, a.rss_n = 256, 4096
+        a.numpy_n, a.rss_n, a.no_peak = 256, 4096, True
     if a.bwd_all:
         a.bwd_max_n = max(a.n)
     if a.blockw_bwd_max_n is None:
@@ -508,6 +513,24 @@ def numpy_general_w(q, k, v, w, scale):
     return s @ v
 
 
+def peak_point(a, torch):
+    """The machine's float32 matmul peak in this run: ``torch.mm`` (else NumPy's ``@``) of two
+    4096 x 4096 matrices with the benchmark's thread count, best of 7 (2 n^3 flops)."""
+    n = 4096
+    rng = np.random.default_rng(a.seed)
+    x, y = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    if torch is not None:
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+        fn, lib = (lambda: torch.mm(tx, ty)), f"torch.mm ({torch.get_num_threads()} threads)"
+    else:
+        fn, lib = (lambda: x @ y), "numpy matmul"
+    fn()
+    best = min(C.timed(fn)[0] for _ in range(7))
+    res = {"n": n, "lib": lib, "best_s": best, "gflops": 2 * n**3 / best / 1e9}
+    C.log(f"# float32 matmul peak: {lib}, n={n}: {res['gflops']:.0f} GFLOP/s (best of 7)")
+    return res
+
+
 def numpy_point(a):
     """BlockW (and Rotary) forward against :func:`numpy_general_w`, n = a.numpy_n, d = 64, one
     head, float32, non-causal."""
@@ -676,6 +699,8 @@ def main(argv=None):
     C.log(progress_line(HEADER))
     records, rows = [], []
     extras = {}
+    if not a.no_peak:
+        extras["peak"] = peak_point(a, torch)
     if a.numpy_n:
         extras["numpy"] = numpy_point(a)
     if a.rss_n:
@@ -690,6 +715,9 @@ def main(argv=None):
                 bench_point(a, n, d, causal, torch, records, rows)
     elapsed = time.perf_counter() - t_start
     machine["loadavg_end"] = C.loadavg()
+    machine["steal_s_end"] = C.cpu_steal_seconds()
+    if not a.no_peak:
+        extras["peak_end"] = peak_point(a, torch)
     machine["elapsed_s"] = round(elapsed, 1)
     loads = [r["loadavg"][0] for r in records if r.get("loadavg")]
     if loads:
