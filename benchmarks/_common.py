@@ -217,6 +217,7 @@ def run_rounds(
     min_repeats: int,
     budget: float,
     warmup_below: float,
+    settle: float = 0.0,
 ) -> tuple[dict[str, list], dict[str, Any]]:
     """Time every function of ``fns`` in interleaved rounds (one call of each per round), so that
     load from other processes hits all of them alike.
@@ -226,12 +227,19 @@ def run_rounds(
     sample.  More rounds follow until ``repeats`` samples are collected, stopping early (but not
     below ``min_repeats`` samples) when the next round would exceed ``budget`` seconds in total.
     Returns ``(samples, first_results)``; samples in seconds.
+
+    ``settle`` seconds of sleep precede every call, so that no call starts while the previous
+    one's library still holds the cores: PyTorch's OpenMP threads spin for several ms after each
+    op (libgomp's default wait policy), and a call started in that window runs on a shared core
+    (measured: fastrope's n = 1024 forward 16-18 ms right after SDPA, 13.2-14.0 ms after 10 ms).
     """
     samples: dict = {k: [] for k in fns}
     first: dict = {}
     start = time.perf_counter()
     round_t = 0.0
     for name, fn in fns.items():
+        if settle:
+            time.sleep(settle)
         t, r = timed(fn)
         first[name] = r
         samples[name].append(t)
@@ -247,6 +255,8 @@ def run_rounds(
             break
         round_t = 0.0
         for name, fn in fns.items():
+            if settle:
+                time.sleep(settle)
             t, _ = timed(fn)
             samples[name].append(t)
             round_t += t

@@ -158,6 +158,13 @@ def parse_args(argv=None):
         help="only the NumPy comparison and the memory measurement, no grid",
     )
     p.add_argument(
+        "--settle",
+        type=float,
+        default=0.02,
+        help="seconds of sleep before every timed call (torch's OpenMP threads spin for a few ms "
+        "after each op and would take a core from the next call)",
+    )
+    p.add_argument(
         "--no-peak",
         action="store_true",
         help="skip the float32 matmul peak (torch.mm 4096^2, at the start and the end)",
@@ -288,7 +295,7 @@ def time_groups(a, fns):
     ]
     for g in groups:
         if g:
-            s, f = C.run_rounds(g, a.repeats, a.min_repeats, a.budget, a.warmup_below)
+            s, f = C.run_rounds(g, a.repeats, a.min_repeats, a.budget, a.warmup_below, a.settle)
             samples.update(s)
             first.update(f)
     return samples, first
