@@ -218,6 +218,8 @@ def run_rounds(
     budget: float,
     warmup_below: float,
     settle: float = 0.0,
+    fill: float = 0.0,
+    max_repeats: int = 0,
 ) -> tuple[dict[str, list], dict[str, Any]]:
     """Time every function of ``fns`` in interleaved rounds (one call of each per round), so that
     load from other processes hits all of them alike.
@@ -232,6 +234,11 @@ def run_rounds(
     one's library still holds the cores: PyTorch's OpenMP threads spin for several ms after each
     op (libgomp's default wait policy), and a call started in that window runs on a shared core
     (measured: fastrope's n = 1024 forward 16-18 ms right after SDPA, 13.2-14.0 ms after 10 ms).
+
+    ``fill`` seconds: once ``repeats`` samples are in, rounds go on until the rounds have taken
+    ``fill`` seconds in all (or ``max_repeats`` samples), so that fast points get many samples:
+    on a shared VM single calls of 25 ms take 45 ms now and then, for every library alike, and a
+    median of 5 moves with them.
     """
     samples: dict = {k: [] for k in fns}
     first: dict = {}
@@ -249,7 +256,9 @@ def run_rounds(
     while True:
         have = min(len(v) for v in samples.values())
         if have >= repeats:
-            break
+            timed_s = sum(sum(v) for v in samples.values())
+            if have >= max(max_repeats, repeats) or timed_s + round_t > fill:
+                break
         spent = time.perf_counter() - start
         if have >= min_repeats and spent + round_t > budget:
             break

@@ -90,6 +90,17 @@ def parse_args(argv=None):
         "--min-repeats", type=int, default=2, help="samples kept even when a round exceeds --budget"
     )
     p.add_argument(
+        "--fill",
+        type=float,
+        default=3.0,
+        help="after --repeats samples, more rounds until the timed calls of a (grid point, pass, "
+        "group) took this many seconds (fast points get many samples: single calls on a shared "
+        "VM slow down 2x now and then, for every library alike)",
+    )
+    p.add_argument(
+        "--max-repeats", type=int, default=31, help="most samples taken to reach --fill"
+    )
+    p.add_argument(
         "--budget",
         type=float,
         default=25.0,
@@ -173,7 +184,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.n, a.d, a.heads, a.repeats, a.min_repeats, a.budget = [256, 512], [64], 2, 3, 1, 5.0
-        a.numpy_n, a.rss_n, a.no_peak = 256, 4096, True
+        a.numpy_n, a.rss_n, a.no_peak, a.fill = 256, 4096, True, 0.0
     if a.bwd_all:
         a.bwd_max_n = max(a.n)
     if a.blockw_bwd_max_n is None:
@@ -295,7 +306,16 @@ def time_groups(a, fns):
     ]
     for g in groups:
         if g:
-            s, f = C.run_rounds(g, a.repeats, a.min_repeats, a.budget, a.warmup_below, a.settle)
+            s, f = C.run_rounds(
+                g,
+                a.repeats,
+                a.min_repeats,
+                a.budget,
+                a.warmup_below,
+                a.settle,
+                fill=a.fill,
+                max_repeats=a.max_repeats,
+            )
             samples.update(s)
             first.update(f)
     return samples, first
@@ -324,6 +344,11 @@ def emit(a, n, d, causal, pas, samples, checks, load0, records, rows):
                 "speedup_vs_sdpa": (med["sdpa"] / med[name])
                 if ("sdpa" in med and name != "sdpa")
                 else None,
+                # Median over interleaved rounds of t_sdpa / t_fastrope in the same round.
+                # (BlockW is timed in rounds of its own.)
+                "paired_speedup_vs_sdpa": paired(samples.get("sdpa"), ts)
+                if name == "rotary"
+                else None,
                 "max_abs_diff_vs_sdpa": checks.get(name),
                 "loadavg": load0,
             }
@@ -343,6 +368,13 @@ def emit(a, n, d, causal, pas, samples, checks, load0, records, rows):
     row = table_row(point)
     rows.append(row)
     C.log(progress_line(row))
+
+
+def paired(ref, ts):
+    """Median of ``ref[r] / ts[r]`` over rounds (None unless both were timed in the same rounds)."""
+    if not ref or len(ref) != len(ts):
+        return None
+    return C.median([x / y for x, y in zip(ref, ts)])
 
 
 WIDTHS = [6, 4, 6, 4, 8, 8, 8, 8, 8, 9, 8, 8, 5, 9, 5]
@@ -562,9 +594,13 @@ def numpy_point(a):
     samples = {}
     outs = {}
     for name, fn in fns.items():
-        reps = 3 if name == "numpy" else 7
+        reps = 3 if name == "numpy" else 9
         ts = []
+        # OpenBLAS's threads spin after NumPy's matmuls (and would take a core from the next
+        # call): a pause first, and the settle gap before every call.
+        time.sleep(0.5)
         for _ in range(reps):
+            time.sleep(a.settle)
             t, outs[name] = C.timed(fn)
             ts.append(t)
         samples[name] = ts
@@ -700,7 +736,8 @@ def main(argv=None):
         C.log(f"# torch threads: {torch.get_num_threads()}")
     C.log(
         f"# batch={a.batch} heads={a.heads} dtype={a.dtype} repeats={a.repeats} "
-        f"(min {a.min_repeats}, budget {a.budget}s/point) ; times are medians; "
+        f"(min {a.min_repeats}, budget {a.budget}s/point, more up to {a.max_repeats} within "
+        f"{a.fill}s of calls) ; times are medians; "
         f"speedup = t_sdpa / t_fastrope"
     )
     C.log(progress_line(HEADER))

@@ -263,6 +263,34 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct F64x4;
 
+    /// `valignd` by a constant in asm, `#[inline]` into the AVX-512 kernels (asm with `zmm`
+    /// operands needs the feature on its own function). LLVM re-lowers
+    /// `_mm512_alignr_epi32` to `vpermt2ps`/`vpermt2pd` with an index vector loaded per use,
+    /// which costs a register and a copy of the destroyed source: the BlockW scores kernel then
+    /// spilled 9 registers per block.
+    mod valignd {
+        use std::arch::x86_64::__m512i;
+        macro_rules! valignd {
+            ($($name:ident $k:literal)*) => {$(
+                #[inline]
+                #[target_feature(enable = "avx512f")]
+                pub unsafe fn $name(h: __m512i, l: __m512i) -> __m512i {
+                    let r: __m512i;
+                    std::arch::asm!(
+                        "valignd {r}, {h}, {l}, {k}",
+                        r = lateout(zmm_reg) r,
+                        h = in(zmm_reg) h,
+                        l = in(zmm_reg) l,
+                        k = const $k,
+                        options(pure, nomem, nostack, preserves_flags),
+                    );
+                    r
+                }
+            )*};
+        }
+        valignd!(v1 1 v2 2 v3 3 v4 4 v5 5 v6 6 v7 7 v8 8 v9 9 v10 10 v11 11 v12 12 v13 13 v14 14 v15 15);
+    }
+
     impl Lanes for F32x16 {
         type E = f32;
         type V = __m512;
@@ -327,21 +355,21 @@ mod x86 {
             let (l, h) = (_mm512_castps_si512(lo), _mm512_castps_si512(hi));
             let r = match n {
                 0 => l,
-                1 => _mm512_alignr_epi32::<1>(h, l),
-                2 => _mm512_alignr_epi32::<2>(h, l),
-                3 => _mm512_alignr_epi32::<3>(h, l),
-                4 => _mm512_alignr_epi32::<4>(h, l),
-                5 => _mm512_alignr_epi32::<5>(h, l),
-                6 => _mm512_alignr_epi32::<6>(h, l),
-                7 => _mm512_alignr_epi32::<7>(h, l),
-                8 => _mm512_alignr_epi32::<8>(h, l),
-                9 => _mm512_alignr_epi32::<9>(h, l),
-                10 => _mm512_alignr_epi32::<10>(h, l),
-                11 => _mm512_alignr_epi32::<11>(h, l),
-                12 => _mm512_alignr_epi32::<12>(h, l),
-                13 => _mm512_alignr_epi32::<13>(h, l),
-                14 => _mm512_alignr_epi32::<14>(h, l),
-                _ => _mm512_alignr_epi32::<15>(h, l),
+                1 => valignd::v1(h, l),
+                2 => valignd::v2(h, l),
+                3 => valignd::v3(h, l),
+                4 => valignd::v4(h, l),
+                5 => valignd::v5(h, l),
+                6 => valignd::v6(h, l),
+                7 => valignd::v7(h, l),
+                8 => valignd::v8(h, l),
+                9 => valignd::v9(h, l),
+                10 => valignd::v10(h, l),
+                11 => valignd::v11(h, l),
+                12 => valignd::v12(h, l),
+                13 => valignd::v13(h, l),
+                14 => valignd::v14(h, l),
+                _ => valignd::v15(h, l),
             };
             _mm512_castsi512_ps(r)
         }
