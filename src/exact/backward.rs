@@ -519,8 +519,12 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                     .outer_iter()
                     .enumerate()
                 {
-                    for (x, &y) in dob[r * dvp..].iter_mut().zip(row.iter()) {
-                        *x = y;
+                    // (A contiguous row as a slice: the element-wise copy of the strided
+                    // iterator was 2% of the backward.)
+                    let dst = &mut dob[r * dvp..r * dvp + dv];
+                    match row.as_slice() {
+                        Some(src) => dst.copy_from_slice(src),
+                        None => dst.iter_mut().zip(row.iter()).for_each(|(x, &y)| *x = y),
                     }
                 }
                 dqb[..nbp * dp].iter_mut().for_each(|x| *x = zero);

@@ -91,6 +91,11 @@ pub unsafe fn tile<L: Lanes, P: Epilogue<L>>(
     }
 }
 
+/// Depth steps ahead that the micro-kernel prefetches `A` and `B` (the backward's transposed
+/// `P^T dO` and `dS^T Q` read a new row of the L2-resident tile per step): backward n = 4096,
+/// d = 64, 2 threads 0.47-0.48 s against 0.48-0.49 s without; the forward within noise.
+const PF: usize = 16;
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile_n<L: Lanes, P: Epilogue<L>, const MR: usize>(
@@ -115,6 +120,12 @@ unsafe fn tile_n<L: Lanes, P: Epilogue<L>, const MR: usize>(
     let mut ap = a;
     let mut bp = b;
     for _ in 0..k {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(PF * csa) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(PF * rsb) as *const i8);
+        }
         let b0 = L::load(bp);
         let b1 = L::load(bp.add(L::W));
         for (r, row) in acc.iter_mut().enumerate() {
