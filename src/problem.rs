@@ -29,6 +29,21 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// Flops of the exact method ignoring masks (`2 n_q n_k (d + d_v)` per head, 2.5x that for
+    /// the backward): an upper bound, for choosing how to run a call.
+    pub fn exact_flops(&self, backward: bool) -> f64 {
+        let f = 2.0
+            * (self.batch * self.hq) as f64
+            * self.nq as f64
+            * self.nk as f64
+            * (self.d + self.dv) as f64;
+        if backward {
+            2.5 * f
+        } else {
+            f
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.hk == 0 || !self.hq.is_multiple_of(self.hk) {
             return Err(Error::Value(format!(

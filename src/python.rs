@@ -80,16 +80,38 @@ fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
     Ok(Some(p))
 }
 
+/// Calls estimated below this many flops (about 2 ms on one core) run on the calling thread,
+/// without the signal-polling thread: its spawn and the two wake-ups it adds cost ~0.1 ms per
+/// call, a quarter of a small call's time (n = 64, 8 heads).
+const POLL_ABOVE_FLOPS: f64 = 2e8;
+
 /// Runs `f` without the GIL on a worker thread, polling for Python signals (Ctrl-C) every 50 ms:
 /// on a pending signal the kernels are told to stop at their next tile and the signal's
 /// exception is raised. A panic becomes a `RuntimeError`, never an abort of the interpreter.
+/// `flops` estimates the work: short calls (below [`POLL_ABOVE_FLOPS`]) run on the calling
+/// thread with no polling (a Ctrl-C is then seen right after them).
 fn run<R: Send>(
     py: Python<'_>,
     threads: Option<usize>,
+    flops: f64,
     f: impl FnOnce(&Control) -> crate::Result<R> + Send,
 ) -> PyResult<R> {
     let pool = pool(threads)?;
     let ctl = Control::new();
+    if flops < POLL_ABOVE_FLOPS {
+        let res = py.detach(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| match pool.as_deref() {
+                Some(p) => p.install(|| f(&ctl)),
+                None => f(&ctl),
+            }))
+        });
+        return match res {
+            Ok(r) => r.map_err(|e| to_pyerr(py, e)),
+            Err(_) => Err(PyRuntimeError::new_err(
+                "fastrope: internal error (a Rust panic); please report it",
+            )),
+        };
+    }
     let mut interrupt: Option<PyErr> = None;
     let res = py.detach(|| {
         std::thread::scope(|scope| {
@@ -302,7 +324,7 @@ fn forward_typed<'py, T: Real + Element>(
         index: sp.bias_index.clone(),
     });
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let (out, lse) = run(py, threads, |ctl| {
+    let (out, lse) = run(py, threads, sp.prob.exact_flops(false), |ctl| {
         crate::exact::attention_forward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, ctl)
     })?;
     PyTuple::new(
@@ -347,7 +369,7 @@ fn backward_typed<'py, T: Real + Element>(
         threads: nthreads,
     };
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let g = run(py, threads, |ctl| {
+    let g = run(py, threads, sp.prob.exact_flops(true), |ctl| {
         crate::exact::attention_backward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl)
     })?;
     let none = || py.None().into_bound(py);
@@ -539,7 +561,7 @@ fn fast_typed<'py, T: Real + Element>(
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
-    let (call, res) = run(py, threads, |ctl| {
+    let (call, res) = run(py, threads, f64::INFINITY, |ctl| {
         let call = match given {
             Some((r, v_max)) => {
                 let from = BoundsFrom::Given { r, v_max };
@@ -752,7 +774,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
             "dout: needed to run the fast backward",
         ));
     }
-    let (call, res) = run(py, threads, |ctl| {
+    let (call, res) = run(py, threads, f64::INFINITY, |ctl| {
         let call = plan_fast_backward(
             &sp.prob,
             &pos,
