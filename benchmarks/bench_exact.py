@@ -97,8 +97,13 @@ def parse_args(argv=None):
         "group) took this many seconds (fast points get many samples: single calls on a shared "
         "VM slow down 2x now and then, for every library alike)",
     )
+    p.add_argument("--max-repeats", type=int, default=31, help="most samples taken to reach --fill")
     p.add_argument(
-        "--max-repeats", type=int, default=31, help="most samples taken to reach --fill"
+        "--prime-below",
+        type=float,
+        default=0.25,
+        help="calls shorter than this (s) are preceded by an untimed call of the same function, "
+        "so that they are timed with the cores awake (0: never)",
     )
     p.add_argument(
         "--budget",
@@ -315,6 +320,7 @@ def time_groups(a, fns):
                 a.settle,
                 fill=a.fill,
                 max_repeats=a.max_repeats,
+                prime_below=a.prime_below,
             )
             samples.update(s)
             first.update(f)
@@ -597,10 +603,14 @@ def numpy_point(a):
         reps = 3 if name == "numpy" else 9
         ts = []
         # OpenBLAS's threads spin after NumPy's matmuls (and would take a core from the next
-        # call): a pause first, and the settle gap before every call.
+        # call): a pause first, and the settle gap before every call. Short calls are primed
+        # by an untimed call, as in the grid (see `C.run_rounds`).
         time.sleep(0.5)
+        t0, _ = C.timed(fn)  # warm-up
         for _ in range(reps):
             time.sleep(a.settle)
+            if t0 < a.prime_below:
+                fn()
             t, outs[name] = C.timed(fn)
             ts.append(t)
         samples[name] = ts
@@ -737,7 +747,8 @@ def main(argv=None):
     C.log(
         f"# batch={a.batch} heads={a.heads} dtype={a.dtype} repeats={a.repeats} "
         f"(min {a.min_repeats}, budget {a.budget}s/point, more up to {a.max_repeats} within "
-        f"{a.fill}s of calls) ; times are medians; "
+        f"{a.fill}s of calls; calls under {a.prime_below}s primed by an untimed call) ; "
+        f"times are medians; "
         f"speedup = t_sdpa / t_fastrope"
     )
     C.log(progress_line(HEADER))
