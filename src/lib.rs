@@ -35,6 +35,12 @@ pub mod toeplitz;
 #[cfg(feature = "python")]
 mod python;
 
+/// The Python extension's allocator (see Cargo.toml): per-call buffers are reused instead of
+/// being mapped and page-faulted in on every call.
+#[cfg(feature = "python")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use error::{Error, Result};
 pub use position::{Bias, Position, RotaryW, SparseW};
 pub use problem::{Control, Problem};
