@@ -98,56 +98,49 @@ fn run<R: Send>(
 ) -> PyResult<R> {
     let pool = pool(threads)?;
     let ctl = Control::new();
-    if flops < POLL_ABOVE_FLOPS {
-        let res = py.detach(|| {
-            std::panic::catch_unwind(AssertUnwindSafe(|| match pool.as_deref() {
-                Some(p) => p.install(|| f(&ctl)),
-                None => f(&ctl),
-            }))
-        });
-        return match res {
-            Ok(r) => r.map_err(|e| to_pyerr(py, e)),
-            Err(_) => Err(PyRuntimeError::new_err(
-                "fastrope: internal error (a Rust panic); please report it",
-            )),
-        };
-    }
+    // `f` on the pool (or on this thread), a panic caught.
+    let work = |ctl: &Control| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| match pool.as_deref() {
+            Some(p) => p.install(|| f(ctl)),
+            None => f(ctl),
+        }))
+    };
     let mut interrupt: Option<PyErr> = None;
-    let res = py.detach(|| {
-        std::thread::scope(|scope| {
-            let (tx, rx) = mpsc::channel::<()>();
-            let ctl_ref = &ctl;
-            let pool = pool.as_deref();
-            let worker = scope.spawn(move || {
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| match pool {
-                    Some(p) => p.install(|| f(ctl_ref)),
-                    None => f(ctl_ref),
-                }));
-                let _ = tx.send(());
-                r
-            });
-            loop {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        if interrupt.is_none() {
-                            if let Err(e) = Python::attach(|py| py.check_signals()) {
-                                interrupt = Some(e);
-                                ctl.cancel();
+    let res = if flops < POLL_ABOVE_FLOPS {
+        py.detach(|| work(&ctl))
+    } else {
+        py.detach(|| {
+            std::thread::scope(|scope| {
+                let (tx, rx) = mpsc::channel::<()>();
+                let ctl_ref = &ctl;
+                let worker = scope.spawn(move || {
+                    let r = work(ctl_ref);
+                    let _ = tx.send(());
+                    r
+                });
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if interrupt.is_none() {
+                                if let Err(e) = Python::attach(|py| py.check_signals()) {
+                                    interrupt = Some(e);
+                                    ctl.cancel();
+                                }
                             }
                         }
                     }
                 }
-            }
-            worker.join()
+                worker.join().and_then(|r| r)
+            })
         })
-    });
+    };
     if let Some(e) = interrupt {
         return Err(e);
     }
     match res {
-        Ok(Ok(r)) => r.map_err(|e| to_pyerr(py, e)),
-        _ => Err(PyRuntimeError::new_err(
+        Ok(r) => r.map_err(|e| to_pyerr(py, e)),
+        Err(_) => Err(PyRuntimeError::new_err(
             "fastrope: internal error (a Rust panic); please report it",
         )),
     }
