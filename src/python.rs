@@ -307,6 +307,7 @@ fn forward_typed<'py, T: Real + Element>(
     bias: Option<&Bound<'py, PyAny>>,
     sp: &Spec,
     threads: Option<usize>,
+    check_kv: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let values: Option<PyReadonlyArray3<'py, T>> = values.map(|x| x.extract()).transpose()?;
@@ -318,7 +319,16 @@ fn forward_typed<'py, T: Real + Element>(
     });
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let (out, lse) = run(py, threads, sp.prob.exact_flops(false), |ctl| {
-        crate::exact::attention_forward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, ctl)
+        crate::exact::attention_forward_checked(
+            &sp.prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            ctl,
+            check_kv,
+        )
     })?;
     PyTuple::new(
         py,
@@ -380,7 +390,7 @@ fn backward_typed<'py, T: Real + Element>(
 
 /// Exact forward on canonical arrays; returns `(out, lse)`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, num_threads))]
+#[pyo3(signature = (q, k, v, shape, scale, causal, window, q_offset, k_offset, rotary, support, values, w_index, bias, bias_index, num_threads, check_kv=false))]
 #[allow(clippy::too_many_arguments)]
 fn exact_forward<'py>(
     py: Python<'py>,
@@ -400,6 +410,7 @@ fn exact_forward<'py>(
     bias: Option<&Bound<'py, PyAny>>,
     bias_index: Option<PyReadonlyArray1<'py, i64>>,
     num_threads: Option<usize>,
+    check_kv: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let sp = spec(
         shape, scale, causal, window, q_offset, k_offset, rotary, support, w_index, bias_index,
@@ -414,7 +425,8 @@ fn exact_forward<'py>(
         values,
         bias,
         &sp,
-        num_threads
+        num_threads,
+        check_kv
     )
 }
 

@@ -212,6 +212,7 @@ def prepare(
     k_offset: Any = 0,
     check_finite: bool = True,
     full_dense_support: bool = False,
+    defer_kv_check: bool = False,
 ) -> Call:
     q = as_float_array(q, "q")
     k = as_float_array(k, "k")
@@ -275,7 +276,9 @@ def prepare(
     rng = visible_delta_range(nq, nk, q_off - k_off, bool(causal), win)
 
     if check_finite:
-        for name, x in (("q", q), ("k", k), ("v", v)):
+        # With `defer_kv_check` the exact forward scans k and v in Rust (the rows some query
+        # can see; the decode path as it reads them): no boolean temporary, no second pass.
+        for name, x in (("q", q),) if defer_kv_check else (("q", q), ("k", k), ("v", v)):
             _check_finite(x, name)
 
     rotary = support = values = w_index = w_restore = None

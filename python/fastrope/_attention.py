@@ -49,9 +49,9 @@ def _finish_forward(call: Call, out4: np.ndarray, lse3: np.ndarray):
     return out, lse
 
 
-def _forward(call: Call, threads: Optional[int]):
+def _forward(call: Call, threads: Optional[int], check_kv: bool = False):
     out4, lse3 = _native.exact_forward(
-        call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads
+        call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads, check_kv=check_kv
     )
     return out4, lse3
 
@@ -104,7 +104,9 @@ def attention(
         memory_limit: bytes the working set may use (default: 80% of available memory);
             ``MemoryError`` is raised before allocating beyond it.
         return_lse: also return ``lse`` of shape ``(..., n_q)``.
-        check_finite: scan inputs for NaN/Inf and raise ``ValueError`` (default True).
+        check_finite: scan inputs for NaN/Inf and raise ``ValueError`` (default True).  Rows
+            of ``k`` and ``v`` that no query can see (causal, window) may go unscanned: the
+            exact forward reads and checks only the others.
         num_threads: threads to use (default: rayon's pool, ``RAYON_NUM_THREADS`` or all cores).
 
     Returns:
@@ -114,6 +116,8 @@ def attention(
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)
+    # The exact forward (what eps = 0 and method="exact" run) checks k and v natively.
+    native_kv_check = check_finite and (method == "exact" or eps == 0.0)
     call = prepare(
         q,
         k,
@@ -126,6 +130,7 @@ def attention(
         q_offset=q_offset,
         k_offset=k_offset,
         check_finite=check_finite,
+        defer_kv_check=native_kv_check,
     )
     p = _resolve(call, eps, method, memory_limit, False, threads)
     if p.method == "fast":
@@ -138,7 +143,7 @@ def attention(
                 raise
             out4, lse3 = _forward(call, threads)
     else:
-        out4, lse3 = _forward(call, threads)
+        out4, lse3 = _forward(call, threads, check_kv=native_kv_check)
     out, lse = _finish_forward(call, out4, lse3)
     return (out, lse) if return_lse else out
 

@@ -38,6 +38,7 @@ def exact_forward(
     bias: Optional[np.ndarray],
     bias_index: Optional[np.ndarray],
     num_threads: Optional[int],
+    check_kv: bool = False,
 ) -> Tuple[np.ndarray, np.ndarray]: ...
 def exact_backward(
     q: np.ndarray,

@@ -13,7 +13,7 @@
 use super::kernel::Epilogue;
 use super::kernel::{self, round_up};
 use super::lanes::{Lanes, LanesTask};
-use super::{column_panels, sparse, Shared};
+use super::{column_panels, decode, sparse, Shared};
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
@@ -55,6 +55,23 @@ pub fn attention_forward<'a, T: Real>(
     v: ArrayView4<'_, T>,
     ctl: &Control,
 ) -> Result<(Array4<T>, Array3<T>)> {
+    attention_forward_checked(prob, pos, bias, q, k, v, ctl, false)
+}
+
+/// [`attention_forward`], and with `check_kv` an error naming `k` or `v` when a row of it that
+/// some query can see holds a NaN or an Inf (the decode path checks as it reads, see
+/// [`decode`](super::decode); the GEMM path scans those rows first).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_checked<'a, T: Real>(
+    prob: &Problem,
+    pos: &Position<'a, T>,
+    bias: Option<&Bias<'a, T>>,
+    q: ArrayView4<'_, T>,
+    k: ArrayView4<'_, T>,
+    v: ArrayView4<'_, T>,
+    ctl: &Control,
+    check_kv: bool,
+) -> Result<(Array4<T>, Array3<T>)> {
     check_shapes(prob, &q, &k, &v)?;
     pos.validate(prob)?;
     if let Some(b) = bias {
@@ -67,6 +84,16 @@ pub fn attention_forward<'a, T: Real>(
         return Ok((out, lse));
     }
     let mut sh = Shared::new(prob, pos, bias, false);
+    if decode::applies(nq, pos) {
+        decode::forward(&sh, &q, &k, &v, ctl, check_kv, &mut out, &mut lse)?;
+        return Ok((out, lse));
+    }
+    if check_kv {
+        if let Some((j0, j1)) = sh.visible_keys(0, nq, 0, prob.nk, 1) {
+            decode::check_rows("k", &k, j0, j1)?;
+            decode::check_rows("v", &v, j0, j1)?;
+        }
+    }
     sh.pack_keys(&k);
     let nr = sh.tiles.nr;
     // The `B` operand of `P V`: each head of `v` itself when its rows are contiguous and a

@@ -45,6 +45,17 @@ pub trait Lanes: Copy + Send + Sync + 'static {
     /// `e^x` per lane (module docs).
     unsafe fn exp(x: Self::V) -> Self::V;
 
+    /// Lanes `(2m, 2m + 1)` swapped (a rotary pair's partner).
+    #[inline(always)]
+    unsafe fn swap_pairs(x: Self::V) -> Self::V {
+        let mut buf = [Self::E::zero(); 16];
+        Self::store(buf.as_mut_ptr(), x);
+        for m in 0..Self::W / 2 {
+            buf.swap(2 * m, 2 * m + 1);
+        }
+        Self::load(buf.as_ptr())
+    }
+
     /// Whether [`Lanes::window`] is a single in-register shuffle (else callers load instead).
     const FAST_WINDOW: bool = false;
     /// Lanes `n..W` of `lo` then lanes `0..n` of `hi`: the register starting `n` lanes into the
@@ -333,6 +344,10 @@ mod x86 {
             _mm512_min_ps(a, b)
         }
         #[inline(always)]
+        unsafe fn swap_pairs(x: Self::V) -> Self::V {
+            _mm512_permute_ps::<0b10_11_00_01>(x)
+        }
+        #[inline(always)]
         unsafe fn hsum(v: __m512) -> f32 {
             _mm512_reduce_add_ps(v)
         }
@@ -417,6 +432,10 @@ mod x86 {
             _mm512_min_pd(a, b)
         }
         #[inline(always)]
+        unsafe fn swap_pairs(x: Self::V) -> Self::V {
+            _mm512_permute_pd::<0b0101_0101>(x)
+        }
+        #[inline(always)]
         unsafe fn hsum(v: __m512d) -> f64 {
             _mm512_reduce_add_pd(v)
         }
@@ -493,6 +512,10 @@ mod x86 {
             _mm256_min_ps(a, b)
         }
         #[inline(always)]
+        unsafe fn swap_pairs(x: Self::V) -> Self::V {
+            _mm256_permute_ps::<0b10_11_00_01>(x)
+        }
+        #[inline(always)]
         unsafe fn hsum(v: __m256) -> f32 {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -555,6 +578,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn min(a: __m256d, b: __m256d) -> __m256d {
             _mm256_min_pd(a, b)
+        }
+        #[inline(always)]
+        unsafe fn swap_pairs(x: Self::V) -> Self::V {
+            _mm256_permute_pd::<0b0101>(x)
         }
         #[inline(always)]
         unsafe fn hsum(v: __m256d) -> f64 {

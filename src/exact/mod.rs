@@ -20,6 +20,7 @@
 //! columns of every row, `[c / NR][j][c % NR]` (the `B` operand of `P V`). Both are zero-padded.
 
 pub mod backward;
+pub(crate) mod decode;
 pub mod forward;
 pub mod kernel;
 // The AVX-512 intrinsics in `lanes` are stable from Rust 1.89 (the crate's `rust-version`).
@@ -28,7 +29,7 @@ pub(crate) mod rotate;
 pub(crate) mod sparse;
 
 pub use backward::attention_backward;
-pub use forward::attention_forward;
+pub use forward::{attention_forward, attention_forward_checked};
 
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::Problem;

@@ -111,6 +111,91 @@ impl<'r> Rotator<'r> {
         T::with_lanes(crate::simd::isa(), task)
     }
 
+    /// Whether every frequency is 0 (`w=None`: the rotation is the identity).
+    pub fn is_identity(&self) -> bool {
+        self.r.theta.iter().all(|&t| t == 0.0)
+    }
+
+    /// The lane distance of the pairs: 1 for interleaved `(2m, 2m + 1)`, `d/2` for half
+    /// `(m, m + d/2)`, `None` for any other layout.
+    pub fn pair_distance(&self) -> Option<usize> {
+        match self.layout {
+            Layout::Interleaved => Some(1),
+            Layout::Half => Some(self.r.theta.len()),
+            Layout::General => None,
+        }
+    }
+
+    /// The partner of every element of a row (`r_m` of `p_m` and `p_m` of `r_m`).
+    pub fn partners(&self) -> Vec<usize> {
+        let mut out = vec![0; 2 * self.r.pairs.len()];
+        for &(p, r) in &self.r.pairs {
+            out[p] = r;
+            out[r] = p;
+        }
+        out
+    }
+
+    /// The rotation of rows `offset..offset + n` (times `mult`) as two `n x d` tables, rounded
+    /// to `T` once: `c[p_m] = c[r_m] = cos φ_m`, `s[p_m] = -sin φ_m`, `s[r_m] = sin φ_m`, so that
+    /// the rotated row is `x' = x ∘ c + x[partner] ∘ s`.
+    #[inline(always)]
+    pub fn table<T: Real>(&self, offset: i64, n: usize, mult: f64, c: &mut [T], s: &mut [T]) {
+        let h = self.r.theta.len();
+        let d = 2 * h;
+        let (mut ca, mut sa) = (vec![1.0; h], vec![0.0; h]);
+        let (mut cm, mut sm) = (vec![0.0; h], vec![0.0; h]);
+        let mut have = None;
+        for i in 0..n {
+            let pos = offset + i as i64;
+            let (a, b) = (pos.div_euclid(B), pos.rem_euclid(B) as usize);
+            if have != Some(a) {
+                for ((c, s), &th) in ca.iter_mut().zip(sa.iter_mut()).zip(&self.r.theta) {
+                    (*s, *c) = ((a * B) as f64 * th).sin_cos();
+                }
+                have = Some(a);
+            }
+            let (fc, fs) = (
+                &self.fine_c[b * h..(b + 1) * h],
+                &self.fine_s[b * h..(b + 1) * h],
+            );
+            for m in 0..h {
+                cm[m] = mult * (ca[m] * fc[m] - sa[m] * fs[m]);
+                sm[m] = mult * (sa[m] * fc[m] + ca[m] * fs[m]);
+            }
+            let (co, so) = (&mut c[i * d..(i + 1) * d], &mut s[i * d..(i + 1) * d]);
+            match self.layout {
+                Layout::Interleaved => {
+                    for m in 0..h {
+                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
+                        co[2 * m] = cv;
+                        co[2 * m + 1] = cv;
+                        so[2 * m] = -sv;
+                        so[2 * m + 1] = sv;
+                    }
+                }
+                Layout::Half => {
+                    for m in 0..h {
+                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
+                        co[m] = cv;
+                        co[m + h] = cv;
+                        so[m] = -sv;
+                        so[m + h] = sv;
+                    }
+                }
+                Layout::General => {
+                    for (m, &(p, r)) in self.r.pairs.iter().enumerate() {
+                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
+                        co[p] = cv;
+                        co[r] = cv;
+                        so[p] = -sv;
+                        so[r] = sv;
+                    }
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     fn rotate_body<T: Real>(
         &self,
