@@ -139,11 +139,24 @@ impl Problem {
 #[derive(Debug, Default)]
 pub struct Control {
     cancel: AtomicBool,
+    serial: bool,
 }
 
 impl Control {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A control for a call that runs on the calling thread alone (kernels that would split
+    /// their work over rayon's pool iterate instead).
+    pub fn serial() -> Self {
+        Self {
+            serial: true,
+            ..Self::default()
+        }
+    }
+    #[inline]
+    pub fn is_serial(&self) -> bool {
+        self.serial
     }
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);

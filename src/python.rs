@@ -54,7 +54,9 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
 /// `RAYON_NUM_THREADS`).
 fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
     let Some(n) = n else { return Ok(None) };
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // `available_parallelism` reads the cgroup files on Linux (~30 us): once per process.
+    static CORES: OnceLock<usize> = OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()));
     let limit = (4 * cores).max(64);
     if n == 0 || n > limit {
         return Err(PyValueError::new_err(format!(
@@ -89,20 +91,28 @@ const POLL_ABOVE_FLOPS: f64 = 2e8;
 /// on a pending signal the kernels are told to stop at their next tile and the signal's
 /// exception is raised. A panic becomes a `RuntimeError`, never an abort of the interpreter.
 /// `flops` estimates the work: short calls (below [`POLL_ABOVE_FLOPS`]) run on the calling
-/// thread with no polling (a Ctrl-C is then seen right after them).
+/// thread with no polling (a Ctrl-C is then seen right after them). A `serial` call (a small
+/// decode step, [`crate::exact::decode`]) does not use the pool either: its kernels iterate.
 fn run<R: Send>(
     py: Python<'_>,
     threads: Option<usize>,
     flops: f64,
+    serial: bool,
     f: impl FnOnce(&Control) -> crate::Result<R> + Send,
 ) -> PyResult<R> {
     let pool = pool(threads)?;
-    let ctl = Control::new();
-    // `f` on the pool (or on this thread), a panic caught.
+    let ctl = if serial {
+        Control::serial()
+    } else {
+        Control::new()
+    };
+    // `f` on the pool (or on this thread), a panic caught. A serial call stays on this thread
+    // whatever the pool: handing it to a pool and back costs two thread wake-ups, 70-100 us on
+    // this VM, more than a small decode step takes.
     let work = |ctl: &Control| {
         std::panic::catch_unwind(AssertUnwindSafe(|| match pool.as_deref() {
-            Some(p) => p.install(|| f(ctl)),
-            None => f(ctl),
+            Some(p) if !serial => p.install(|| f(ctl)),
+            _ => f(ctl),
         }))
     };
     let mut interrupt: Option<PyErr> = None;
@@ -318,7 +328,8 @@ fn forward_typed<'py, T: Real + Element>(
         index: sp.bias_index.clone(),
     });
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let (out, lse) = run(py, threads, sp.prob.exact_flops(false), |ctl| {
+    let serial = crate::exact::decode::runs_serial(&sp.prob, &pos);
+    let (out, lse) = run(py, threads, sp.prob.exact_flops(false), serial, |ctl| {
         crate::exact::attention_forward_checked(
             &sp.prob,
             &pos,
@@ -372,7 +383,7 @@ fn backward_typed<'py, T: Real + Element>(
         threads: nthreads,
     };
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let g = run(py, threads, sp.prob.exact_flops(true), |ctl| {
+    let g = run(py, threads, sp.prob.exact_flops(true), false, |ctl| {
         crate::exact::attention_backward(&sp.prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl)
     })?;
     let none = || py.None().into_bound(py);
@@ -566,7 +577,7 @@ fn fast_typed<'py, T: Real + Element>(
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
-    let (call, res) = run(py, threads, f64::INFINITY, |ctl| {
+    let (call, res) = run(py, threads, f64::INFINITY, false, |ctl| {
         let call = match given {
             Some((r, v_max)) => {
                 let from = BoundsFrom::Given { r, v_max };
@@ -779,7 +790,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
             "dout: needed to run the fast backward",
         ));
     }
-    let (call, res) = run(py, threads, f64::INFINITY, |ctl| {
+    let (call, res) = run(py, threads, f64::INFINITY, false, |ctl| {
         let call = plan_fast_backward(
             &sp.prob,
             &pos,

@@ -14,6 +14,7 @@ the table axis) broadcast against the leading dims of ``q`` (per-head position m
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -42,10 +43,19 @@ def rotary_pairs(d: int, layout: str = "interleaved") -> np.ndarray:
     _check_layout(layout)
     if d % 2:
         raise ValueError(f"d: rotary position matrices need an even head dim, got d={d}")
+    return _pairs(int(d), layout).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(d: int, layout: str) -> np.ndarray:
+    """:func:`rotary_pairs`, built once per (d, layout) and read-only (every call needs it)."""
     m = np.arange(d // 2, dtype=np.int64)
     if layout == "interleaved":
-        return np.stack([2 * m, 2 * m + 1], axis=1)
-    return np.stack([m, m + d // 2], axis=1)
+        p = np.stack([2 * m, 2 * m + 1], axis=1)
+    else:
+        p = np.stack([m, m + d // 2], axis=1)
+    p.flags.writeable = False
+    return p
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,10 @@ class Rotary:
         return rotary_frequencies(d, float(self.base), self.scaling, max_position)
 
     def pairs(self, d: int) -> np.ndarray:
-        return rotary_pairs(d, self.layout)
+        """:func:`rotary_pairs` of this layout, read-only (shared by every call)."""
+        if d % 2:
+            return rotary_pairs(d, self.layout)  # raises the odd-d error
+        return _pairs(int(d), _check_layout(self.layout))
 
 
 @dataclass(frozen=True, eq=False)

@@ -32,7 +32,8 @@ use rayon::prelude::*;
 pub(crate) const MAX_ROWS: usize = 4;
 /// Keys per chunk: scores, rotated keys and their table stay in L1.
 const CHUNK: usize = 64;
-/// The shortest span of keys a unit takes when a call has too few kv heads to fill the threads.
+/// The shortest span of keys a unit takes when a call has too few kv heads to fill the threads
+/// (a quarter of it when the keys are rotated).
 const MIN_SPAN: usize = 512;
 /// The largest rotation table of one unit (cos and sin of its span of keys): in L2.
 const TABLE_BYTES: usize = 256 << 10;
@@ -63,6 +64,18 @@ const PAD: usize = 16;
 /// Whether a forward call takes the decode path.
 pub(crate) fn applies<T>(nq: usize, pos: &Position<'_, T>) -> bool {
     matches!(pos, Position::Rotary(_)) && nq <= MAX_ROWS
+}
+
+/// Bytes of `k` and `v` below which a decode call is best run on the calling thread alone: waking
+/// pool threads costs more than the work (see `python.rs`).
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) const SERIAL_BYTES: usize = 1 << 20;
+
+/// Whether a forward call is a decode call small enough for [`SERIAL_BYTES`].
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) fn runs_serial<T>(prob: &crate::problem::Problem, pos: &Position<'_, T>) -> bool {
+    let bytes = prob.batch * prob.hk * prob.nk * (prob.d + prob.dv) * std::mem::size_of::<T>();
+    applies(prob.nq, pos) && bytes < SERIAL_BYTES
 }
 
 /// The running softmax state of the rows of one kv head over one span: maxima, sums,
@@ -123,14 +136,20 @@ pub(crate) fn forward<T: Real>(
     // Units: spans of keys times blocks of kv heads, about 4 per thread. A unit builds the
     // rotation table of its span once for all of its heads (so a span's table stays within
     // TABLE_BYTES), and walks its heads one after the other.
-    let target = 4 * rayon::current_num_threads().max(1);
+    let target = if ctl.is_serial() {
+        1
+    } else {
+        4 * rayon::current_num_threads().max(1)
+    };
     let max_span = if identity {
         nk
     } else {
         (TABLE_BYTES / (2 * d * std::mem::size_of::<T>())).max(CHUNK) / CHUNK * CHUNK
     };
+    // Rotating calls split the keys finer: each head block rebuilds its span's table.
+    let min_span = if identity { MIN_SPAN } else { MIN_SPAN / 4 };
     let splits = target
-        .min(nk.div_ceil(MIN_SPAN))
+        .min(nk.div_ceil(min_span))
         .max(nk.div_ceil(max_span))
         .max(1);
     let span = round_up(nk.div_ceil(splits), CHUNK);
@@ -138,26 +157,31 @@ pub(crate) fn forward<T: Real>(
     let hblock = heads.div_ceil(target.div_ceil(splits).min(heads));
     let hblocks = heads.div_ceil(hblock);
     let partners = rot.partners();
-    let units: Vec<UnitOut<T>> = (0..splits * hblocks)
-        .into_par_iter()
-        .map(|unit| {
-            let (split, hb) = (unit / hblocks, unit % hblocks);
-            let ja = split * span;
-            let task = Span {
-                sh,
-                qs: &qs,
-                k,
-                v,
-                heads: hb * hblock..heads.min((hb + 1) * hblock),
-                ja,
-                jb: nk.min(ja + span),
-                partners: &partners,
-                ctl,
-                check,
-            };
-            T::with_lanes(sh.isa, task)
-        })
-        .collect();
+    let unit_out = |unit: usize| {
+        let (split, hb) = (unit / hblocks, unit % hblocks);
+        let ja = split * span;
+        let task = Span {
+            sh,
+            qs: &qs,
+            k,
+            v,
+            heads: hb * hblock..heads.min((hb + 1) * hblock),
+            ja,
+            jb: nk.min(ja + span),
+            partners: &partners,
+            ctl,
+            check,
+        };
+        T::with_lanes(sh.isa, task)
+    };
+    let units: Vec<UnitOut<T>> = if ctl.is_serial() {
+        (0..splits * hblocks).map(unit_out).collect()
+    } else {
+        (0..splits * hblocks)
+            .into_par_iter()
+            .map(unit_out)
+            .collect()
+    };
     ctl.check()?;
     if check {
         if units.iter().any(|u| u.bad_k) {
@@ -376,21 +400,30 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                         }
                         let at = (c0 - j0 + jj) * d;
                         let (tcr, tsr) = (tc.as_ptr().add(at), ts.as_ptr().add(at));
-                        let mut p = 0;
-                        while p < vec_rot {
-                            let x = L::load(src.add(p));
-                            let y = match dist {
-                                Some(1) => L::swap_pairs(x),
-                                Some(hd) if p < hd => L::load(src.add(p + hd)),
-                                Some(hd) => L::load(src.add(p - hd)),
-                                None => unreachable!("vec_rot is 0 for a general layout"),
-                            };
-                            if u.check {
-                                zkv = L::fma(x, z0, zkv);
-                            }
+                        // x' = x c + partner(x) s, a vector at a time.
+                        let rotate = |p: usize, x: L::V, y: L::V| {
                             let t = L::mul(y, L::load(tsr.add(p)));
                             L::store(dst.add(p), L::fma(x, L::load(tcr.add(p)), t));
-                            p += w;
+                        };
+                        let mut p = 0;
+                        if dist == Some(1) {
+                            while p < vec_rot {
+                                let x = L::load(src.add(p));
+                                zkv = L::fma(x, z0, zkv);
+                                rotate(p, x, L::swap_pairs(x));
+                                p += w;
+                            }
+                        } else if let Some(hd) = dist {
+                            while p < vec_rot {
+                                let (x, y) = if p < hd {
+                                    (L::load(src.add(p)), L::load(src.add(p + hd)))
+                                } else {
+                                    (L::load(src.add(p)), L::load(src.add(p - hd)))
+                                };
+                                zkv = L::fma(x, z0, zkv);
+                                rotate(p, x, y);
+                                p += w;
+                            }
                         }
                         for c in p..d {
                             let x = *src.add(c);

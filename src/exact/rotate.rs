@@ -8,6 +8,7 @@
 use super::lanes::{Lanes, LanesTask};
 use crate::position::RotaryW;
 use crate::real::Real;
+use std::sync::{Arc, Mutex};
 
 /// Rows per coarse angle.
 const B: i64 = 64;
@@ -22,27 +23,56 @@ enum Layout {
     General,
 }
 
+/// `cos(b θ_m)`, `sin(b θ_m)` at `b * h + m` (`0 <= b < B`).
+struct Fine {
+    c: Vec<f64>,
+    s: Vec<f64>,
+}
+
+/// The fine tables of the last few frequency vectors: a generation loop calls with the same
+/// `θ` every step, and the `B h` sines and cosines were a tenth of a short call's time.
+static FINE: Mutex<Vec<(Vec<u64>, Arc<Fine>)>> = Mutex::new(Vec::new());
+const FINE_CACHED: usize = 8;
+
+fn fine_table(theta: &[f64]) -> Arc<Fine> {
+    let key: Vec<u64> = theta.iter().map(|t| t.to_bits()).collect();
+    // A poisoned lock only means another thread panicked mid-update: rebuild the table.
+    if let Ok(cache) = FINE.lock() {
+        if let Some((_, f)) = cache.iter().find(|(k, _)| *k == key) {
+            return f.clone();
+        }
+    }
+    let h = theta.len();
+    let mut c = Vec::with_capacity(B as usize * h);
+    let mut s = Vec::with_capacity(B as usize * h);
+    for b in 0..B {
+        for &th in theta {
+            let (sn, cs) = (b as f64 * th).sin_cos();
+            c.push(cs);
+            s.push(sn);
+        }
+    }
+    let f = Arc::new(Fine { c, s });
+    if let Ok(mut cache) = FINE.lock() {
+        if cache.len() == FINE_CACHED {
+            cache.remove(0);
+        }
+        cache.push((key, f.clone()));
+    }
+    f
+}
+
 /// The fine table of a [`RotaryW`].
 pub(crate) struct Rotator<'r> {
     r: &'r RotaryW,
     layout: Layout,
-    /// `cos(b θ_m)`, `sin(b θ_m)` at `b * h + m`.
-    fine_c: Vec<f64>,
-    fine_s: Vec<f64>,
+    fine: Arc<Fine>,
 }
 
 impl<'r> Rotator<'r> {
     pub fn new(r: &'r RotaryW) -> Self {
         let h = r.theta.len();
-        let mut fine_c = Vec::with_capacity(B as usize * h);
-        let mut fine_s = Vec::with_capacity(B as usize * h);
-        for b in 0..B {
-            for &th in &r.theta {
-                let (s, c) = (b as f64 * th).sin_cos();
-                fine_c.push(c);
-                fine_s.push(s);
-            }
-        }
+        let fine = fine_table(&r.theta);
         let layout = if r
             .pairs
             .iter()
@@ -55,12 +85,7 @@ impl<'r> Rotator<'r> {
         } else {
             Layout::General
         };
-        Self {
-            r,
-            layout,
-            fine_c,
-            fine_s,
-        }
+        Self { r, layout, fine }
     }
 
     /// Rotates `n` rows of `d` elements (row `i` at `rows[i * ld..]`, position `offset + i`) and
@@ -156,12 +181,19 @@ impl<'r> Rotator<'r> {
                 have = Some(a);
             }
             let (fc, fs) = (
-                &self.fine_c[b * h..(b + 1) * h],
-                &self.fine_s[b * h..(b + 1) * h],
+                &self.fine.c[b * h..(b + 1) * h],
+                &self.fine.s[b * h..(b + 1) * h],
             );
-            for m in 0..h {
-                cm[m] = mult * (ca[m] * fc[m] - sa[m] * fs[m]);
-                sm[m] = mult * (sa[m] * fc[m] + ca[m] * fs[m]);
+            for (((((c, s), &xc), &xs), &yc), &ys) in cm
+                .iter_mut()
+                .zip(sm.iter_mut())
+                .zip(&ca)
+                .zip(&sa)
+                .zip(fc)
+                .zip(fs)
+            {
+                *c = mult * (xc * yc - xs * ys);
+                *s = mult * (xs * yc + xc * ys);
             }
             let (co, so) = (&mut c[i * d..(i + 1) * d], &mut s[i * d..(i + 1) * d]);
             match self.layout {
@@ -221,8 +253,8 @@ impl<'r> Rotator<'r> {
                 have = Some(a);
             }
             let (fc, fs) = (
-                &self.fine_c[b * h..(b + 1) * h],
-                &self.fine_s[b * h..(b + 1) * h],
+                &self.fine.c[b * h..(b + 1) * h],
+                &self.fine.s[b * h..(b + 1) * h],
             );
             for ((((c, s), (&xc, &xs)), &yc), &ys) in cc
                 .iter_mut()

@@ -972,3 +972,28 @@ fn finiteness_check_names_the_array_and_skips_unseen_rows() {
         }
     }
 }
+
+#[test]
+fn decode_on_the_calling_thread_matches_the_pool() {
+    use super::attention_forward_checked;
+    let prob = Problem {
+        dv: 8,
+        causal: true,
+        q_offset: 1999,
+        ..problem(1, 2000, 16, 4, 2)
+    };
+    let pos = Position::Rotary(rotary_layout(16, "interleaved", 1.0));
+    let mut rng = Rng(11);
+    let q = rng.array4((2, 4, 1, 16));
+    let k = rng.array4((2, 2, 2000, 16));
+    let v = rng.array4((2, 2, 2000, 8));
+    let run = |ctl: &Control| {
+        attention_forward_checked(&prob, &pos, None, q.view(), k.view(), v.view(), ctl, true)
+            .unwrap()
+    };
+    // One span per kv head against several spans merged.
+    let (a, la) = run(&Control::serial());
+    let (b, lb) = run(&Control::new());
+    assert!(max_diff(&a, &b) < 1e-13, "{}", max_diff(&a, &b));
+    assert!(la.iter().zip(lb.iter()).all(|(x, y)| (x - y).abs() < 1e-13));
+}

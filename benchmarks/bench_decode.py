@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Benchmark a generation step (one query row per head against a KV cache of ``n_k`` keys):
+fastrope's decode path against PyTorch's ``scaled_dot_product_attention``.
+
+For each cache length and head configuration, timed in interleaved rounds (one call of each per
+round, a settle gap before every call, short calls primed by an untimed call; see
+``_common.run_rounds``):
+
+* ``rotary``: ``fastrope.attention(q, k, v, Rotary(), causal=True, q_offset=n_k - 1)`` on the
+  cache as stored by fastrope's :class:`fastrope.torch.KVCache`: keys *not* rotated (fastrope
+  rotates every cached key in each call);
+* ``none``: ``fastrope.attention(q_rot, k_rot, v, None, ...)``: the cache holds rotated keys
+  (as Hugging Face's does) and fastrope runs plain attention;
+* ``torch``: the PyTorch adapter, ``fastrope.torch.attention(q, k, v, Rotary(), ...)`` on tensors
+  (the custom op, as inside :class:`fastrope.torch.RopeAttention`);
+* ``sdpa``: ``scaled_dot_product_attention(q_rot, k_rot, v)`` under ``inference_mode`` (no mask:
+  one query sees the whole cache), with ``enable_gqa=True`` for grouped heads.
+
+All in float32, batch 1, ``--threads`` threads for both libraries. Reports medians and
+``sdpa / fastrope`` (above 1: fastrope is faster), and checks every output against SDPA's.
+
+Example::
+
+    PYTHONPATH=python python benchmarks/bench_decode.py --json benchmarks/decode_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+HEADER = ["n_k", "heads", "d", "rotary ms", "none ms", "torch ms", "sdpa ms"]
+HEADER += ["sdpa/rotary", "sdpa/none", "sdpa/torch", "max|diff|", "reps", "load1"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nk", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=["8/8/64", "32/8/128"],
+        help="query heads / kv heads / head dim (default: 8 heads of 64, and Llama-3-8B's "
+        "32 query heads sharing 8 kv heads of 128)",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=31)
+    p.add_argument("--budget", type=float, default=8.0, help="seconds per point")
+    p.add_argument("--settle", type=float, default=0.02)
+    p.add_argument("--prime-below", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--no-snapshot", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.nk, a.heads, a.repeats, a.budget = [256, 1024], ["4/2/64"], 5, 2.0
+    return a
+
+
+def bench_point(a, nk, hq, hk, d, torch):
+    import fastrope
+    import fastrope.torch as ft
+
+    rng = np.random.default_rng(a.seed)
+    q = rng.standard_normal((1, hq, 1, d)).astype(np.float32)
+    k = rng.standard_normal((1, hk, nk, d)).astype(np.float32)
+    v = rng.standard_normal((1, hk, nk, d)).astype(np.float32)
+    angles = C.rope_angles(nk, d)
+    qr = C.rotate_interleaved(q, angles[nk - 1 :])
+    kr = C.rotate_interleaved(k, angles)
+    w = fastrope.Rotary()
+    T = a.threads
+    tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+    tqr, tkr = torch.from_numpy(qr), torch.from_numpy(kr)
+    F = torch.nn.functional
+    gqa = {"enable_gqa": True} if hq != hk else {}
+
+    def sdpa():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(tqr, tkr, tv, **gqa)
+
+    def adapter():
+        with torch.inference_mode():
+            return ft.attention(tq, tk, tv, w, causal=True, q_offset=nk - 1, num_threads=T)
+
+    fns = {
+        "rotary": lambda: fastrope.attention(
+            q, k, v, w, causal=True, q_offset=nk - 1, num_threads=T
+        ),
+        "none": lambda: fastrope.attention(
+            qr, kr, v, None, causal=True, q_offset=nk - 1, num_threads=T
+        ),
+        "torch": adapter,
+        "sdpa": sdpa,
+    }
+    load0 = C.loadavg()
+    samples, first = C.run_rounds(
+        fns,
+        repeats=a.repeats,
+        min_repeats=5,
+        budget=a.budget,
+        warmup_below=1.0,
+        settle=a.settle,
+        prime_below=a.prime_below,
+    )
+    ref = first["sdpa"].numpy()
+    diff = max(
+        float(np.max(np.abs(np.asarray(first[n], np.float64) - ref)))
+        for n in ("rotary", "none", "torch")
+    )
+    med = {n: C.median(s) for n, s in samples.items()}
+    rec = {
+        "n_k": nk,
+        "hq": hq,
+        "hk": hk,
+        "d": d,
+        "threads": T,
+        "samples_s": samples,
+        "median_s": med,
+        "sdpa_over": {n: med["sdpa"] / med[n] for n in ("rotary", "none", "torch")},
+        "max_abs_diff_vs_sdpa": diff,
+        "loadavg": [load0, C.loadavg()],
+    }
+    row = [nk, f"{hq}/{hk}", d]
+    row += [f"{med[n] * 1e3:.3f}" for n in ("rotary", "none", "torch", "sdpa")]
+    row += [f"{rec['sdpa_over'][n]:.2f}x" for n in ("rotary", "none", "torch")]
+    row += [f"{diff:.1e}", str(min(len(s) for s in samples.values())), str((load0 or ["-"])[0])]
+    C.log(" | ".join(str(x) for x in row))
+    return rec, row
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    snap = None if a.no_snapshot else C.snapshot_package("fastrope")
+    import fastrope
+
+    torch = C.try_torch()
+    if torch is None:
+        C.log("torch is needed for this benchmark (pip install torch)")
+        return 1
+    C.set_threads(a.threads)
+    machine = C.machine_info(a.threads)
+    machine["package"] = snap or {"source": os.path.dirname(fastrope.__file__)}
+    C.log(f"# fastrope decode benchmark  {machine['date']}")
+    C.log(
+        f"# cpu: {machine['cpu']}, {machine['logical_cores']} logical cores, threads={a.threads}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"loadavg={machine['loadavg_start']}; batch 1, float32, one query row per head; "
+        "times are medians, ratios = t_sdpa / t"
+    )
+    C.log(" | ".join(HEADER))
+    records, rows = [], []
+    t0 = time.perf_counter()
+    for spec in a.heads:
+        hq, hk, d = (int(x) for x in spec.split("/"))
+        for nk in a.nk:
+            rec, row = bench_point(a, nk, hq, hk, d, torch)
+            records.append(rec)
+            rows.append(row)
+    machine["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    machine["loadavg_end"] = C.loadavg()
+    C.log(f"# done in {machine['elapsed_s']:.0f} s; loadavg at end {machine['loadavg_end']}")
+    table = C.format_table(HEADER, rows, markdown=True)
+    C.log("")
+    C.log(table)
+    config = {k: v for k, v in vars(a).items() if k not in ("json", "markdown")}
+    if a.json:
+        C.save_json(a.json, {"machine": machine, "config": config, "records": records})
+        C.log(f"# wrote {a.json}")
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
