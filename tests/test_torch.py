@@ -237,6 +237,69 @@ def test_rope_attention_module_kv_cache_and_gqa(rng):
     torch.testing.assert_close(ident(q, k, v), plain)
 
 
+@pytest.mark.parametrize(
+    "w",
+    [
+        fastrope.Rotary(base=100.0),
+        fastrope.Rotary(base=500000.0, layout="half"),
+        fastrope.Rotary(
+            layout="half",
+            scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+    ],
+    ids=["interleaved", "half", "yarn"],
+)
+def test_rotate_then_plain_attention_equals_rotary(rng, w):
+    """``rotate`` applies fastrope's rotation (with YaRN's attention factor): plain attention on
+    rotated q and k equals Rotary attention, forward and gradients."""
+    q, k, v = (_t(x, grad=True) for x in make_qkv(rng, (2, 4), 5, 9, 8, 3, group=2))
+    kw = dict(causal=True, q_offset=30, k_offset=26)
+    want = ft.attention(q, k, v, w, **kw)
+    got = ft.attention(ft.rotate(q, w, 30), ft.rotate(k, w, 26), v, None, **kw)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(want.square().sum(), (q, k, v))
+    g2 = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_kv_cache_holds_rotated_keys_for_rotary_modules(rng):
+    """A Rotary module's cache stores rotated keys (one rotation per key, w=None per step) and
+    decodes like one causal call; a BlockW module's and a dynamic-NTK module's stay unrotated;
+    a cache cannot change module kind or k_offset."""
+    q, k, v = (_t(x) for x in make_qkv(rng, (1, 4), 6, 6, 8, 4, group=2))
+    w = fastrope.Rotary(base=100.0)
+    rot = ft.RopeAttention(w)
+    full = rot(q, k, v, k_offset=3)
+    cache = ft.KVCache()
+    steps = [rot(q[..., i : i + 1, :], k[..., i : i + 1, :], v[..., i : i + 1, :], cache=cache,
+                 k_offset=3) for i in range(6)]  # fmt: skip
+    torch.testing.assert_close(torch.cat(steps, dim=-2), full)
+    assert cache.rotated and cache.k_offset == 3
+    torch.testing.assert_close(cache.k, ft.rotate(k, w, 3))
+    with pytest.raises(ValueError, match="k_offset: the cache's keys start at position 3"):
+        rot(q[..., :1, :], k[..., :1, :], v[..., :1, :], cache=cache)
+    blk = ft.RopeAttention("block", head_dim=8, max_len=16, base=100.0).double()
+    with pytest.raises(ValueError, match="cache: it holds rotated keys"):
+        blk(q[..., :1, :], k[..., :1, :], v[..., :1, :], cache=cache, k_offset=3)
+    bcache = ft.KVCache()
+    blk(q[..., :2, :], k[..., :2, :], v[..., :2, :], cache=bcache)
+    assert bcache.rotated is False
+    torch.testing.assert_close(bcache.k, k[..., :2, :])
+    dyn = ft.RopeAttention(
+        fastrope.Rotary(scaling={"rope_type": "dynamic", "factor": 2.0,
+                                 "original_max_position_embeddings": 4})
+    )  # fmt: skip
+    dcache = ft.KVCache()
+    steps = [dyn(q[..., i : i + 1, :], k[..., i : i + 1, :], v[..., i : i + 1, :], cache=dcache)
+             for i in range(6)]  # fmt: skip
+    assert dcache.rotated is False
+    # Dynamic NTK's frequencies follow the call's length: each step as a call on its own.
+    for i, step in enumerate(steps):
+        want = dyn(q[..., i : i + 1, :], k[..., : i + 1, :], v[..., : i + 1, :])
+        torch.testing.assert_close(step, want)
+
+
 def _fast_problem(rng):
     """Unit-norm q and k (scores bounded by scale = 0.5), where the fast method certifies 1e-3."""
     q, k, v = make_qkv(rng, (2, 4), 24, 24, 4, 4, group=2)

@@ -40,7 +40,7 @@ from ._merge import grad_with_lse_cotangent
 from ._position import BlockW, Rotary, SparseW
 from .integrations import validate_shapes
 
-__all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks"]
+__all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
 
 _UNBOUNDED = 2**62  # the core treats a window side this wide as unbounded
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -460,12 +460,58 @@ def rotary_blocks(
     return t
 
 
+def rotate(
+    x: Tensor, w: Rotary, position: int = 0, *, max_position: Optional[int] = None
+) -> Tensor:
+    """``x`` ``(..., n, d)`` rotated as :class:`fastrope.Rotary` ``w`` rotates row ``i`` at
+    ``position + i``, times the attention factor: ``x_p' = f (x_p cos φ - x_r sin φ)``,
+    ``x_r' = f (x_p sin φ + x_r cos φ)``, ``φ = (position + i) θ_m`` for each pair ``(p, r)``.
+
+    ``attention(rotate(q, w, q_offset), rotate(k, w, k_offset), v, None)`` equals
+    ``attention(q, k, v, w, q_offset=q_offset, k_offset=k_offset)`` up to rounding (masks and
+    biases still take the offsets).  Differentiable (torch ops; angles in float64).
+    ``max_position`` is the largest position of the call, for ``"dynamic"`` scaling only.
+    """
+    d, n = x.shape[-1], x.shape[-2]
+    theta, factor = w.frequencies(d, max_position)
+    pos = torch.arange(position, position + n, dtype=torch.float64)
+    ang = pos[:, None] * torch.from_numpy(np.asarray(theta, np.float64))[None, :]
+    # float16/bfloat16 rotate in float32 and round once (as the attention computes in float32).
+    dt = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    c = (torch.cos(ang) * factor).to(dt)
+    s = (torch.sin(ang) * factor).to(dt)
+    xc = x.to(dt)
+    if w.layout == "interleaved":
+        xp, xr = xc[..., 0::2], xc[..., 1::2]
+        out = torch.stack([xp * c - xr * s, xp * s + xr * c], dim=-1).flatten(-2)
+    else:
+        h = d // 2
+        xp, xr = xc[..., :h], xc[..., h:]
+        out = torch.cat([xp * c - xr * s, xp * s + xr * c], dim=-1)
+    return out.to(x.dtype)
+
+
+def _static_frequencies(w: Rotary) -> bool:
+    """Whether ``w``'s frequencies do not depend on the call's length (all but dynamic NTK)."""
+    sc = w.scaling or {}
+    return (sc.get("rope_type") or sc.get("type")) != "dynamic"
+
+
 class KVCache:
-    """Keys and values seen so far, ``(batch, kv_heads, n, d)``; :meth:`update` appends."""
+    """Keys and values seen so far, ``(batch, kv_heads, n, d)``; :meth:`update` appends.
+
+    A :class:`RopeAttention` with a :class:`fastrope.Rotary` (without dynamic scaling) stores its
+    keys *rotated* (``rotated`` is then True, as in Hugging Face's caches): a generation step
+    rotates its new keys only, and attends with ``w=None`` (the decode kernel then reads the
+    cache in place instead of rotating every cached key again).  A cache serves one module and
+    one ``k_offset``.
+    """
 
     def __init__(self) -> None:
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
+        self.rotated: Optional[bool] = None
+        self.k_offset: Optional[int] = None
 
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[-2]
@@ -474,6 +520,20 @@ class KVCache:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
         return self.k, self.v
+
+    def _claim(self, rotated: bool, k_offset: int) -> None:
+        if self.rotated is None:
+            self.rotated, self.k_offset = rotated, k_offset
+        elif self.rotated != rotated:
+            raise ValueError(
+                "cache: it holds "
+                + ("rotated" if self.rotated else "unrotated")
+                + " keys from another kind of module; use one KVCache per module"
+            )
+        elif self.k_offset != k_offset:
+            raise ValueError(
+                f"k_offset: the cache's keys start at position {self.k_offset}, got {k_offset}"
+            )
 
 
 class RopeAttention(nn.Module):
@@ -547,15 +607,23 @@ class RopeAttention(nn.Module):
         k_offset: int = 0,
         bias: Optional[Tensor] = None,
     ) -> Tensor:
+        w = self.w
         if cache is not None:
+            rotate_first = isinstance(w, Rotary) and _static_frequencies(w)
+            cache._claim(rotate_first, k_offset)
+            if rotate_first:
+                # Rotate the new keys once, at their positions; attend with w=None below.
+                k = rotate(k, w, k_offset + len(cache))
             k, v = cache.update(k, v)
         if q_offset is None:
             q_offset = k_offset + k.shape[-2] - q.shape[-2]
+        if cache is not None and cache.rotated:
+            q, w = rotate(q, w, q_offset), None
         return attention(
             q,
             k,
             v,
-            self.w,
+            w,
             self.eps,
             scale=self.scale,
             causal=self.causal,

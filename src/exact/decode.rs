@@ -69,13 +69,13 @@ pub(crate) fn applies<T>(nq: usize, pos: &Position<'_, T>) -> bool {
 /// Bytes of `k` and `v` below which a decode call is best run on the calling thread alone: waking
 /// pool threads costs more than the work (see `python.rs`).
 #[cfg_attr(not(feature = "python"), allow(dead_code))]
-pub(crate) const SERIAL_BYTES: usize = 1 << 20;
+pub(crate) const SERIAL_BYTES: usize = 4 << 20;
 
 /// Whether a forward call is a decode call small enough for [`SERIAL_BYTES`].
 #[cfg_attr(not(feature = "python"), allow(dead_code))]
 pub(crate) fn runs_serial<T>(prob: &crate::problem::Problem, pos: &Position<'_, T>) -> bool {
     let bytes = prob.batch * prob.hk * prob.nk * (prob.d + prob.dv) * std::mem::size_of::<T>();
-    applies(prob.nq, pos) && bytes < SERIAL_BYTES
+    applies(prob.nq, pos) && bytes <= SERIAL_BYTES
 }
 
 /// The running softmax state of the rows of one kv head over one span: maxima, sums,
