@@ -2,15 +2,17 @@
 """Benchmark a generation step (one query row per head against a KV cache of ``n_k`` keys):
 fastrope's decode path against PyTorch's ``scaled_dot_product_attention``.
 
-For each cache length and head configuration, timed in interleaved rounds (see
-``_common.run_rounds``): a round times a burst of ``--burst`` back-to-back calls of each variant
-(a generation step calls attention once per layer, back to back), with a settle gap before each
-burst (PyTorch's OpenMP threads spin for a few ms after its last op); the time per call is the
-burst's over ``--burst``. The variants:
+For each cache length and head configuration, two measurements:
 
-* ``rotary``: ``fastrope.attention(q, k, v, Rotary(), causal=True, q_offset=n_k - 1)`` on the
-  cache as stored by fastrope's :class:`fastrope.torch.KVCache`: keys *not* rotated (fastrope
-  rotates every cached key in each call);
+**Isolated** (``ms`` columns): each variant in phases of its own (a phase times bursts of
+``--burst`` back-to-back calls, as a generation step calls attention once per layer; the phases
+run twice, in turn, and a variant's median is over both). Interleaving the libraries call by call
+does not work here: on this 2-core VM, after another library's threads (fastrope's rayon pool,
+OpenBLAS) have run, SDPA's next calls take 2-8 ms instead of 0.07 ms until its OpenMP threads are
+back on the cores, so interleaved rounds measure that hand-over rather than SDPA. The variants:
+
+* ``rotary``: ``fastrope.attention(q, k, v, Rotary(), causal=True, q_offset=n_k - 1)`` on an
+  unrotated cache (fastrope rotates every cached key in each call);
 * ``none``: ``fastrope.attention(q_rot, k_rot, v, None, ...)``: the cache holds rotated keys
   (as Hugging Face's does) and fastrope runs plain attention;
 * ``torch``: a step of :class:`fastrope.torch.RopeAttention` with a ``KVCache`` on tensors (the
@@ -20,11 +22,15 @@ burst's over ``--burst``. The variants:
   one query sees the whole cache), with ``enable_gqa=True`` for grouped heads: the call Hugging
   Face's Llama makes on CPU (``use_gqa_in_sdpa``);
 * ``sdpa_rep`` (grouped heads only): the same on k and v repeated to every query head beforehand
-  (untimed): SDPA's best case, and the ratio the table reports for grouped heads.
+  (untimed): SDPA's best case. ``best`` is the faster of ``sdpa`` and ``sdpa_rep``.
 
-All in float32, batch 1, ``--threads`` threads for both libraries. Reports medians and
-``best / fastrope`` with ``best`` the faster of ``sdpa`` and ``sdpa_rep`` (above 1: fastrope is
-faster), and checks every output against SDPA's.
+**Layer** (``layer`` columns): the attention inside a decoder-layer loop, as in a model: a torch
+QKV projection (``hidden = heads x d``), the attention (``sdpa``, or the ``torch`` step above), the
+output projection; bursts of ``--burst`` layers, the two variants interleaved round by round (the
+hand-over between the libraries' threads is then part of what a user gets).
+
+All in float32, batch 1, ``--threads`` threads for both libraries; medians; ratios are
+``t_sdpa / t_fastrope`` (above 1: fastrope is faster). Every output is checked against SDPA's.
 
 Example::
 
@@ -44,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 HEADER = ["n_k", "heads", "d", "rotary ms", "none ms", "torch ms", "sdpa ms", "sdpa best ms"]
-HEADER += ["best/rotary", "best/none", "best/torch", "max|diff|", "reps", "load1"]
+HEADER += ["best/rotary", "best/none", "best/torch", "layer sdpa ms", "layer fastrope ms"]
+HEADER += ["layer ratio", "max|diff|", "reps", "load1"]
 
 
 def parse_args(argv=None):
@@ -129,15 +136,52 @@ def bench_point(a, nk, hq, hk, d, torch):
         return run
 
     load0 = C.loadavg()
-    samples, first = C.run_rounds(
-        {n: burst(f) for n, f in fns.items()},
+    samples: dict = {n: [] for n in fns}
+    first: dict = {}
+    for _ in range(2):
+        for n, f in fns.items():
+            s_, f_ = C.run_rounds(
+                {n: burst(f)},
+                repeats=max(a.repeats // 2, 3),
+                min_repeats=3,
+                budget=a.budget / (2 * len(fns)),
+                warmup_below=1.0,
+                settle=a.settle,
+            )
+            samples[n] += [t / a.burst for t in s_[n]]
+            first.setdefault(n, f_[n])
+
+    # The decoder-layer loop.
+    hid = hq * d
+    gen = torch.Generator().manual_seed(a.seed)
+    w_qkv = torch.randn(hid, (hq + 2 * hk) * d, generator=gen) / hid**0.5
+    w_o = torch.randn(hq * d, hid, generator=gen) / (hq * d) ** 0.5
+    x = torch.randn(1, hid, generator=gen)
+
+    def layer(attn):
+        def run():
+            with torch.inference_mode():
+                q_new = (x @ w_qkv)[:, : hq * d].reshape(1, hq, 1, d)
+                return attn(q_new).reshape(1, hq * d) @ w_o
+
+        return run
+
+    def layer_sdpa(q_new):
+        return F.scaled_dot_product_attention(q_new, tkr, tv, **gqa)
+
+    def layer_fastrope(q_new):
+        q_rot = ft.rotate(q_new, w, nk - 1)
+        return ft.attention(q_rot, tkr, tv, None, causal=True, q_offset=nk - 1, num_threads=T)
+
+    lay, _ = C.run_rounds(
+        {"sdpa": burst(layer(layer_sdpa)), "fastrope": burst(layer(layer_fastrope))},
         repeats=a.repeats,
         min_repeats=5,
         budget=a.budget,
         warmup_below=1.0,
         settle=a.settle,
     )
-    samples = {n: [t / a.burst for t in s] for n, s in samples.items()}
+    lay = {n: [t / a.burst for t in s_] for n, s_ in lay.items()}
     ref = first["sdpa"].numpy()
     diff = max(
         float(np.max(np.abs(np.asarray(first[n], np.float64) - ref))) for n in fns if n != "sdpa"
@@ -154,6 +198,8 @@ def bench_point(a, nk, hq, hk, d, torch):
         "median_s": med,
         "sdpa_over": {n: med["sdpa"] / med[n] for n in ("rotary", "none", "torch")},
         "sdpa_best_over": {n: best / med[n] for n in ("rotary", "none", "torch")},
+        "layer_samples_s": lay,
+        "layer_median_s": {n: C.median(s_) for n, s_ in lay.items()},
         "max_abs_diff_vs_sdpa": diff,
         "loadavg": [load0, C.loadavg()],
     }
@@ -161,6 +207,9 @@ def bench_point(a, nk, hq, hk, d, torch):
     row += [f"{med[n] * 1e3:.3f}" for n in ("rotary", "none", "torch", "sdpa")]
     row += [f"{best * 1e3:.3f}"]
     row += [f"{rec['sdpa_best_over'][n]:.2f}x" for n in ("rotary", "none", "torch")]
+    lm = rec["layer_median_s"]
+    row += [f"{lm['sdpa'] * 1e3:.3f}", f"{lm['fastrope'] * 1e3:.3f}"]
+    row += [f"{lm['sdpa'] / lm['fastrope']:.2f}x"]
     row += [f"{diff:.1e}", str(min(len(s) for s in samples.values())), str((load0 or ["-"])[0])]
     C.log(" | ".join(str(x) for x in row))
     return rec, row

@@ -261,6 +261,16 @@ def test_rotate_then_plain_attention_equals_rotary(rng, w):
     g2 = torch.autograd.grad(got.square().sum(), (q, k, v))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+    # Without autograd, rotate and attention skip torch's op dispatch (NumPy, the core directly):
+    # the same numbers.
+    rq = ft.rotate(q, w, 30)
+    assert rq.requires_grad
+    with torch.inference_mode():
+        rq_np = ft.rotate(q, w, 30)
+        fast = ft.attention(rq_np, ft.rotate(k, w, 26), v, None, **kw)
+    assert not rq_np.requires_grad
+    torch.testing.assert_close(rq_np, rq.detach())
+    torch.testing.assert_close(fast, got.detach())
 
 
 def test_kv_cache_holds_rotated_keys_for_rotary_modules(rng):
