@@ -8,6 +8,7 @@ attention: it only checks, reshapes (views where NumPy can) and maps results bac
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -435,11 +436,17 @@ def check_method(method: Any) -> str:
     return method
 
 
+@functools.lru_cache(maxsize=1)
+def _cores() -> int:
+    """``os.cpu_count()``, read once (15 us a call, a tenth of a small call's overhead)."""
+    return os.cpu_count() or 1
+
+
 def check_threads(num_threads: Any) -> Optional[int]:
     if num_threads is None:
         return None
     n = _as_int(num_threads, "num_threads")
-    limit = max(64, 4 * (os.cpu_count() or 1))
+    limit = max(64, 4 * _cores())
     if not 1 <= n <= limit:
         raise ValueError(
             f"num_threads: expected an int in [1, {limit}] (4x the cores, at least 64) or None,"

@@ -371,17 +371,9 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                 let cnp = round_up(cn, w);
                 let lf_needed = sh.needs_log_factor(0, nq, c0, c0 + cn);
                 // Keys of the chunk: row jj at kp + jj kld (in place, or rotated into kbuf).
-                let (kp, kld) = if identity && kcont && d % w == 0 {
-                    if u.check {
-                        for jj in 0..cn {
-                            let kr = kh.as_ptr().offset((c0 + jj) as isize * ksr);
-                            let mut p = 0;
-                            while p < d {
-                                zkv = L::fma(L::load(kr.add(p)), z0, zkv);
-                                p += w;
-                            }
-                        }
-                    }
+                // In place, the keys are checked as the scores read them (below).
+                let kdirect = identity && kcont && d % w == 0;
+                let (kp, kld) = if kdirect {
                     (kh.as_ptr().offset(c0 as isize * ksr), ksr)
                 } else {
                     for jj in 0..cn {
@@ -439,16 +431,30 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                 };
                 // Scores.
                 let qh = u.qs.as_ptr().add(kvh * rows * dp);
+                let kcheck = kdirect && u.check;
                 for jj in 0..cn {
                     let kr = kp.offset(jj as isize * kld);
                     for g in 0..rows {
                         let qr = qh.add(g * dp);
                         let (mut a0, mut a1) = (z0, z0);
                         let mut p = 0;
-                        while p + 2 * w <= dl {
-                            a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
-                            a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
-                            p += 2 * w;
+                        if kcheck && g == 0 {
+                            while p + 2 * w <= dl {
+                                let (k0, k1) = (L::load(kr.add(p)), L::load(kr.add(p + w)));
+                                zkv = L::fma(k1, z0, L::fma(k0, z0, zkv));
+                                a0 = L::fma(L::load(qr.add(p)), k0, a0);
+                                a1 = L::fma(L::load(qr.add(p + w)), k1, a1);
+                                p += 2 * w;
+                            }
+                            if p < dl {
+                                zkv = L::fma(L::load(kr.add(p)), z0, zkv);
+                            }
+                        } else {
+                            while p + 2 * w <= dl {
+                                a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
+                                a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
+                                p += 2 * w;
+                            }
                         }
                         if p < dl {
                             a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
@@ -488,17 +494,10 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     part.m[g] = m_new;
                 }
                 // Values of the chunk: row jj at vp + jj vld (in place, or copied into vbuf).
-                let (vp, vld) = if vcont && dv % w == 0 {
-                    if u.check {
-                        for jj in 0..cn {
-                            let vr = vh.as_ptr().offset((c0 + jj) as isize * vsr);
-                            let mut p = 0;
-                            while p < dv {
-                                zvv = L::fma(L::load(vr.add(p)), z0, zvv);
-                                p += w;
-                            }
-                        }
-                    }
+                // In place, the values are checked as `P V` reads them (below).
+                let vdirect = vcont && dv % w == 0;
+                let vcheck = vdirect && u.check;
+                let (vp, vld) = if vdirect {
                     (vh.as_ptr().offset(c0 as isize * vsr), vsr)
                 } else {
                     for jj in 0..cn {
@@ -520,6 +519,10 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     while p < dvl {
                         let (x0, x1) = (L::load(v0.add(p)), L::load(v1.add(p)));
                         let (x2, x3) = (L::load(v2.add(p)), L::load(v3.add(p)));
+                        if vcheck {
+                            zvv =
+                                L::fma(x3, z0, L::fma(x2, z0, L::fma(x1, z0, L::fma(x0, z0, zvv))));
+                        }
                         for g in 0..rows {
                             let pr = sc.as_ptr().add(g * CHUNK + jj);
                             let o = op.add(g * dvp + p);
@@ -538,6 +541,9 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     let mut p = 0;
                     while p < dvl {
                         let x = L::load(vr.add(p));
+                        if vcheck {
+                            zvv = L::fma(x, z0, zvv);
+                        }
                         for g in 0..rows {
                             let o = op.add(g * dvp + p);
                             L::store(o, L::fma(L::splat(sc[g * CHUNK + jj]), x, L::load(o)));
