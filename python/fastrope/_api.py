@@ -249,7 +249,7 @@ def prepare(
                 f"k: expected a number of heads (axis -3) that divides q's {hq} (grouped-query"
                 f" attention), got {hk}"
             )
-        batch = int(np.prod(q.shape[:-3], dtype=np.int64))
+        batch = math.prod(q.shape[:-3])
     else:
         hq = hk = batch = 1
     if d == 0:

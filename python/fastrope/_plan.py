@@ -182,7 +182,7 @@ def exact_cost(call, backward: bool) -> tuple:
         tables = n_tables * (per_table if per_table <= 32 << 20 else ns * 32768 * item)
     ratio = EXACT_BACKWARD_RATIO if backward else 1.0
     flops = pairs * per_pair * ratio
-    a, b, c = EXACT_NS_PER_PAIR[(kind, call.dtype.name)]
+    a, b, c = EXACT_NS_PER_PAIR[(kind, "float32" if call.dtype == np.float32 else "float64")]
     seconds = pairs * ratio * (a + b * (d + dv) + c * ns) * 1e-9 / THREAD_SPEEDUP
     outputs = batch * hq * nq * (dv + 1) * item
     keys = batch * hk * nk * d * item
