@@ -105,3 +105,32 @@ def test_method_fast_still_scans_every_row(rng):
     k[0, 299, 0] = np.nan
     with pytest.raises(ValueError, match="^k: "):
         fastrope.attention(q, k, v, fastrope.Rotary(), 1e-3, causal=True, q_offset=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ROTARY_KINDS)
+def test_rotated_cache_equals_rotary(rng, dtype, kind):
+    """``Rotary.rotate`` is the rotation the core applies: a generation loop that keeps its cache
+    rotated and attends with ``w=None`` gets Rotary attention (YaRN's attention factor too)."""
+    w = make_w(kind, rng, 1, 32)
+    n_k = 600
+    q, k, v = make_qkv(rng, (2, 4), 2, n_k, 32, 16, dtype, group=2)
+    kw = dict(causal=True, q_offset=n_k + 5 - 2, k_offset=5)
+    want = fastrope.attention(q, k, v, w, **kw)
+    cache = np.concatenate([w.rotate(k[..., :400, :], 5), w.rotate(k[..., 400:, :], 405)], -2)
+    got = fastrope.attention(w.rotate(q, kw["q_offset"]), cache, v, None, **kw)
+    atol = 1e-12 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    assert w.rotate(q, 3).dtype == dtype
+
+
+def test_rotate_rejects_bad_input():
+    w = fastrope.Rotary()
+    with pytest.raises(TypeError, match="^x: expected a float32 or float64 array"):
+        w.rotate(np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match="^x: expected"):
+        w.rotate(np.zeros((2, 4), np.int64))
+    with pytest.raises(TypeError, match="^position: expected an int"):
+        w.rotate(np.zeros((2, 4)), 1.5)
+    with pytest.raises(ValueError, match="even"):
+        w.rotate(np.zeros((2, 5)))

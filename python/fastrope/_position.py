@@ -101,6 +101,40 @@ class Rotary:
             return rotary_pairs(d, self.layout)  # raises the odd-d error
         return _pairs(int(d), _check_layout(self.layout))
 
+    def rotate(self, x: Any, position: int = 0, *, max_position: int | None = None) -> np.ndarray:
+        """``x`` ``(..., n, d)`` with row ``i`` rotated to position ``position + i``, times the
+        attention factor ``f``: ``x_p' = f (x_p cos φ - x_r sin φ)``,
+        ``x_r' = f (x_p sin φ + x_r cos φ)``, ``φ = (position + i) θ_m`` for each pair ``(p, r)``.
+
+        ``attention(w.rotate(q, q_offset), w.rotate(k, k_offset), v, None, ...)`` equals
+        ``attention(q, k, v, w, q_offset=q_offset, k_offset=k_offset, ...)`` up to rounding (the
+        offsets still place masks and biases).  A generation loop can so keep its KV cache
+        rotated, as Hugging Face's is, and rotate only each step's new keys: with ``w`` itself,
+        every call rotates every cached key again.  Angles in float64, the result in ``x``'s
+        float dtype.  ``max_position`` (the largest position of the call) matters for
+        ``"dynamic"`` scaling only, whose frequencies change with it (a cache of rotated keys
+        would then go stale).
+        """
+        x = np.asarray(x)
+        if x.ndim < 2 or x.dtype not in (np.float32, np.float64):
+            raise TypeError(
+                f"x: expected a float32 or float64 array of shape (..., n, d), got "
+                f"{x.dtype} {x.shape}"
+            )
+        if isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+            raise TypeError(f"position: expected an int, got {type(position).__name__}")
+        n, d = x.shape[-2:]
+        theta, factor = self.frequencies(d, max_position)
+        ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
+        c = (np.cos(ang) * factor).astype(x.dtype)
+        s = (np.sin(ang) * factor).astype(x.dtype)
+        pairs = self.pairs(d)
+        xp, xr = x[..., pairs[:, 0]], x[..., pairs[:, 1]]
+        out = np.empty_like(x)
+        out[..., pairs[:, 0]] = xp * c - xr * s
+        out[..., pairs[:, 1]] = xp * s + xr * c
+        return out
+
 
 @dataclass(frozen=True, eq=False)
 class BlockW:
