@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DTYPES, ROTARY_KINDS, check_forward, make_bias, make_qkv, make_w
+from conftest import (
+    DTYPES,
+    ROTARY_KINDS,
+    TABLE_KINDS,
+    check_forward,
+    make_bias,
+    make_qkv,
+    make_w,
+    needed_L,
+)
 
 import fastrope
 
@@ -134,3 +143,19 @@ def test_rotate_rejects_bad_input():
         w.rotate(np.zeros((2, 4)), 1.5)
     with pytest.raises(ValueError, match="even"):
         w.rotate(np.zeros((2, 5)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", TABLE_KINDS)
+@pytest.mark.parametrize("n_q", [1, 3])
+def test_table_w_steps_match_oracle(rng, dtype, kind, n_q):
+    """BlockW takes the decode path (keys transformed per query row by its δ's blocks, from the
+    table itself); SparseW and dense W a step through the GEMM path. Per-head tables, GQA, a
+    window and a bias."""
+    n_k, d = 700, 16
+    q, k, v = make_qkv(rng, (2, 4), n_q, n_k, d, 8, dtype, group=2)
+    kw = dict(window=(500, 0), q_offset=n_k - n_q + 3, k_offset=3)
+    L = needed_L(n_q, n_k, kw["q_offset"], kw["k_offset"])
+    w = make_w(kind, rng, L, d, lead=(4,), dtype=dtype)
+    kw["bias"] = make_bias(rng, L).astype(dtype)
+    check_forward(q, k, v, w, kind=kind, **kw)

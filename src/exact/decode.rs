@@ -7,7 +7,9 @@
 //! `G = group x n_q` query rows of that kv head (the query heads of a GQA group share each key
 //! as it is read). Per chunk of [`CHUNK`] keys a unit
 //!
-//! * rotates the keys with a table of `(cos, sin)` (`w=None`: reads them in place),
+//! * rotates the keys with a table of `(cos, sin)` (`w=None`: reads them in place), or, for
+//!   `BlockW`, applies to them each query row's `W_δ` (2x2 blocks read from `w`'s rows: `δ`
+//!   falls by one per key),
 //! * scores them against every row with dot products and adds the log-factor (bias, masks),
 //! * updates each row's online softmax (`m`, `l`, as in [`super::forward`]),
 //! * and adds `P V`, reading `v` in place.
@@ -61,9 +63,23 @@ fn prefetch_row<T>(p: *const T, n: usize) {
 /// Row padding of the packed queries and rotated keys (a multiple of every `Lanes::W`).
 const PAD: usize = 16;
 
-/// Whether a forward call takes the decode path.
+/// Whether a forward call takes the decode path: at most [`MAX_ROWS`] query rows per head, and
+/// `w` rotary (or `None`) or 2x2 blocks on disjoint pairs (`BlockW`).
 pub(crate) fn applies<T>(nq: usize, pos: &Position<'_, T>) -> bool {
-    matches!(pos, Position::Rotary(_)) && nq <= MAX_ROWS
+    nq <= MAX_ROWS
+        && match pos {
+            Position::Rotary(_) => true,
+            Position::Sparse(sp) => block_layout(&sp.support).is_some(),
+        }
+}
+
+/// The pairs `(p, r)` of a support made of 2x2 blocks (in BlockW's order: values `4m..4m + 4`
+/// are `W[p,p], W[p,r], W[r,p], W[r,r]`) on pairs that share no lane.
+fn block_layout(support: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
+    let pairs = super::sparse::block_pairs(support)?;
+    let mut lanes: Vec<usize> = pairs.iter().flat_map(|&(p, r)| [p, r]).collect();
+    lanes.sort_unstable();
+    lanes.windows(2).all(|x| x[0] != x[1]).then_some(pairs)
 }
 
 /// Bytes of `k` and `v` below which a decode call is best run on the calling thread alone: waking
@@ -108,11 +124,8 @@ pub(crate) fn forward<T: Real>(
 ) -> Result<()> {
     let prob = sh.prob;
     let (nq, nk, d, dv) = (prob.nq, prob.nk, prob.d, prob.dv);
-    let Position::Rotary(r) = sh.pos else {
-        unreachable!("the decode path is rotary only")
-    };
-    let rot = sh.rot.as_ref().expect("rotator of a rotary call");
-    let identity = rot.is_identity();
+    let tf = Transform::of(sh);
+    let identity = tf.identity;
     let group = prob.group();
     let rows = group * nq;
     let dp = round_up(d, PAD);
@@ -120,7 +133,10 @@ pub(crate) fn forward<T: Real>(
     let heads = prob.batch * prob.hk;
     // Queries of every kv head's group, scaled and rotated; w=None folds the keys' attention
     // factor into them too (its keys are read as they are).
-    let extra = if identity { T::of(r.factor) } else { T::one() };
+    let extra = match sh.pos {
+        Position::Rotary(r) if identity => T::of(r.factor),
+        _ => T::one(),
+    };
     let mut qs = vec![T::zero(); heads * rows * dp];
     let mut buf = Vec::new();
     for kvh in 0..heads {
@@ -156,7 +172,6 @@ pub(crate) fn forward<T: Real>(
     let splits = nk.div_ceil(span);
     let hblock = heads.div_ceil(target.div_ceil(splits).min(heads));
     let hblocks = heads.div_ceil(hblock);
-    let partners = rot.partners();
     let unit_out = |unit: usize| {
         let (split, hb) = (unit / hblocks, unit % hblocks);
         let ja = split * span;
@@ -168,7 +183,7 @@ pub(crate) fn forward<T: Real>(
             heads: hb * hblock..heads.min((hb + 1) * hblock),
             ja,
             jb: nk.min(ja + span),
-            partners: &partners,
+            tf: &tf,
             ctl,
             check,
         };
@@ -274,8 +289,8 @@ struct Span<'s, 'a, 'p, 'x, T> {
     heads: std::ops::Range<usize>,
     ja: usize,
     jb: usize,
-    /// [`Rotator::partners`](super::rotate::Rotator::partners).
-    partners: &'s [usize],
+    /// How keys are transformed before the dot products.
+    tf: &'s Transform,
     ctl: &'s Control,
     check: bool,
 }
@@ -311,17 +326,13 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     let Some((j0, j1)) = sh.visible_keys(0, nq, u.ja, u.jb - u.ja, 1) else {
         return res;
     };
-    let rot = sh.rot.as_ref().expect("rotator of a rotary call");
-    let Position::Rotary(r) = sh.pos else {
-        unreachable!("the decode path is rotary only")
-    };
-    let identity = rot.is_identity();
+    let tf = u.tf;
+    let identity = tf.identity;
     let w = L::W;
     let (dl, dvl) = (round_up(d, w), round_up(dv, w));
-    // Rotation in registers: interleaved pairs (any d, whole vectors first), or half pairs with
-    // d/2 a multiple of W; any other layout is rotated element by element.
-    let dist = rot.pair_distance();
-    let vec_rot = match dist {
+    // Transform in registers: interleaved pairs (any d, whole vectors first), or half pairs with
+    // d/2 a multiple of W; any other layout lane by lane.
+    let vec_rot = match tf.dist {
         _ if identity => 0,
         Some(1) => d / w * w,
         Some(h) if h % w == 0 => d,
@@ -329,11 +340,12 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     };
     let mut kbuf = vec![zero; CHUNK * dp];
     let mut vbuf = vec![zero; CHUNK * dvp];
-    // The rotation table of the unit's visible keys, shared by its heads.
-    let (mut tc, mut ts) = if identity {
-        (Vec::new(), Vec::new())
-    } else {
-        (vec![zero; (j1 - j0) * d], vec![zero; (j1 - j0) * d])
+    // Rotary: the table of the unit's visible keys, shared by its heads. BlockW: a chunk's
+    // table per query row (its δ and its head's blocks).
+    let (mut tc, mut ts) = match (&tf.blocks, identity) {
+        (_, true) => (Vec::new(), Vec::new()),
+        (None, false) => (vec![zero; (j1 - j0) * d], vec![zero; (j1 - j0) * d]),
+        (Some(_), false) => (vec![zero; CHUNK * d], vec![zero; CHUNK * d]),
     };
     let mut rowbuf = vec![zero; dp];
     let mut sc = vec![zero; rows * CHUNK];
@@ -342,11 +354,12 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     // (`visible_keys` keeps them below `n_k`) or from the chunk buffers (CHUNK rows of dp or
     // dvp); vector accesses of in-place rows stay below d (dv), which is then a multiple of W,
     // and of buffer rows below `dl <= dp` (`dvl <= dvp`); `sc` rows are CHUNK long and
-    // `cnp <= CHUNK`; the query rows of a head are `rows x dp` in `qs`.
+    // `cnp <= CHUNK`; the query rows of a head are `rows x dp` in `qs`; table rows are d long.
     unsafe {
         let z0 = L::zero();
         let (mut zkv, mut zvv) = (z0, z0);
-        if !identity {
+        if let (Position::Rotary(r), None, false) = (sh.pos, &tf.blocks, identity) {
+            let rot = sh.rot.as_ref().expect("rotator of a rotary call");
             rot.table(
                 prob.k_offset + j0 as i64,
                 j1 - j0,
@@ -363,6 +376,15 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
             let (ksr, vsr) = (kh.strides()[0], vh.strides()[0]);
             let kcont = kh.strides()[1] == 1 || d == 1;
             let vcont = vh.strides()[1] == 1 || dv == 1;
+            let qh = u.qs.as_ptr().add(kvh * rows * dp);
+            let keys = Keys {
+                kh: &kh,
+                kcont,
+                ksr,
+                dp,
+                tf,
+                vec_rot,
+            };
             for c0 in (j0..j1).step_by(CHUNK) {
                 if u.ctl.cancelled() {
                     return res;
@@ -370,96 +392,77 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                 let cn = CHUNK.min(j1 - c0);
                 let cnp = round_up(cn, w);
                 let lf_needed = sh.needs_log_factor(0, nq, c0, c0 + cn);
-                // Keys of the chunk: row jj at kp + jj kld (in place, or rotated into kbuf).
-                // In place, the keys are checked as the scores read them (below).
-                let kdirect = identity && kcont && d % w == 0;
-                let (kp, kld) = if kdirect {
-                    (kh.as_ptr().offset(c0 as isize * ksr), ksr)
-                } else {
-                    for jj in 0..cn {
-                        let dst = kbuf.as_mut_ptr().add(jj * dp);
-                        // A row that is not contiguous is gathered into `rowbuf` first.
-                        let src = if kcont {
-                            kh.as_ptr().offset((c0 + jj) as isize * ksr)
-                        } else {
-                            for (c, &x) in kh.row(c0 + jj).iter().enumerate() {
-                                rowbuf[c] = x;
-                            }
-                            rowbuf.as_ptr()
-                        };
-                        if kcont && c0 + jj + PF_ROWS < j1 {
-                            prefetch_row(src.wrapping_offset(PF_ROWS as isize * ksr), d);
-                        }
-                        let at = (c0 - j0 + jj) * d;
-                        let (tcr, tsr) = (tc.as_ptr().add(at), ts.as_ptr().add(at));
-                        // x' = x c + partner(x) s, a vector at a time.
-                        let rotate = |p: usize, x: L::V, y: L::V| {
-                            let t = L::mul(y, L::load(tsr.add(p)));
-                            L::store(dst.add(p), L::fma(x, L::load(tcr.add(p)), t));
-                        };
-                        let mut p = 0;
-                        if dist == Some(1) {
-                            while p < vec_rot {
-                                let x = L::load(src.add(p));
-                                zkv = L::fma(x, z0, zkv);
-                                rotate(p, x, L::swap_pairs(x));
-                                p += w;
-                            }
-                        } else if let Some(hd) = dist {
-                            while p < vec_rot {
-                                let (x, y) = if p < hd {
-                                    (L::load(src.add(p)), L::load(src.add(p + hd)))
-                                } else {
-                                    (L::load(src.add(p)), L::load(src.add(p - hd)))
-                                };
-                                zkv = L::fma(x, z0, zkv);
-                                rotate(p, x, y);
-                                p += w;
-                            }
-                        }
-                        for c in p..d {
-                            let x = *src.add(c);
-                            zk = zk + x * zero;
-                            *dst.add(c) = if identity {
-                                x
-                            } else {
-                                x * *tcr.add(c) + *src.add(u.partners[c]) * *tsr.add(c)
-                            };
+                match (&tf.blocks, sh.pos) {
+                    (Some(pairs), Position::Sparse(spw)) => {
+                        // BlockW: each row's δ (and head's table) transforms the keys.
+                        for g in 0..rows {
+                            let (hh, i) = (g / nq, g % nq);
+                            let t = spw.index[b * prob.hq + hk * group + hh];
+                            let half = (spw.values.dim().1 as i64 - 1) / 2;
+                            let delta0 = prob.q_offset + i as i64 - prob.k_offset - c0 as i64;
+                            block_table(
+                                &spw.values,
+                                t,
+                                tf,
+                                pairs,
+                                delta0 + half,
+                                cn,
+                                d,
+                                &mut tc,
+                                &mut ts,
+                            );
+                            keys.transform::<L>(
+                                c0,
+                                cn,
+                                j1,
+                                kbuf.as_mut_ptr(),
+                                tc.as_ptr(),
+                                ts.as_ptr(),
+                                &mut rowbuf,
+                                &mut zkv,
+                                &mut zk,
+                            );
+                            score_rows::<L>(
+                                kbuf.as_ptr(),
+                                dp as isize,
+                                cn,
+                                qh,
+                                dp,
+                                dl,
+                                g..g + 1,
+                                sc.as_mut_ptr(),
+                                None,
+                            );
                         }
                     }
-                    (kbuf.as_ptr(), dp as isize)
-                };
-                // Scores.
-                let qh = u.qs.as_ptr().add(kvh * rows * dp);
-                let kcheck = kdirect && u.check;
-                for jj in 0..cn {
-                    let kr = kp.offset(jj as isize * kld);
-                    for g in 0..rows {
-                        let qr = qh.add(g * dp);
-                        let (mut a0, mut a1) = (z0, z0);
-                        let mut p = 0;
-                        if kcheck && g == 0 {
-                            while p + 2 * w <= dl {
-                                let (k0, k1) = (L::load(kr.add(p)), L::load(kr.add(p + w)));
-                                zkv = L::fma(k1, z0, L::fma(k0, z0, zkv));
-                                a0 = L::fma(L::load(qr.add(p)), k0, a0);
-                                a1 = L::fma(L::load(qr.add(p + w)), k1, a1);
-                                p += 2 * w;
-                            }
-                            if p < dl {
-                                zkv = L::fma(L::load(kr.add(p)), z0, zkv);
-                            }
+                    _ => {
+                        // Rotary (or w=None): one transform of the keys for every row.
+                        let kdirect = identity && kcont && d % w == 0;
+                        let (kp, kld) = if kdirect {
+                            (kh.as_ptr().offset(c0 as isize * ksr), ksr)
                         } else {
-                            while p + 2 * w <= dl {
-                                a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
-                                a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
-                                p += 2 * w;
-                            }
-                        }
-                        if p < dl {
-                            a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
-                        }
-                        *sc.get_unchecked_mut(g * CHUNK + jj) = L::hsum(L::add(a0, a1));
+                            let at = (c0 - j0) * d;
+                            let (tcp, tsp) = if identity {
+                                (tc.as_ptr(), ts.as_ptr())
+                            } else {
+                                (tc.as_ptr().add(at), ts.as_ptr().add(at))
+                            };
+                            keys.transform::<L>(
+                                c0,
+                                cn,
+                                j1,
+                                kbuf.as_mut_ptr(),
+                                tcp,
+                                tsp,
+                                &mut rowbuf,
+                                &mut zkv,
+                                &mut zk,
+                            );
+                            (kbuf.as_ptr(), dp as isize)
+                        };
+                        // In place, the keys are checked as the scores read them.
+                        let check = (kdirect && u.check).then_some(&mut zkv);
+                        score_rows::<L>(kp, kld, cn, qh, dp, dl, 0..rows, sc.as_mut_ptr(), check);
                     }
                 }
                 // Bias and masks.
@@ -560,4 +563,258 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     res.bad_k |= zk.is_nan();
     res.bad_v |= zv.is_nan();
     res
+}
+
+/// How a unit turns a key row into the vector its scores take the dot product with:
+/// `x' = x ∘ c + x[partner] ∘ s` with per-position tables `c`, `s` (rotary: `cos`, `± sin`;
+/// BlockW: the block's diagonal and off-diagonal entries), or `x` itself (`w=None`).
+pub(crate) struct Transform {
+    identity: bool,
+    /// BlockW's pairs (the tables come from `w`'s values per δ, see [`block_table`]).
+    blocks: Option<Vec<(usize, usize)>>,
+    /// The lane distance of every pair: 1 interleaved, d/2 half, `None` for other layouts.
+    dist: Option<usize>,
+    /// Each lane's partner (itself when it is in no pair).
+    partners: Vec<usize>,
+}
+
+impl Transform {
+    fn of<T: Real>(sh: &Shared<'_, '_, T>) -> Self {
+        match sh.pos {
+            Position::Rotary(_) => {
+                let rot = sh.rot.as_ref().expect("rotator of a rotary call");
+                Self {
+                    identity: rot.is_identity(),
+                    blocks: None,
+                    dist: rot.pair_distance(),
+                    partners: rot.partners(),
+                }
+            }
+            Position::Sparse(sp) => {
+                let d = sh.prob.d;
+                let pairs = block_layout(&sp.support).expect("decode::applies checked the blocks");
+                let mut partners: Vec<usize> = (0..d).collect();
+                for &(p, r) in &pairs {
+                    partners[p] = r;
+                    partners[r] = p;
+                }
+                let h = d / 2;
+                let dist = if pairs.len() != h {
+                    None
+                } else if pairs
+                    .iter()
+                    .enumerate()
+                    .all(|(m, &p)| p == (2 * m, 2 * m + 1))
+                {
+                    Some(1)
+                } else if pairs.iter().enumerate().all(|(m, &p)| p == (m, m + h)) {
+                    Some(h)
+                } else {
+                    None
+                };
+                Self {
+                    identity: false,
+                    blocks: Some(pairs),
+                    dist,
+                    partners,
+                }
+            }
+        }
+    }
+}
+
+/// BlockW's tables for keys `j = c0 + jj` (`jj < cn`) of one query row: `row0` is the values row
+/// of `jj = 0` (`δ + L - 1`; `δ` falls by one per key). `c[p] = W[p,p]`, `s[p] = W[p,r]`,
+/// `c[r] = W[r,r]`, `s[r] = W[r,p]`; lanes in no pair stay 0.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block_table<T: Real>(
+    values: &ndarray::ArrayView3<'_, T>,
+    t: usize,
+    tf: &Transform,
+    pairs: &[(usize, usize)],
+    row0: i64,
+    cn: usize,
+    d: usize,
+    c: &mut [T],
+    s: &mut [T],
+) {
+    let (_, rows, ns) = values.dim();
+    assert!(
+        t < values.dim().0 && row0 < rows as i64 && row0 + 1 >= cn as i64 && ns == 4 * pairs.len()
+    );
+    assert!(c.len() >= cn * d && s.len() >= cn * d);
+    let st = values.strides();
+    let (s1, s2) = (st[1], st[2]);
+    // SAFETY: rows `row0 - jj` (jj < cn) and entries `< 4 pairs` of table `t` exist (asserted),
+    // and the offsets use the view's own strides; `c`, `s` hold `cn d` entries.
+    unsafe {
+        let base = values.as_ptr().offset(t as isize * st[0]);
+        for jj in 0..cn {
+            let x = base.offset((row0 - jj as i64) as isize * s1);
+            let (cr, sr) = (c.as_mut_ptr().add(jj * d), s.as_mut_ptr().add(jj * d));
+            let at = |e: usize| *x.offset(e as isize * s2);
+            match tf.dist {
+                Some(1) if s2 == 1 => {
+                    for m in 0..pairs.len() {
+                        let e = x.add(4 * m);
+                        *cr.add(2 * m) = *e;
+                        *sr.add(2 * m) = *e.add(1);
+                        *sr.add(2 * m + 1) = *e.add(2);
+                        *cr.add(2 * m + 1) = *e.add(3);
+                    }
+                }
+                _ => {
+                    for (m, &(p, r)) in pairs.iter().enumerate() {
+                        *cr.add(p) = at(4 * m);
+                        *sr.add(p) = at(4 * m + 1);
+                        *sr.add(r) = at(4 * m + 2);
+                        *cr.add(r) = at(4 * m + 3);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One kv head's keys and how to transform them.
+struct Keys<'k, 'x, 't, T> {
+    kh: &'k ndarray::ArrayView2<'x, T>,
+    kcont: bool,
+    ksr: isize,
+    dp: usize,
+    tf: &'t Transform,
+    /// Lanes transformed a vector at a time (the rest lane by lane).
+    vec_rot: usize,
+}
+
+impl<T: Real> Keys<'_, '_, '_, T> {
+    /// Keys `c0..c0 + cn` transformed into `kbuf` (rows of `dp`) with the table rows at
+    /// `tc + jj d`, `ts + jj d` (`w=None`: copied); `zkv`/`zk` take `x * 0` of every key read.
+    ///
+    /// # Safety
+    /// Rows `c0..c0 + cn` exist (and `j1 <= n_k`); `kbuf` holds `cn` rows of `dp`; the tables hold
+    /// `cn` rows of `d` (unless `w=None`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn transform<L: Lanes<E = T>>(
+        &self,
+        c0: usize,
+        cn: usize,
+        j1: usize,
+        kbuf: *mut T,
+        tc: *const T,
+        ts: *const T,
+        rowbuf: &mut [T],
+        zkv: &mut L::V,
+        zk: &mut T,
+    ) {
+        let (d, w, z0, zero) = (self.kh.ncols(), L::W, L::zero(), T::zero());
+        let (tf, identity) = (self.tf, self.tf.identity);
+        for jj in 0..cn {
+            let dst = kbuf.add(jj * self.dp);
+            // A row that is not contiguous is gathered into `rowbuf` first.
+            let src = if self.kcont {
+                self.kh.as_ptr().offset((c0 + jj) as isize * self.ksr)
+            } else {
+                for (c, &x) in self.kh.row(c0 + jj).iter().enumerate() {
+                    rowbuf[c] = x;
+                }
+                rowbuf.as_ptr()
+            };
+            if self.kcont && c0 + jj + PF_ROWS < j1 {
+                prefetch_row(src.wrapping_offset(PF_ROWS as isize * self.ksr), d);
+            }
+            let (tcr, tsr) = (tc.wrapping_add(jj * d), ts.wrapping_add(jj * d));
+            // x' = x c + partner(x) s, a vector at a time.
+            let put = |p: usize, x: L::V, y: L::V| {
+                let t = L::mul(y, L::load(tsr.add(p)));
+                L::store(dst.add(p), L::fma(x, L::load(tcr.add(p)), t));
+            };
+            let mut p = 0;
+            if tf.dist == Some(1) {
+                while p < self.vec_rot {
+                    let x = L::load(src.add(p));
+                    *zkv = L::fma(x, z0, *zkv);
+                    put(p, x, L::swap_pairs(x));
+                    p += w;
+                }
+            } else if let Some(hd) = tf.dist {
+                while p < self.vec_rot {
+                    let (x, y) = if p < hd {
+                        (L::load(src.add(p)), L::load(src.add(p + hd)))
+                    } else {
+                        (L::load(src.add(p)), L::load(src.add(p - hd)))
+                    };
+                    *zkv = L::fma(x, z0, *zkv);
+                    put(p, x, y);
+                    p += w;
+                }
+            }
+            for c in p..d {
+                let x = *src.add(c);
+                *zk = *zk + x * zero;
+                *dst.add(c) = if identity {
+                    x
+                } else {
+                    x * *tcr.add(c) + *src.add(tf.partners[c]) * *tsr.add(c)
+                };
+            }
+        }
+    }
+}
+
+/// Scores of query rows `g_rows` (at `qh + g dp`) against keys at `kp + jj kld`, `jj < cn`, into
+/// `sc[g CHUNK + jj]`; with `check`, the first row's pass also takes `x * 0` of every key lane.
+///
+/// # Safety
+/// The query rows and key rows hold `dl` readable lanes (a multiple of `W`); `sc` holds the rows.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn score_rows<L: Lanes>(
+    kp: *const L::E,
+    kld: isize,
+    cn: usize,
+    qh: *const L::E,
+    dp: usize,
+    dl: usize,
+    g_rows: std::ops::Range<usize>,
+    sc: *mut L::E,
+    mut check: Option<&mut L::V>,
+) {
+    let (w, z0) = (L::W, L::zero());
+    let g_first = g_rows.start;
+    for jj in 0..cn {
+        let kr = kp.offset(jj as isize * kld);
+        for g in g_rows.clone() {
+            let qr = qh.add(g * dp);
+            let (mut a0, mut a1) = (z0, z0);
+            let mut p = 0;
+            match check.as_deref_mut() {
+                Some(z) if g == g_first => {
+                    while p + 2 * w <= dl {
+                        let (k0, k1) = (L::load(kr.add(p)), L::load(kr.add(p + w)));
+                        *z = L::fma(k1, z0, L::fma(k0, z0, *z));
+                        a0 = L::fma(L::load(qr.add(p)), k0, a0);
+                        a1 = L::fma(L::load(qr.add(p + w)), k1, a1);
+                        p += 2 * w;
+                    }
+                    if p < dl {
+                        *z = L::fma(L::load(kr.add(p)), z0, *z);
+                    }
+                }
+                _ => {
+                    while p + 2 * w <= dl {
+                        a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
+                        a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
+                        p += 2 * w;
+                    }
+                }
+            }
+            if p < dl {
+                a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
+            }
+            *sc.add(g * CHUNK + jj) = L::hsum(L::add(a0, a1));
+        }
+    }
 }

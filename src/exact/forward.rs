@@ -83,8 +83,9 @@ pub fn attention_forward_checked<'a, T: Real>(
     if nq == 0 || prob.nk == 0 || dv == 0 || prob.batch * prob.hq == 0 {
         return Ok((out, lse));
     }
-    let mut sh = Shared::new(prob, pos, bias, false);
-    if decode::applies(nq, pos) {
+    let decoding = decode::applies(nq, pos);
+    let mut sh = Shared::new_with(prob, pos, bias, false, !decoding);
+    if decoding {
         decode::forward(&sh, &q, &k, &v, ctl, check_kv, &mut out, &mut lse)?;
         return Ok((out, lse));
     }

@@ -221,14 +221,26 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         bias: Option<&'p Bias<'a, T>>,
         backward: bool,
     ) -> Self {
+        Self::new_with(prob, pos, bias, backward, true)
+    }
+
+    /// [`Shared::new`]; without `sequences`, no diagonal sequences of a sparse `w` are built
+    /// (the decode path reads `w`'s rows itself).
+    pub fn new_with(
+        prob: &'p Problem,
+        pos: &'p Position<'a, T>,
+        bias: Option<&'p Bias<'a, T>>,
+        backward: bool,
+        sequences: bool,
+    ) -> Self {
         let isa = crate::simd::call_isa();
         let tiles = Tiles::choose::<T>(isa, prob, backward);
         let seg_tiles = match pos {
-            Position::Sparse(sp) => sparse::segment_tiles(prob, sp),
+            Position::Sparse(sp) if sequences => sparse::segment_tiles(prob, sp),
             _ => 0,
         };
         let tables = match pos {
-            Position::Sparse(sp) if seg_tiles == 0 => sparse::tables(prob, sp),
+            Position::Sparse(sp) if seg_tiles == 0 && sequences => sparse::tables(prob, sp),
             _ => Vec::new(),
         };
         let logf = LogFactor::new(prob, bias);

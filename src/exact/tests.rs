@@ -997,3 +997,80 @@ fn decode_on_the_calling_thread_matches_the_pool() {
     assert!(max_diff(&a, &b) < 1e-13, "{}", max_diff(&a, &b));
     assert!(la.iter().zip(lb.iter()).all(|(x, y)| (x - y).abs() < 1e-13));
 }
+
+#[test]
+fn decode_blockw_matches_naive_for_layouts_tables_and_masks() {
+    let mut rng = Rng(41);
+    for (d, layout) in [
+        (16, "interleaved"),
+        (12, "half"),
+        (10, "general"),
+        (6, "partial"),
+    ] {
+        let pairs: Vec<(usize, usize)> = match layout {
+            "interleaved" => (0..d / 2).map(|m| (2 * m, 2 * m + 1)).collect(),
+            "half" => (0..d / 2).map(|m| (m, m + d / 2)).collect(),
+            // any disjoint pairs, and (partial) lanes in no pair at all
+            "general" => rotary_layout(d, "general", 1.0).pairs,
+            _ => vec![(4, 1), (0, 5)],
+        };
+        let support = block_support(&pairs);
+        assert!(super::decode::applies(
+            1,
+            &Position::Sparse(SparseW {
+                support: support.clone(),
+                values: Array3::<f64>::zeros((1, 1, support.len())).view(),
+                index: vec![0],
+            })
+        ));
+        let l = 700usize;
+        // Strided values (every other δ row of a larger table) for one of the layouts.
+        let big = Array3::from_shape_fn((3, 2 * (2 * l - 1), support.len()), |_| rng.next());
+        let values = if layout == "half" {
+            big.slice(ndarray::s![..2, ..;2, ..]).to_owned()
+        } else {
+            big.slice(ndarray::s![..2, ..2 * l - 1, ..]).to_owned()
+        };
+        for (nq, causal, window, q_offset) in [
+            (1, true, None, 640),
+            (3, false, Some((200, 4)), 400),
+            (2, false, None, -20),
+        ] {
+            let prob = Problem {
+                causal,
+                window,
+                q_offset,
+                k_offset: 3,
+                dv: 7,
+                ..problem(nq, 650, d, 4, 2)
+            };
+            let sp = SparseW {
+                support: support.clone(),
+                values: values.view(),
+                index: vec![1, 0, 0, 1, 1, 1, 0, 0],
+            };
+            let bvals = Array2::from_shape_fn((1, 2 * l - 1), |_| 0.3 * rng.next());
+            let bias = Bias {
+                values: bvals.view(),
+                index: vec![0; 8],
+            };
+            check_forward(
+                &prob,
+                &Position::Sparse(sp.clone()),
+                Some(&bias),
+                50 + nq as u64,
+            );
+            check_forward(&prob, &Position::Sparse(sp), None, 60 + nq as u64);
+        }
+    }
+    // Overlapping pairs are not 2x2 blocks on disjoint lanes: the GEMM path takes them.
+    let overlap = block_support(&[(0, 1), (1, 2)]);
+    assert!(!super::decode::applies(
+        1,
+        &Position::Sparse(SparseW {
+            support: overlap.clone(),
+            values: Array3::<f64>::zeros((1, 1, overlap.len())).view(),
+            index: vec![0],
+        })
+    ));
+}
