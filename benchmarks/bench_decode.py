@@ -13,6 +13,8 @@ back on the cores, so interleaved rounds measure that hand-over rather than SDPA
 
 * ``rotary``: ``fastrope.attention(q, k, v, Rotary(), causal=True, q_offset=n_k - 1)`` on an
   unrotated cache (fastrope rotates every cached key in each call);
+* ``blockw``: ``fastrope.attention(q, k, v, BlockW(blocks), ...)`` with RoPE's blocks as a table
+  (the general 2x2-block kernel, as for learned position matrices), unrotated cache;
 * ``none``: ``fastrope.attention(q_rot, k_rot, v, None, ...)``: the cache holds rotated keys
   (as Hugging Face's does) and fastrope runs plain attention;
 * ``torch``: a step of :class:`fastrope.torch.RopeAttention` with a ``KVCache`` on tensors (the
@@ -49,7 +51,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-HEADER = ["n_k", "heads", "d", "rotary ms", "none ms", "torch ms", "sdpa ms", "sdpa best ms"]
+HEADER = ["n_k", "heads", "d", "rotary ms", "blockw ms", "none ms", "torch ms", "sdpa ms"]
+HEADER += ["sdpa best ms"]
 HEADER += ["best/rotary", "best/none", "best/torch", "layer sdpa ms", "layer fastrope ms"]
 HEADER += ["layer ratio", "max|diff|", "reps", "load1"]
 
@@ -92,6 +95,7 @@ def bench_point(a, nk, hq, hk, d, torch):
     qr = C.rotate_interleaved(q, angles[nk - 1 :])
     kr = C.rotate_interleaved(k, angles)
     w = fastrope.Rotary()
+    bw = fastrope.BlockW(C.rotary_blocks(nk, d, "float32"))
     T = a.threads
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
     tqr, tkr = torch.from_numpy(qr), torch.from_numpy(kr)
@@ -117,6 +121,9 @@ def bench_point(a, nk, hq, hk, d, torch):
     fns = {
         "rotary": lambda: fastrope.attention(
             q, k, v, w, causal=True, q_offset=nk - 1, num_threads=T
+        ),
+        "blockw": lambda: fastrope.attention(
+            q, k, v, bw, causal=True, q_offset=nk - 1, num_threads=T
         ),
         "none": lambda: fastrope.attention(
             qr, kr, v, None, causal=True, q_offset=nk - 1, num_threads=T
@@ -196,15 +203,15 @@ def bench_point(a, nk, hq, hk, d, torch):
         "threads": T,
         "samples_s": samples,
         "median_s": med,
-        "sdpa_over": {n: med["sdpa"] / med[n] for n in ("rotary", "none", "torch")},
-        "sdpa_best_over": {n: best / med[n] for n in ("rotary", "none", "torch")},
+        "sdpa_over": {n: med["sdpa"] / med[n] for n in ("rotary", "blockw", "none", "torch")},
+        "sdpa_best_over": {n: best / med[n] for n in ("rotary", "blockw", "none", "torch")},
         "layer_samples_s": lay,
         "layer_median_s": {n: C.median(s_) for n, s_ in lay.items()},
         "max_abs_diff_vs_sdpa": diff,
         "loadavg": [load0, C.loadavg()],
     }
     row = [nk, f"{hq}/{hk}", d]
-    row += [f"{med[n] * 1e3:.3f}" for n in ("rotary", "none", "torch", "sdpa")]
+    row += [f"{med[n] * 1e3:.3f}" for n in ("rotary", "blockw", "none", "torch", "sdpa")]
     row += [f"{best * 1e3:.3f}"]
     row += [f"{rec['sdpa_best_over'][n]:.2f}x" for n in ("rotary", "none", "torch")]
     lm = rec["layer_median_s"]
