@@ -161,88 +161,21 @@ impl<'r> Rotator<'r> {
         out
     }
 
-    /// The rotation of rows `offset..offset + n` (times `mult`) as two `n x d` tables, rounded
-    /// to `T` once: `c[p_m] = c[r_m] = cos φ_m`, `s[p_m] = -sin φ_m`, `s[r_m] = sin φ_m`, so that
-    /// the rotated row is `x' = x ∘ c + x[partner] ∘ s`.
+    /// Calls `f(i, cos, sin)` for rows `i < n` at positions `offset + i`, with the pairs'
+    /// `mc cos φ_m` and `ms sin φ_m` (`φ_m = (offset + i) θ_m`, from the coarse and fine tables).
     #[inline(always)]
-    pub fn table<T: Real>(&self, offset: i64, n: usize, mult: f64, c: &mut [T], s: &mut [T]) {
-        let h = self.r.theta.len();
-        let d = 2 * h;
-        let (mut ca, mut sa) = (vec![1.0; h], vec![0.0; h]);
-        let (mut cm, mut sm) = (vec![0.0; h], vec![0.0; h]);
-        let mut have = None;
-        for i in 0..n {
-            let pos = offset + i as i64;
-            let (a, b) = (pos.div_euclid(B), pos.rem_euclid(B) as usize);
-            if have != Some(a) {
-                for ((c, s), &th) in ca.iter_mut().zip(sa.iter_mut()).zip(&self.r.theta) {
-                    (*s, *c) = ((a * B) as f64 * th).sin_cos();
-                }
-                have = Some(a);
-            }
-            let (fc, fs) = (
-                &self.fine.c[b * h..(b + 1) * h],
-                &self.fine.s[b * h..(b + 1) * h],
-            );
-            for (((((c, s), &xc), &xs), &yc), &ys) in cm
-                .iter_mut()
-                .zip(sm.iter_mut())
-                .zip(&ca)
-                .zip(&sa)
-                .zip(fc)
-                .zip(fs)
-            {
-                *c = mult * (xc * yc - xs * ys);
-                *s = mult * (xs * yc + xc * ys);
-            }
-            let (co, so) = (&mut c[i * d..(i + 1) * d], &mut s[i * d..(i + 1) * d]);
-            match self.layout {
-                Layout::Interleaved => {
-                    for m in 0..h {
-                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
-                        co[2 * m] = cv;
-                        co[2 * m + 1] = cv;
-                        so[2 * m] = -sv;
-                        so[2 * m + 1] = sv;
-                    }
-                }
-                Layout::Half => {
-                    for m in 0..h {
-                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
-                        co[m] = cv;
-                        co[m + h] = cv;
-                        so[m] = -sv;
-                        so[m + h] = sv;
-                    }
-                }
-                Layout::General => {
-                    for (m, &(p, r)) in self.r.pairs.iter().enumerate() {
-                        let (cv, sv) = (T::of(cm[m]), T::of(sm[m]));
-                        co[p] = cv;
-                        co[r] = cv;
-                        so[p] = -sv;
-                        so[r] = sv;
-                    }
-                }
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn rotate_body<T: Real>(
+    fn angles(
         &self,
-        rows: &mut [T],
-        ld: usize,
-        n: usize,
         offset: i64,
-        mult: f64,
-        back: bool,
+        n: usize,
+        mc: f64,
+        ms: f64,
+        mut f: impl FnMut(usize, &[f64], &[f64]),
     ) {
         let h = self.r.theta.len();
         let (mut ca, mut sa) = (vec![1.0; h], vec![0.0; h]);
         let (mut cc, mut ss) = (vec![0.0; h], vec![0.0; h]);
         let mut have = None;
-        let sgn = if back { -mult } else { mult };
         for i in 0..n {
             let pos = offset + i as i64;
             let (a, b) = (pos.div_euclid(B), pos.rem_euclid(B) as usize);
@@ -263,35 +196,76 @@ impl<'r> Rotator<'r> {
                 .zip(fc)
                 .zip(fs)
             {
-                *c = mult * (xc * yc - xs * ys);
-                *s = sgn * (xs * yc + xc * ys);
+                *c = mc * (xc * yc - xs * ys);
+                *s = ms * (xs * yc + xc * ys);
             }
+            f(i, &cc, &ss);
+        }
+    }
+
+    /// The rotation of rows `offset..offset + n` (times `mult`) as two `n x d` tables, rounded
+    /// to `T` once: `c[p_m] = c[r_m] = cos φ_m`, `s[p_m] = -sin φ_m`, `s[r_m] = sin φ_m`, so that
+    /// the rotated row is `x' = x ∘ c + x[partner] ∘ s`.
+    #[inline(always)]
+    pub fn table<T: Real>(&self, offset: i64, n: usize, mult: f64, c: &mut [T], s: &mut [T]) {
+        let h = self.r.theta.len();
+        let d = 2 * h;
+        self.angles(offset, n, mult, mult, |i, cm, sm| {
+            let (co, so) = (&mut c[i * d..(i + 1) * d], &mut s[i * d..(i + 1) * d]);
+            for (m, (&cv, &sv)) in cm.iter().zip(sm).enumerate() {
+                let (cv, sv) = (T::of(cv), T::of(sv));
+                let (p, r) = match self.layout {
+                    Layout::Interleaved => (2 * m, 2 * m + 1),
+                    Layout::Half => (m, m + h),
+                    Layout::General => self.r.pairs[m],
+                };
+                co[p] = cv;
+                co[r] = cv;
+                so[p] = -sv;
+                so[r] = sv;
+            }
+        });
+    }
+
+    #[inline(always)]
+    fn rotate_body<T: Real>(
+        &self,
+        rows: &mut [T],
+        ld: usize,
+        n: usize,
+        offset: i64,
+        mult: f64,
+        back: bool,
+    ) {
+        let h = self.r.theta.len();
+        let sgn = if back { -mult } else { mult };
+        self.angles(offset, n, mult, sgn, |i, cc, ss| {
             let row = &mut rows[i * ld..i * ld + 2 * h];
             match self.layout {
                 Layout::Half => {
                     let (lo, hi) = row.split_at_mut(h);
-                    for (((p, r), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(&cc).zip(&ss) {
+                    for (((p, r), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(cc).zip(ss) {
                         let (xp, xr) = (p.f64(), r.f64());
                         *p = T::of(xp * c - xr * s);
                         *r = T::of(xp * s + xr * c);
                     }
                 }
                 Layout::Interleaved => {
-                    for ((x, &c), &s) in row.chunks_exact_mut(2).zip(&cc).zip(&ss) {
+                    for ((x, &c), &s) in row.chunks_exact_mut(2).zip(cc).zip(ss) {
                         let (xp, xr) = (x[0].f64(), x[1].f64());
                         x[0] = T::of(xp * c - xr * s);
                         x[1] = T::of(xp * s + xr * c);
                     }
                 }
                 Layout::General => {
-                    for ((&(p, r), &c), &s) in self.r.pairs.iter().zip(&cc).zip(&ss) {
+                    for ((&(p, r), &c), &s) in self.r.pairs.iter().zip(cc).zip(ss) {
                         let (xp, xr) = (row[p].f64(), row[r].f64());
                         row[p] = T::of(xp * c - xr * s);
                         row[r] = T::of(xp * s + xr * c);
                     }
                 }
             }
-        }
+        });
     }
 }
 
