@@ -148,14 +148,15 @@ def test_rotate_rejects_bad_input():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", TABLE_KINDS)
 @pytest.mark.parametrize("n_q", [1, 3])
-def test_table_w_steps_match_oracle(rng, dtype, kind, n_q):
+@pytest.mark.parametrize("lead", [(4,), ()], ids=["per-head", "shared"])
+def test_table_w_steps_match_oracle(rng, dtype, kind, n_q, lead):
     """BlockW takes the decode path (keys transformed per query row by its δ's blocks, from the
-    table itself); SparseW and dense W a step through the GEMM path. Per-head tables, GQA, a
-    window and a bias."""
+    table itself; the heads of a GQA group sharing a table share the transform); SparseW and
+    dense W a step through the GEMM path. Per-head or shared tables, GQA, a window and a bias."""
     n_k, d = 700, 16
     q, k, v = make_qkv(rng, (2, 4), n_q, n_k, d, 8, dtype, group=2)
     kw = dict(window=(500, 0), q_offset=n_k - n_q + 3, k_offset=3)
     L = needed_L(n_q, n_k, kw["q_offset"], kw["k_offset"])
-    w = make_w(kind, rng, L, d, lead=(4,), dtype=dtype)
+    w = make_w(kind, rng, L, d, lead=lead, dtype=dtype)
     kw["bias"] = make_bias(rng, L).astype(dtype)
     check_forward(q, k, v, w, kind=kind, **kw)

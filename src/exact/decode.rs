@@ -394,34 +394,40 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                 let lf_needed = sh.needs_log_factor(0, nq, c0, c0 + cn);
                 match (&tf.blocks, sh.pos) {
                     (Some(pairs), Position::Sparse(spw)) => {
-                        // BlockW: each row's δ (and head's table) transforms the keys.
+                        // BlockW: each row's δ (and head's table) transforms the keys; rows
+                        // that follow one with the same table and position (the query heads of
+                        // a GQA group sharing a table, one row each) reuse its keys.
+                        let mut done: Option<(usize, usize)> = None;
                         for g in 0..rows {
                             let (hh, i) = (g / nq, g % nq);
                             let t = spw.index[b * prob.hq + hk * group + hh];
                             let half = (spw.values.dim().1 as i64 - 1) / 2;
                             let delta0 = prob.q_offset + i as i64 - prob.k_offset - c0 as i64;
-                            block_table(
-                                &spw.values,
-                                t,
-                                tf,
-                                pairs,
-                                delta0 + half,
-                                cn,
-                                d,
-                                &mut tc,
-                                &mut ts,
-                            );
-                            keys.transform::<L>(
-                                c0,
-                                cn,
-                                j1,
-                                kbuf.as_mut_ptr(),
-                                tc.as_ptr(),
-                                ts.as_ptr(),
-                                &mut rowbuf,
-                                &mut zkv,
-                                &mut zk,
-                            );
+                            if done != Some((t, i)) {
+                                done = Some((t, i));
+                                block_table(
+                                    &spw.values,
+                                    t,
+                                    tf,
+                                    pairs,
+                                    delta0 + half,
+                                    cn,
+                                    d,
+                                    &mut tc,
+                                    &mut ts,
+                                );
+                                keys.transform::<L>(
+                                    c0,
+                                    cn,
+                                    j1,
+                                    kbuf.as_mut_ptr(),
+                                    tc.as_ptr(),
+                                    ts.as_ptr(),
+                                    &mut rowbuf,
+                                    &mut zkv,
+                                    &mut zk,
+                                );
+                            }
                             score_rows::<L>(
                                 kbuf.as_ptr(),
                                 dp as isize,
