@@ -3,9 +3,9 @@
 //!
 //! The GEMM path of [`super::forward`] packs every key and value of the call into panels and pads
 //! each head's queries to a micro-tile of `MR` rows: with one query row per head that is nearly
-//! all of its time. Here a unit of work is one kv head and one span of its keys, with the
+//! all of its time. Here a unit of work is one span of keys and a block of kv heads, each with the
 //! `G = group x n_q` query rows of that kv head (the query heads of a GQA group share each key
-//! as it is read). Per chunk of [`CHUNK`] keys a unit
+//! as it is read). For each of its heads and each chunk of [`CHUNK`] keys a unit
 //!
 //! * rotates the keys with a table of `(cos, sin)` (`w=None`: reads them in place), or, for
 //!   `BlockW`, applies to them each query row's `W_δ` (2x2 blocks read from `w`'s rows: `δ`
@@ -14,8 +14,10 @@
 //! * updates each row's online softmax (`m`, `l`, as in [`super::forward`]),
 //! * and adds `P V`, reading `v` in place.
 //!
-//! The spans of one kv head run in parallel (flash-decoding) and are merged by their maxima and
-//! sums: `O = Σ_s e^{m_s - m} o_s / Σ_s e^{m_s - m} l_s`, `lse = m + ln Σ_s e^{m_s - m} l_s`.
+//! The units run in parallel (flash-decoding: a kv head's spans too) and a kv head's spans are
+//! merged by their maxima and sums: `O = Σ_s e^{m_s - m} o_s / Σ_s e^{m_s - m} l_s`,
+//! `lse = m + ln Σ_s e^{m_s - m} l_s`. Small calls ([`runs_serial`]) run on the calling thread
+//! alone, as one unit.
 //! When asked, the finiteness check of `k` and `v` rides along: the pass reads every key and
 //! value row some query can see, and only those rows can change the result.
 

@@ -60,7 +60,7 @@ pub fn attention_forward<'a, T: Real>(
 
 /// [`attention_forward`], and with `check_kv` an error naming `k` or `v` when a row of it that
 /// some query can see holds a NaN or an Inf (the decode path checks as it reads, see
-/// [`decode`](super::decode); the GEMM path scans those rows first).
+/// `exact::decode`; the GEMM path scans those rows first).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_checked<'a, T: Real>(
     prob: &Problem,
