@@ -128,12 +128,27 @@ class Rotary:
         ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
         c = (np.cos(ang) * factor).astype(x.dtype)
         s = (np.sin(ang) * factor).astype(x.dtype)
-        pairs = self.pairs(d)
-        xp, xr = x[..., pairs[:, 0]], x[..., pairs[:, 1]]
-        out = np.empty_like(x)
-        out[..., pairs[:, 0]] = xp * c - xr * s
-        out[..., pairs[:, 1]] = xp * s + xr * c
-        return out
+        return _rotate_rows(x, c, s, self.layout)
+
+
+def _rotate_rows(x: np.ndarray, c: np.ndarray, s: np.ndarray, layout: str) -> np.ndarray:
+    """``x`` ``(..., n, d)`` rotated with ``c``, ``s`` ``(n, d/2)`` on ``layout``'s pairs (the
+    arithmetic of :meth:`Rotary.rotate`, shared with ``fastrope.torch.rotate``)."""
+    out = np.empty_like(x)
+    h = x.shape[-1] // 2
+    # The pairs' lanes as strided views: (2m, 2m+1) or (m, m+h).
+    p, r = (
+        (np.s_[..., 0::2], np.s_[..., 1::2])
+        if layout == "interleaved"
+        else (
+            np.s_[..., :h],
+            np.s_[..., h:],
+        )
+    )
+    xp, xr = x[p], x[r]
+    out[p] = xp * c - xr * s
+    out[r] = xp * s + xr * c
+    return out
 
 
 @dataclass(frozen=True, eq=False)

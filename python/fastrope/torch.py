@@ -37,7 +37,7 @@ import fastrope
 
 from ._api import check_eps, check_method
 from ._merge import grad_with_lse_cotangent
-from ._position import BlockW, Rotary, SparseW
+from ._position import BlockW, Rotary, SparseW, _rotate_rows
 from .integrations import validate_shapes
 
 __all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
@@ -499,18 +499,7 @@ def rotate(
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _plain_call(x):
         # Nothing to differentiate: the same arithmetic in NumPy (a decode step's query is one
         # row, and a dozen torch ops on it cost more than the attention's NumPy overhead).
-        xn, cn, sn = x.detach().numpy(), c.numpy(), s.numpy()
-        out = np.empty_like(xn)
-        if w.layout == "interleaved":
-            xp, xr = xn[..., 0::2], xn[..., 1::2]
-            out[..., 0::2] = xp * cn - xr * sn
-            out[..., 1::2] = xp * sn + xr * cn
-        else:
-            h = d // 2
-            xp, xr = xn[..., :h], xn[..., h:]
-            out[..., :h] = xp * cn - xr * sn
-            out[..., h:] = xp * sn + xr * cn
-        return torch.from_numpy(out)
+        return torch.from_numpy(_rotate_rows(x.detach().numpy(), c.numpy(), s.numpy(), w.layout))
     xc = x.to(dt)
     if w.layout == "interleaved":
         xp, xr = xc[..., 0::2], xc[..., 1::2]

@@ -24,7 +24,7 @@
 use super::kernel::{self, round_up};
 use super::lanes::{Lanes, LanesTask};
 use super::Shared;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::position::Position;
 use crate::problem::Control;
 use crate::real::Real;
@@ -202,10 +202,10 @@ pub(crate) fn forward<T: Real>(
     ctl.check()?;
     if check {
         if units.iter().any(|u| u.bad_k) {
-            return Err(non_finite("k", k));
+            return Err(super::non_finite("k", k));
         }
         if units.iter().any(|u| u.bad_v) {
-            return Err(non_finite("v", v));
+            return Err(super::non_finite("v", v));
         }
     }
     let (ninf, zero) = (T::neg_infinity(), T::zero());
@@ -242,43 +242,6 @@ pub(crate) fn forward<T: Real>(
         }
     }
     Ok(())
-}
-
-/// An error naming `name` when a row `j0..j1` (axis 2) of `x` holds a NaN or an Inf.
-pub(crate) fn check_rows<T: Real>(
-    name: &str,
-    x: &ArrayView4<'_, T>,
-    j0: usize,
-    j1: usize,
-) -> Result<()> {
-    let (batch, heads) = (x.dim().0, x.dim().1);
-    let ok = (0..batch * heads).into_par_iter().all(|bh| {
-        let xh = x.slice(s![bh / heads, bh % heads, j0..j1, ..]);
-        match xh.as_slice() {
-            Some(xs) => xs
-                .chunks(4096)
-                .all(|c| c.iter().fold(true, |a, v| a & v.is_finite())),
-            None => xh.iter().all(|v| v.is_finite()),
-        }
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(non_finite(name, x))
-    }
-}
-
-/// The error for a NaN or Inf in `x` (the same words as the Python-side scan).
-pub(crate) fn non_finite<T: Real>(name: &str, x: &ArrayView4<'_, T>) -> Error {
-    let what = if x.iter().any(|v| v.is_nan()) {
-        "NaN"
-    } else {
-        "Inf"
-    };
-    Error::Value(format!(
-        "{name}: expected finite values, got {what} (pass check_finite=False to skip this scan; \
-         the result is then undefined)"
-    ))
 }
 
 /// Kv heads `heads` (flattened over the batch), keys `ja..jb`.

@@ -91,8 +91,8 @@ pub fn attention_forward_checked<'a, T: Real>(
     }
     if check_kv {
         if let Some((j0, j1)) = sh.visible_keys(0, nq, 0, prob.nk, 1) {
-            decode::check_rows("k", &k, j0, j1)?;
-            decode::check_rows("v", &v, j0, j1)?;
+            super::check_rows("k", &k, j0, j1)?;
+            super::check_rows("v", &v, j0, j1)?;
         }
     }
     sh.pack_keys(&k);

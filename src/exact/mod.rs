@@ -31,6 +31,7 @@ pub(crate) mod sparse;
 pub use backward::attention_backward;
 pub use forward::{attention_forward, attention_forward_checked};
 
+use crate::error::{Error, Result};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::Problem;
 use crate::real::Real;
@@ -188,6 +189,43 @@ pub(crate) fn rotated_key_panels<T: Real>(
         }
     }
     (kp, kc)
+}
+
+/// An error naming `name` when a row `j0..j1` (axis 2) of `x` holds a NaN or an Inf.
+pub(crate) fn check_rows<T: Real>(
+    name: &str,
+    x: &ArrayView4<'_, T>,
+    j0: usize,
+    j1: usize,
+) -> Result<()> {
+    let (batch, heads) = (x.dim().0, x.dim().1);
+    let ok = (0..batch * heads).into_par_iter().all(|bh| {
+        let xh = x.slice(ndarray::s![bh / heads, bh % heads, j0..j1, ..]);
+        match xh.as_slice() {
+            Some(xs) => xs
+                .chunks(4096)
+                .all(|c| c.iter().fold(true, |a, v| a & v.is_finite())),
+            None => xh.iter().all(|v| v.is_finite()),
+        }
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(non_finite(name, x))
+    }
+}
+
+/// The error for a NaN or Inf in `x` (the same words as the Python-side scan).
+pub(crate) fn non_finite<T: Real>(name: &str, x: &ArrayView4<'_, T>) -> Error {
+    let what = if x.iter().any(|v| v.is_nan()) {
+        "NaN"
+    } else {
+        "Inf"
+    };
+    Error::Value(format!(
+        "{name}: expected finite values, got {what} (pass check_finite=False to skip this scan; \
+         the result is then undefined)"
+    ))
 }
 
 /// Everything the units of one call share.
