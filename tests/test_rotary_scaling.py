@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+import fastrope
+import fastrope.reference
 from fastrope import Rotary
 from fastrope._rotary import rotary_frequencies
 
@@ -279,3 +281,29 @@ def test_rope_theta_equal_to_base_is_accepted() -> None:
     scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     theta, _ = rotary_frequencies(8, 10000.0, scaling, None)
     np.testing.assert_allclose(theta, [0.5, 0.05, 0.005, 0.0005], rtol=1e-14)
+
+
+def test_explicit_frequencies():
+    """``rope_type="explicit"``: the given θ and attention factor, used by every method."""
+    theta = np.array([1.0, 0.3, 0.05, 0.001])
+    w = fastrope.Rotary(
+        base=500.0,
+        scaling={"rope_type": "explicit", "inv_freq": list(theta), "attention_factor": 1.5},
+    )
+    got, f = w.frequencies(8)
+    assert np.array_equal(got, theta) and f == 1.5
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 7, 8)) for _ in range(3))
+    ref = fastrope.reference.attention(q, k, v, w, causal=True)
+    pairs = fastrope.rotary_pairs(8)
+    ang = np.arange(7)[:, None] * theta[None, :]
+    rot = np.zeros((7, 8, 8))  # rotate by position, scale by f: W-free reference
+    for m, (p, r) in enumerate(pairs):
+        rot[:, p, p] = rot[:, r, r] = 1.5 * np.cos(ang[:, m])
+        rot[:, r, p], rot[:, p, r] = 1.5 * np.sin(ang[:, m]), -1.5 * np.sin(ang[:, m])
+    qr, kr = np.einsum("nab,hnb->hna", rot, q), np.einsum("nab,hnb->hna", rot, k)
+    plain = fastrope.reference.attention(qr, kr, v, None, causal=True)
+    assert np.abs(ref - plain).max() <= 1e-12
+    assert np.abs(fastrope.attention(q, k, v, w, causal=True) - ref).max() <= 1e-12
+    with pytest.raises(ValueError, match="'inv_freq' must be 4 finite numbers"):
+        fastrope.Rotary(scaling={"rope_type": "explicit", "inv_freq": [1.0, 2.0]}).frequencies(8)

@@ -70,7 +70,9 @@ class Rotary:
     ``θ_m = base^(-2m/d)`` unless ``scaling`` changes it; ``f`` (the attention factor) is 1 except
     for YaRN.  ``scaling`` takes the Hugging Face ``rope_scaling`` dict form, e.g.
     ``{"rope_type": "linear", "factor": 4.0}``; types: ``linear``, ``ntk`` (static NTK-aware),
-    ``dynamic`` (dynamic NTK), ``yarn``, ``llama3``.
+    ``dynamic`` (dynamic NTK), ``yarn``, ``llama3``, and ``explicit``
+    (``{"rope_type": "explicit", "inv_freq": θ, "attention_factor": f}``: the frequencies given
+    as they are, e.g. a model's own rotary embedding).
     """
 
     base: float = 10000.0

@@ -41,8 +41,14 @@ The default RoPE frequencies are ``θ_m = base^(-2m/d)`` for ``m = 0 .. d/2 - 1`
     θ_m = θ⁰_m                                             if λ_m < L0 / hi
     θ_m = (1 - σ_m) θ⁰_m / factor + σ_m θ⁰_m,   σ_m = (L0 / λ_m - lo) / (hi - lo)   otherwise
 
-``default`` (or ``scaling=None``): no change.  Only YaRN has ``f != 1``; Hugging Face multiplies
-cos and sin by ``f``, so the attention score gets multiplied by ``f^2``.
+``explicit``: the frequencies themselves, ``{"rope_type": "explicit", "inv_freq": [θ_0, ...],
+"attention_factor": f}`` (``f`` defaults to 1; ``base`` is then unused).  This is how a model's
+own rotary embedding is taken over as it stands (``inv_freq`` and ``attention_scaling`` of a Hugging
+Face rotary module, whatever its rope type).
+
+``default`` (or ``scaling=None``): no change.  Only YaRN (and ``explicit`` with a factor) has
+``f != 1``; Hugging Face multiplies cos and sin by ``f``, so the attention score gets multiplied by
+``f^2``.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
         (),
     ),
+    "explicit": (("inv_freq",), ("attention_factor",)),
 }
 
 _COMMON_KEYS = ("rope_type", "type", "rope_theta")
@@ -300,4 +307,21 @@ def rotary_frequencies(
         return _default_inv_freq(d, new_base), 1.0
     if kind == "yarn":
         return _yarn(d, base, scaling)
+    if kind == "explicit":
+        return _explicit(d, scaling)
     return _llama3(d, base, scaling), 1.0
+
+
+def _explicit(d: int, scaling: Mapping[str, Any]) -> tuple[np.ndarray, float]:
+    raw = scaling["inv_freq"]
+    try:
+        theta = np.array(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        theta = None
+    if theta is None or theta.shape != (d // 2,) or not np.isfinite(theta).all():
+        raise ValueError(
+            f"scaling: 'explicit' key 'inv_freq' must be {d // 2} finite numbers (one per rotary"
+            f" pair of d={d}), got {np.shape(raw)}"
+        )
+    factor = _optional_real(scaling, "explicit", "attention_factor", positive=True)
+    return theta, 1.0 if factor is None else factor
