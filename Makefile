@@ -1,7 +1,7 @@
 # Developer commands; `make help` lists them.
 PY ?= .venv/bin/python
 
-.PHONY: help venv develop test rust-test lint fmt bench demo ci
+.PHONY: help venv develop test rust-test lint fmt bench demo ci hf-conformance
 
 help:  ## list the developer commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ rust-test:  ## Rust unit tests only (no Python needed)
 	cargo test --lib
 
 lint:  ## rustfmt, clippy and ruff
-	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks
+	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools
 
 fmt:  ## format Rust and Python
 	cargo fmt --all && $(PY) -m ruff check --fix python tests benchmarks
@@ -32,3 +32,6 @@ bench:  ## the exact-method benchmark (see benchmarks/README.md)
 
 ci:  ## what CI runs, from a fresh virtualenv
 	bash .ci/run
+
+hf-conformance:  ## transformers' Llama tests with fastrope as the attention (TRANSFORMERS_SRC=checkout)
+	$(PY) tools/hf_conformance.py $(TRANSFORMERS_SRC)
