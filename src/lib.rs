@@ -18,7 +18,7 @@
 //!   almost linear time in `n` for small supports and bounded entries.
 //!
 //! [`plan`] predicts the cost of both and picks. The mathematics and the contract are in
-//! `DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
+//! `docs/DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
 
 pub mod dispatch;
 pub mod dispatch_backward;

@@ -1,4 +1,4 @@
-//! The certified polynomial of the fast method (DESIGN.md §5.2).
+//! The certified polynomial of the fast method (docs/DESIGN.md §5.2).
 //!
 //! Two ingredients:
 //!

@@ -44,7 +44,7 @@ LLAMA3 = {
 }
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
-# Every form of ``w`` (DESIGN.md §2), as names understood by :func:`make_w`.
+# Every form of ``w`` (docs/DESIGN.md §2), as names understood by :func:`make_w`.
 ROTARY_KINDS = ("rotary", "rotary_half", "rotary_llama3", "rotary_yarn")
 TABLE_KINDS = ("block", "block_half", "sparse", "dense")
 W_KINDS = ROTARY_KINDS + TABLE_KINDS

@@ -1,4 +1,4 @@
-"""Threads, the GIL, Ctrl-C and determinism (DESIGN.md §4, §6)."""
+"""Threads, the GIL, Ctrl-C and determinism (docs/DESIGN.md §4, §6)."""
 
 from __future__ import annotations
 

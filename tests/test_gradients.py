@@ -227,7 +227,7 @@ def test_passing_out_lse_gives_same_result(kind: str, dtype) -> None:
 
 @pytest.mark.parametrize("kind", ("rotary", "block", "dense"))
 def test_backward_deterministic_for_a_thread_count(kind: str) -> None:
-    """DESIGN.md §6: deterministic for a given thread count (across counts: rounding only)."""
+    """docs/DESIGN.md §6: deterministic for a given thread count (across counts: rounding only)."""
     rng = make_rng(7)
     q, k, v = make_qkv(rng, (2, 2), 150, 200, 8, 4, np.float64)
     L = needed_L(150, 200)

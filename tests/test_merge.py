@@ -84,7 +84,7 @@ def test_stacked_input_and_errors():
 @pytest.mark.parametrize("kind", ["rotary", "block"])
 def test_sharded_backward_with_global_statistics(rng, kind):
     """Each shard's attention_grad with the GLOBAL out/lse gives that shard's exact dk, dv and an
-    additive share of dq, dw, dbias (DESIGN: P and D are global row statistics)."""
+    additive share of dq, dw, dbias (docs/DESIGN.md §11: P and D are global row statistics)."""
     n_q, n_k, d = 6, 11, 4
     q, k, v = make_qkv(rng, (1, 2), n_q, n_k, d, 3)
     L = 16

@@ -1,4 +1,5 @@
-"""The error contract of DESIGN.md §4: clear exceptions naming the argument; degenerate sizes."""
+"""The error contract of docs/DESIGN.md §4: clear exceptions naming the argument; degenerate
+sizes."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_wrong_dtype_tables_bias_dout(bad) -> None:
 
 
 def test_sparse_support_float_dtype_is_type_error() -> None:
-    """DESIGN.md §4: TypeError for wrong dtypes (the oracle raises TypeError here too)."""
+    """docs/DESIGN.md §4: TypeError for wrong dtypes (the oracle raises TypeError here too)."""
     q, k, v = qkv()
     w = fastrope.SparseW(np.array([[0.0, 1.0]]), np.zeros((11, 1)))
     with pytest.raises(TypeError, match=r"w\.support"):
@@ -459,7 +460,7 @@ def test_huge_window_equals_unbounded(window) -> None:
 
 @pytest.mark.parametrize(("q_offset", "k_offset"), [(2**63, 0), (2**62, -(2**62)), (0, -(2**70))])
 def test_offsets_beyond_int64(q_offset: int, k_offset: int) -> None:
-    """Either computed (finite, right shape) or a ValueError naming the offset (DESIGN.md §4:
+    """Either computed (finite, right shape) or a ValueError naming the offset (docs/DESIGN.md §4:
     ValueError for ranges, message naming the argument) -- never a bare OverflowError."""
     q, k, v = qkv()
     try:

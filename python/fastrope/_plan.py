@@ -3,7 +3,7 @@
 The exact method's cost is ``n_q n_k`` score entries times the work per entry (``2d`` flops for
 rotary's ``Q K^T`` GEMM, ``2|S|`` for a general support, plus ``2 d_v`` for ``P V`` and the
 exponentials), counted over visible pairs only (masked tiles are skipped).  The fast method's
-cost comes from the native planner once it is available (DESIGN.md §5.5).  The working set is
+cost comes from the native planner once it is available (docs/DESIGN.md §5.5).  The working set is
 predicted before anything is allocated: a call that would exceed ``memory_limit`` raises
 ``MemoryError`` up front.
 """

@@ -1,4 +1,4 @@
-"""Position matrices ``W_δ``: the four forms of DESIGN.md §2.
+"""Position matrices ``W_δ``: the four forms of docs/DESIGN.md §2.
 
 Every form describes one ``d x d`` matrix ``W_δ`` per relative position ``δ = p_i - p'_j``.
 The score is ``M_ij = scale * q_i^T W_{δ_ij} k_j``.

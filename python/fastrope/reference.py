@@ -1,4 +1,4 @@
-"""Plain NumPy float64 reference ("oracle") for DESIGN.md §1-§3, forward and backward.
+"""Plain NumPy float64 reference ("oracle") for docs/DESIGN.md §1-§3, forward and backward.
 
 Written from the formulas, never from the fast code.  With positions ``p_i = q_offset + i``,
 ``p'_j = k_offset + j`` and ``δ = p_i - p'_j``::
@@ -420,7 +420,7 @@ def attention(
     return_lse: bool = False,
     **ignored: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Exact attention with relative position matrices, in float64 (DESIGN.md §1-§3).
+    """Exact attention with relative position matrices, in float64 (docs/DESIGN.md §1-§3).
 
     ``M_ij = scale q_i^T W_δ k_j``, ``A_ij = exp(M_ij + b(δ))`` (0 where masked),
     ``O_i = sum_j A_ij v_j / l_i`` with ``l_i = sum_j A_ij``; ``lse_i = log l_i``.

@@ -460,7 +460,7 @@ def rotary_blocks(
     """A ``BlockW`` table ``(heads?, 2L-1, d/2, 2, 2)`` equal to RoPE: a learnable RoPE start.
 
     ``blocks[δ + L - 1, m] = [[cos δθ_m, sin δθ_m], [-sin δθ_m, cos δθ_m]]`` with
-    ``θ_m = base^(-2m/d)`` (DESIGN.md §1), so ``BlockW(rotary_blocks(...))`` equals
+    ``θ_m = base^(-2m/d)`` (docs/DESIGN.md §1), so ``BlockW(rotary_blocks(...))`` equals
     ``Rotary(base, layout)`` for ``|δ| < max_len``.
     """
     theta, _ = Rotary(base=base, layout=layout).frequencies(head_dim)

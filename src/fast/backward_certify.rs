@@ -14,7 +14,7 @@
 //! ```
 //!
 //! and `∂Ã_ij/∂q_i = p'(M_ij) F_ij scale W_δ k_j` etc.: the true gradient's formulas
-//! (DESIGN.md §5.6) with `e^M` replaced by `p(M)` in `P` and by `p'(M)` in `dS`.
+//! (docs/DESIGN.md §5.6) with `e^M` replaced by `p(M)` in `P` and by `p'(M)` in `dS`.
 //!
 //! # Distance to the true gradient (approximation error)
 //!
@@ -54,7 +54,7 @@
 //! plan therefore also tries `p = 1 + ∫_0^x q` with `q` the Chebyshev economization of degree
 //! `g - 1` ([`super::backward::integrated_chebyshev`]), whose `σ` is 3-4x smaller than that of the
 //! economized `p` at equal degree. In practice (R = 1, eps = 1e-3, unit-range data) the backward
-//! then needs one degree more than the forward (DESIGN.md §5.6's "about 20x further").
+//! then needs one degree more than the forward (docs/DESIGN.md §5.6's "about 20x further").
 
 //! Gradients that sum over heads (`dk`, `dv` over the query heads of a GQA group, `dw` and
 //! `dbias` over the heads sharing a table) add their heads' errors: the dispatcher gives each

@@ -1,5 +1,5 @@
 //! The data-dependent numbers the certificate of the fast method needs, all `O(n d + glen |S|)`:
-//! the score bound `R >= max |M_ij|` (DESIGN.md §5.2), `max |v|`, and the statistics of the
+//! the score bound `R >= max |M_ij|` (docs/DESIGN.md §5.2), `max |v|`, and the statistics of the
 //! mask/bias factor.
 
 use super::HeadProblem;

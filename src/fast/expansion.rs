@@ -1,4 +1,4 @@
-//! The expansion of `p(M) ∘ F` into rescaled Toeplitz terms (DESIGN.md §5.3-5.4).
+//! The expansion of `p(M) ∘ F` into rescaled Toeplitz terms (docs/DESIGN.md §5.3-5.4).
 //!
 //! With `a_s = scale q[i,l1_s] w_s(δ) k[j,l2_s]` and `p(x) = Σ_t c_t x^t`, the multinomial
 //! theorem gives, over multisets `τ` of `S` with multiplicities `m_s` and `|τ| = Σ m_s <= g`,

@@ -1,4 +1,5 @@
-//! The fast method (DESIGN.md §5): polynomial + rescaled Toeplitz + FFT, one head at a time, f64.
+//! The fast method (docs/DESIGN.md §5): polynomial + rescaled Toeplitz + FFT, one head at a
+//! time, f64.
 //!
 //! With `a_s = scale q[i,l1_s] w_s(δ_ij) k[j,l2_s]`, the score is `M_ij = Σ_{s in S} a_s`. A
 //! certified polynomial `p ≈ exp` on `[-R, R]` ([`crate::poly`]) expands as

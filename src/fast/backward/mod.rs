@@ -1,5 +1,5 @@
-//! The backward pass of the fast method (DESIGN.md §5.6): the gradient of the approximate forward,
-//! by differentiating its expansion, in the same FFT machinery as [`super::forward`].
+//! The backward pass of the fast method (docs/DESIGN.md §5.6): the gradient of the approximate
+//! forward, by differentiating its expansion, in the same FFT machinery as [`super::forward`].
 //!
 //! # The products
 //!
