@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _fastrope as _native
+from . import _varlen
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
 from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, _backward_probe, make_plan
 from ._plan import kernel_eps as _kernel_eps
@@ -74,6 +75,8 @@ def attention(
     return_lse: bool = False,
     check_finite: bool = True,
     num_threads: Optional[int] = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
 ) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Attention with relative-position matrices ``W_δ``.
 
@@ -108,11 +111,42 @@ def attention(
             of ``k`` and ``v`` that no query can see (causal, window) may go unscanned: the
             exact forward reads and checks only the others.
         num_threads: threads to use (default: rayon's pool, ``RAYON_NUM_THREADS`` or all cores).
+        cu_seqlens_q, cu_seqlens_k: packed sequences (flash-attn's ``cu_seqlens``): int arrays
+            ``[0, len_0, len_0 + len_1, ...]`` splitting q's ``n_q`` axis (and k's, v's ``n_k``
+            axis; default: the same as q's) into documents that attend only within themselves.
+            Positions restart in each document: ``q_offset``/``k_offset`` (an int, or one int
+            per document) place its first query and key, so RoPE, masks and biases apply per
+            document.  No work or memory is spent on pairs across documents.
 
     Returns:
         ``out`` of shape ``(..., n_q, d_v)`` in the input dtype, and ``lse`` if asked for.  A row
         with no visible key returns ``out = 0`` and ``lse = -inf``.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
+        q, k, v = _varlen.arrays(("q", q), ("k", k), ("v", v))
+        docs = _varlen.documents(
+            cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
+        )
+        return _varlen.attention(
+            attention,
+            q,
+            k,
+            v,
+            w,
+            eps,
+            docs,
+            return_lse,
+            scale=scale,
+            causal=causal,
+            window=window,
+            bias=bias,
+            method=method,
+            memory_limit=memory_limit,
+            check_finite=check_finite,
+            num_threads=num_threads,
+        )
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)
@@ -169,6 +203,8 @@ def attention_grad(
     out: Any = None,
     lse: Any = None,
     dlse: Any = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
 ) -> Gradients:
     """Gradients of ``sum(attention(q, k, v, w, ...) * dout)`` (``+ sum(lse * dlse)``).
 
@@ -187,8 +223,43 @@ def attention_grad(
     (``method="fast"`` raises :class:`ApproximationError`).
     Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
     layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).
-    Other arguments as in :func:`attention`.
+    With ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents) ``dw`` and ``dbias`` are summed
+    over the documents.  Other arguments as in :func:`attention`.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
+        q, k, v, dout, out = _varlen.arrays(
+            ("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out)
+        )
+        lse = None if lse is None else np.asarray(lse)
+        dlse = None if dlse is None else np.asarray(dlse)
+        docs = _varlen.documents(
+            cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
+        )
+        return Gradients(
+            *_varlen.attention_grad(
+                attention_grad,
+                q,
+                k,
+                v,
+                w,
+                dout,
+                eps,
+                docs,
+                out,
+                lse,
+                dlse,
+                scale=scale,
+                causal=causal,
+                window=window,
+                bias=bias,
+                method=method,
+                memory_limit=memory_limit,
+                check_finite=check_finite,
+                num_threads=num_threads,
+            )
+        )
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)

@@ -28,6 +28,7 @@ import numpy as np
 
 import fastrope
 
+from . import _varlen
 from ._api import check_eps, check_method
 from ._merge import grad_with_lse_cotangent
 from ._position import BlockW, Rotary, SparseW
@@ -206,6 +207,8 @@ def attention(
     return_lse: bool = False,
     check_finite: bool = True,
     num_threads: Optional[int] = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
 ):
     """:func:`fastrope.attention` on JAX arrays, differentiable, usable under jit and vmap.
 
@@ -220,11 +223,40 @@ def attention(
         Everything else as in :func:`fastrope.attention`; ``scale``, ``causal``, ``window``,
         ``q_offset``, ``k_offset`` must be static Python values.
 
+        cu_seqlens_q, cu_seqlens_k: packed documents, as in :func:`fastrope.attention`
+            (concrete int arrays or lists, not traced values): one call per document, the
+            results concatenated.
+
     Returns:
         ``out`` ``(..., n_q, d_v)`` in q's dtype, and ``lse`` ``(..., n_q)`` with
         ``return_lse=True`` (float32 for float16/bfloat16 inputs).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
+        docs = _varlen.documents(
+            cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
+        )
+        return _varlen.concatenated(
+            attention,
+            lambda xs, axis: jnp.concatenate(xs, axis=axis),
+            q,
+            k,
+            v,
+            w,
+            eps,
+            docs,
+            return_lse,
+            scale=scale,
+            causal=causal,
+            window=window,
+            bias=bias,
+            method=method,
+            memory_limit=memory_limit,
+            check_finite=check_finite,
+            num_threads=num_threads,
+        )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")

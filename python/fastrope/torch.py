@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 import fastrope
 
+from . import _varlen
 from ._api import check_eps, check_method
 from ._merge import grad_with_lse_cotangent
 from ._position import BlockW, Rotary, SparseW, _rotate_rows
@@ -367,6 +368,8 @@ def attention(
     return_lse: bool = False,
     check_finite: bool = True,
     num_threads: Optional[int] = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`fastrope.attention` on CPU tensors, differentiable, usable under ``torch.compile``.
 
@@ -388,11 +391,40 @@ def attention(
             q 1:    ■ ■ ■ ■ ⬚
             q 2:    ■ ■ ■ ■ ■
 
+        cu_seqlens_q, cu_seqlens_k: packed documents, as in :func:`fastrope.attention`
+            (concrete int arrays or lists, not traced values): one call per document, the
+            results concatenated.
+
     Returns:
         ``out`` ``(..., n_q, d_v)`` in q's dtype, and with ``return_lse=True`` also ``lse``
         ``(..., n_q)`` (float32 for float16/bfloat16 inputs).  A row that sees no key gets 0 and
         ``lse = -inf``.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
+        docs = _varlen.documents(
+            cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
+        )
+        return _varlen.concatenated(
+            attention,
+            lambda xs, axis: torch.cat(xs, dim=axis),
+            q,
+            k,
+            v,
+            w,
+            eps,
+            docs,
+            return_lse,
+            scale=scale,
+            causal=causal,
+            window=window,
+            bias=bias,
+            method=method,
+            memory_limit=memory_limit,
+            check_finite=check_finite,
+            num_threads=num_threads,
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
