@@ -58,6 +58,7 @@ positions: the two agree until the frequencies first change during a generation,
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -290,16 +291,16 @@ def _last_true(x: torch.Tensor) -> torch.Tensor:
     return x.shape[-1] - 1 - x.flip(-1).int().argmax(-1)
 
 
-def _runs(keys: list) -> list:
-    """Maximal runs ``[a, e)`` of equal consecutive entries, as ``(a, e, value)``; runs of None
-    are dropped."""
-    out, a = [], 0
-    for i in range(1, len(keys) + 1):
-        if i == len(keys) or keys[i] != keys[a]:
-            if keys[a] is not None:
-                out.append((a, i, keys[a]))
-            a = i
-    return out
+def _runs(seg: torch.Tensor, shift: torch.Tensor) -> list:
+    """Maximal runs ``[a, e)`` of equal consecutive ``(seg, shift)``, as ``(a, e, seg)``; runs
+    with ``seg = -1`` are dropped."""
+    n = seg.numel()
+    if n == 0:
+        return []
+    change = torch.nonzero((seg[1:] != seg[:-1]) | (shift[1:] != shift[:-1])).flatten() + 1
+    bounds = [0] + change.tolist() + [n]
+    segs = seg[bounds[:-1]].tolist()
+    return [(a, e, g) for a, e, g in zip(bounds[:-1], bounds[1:], segs) if g >= 0]
 
 
 def _row_structure(vis, causal: bool, left: Optional[int], nq: int, nk: int):
@@ -433,23 +434,22 @@ def _row_blocks(vis, causal, left, nq, nk, pos_q, record) -> tuple:
         kpos[qidx[inside]] = pos_q[inside]
         sq, sk = _row_shifts(qidx, seg_q, seg_k, pos_q, kpos)
     # Runs of queries (and keys) in one document with one shift: one call per pair of runs.
-    q_key = [None if g < 0 else (g, t) for g, t in zip(seg_q.tolist(), sq.tolist())]
-    k_key = [None if g < 0 else (g, t) for g, t in zip(seg_k.tolist(), sk.tolist())]
+    k_runs = _runs(seg_k, sk)
     blocks, copies = [], []
     # A lone query with the position and the visible keys of an earlier one has its output
     # (trailing right padding: filler positions, every valid key visible): computed once.
     if vis is not None:
         lo, hi = _first_true(vis).tolist(), _last_true(vis).tolist()
     first_with: dict = {}
-    for qa, qe, qv in _runs(q_key):
+    for qa, qe, q_seg in _runs(seg_q, sq):
         if qe - qa == 1 and vis is not None:
-            sig = (qv[0], int(qidx[qa] - sq[qa]), lo[qa], hi[qa])
+            sig = (q_seg, int(qidx[qa] - sq[qa]), lo[qa], hi[qa])
             if sig in first_with:
                 copies.append((qa, first_with[sig]))
                 continue
             first_with[sig] = qa
-        for ka, ke, kv in _runs(k_key):
-            if qv[0] != kv[0]:
+        for ka, ke, k_seg in k_runs:
+            if q_seg != k_seg:
                 continue
             t = int(sq[qa]) - int(sk[ka])
             q_first, q_last = int(qidx[qa]), int(qidx[qe - 1])
@@ -481,6 +481,63 @@ def _row_blocks(vis, causal, left, nq, nk, pos_q, record) -> tuple:
                 window = None
             blocks.append(_Block(qa, qe, ka, ke, q_off, k_off, blk_causal, window))
     return (tuple(blocks), tuple(copies)), kpos
+
+
+# The analysis of the last (mask, position_ids) seen: every layer of a forward gets the same
+# two tensors, so the layers after the first reuse it.  Held by weak reference and checked by
+# identity and version (an in-place change of either tensor is seen).
+_LAST: dict = {}
+
+
+def _ref(t: Optional[torch.Tensor]):
+    return None if t is None else (weakref.ref(t), t._version)
+
+
+def _same(r, t: Optional[torch.Tensor]) -> bool:
+    if r is None or t is None:
+        return r is None and t is None
+    return r[0]() is t and t._version == r[1]
+
+
+def _plans(module, attention_mask, position_ids, bsz, nq, nk, causal, left, rope) -> dict:
+    """``{(blocks, copies): batch rows}`` for one call, and the module's record of its cache
+    slots' positions updated."""
+    key = (bsz, nq, nk, causal, left, rope)
+    last = _LAST.get("entry")
+    if (
+        last is not None
+        and last[0] == key
+        and _same(last[1], attention_mask)
+        and _same(last[2], position_ids)
+    ):
+        plans, kpos = last[3], last[4]
+    else:
+        mask = None if attention_mask is None else _bool_mask(attention_mask, bsz, nq, nk)
+        if rope:
+            pos = position_ids.cpu().long()
+            if pos.dim() != 2 or pos.shape[-1] != nq:
+                raise NotImplementedError(
+                    f"fastrope: position_ids of shape {tuple(pos.shape)}; expected (batch,"
+                    f" {nq}) with RoPE in fastrope"
+                )
+        records = getattr(module, "_fastrope_key_positions", None) if rope else None
+        if records is not None and records.shape[0] != bsz:
+            records = None
+        plans, seen = {}, []
+        for b in range(bsz):
+            vis = None if mask is None else mask[b]
+            pos_q = pos[b if pos.shape[0] > 1 else 0] if rope else None
+            record = None if records is None else records[b]
+            blocks, kpos_b = _row_blocks(vis, causal, left, nq, nk, pos_q, record)
+            plans.setdefault(blocks, []).append(b)
+            seen.append(kpos_b)
+        kpos = torch.stack(seen) if rope else None
+        _LAST["entry"] = (key, _ref(attention_mask), _ref(position_ids), plans, kpos)
+    if rope:
+        # The positions each cache slot was given, for the next call (transformers does not
+        # pass the keys' positions; after right padding they are not the valid keys' ranks).
+        module._fastrope_key_positions = kpos
+    return plans
 
 
 def fastrope_attention_forward(
@@ -521,32 +578,9 @@ def fastrope_attention_forward(
     eps = getattr(module, "fastrope_eps", 0.0)
     method = getattr(module, "fastrope_method", "auto")
 
-    mask = None if attention_mask is None else _bool_mask(attention_mask, bsz, nq, nk)
     position_ids = kwargs.get("position_ids")
-    if w is not None and position_ids is not None:
-        position_ids = position_ids.cpu().long()
-        if position_ids.dim() != 2 or position_ids.shape[-1] != nq:
-            raise NotImplementedError(
-                f"fastrope: position_ids of shape {tuple(position_ids.shape)}; expected (batch,"
-                f" {nq}) with RoPE in fastrope"
-            )
-    rope = w is not None and position_ids is not None  # else positions are the cache indices
-    records = getattr(module, "_fastrope_key_positions", None) if rope else None
-    if records is not None and records.shape[0] != bsz:
-        records = None
-    plans: dict = {}
-    seen = []
-    for b in range(bsz):
-        vis = None if mask is None else mask[b]
-        pos_q = position_ids[b if position_ids.shape[0] > 1 else 0] if rope else None
-        record = None if records is None else records[b]
-        blocks, kpos = _row_blocks(vis, causal, left, nq, nk, pos_q, record)
-        plans.setdefault(blocks, []).append(b)
-        seen.append(kpos)
-    if rope:
-        # The positions each cache slot was given, for the next call (transformers does not
-        # pass the keys' positions; after right padding they are not the valid keys' ranks).
-        module._fastrope_key_positions = torch.stack(seen)
+    rope = w is not None and position_ids is not None
+    plans = _plans(module, attention_mask, position_ids, bsz, nq, nk, causal, left, rope)
 
     def run(q, k, v, plan):
         blocks, copies = plan
@@ -589,9 +623,11 @@ def fastrope_attention_forward(
         (blocks,) = plans
         out = run(query, key, value, blocks)
     else:
+        # Batch rows with one plan, in ranges of consecutive rows: views, never copies of k, v.
         out = query.new_zeros(query.shape[:-1] + (value.shape[-1],))
         for blocks, rows in plans.items():
-            idx = torch.tensor(rows)
-            o = run(query[idx], key[idx], value[idx], blocks)
-            out = out.index_copy(0, idx, o)
+            starts = [r for i, r in enumerate(rows) if i == 0 or rows[i - 1] != r - 1]
+            ends = [r + 1 for i, r in enumerate(rows) if i == len(rows) - 1 or rows[i + 1] != r + 1]
+            for a, e in zip(starts, ends):
+                out[a:e] = run(query[a:e], key[a:e], value[a:e], blocks)
     return out.transpose(1, 2).contiguous(), None
