@@ -67,3 +67,53 @@ def test_bench_sweeps_and_saves_json(tmp_path, capsys):
     assert all("seconds" in r or "skipped" in r for r in rows)
     errs = [r["max_error"] for r in rows if "max_error" in r]
     assert errs and max(errs) <= 1e-3
+
+
+def test_check_w_none_where_fast_is_refused(tmp_path, capsys):
+    """Standard-normal q, k with w=None: the fast method is refused, check still reports (the
+    exact recommendation, the fast method's R limit) and explains its columns."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "q.npy", rng.standard_normal((2, 64, 8)))
+    np.save(tmp_path / "k.npy", rng.standard_normal((2, 64, 8)))
+    assert main(["check", str(tmp_path / "q.npy"), str(tmp_path / "k.npy"), "--w", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "recommendation: use the exact method" in out
+    assert "certifiable at this n and eps up to R =" in out
+    assert "columns:" in out and "certified" in out
+
+
+def test_errors_come_before_any_table(tmp_path, capsys):
+    import numpy as np
+
+    bad = np.ones((1, 16, 4))
+    bad[0, 3, 1] = np.nan
+    np.save(tmp_path / "q.npy", bad)
+    assert main(["check", str(tmp_path / "q.npy"), str(tmp_path / "q.npy")]) == 1
+    captured = capsys.readouterr()
+    assert "head" not in captured.out and "error" in captured.err
+
+
+def test_plot_without_matplotlib_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    np.save(tmp_path / "q.npy", np.zeros((1, 8, 2)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    args = ["check", str(tmp_path / "q.npy"), str(tmp_path / "q.npy"), "--plot", "x.png"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--plot needs matplotlib" in captured.err
+
+
+def test_help_names_every_subcommand_in_plain_text():
+    p = subprocess.run([sys.executable, "-m", "fastrope", "--help"], capture_output=True)
+    text = p.stdout.decode()
+    assert p.returncode == 0 and "``" not in text
+    for sub in ("demo", "check", "bench"):
+        assert f"fastrope {sub}" in text
+    p = subprocess.run([sys.executable, "-m", "fastrope", "bench", "--help"], capture_output=True)
+    text = p.stdout.decode()
+    for words in ("error bound", "position matrix", "which methods"):
+        assert words in text
+    assert "Times the exact and the fast method" in text

@@ -1,4 +1,10 @@
-"""The ``fastrope`` command line: ``demo`` (more subcommands: ``fastrope --help``).
+"""The fastrope command line: demo, check and bench.
+
+  fastrope demo                 exact RoPE attention on a Llama-sized head, then the fast method
+                                on a long small head, each checked against the exact result
+  fastrope check q.npy k.npy    is a model's q/k in the fast method's regime? bounds, degree,
+                                terms and predicted costs per head, and where the fast method pays
+  fastrope bench                time the exact and the fast method over a sweep of n
 
 Exit status: 0 on success, 1 when the computation failed or a check did not pass, 2 for bad
 usage (argparse's convention).
@@ -194,6 +200,8 @@ def _sampled_scores(q, k, w, scale, rng, samples=20000) -> np.ndarray:
     n_q, d = q.shape
     i = rng.integers(0, n_q, samples)
     j = rng.integers(0, k.shape[0], samples)
+    if w is None:  # W_δ = I
+        return np.abs(scale * np.einsum("sa,sa->s", q[i], k[j]))
     deltas, inv = np.unique(i - j, return_inverse=True)
     mats = reference.position_matrices(w, d, deltas, max_position=max(n_q, k.shape[0]))
     mats = mats.reshape((-1,) + mats.shape[-3:])[0]
@@ -204,7 +212,9 @@ def _spectral_bound(q, k, w, scale) -> float:
     """``scale max|q_i| max|k_j| max_δ ||W_δ||_2``: an upper bound on every |M_ij|."""
     import fastrope
 
-    if isinstance(w, fastrope.Rotary):
+    if w is None:
+        wn = 1.0  # W_δ = I
+    elif isinstance(w, fastrope.Rotary):
         wn = w.frequencies(q.shape[-1])[1] ** 2
     else:
         blocks = np.asarray(w.blocks, dtype=np.float64)
@@ -213,10 +223,45 @@ def _spectral_bound(q, k, w, scale) -> float:
     return abs(scale) * float(qn * kn) * wn
 
 
+CHECK_COLUMNS = """columns:
+  R          the bound on every score |M_ij| = |scale q_i^T W_δ k_j| that the fast method would
+             certify its error with (from the norms of q, k and W)
+  max|M|     the largest |M_ij| on 20,000 sampled pairs (R is an upper bound of it)
+  degree     the degree of the polynomial approximating exp on [-R, R] at eps
+  terms      its number of monomial terms (the low-rank route's features)
+  pairs      the Toeplitz route's (α, β) pairs, when that route is planned
+  certified  the error the fast method guarantees (<= eps), or - when it is refused
+  exact (s), fast (s)   the planner's predicted times at this n (refused: not certifiable)
+  method     what method="auto" would run"""
+
+
+def _fast_limit_r(d: int, n: int, dv: int, w, eps: float, v_max: float) -> Optional[float]:
+    """The largest score bound R for which the fast method is still certifiable at ``eps``
+    (shape-only plans, bisected on log R), or None if it is refused even at tiny R."""
+    import fastrope
+
+    def ok(r: float) -> bool:
+        p = fastrope.plan(
+            (1, n, d), (1, n, d), (1, n, dv), w, eps, bound_r=r, v_max=v_max, dtype=np.float64
+        )
+        return p.fast_seconds is not None
+
+    lo, hi = 1e-3, 1e3
+    if not ok(lo):
+        return None
+    if ok(hi):
+        return hi
+    for _ in range(30):
+        mid = float(np.sqrt(lo * hi))
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
 def check(args: argparse.Namespace) -> int:
     """Is my model in the fast method's regime? Bounds, degree, terms and costs per head."""
     import fastrope
 
+    plt = _pyplot() if args.plot else None  # before any work: fail early without matplotlib
     q = _heads(_load(args.q, "q"), "q")
     k = _heads(_load(args.k, "k"), "k")
     if q.shape[-1] != k.shape[-1] or q.shape[0] % k.shape[0]:
@@ -231,32 +276,10 @@ def check(args: argparse.Namespace) -> int:
     scale = 1.0 / np.sqrt(d) if args.scale is None else args.scale
     rng = np.random.default_rng(0)
     group = q.shape[0] // k.shape[0]
-    print(
-        f"fastrope check: {q.shape[0]} heads of q {q.shape[1:]}, k {k.shape[1:]}, d = {d},"
-        f" w = {args.w}, eps = {args.eps:g}, |v| <= {args.v_max:g}"
-    )
-    widths = [5, 8, 8, 9, 7, 8, 10, 12, 12, 10]
-    print(
-        _row(
-            [
-                "head",
-                "R",
-                "max|M|",
-                "degree",
-                "terms",
-                "pairs",
-                "certified",
-                "exact (s)",
-                "fast (s)",
-                "method",
-            ],
-            widths,
-        )
-    )
-    verdicts, samples = [], []
+    # Every head first, so that an error is reported before any table is printed.
+    verdicts, samples, rows = [], [], []
     for h in range(q.shape[0]):
         qh, kh = q[h], k[h // group]
-        n = qh.shape[0]
         vh = np.broadcast_to(np.float64(args.v_max), (kh.shape[0], args.dv))
         p = fastrope.plan(qh, kh, vh, w, args.eps, scale=scale)
         s = _sampled_scores(qh, kh, w, scale, rng)
@@ -264,24 +287,35 @@ def check(args: argparse.Namespace) -> int:
         samples.append((s, r))
         fast_s = "refused" if p.fast_seconds is None else f"{p.fast_seconds:.3g}"
         cert = "-" if p.fast_certified_error is None else f"{p.fast_certified_error:.1e}"
-        print(
-            _row(
-                [
-                    str(h),
-                    f"{r:.3g}",
-                    f"{s.max():.3g}",
-                    str(p.degree or "-"),
-                    str(p.terms or "-"),
-                    str(p.n_pairs or "-"),
-                    cert,
-                    f"{p.exact_seconds:.3g}",
-                    fast_s,
-                    p.method,
-                ],
-                widths,
-            )
+        rows.append(
+            [
+                str(h),
+                f"{r:.3g}",
+                f"{s.max():.3g}",
+                str(p.degree or "-"),
+                str(p.terms or "-"),
+                str(p.n_pairs or "-"),
+                cert,
+                f"{p.exact_seconds:.3g}",
+                fast_s,
+                p.method,
+            ]
         )
         verdicts.append((p, r))
+    limit = _fast_limit_r(d, q.shape[1], args.dv, w, args.eps, args.v_max)
+    print(
+        f"fastrope check: {q.shape[0]} heads of q {q.shape[1:]}, k {k.shape[1:]}, d = {d},"
+        f" w = {args.w}, eps = {args.eps:g}, |v| <= {args.v_max:g}"
+    )
+    widths = [5, 8, 8, 9, 7, 8, 10, 12, 12, 10]
+    head = ["head", "R", "max|M|", "degree", "terms", "pairs", "certified"]
+    print(_row(head + ["exact (s)", "fast (s)", "method"], widths))
+    for row in rows:
+        print(_row(row, widths))
+    print(
+        "\nthe fast method is certifiable at this n and eps up to R = "
+        + ("(none: refused at any R)" if limit is None else f"{limit:.3g}")
+    )
     # Longer sequences with the same bounds: where would the fast method start to pay?
     worst = max(r for _, r in verdicts)
     print(f"\nat longer n (R = {worst:.3g}, one head, d_v = {args.dv}):")
@@ -313,27 +347,37 @@ def check(args: argparse.Namespace) -> int:
             f"\nrecommendation: use the exact method; the fast method does not pay up to n = 2^20"
             f" here ({why})."
         )
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 1
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for h, (s, r) in enumerate(samples[:8]):
-            ax.hist(s, bins=60, histtype="step", label=f"head {h}")
+    print("\n" + CHECK_COLUMNS)
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = plt.get_cmap("tab10").colors
+        for h, (s, r) in enumerate(samples[:10]):
+            c = colors[h % len(colors)]
+            ax.hist(s, bins=60, histtype="step", color=c, label=f"head {h} (R = {r:.3g})")
             if r:
-                ax.axvline(r, linestyle="--", color="k", linewidth=0.8)
-        ax.set_xlabel("|M_ij| on sampled pairs (dashed: certified bound R)")
+                ax.axvline(r, linestyle="--", color=c, linewidth=0.9)
+        if limit is not None:
+            label = f"fast method's limit R = {limit:.3g}"
+            ax.axvline(limit, color="red", linewidth=2, label=label)
+        ax.set_xlabel("|M_ij| on sampled pairs (dashed: each head's certified bound R)")
         ax.set_ylabel("count")
+        ax.set_title(f"fastrope check: n = {q.shape[1]}, d = {d}, eps = {args.eps:g}")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"histogram saved to {args.plot}")
     return 0
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    return plt
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -343,6 +387,7 @@ def bench(args: argparse.Namespace) -> int:
 
     import fastrope
 
+    plt = _pyplot() if args.plot else None  # before any work: fail early without matplotlib
     rng = np.random.default_rng(0)
     ns = [1 << e for e in range(args.n_exp[0], args.n_exp[1] + 1)]
     try:
@@ -353,11 +398,10 @@ def bench(args: argparse.Namespace) -> int:
         progress = None
     rows = []
     d, dv = args.d, args.dv
-    print(
-        _row(
-            ["n", "method", "time (s)", "predicted (s)", "max err", "plan"], [9, 7, 10, 14, 10, 30]
-        )
-    )
+    # With a progress bar, lines go through tqdm.write so that the bar does not cut them.
+    say = print if progress is None else progress.write
+    widths = [9, 7, 10, 14, 10, 30]
+    say(_row(["n", "method", "time (s)", "predicted (s)", "max err", "plan"], widths))
     for n in ns:
         q = rng.uniform(-1, 1, (1, n, d))
         k = rng.uniform(-1, 1, (1, n, d))
@@ -412,7 +456,7 @@ def bench(args: argparse.Namespace) -> int:
                 if "degree" in e
                 else e.get("skipped", "")
             )[:30]
-            print(_row([str(n), e["method"], t, pr, err, plan], [9, 7, 10, 14, 10, 30]))
+            say(_row([str(n), e["method"], t, pr, err, plan], widths))
     if progress is not None:
         progress.close()
     if args.json:
@@ -424,15 +468,7 @@ def bench(args: argparse.Namespace) -> int:
                 default=str,
             )
         print(f"results saved to {args.json}")
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return 1
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in args.methods:
             pts = [(e["n"], e["seconds"]) for e in rows if e["method"] == method and "seconds" in e]
@@ -456,7 +492,12 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastrope", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fastrope",
+        description=__doc__.split("\n\nExit status")[0],
+        epilog="Exit status: 0 success, 1 failed computation or check, 2 bad usage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run exact RoPE attention on a Llama-sized head and check it")
     p.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
@@ -476,6 +517,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         " certified score bound R per head, the polynomial degree and term count the fast method"
         " would need, predicted time and memory of both methods at this n and at longer n, and"
         " recommends one.",
+        epilog=CHECK_COLUMNS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("q", help="queries (..., n, d): .npy, .npz or .pt")
     c.add_argument("k", help="keys (..., n, d): .npy, .npz or .pt")
@@ -493,7 +536,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--dv", type=int, default=64, help="value dim for the longer-n predictions")
     c.add_argument("--plot", metavar="PNG", help="save a histogram of sampled |M_ij| against R")
     c.set_defaults(func=check)
-    b = sub.add_parser("bench", help="time exact and fast over a sweep of n (JSON, log-log plot)")
+    b = sub.add_parser(
+        "bench",
+        help="time exact and fast over a sweep of n (JSON, log-log plot)",
+        description="Times the exact and the fast method on one head with bounded random inputs"
+        " (q and k scaled so that the certified score bound R is about 1) for n = 2^LO ... 2^HI,"
+        " next to the planner's predictions and the fast method's measured error against exact."
+        " The full benchmarks, with their report, are in the repository's benchmarks/.",
+    )
     b.add_argument(
         "--n-exp",
         type=int,
@@ -504,9 +554,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     b.add_argument("--d", type=int, default=2, help="head dim (default 2)")
     b.add_argument("--dv", type=int, default=64, help="value dim (default 64)")
-    b.add_argument("--form", choices=["rotary", "blockw"], default="rotary")
-    b.add_argument("--eps", type=float, default=1e-3)
-    b.add_argument("--methods", nargs="+", choices=["exact", "fast"], default=["exact", "fast"])
+    b.add_argument(
+        "--form",
+        choices=["rotary", "blockw"],
+        default="rotary",
+        help="the position matrix: RoPE, or a random BlockW table (default rotary)",
+    )
+    b.add_argument(
+        "--eps", type=float, default=1e-3, help="the fast method's error bound (default 1e-3)"
+    )
+    b.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["exact", "fast"],
+        default=["exact", "fast"],
+        help="which methods to time (default: both)",
+    )
     b.add_argument(
         "--max-seconds",
         type=float,
