@@ -165,3 +165,13 @@ def test_merge_torch_is_differentiable(rng):
     assert_close(out.detach().numpy(), full.detach().numpy(), TOL, "out")
     for name, a, b in zip(("dq", "dk", "dv", "dblocks"), got, ref):
         assert_close(a.numpy(), b.numpy(), 1e-11, name)
+
+
+def test_merge_partials_argument_errors():
+    import fastrope
+
+    with pytest.raises(ValueError, match="outs: expected at least one shard"):
+        fastrope.merge_partials([], [])
+    o = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="one lse per partial output"):
+        fastrope.merge_partials([o, o], [np.zeros((2, 3))])

@@ -69,6 +69,12 @@ def merge_partials(outs: Union[Sequence[Any], Any], lses: Union[Sequence[Any], A
     >>> bool(np.allclose(out, fastrope.attention(q, k, v, w, causal=True)))
     True
     """
+    for name, xs in (("outs", outs), ("lses", lses)):
+        if isinstance(xs, (list, tuple)) and not xs:
+            raise ValueError(f"{name}: expected at least one shard, got none")
+    seqs = isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple))
+    if seqs and len(outs) != len(lses):
+        raise ValueError("outs, lses: expected one lse per partial output")
     first = outs[0] if isinstance(outs, (list, tuple)) else outs
     if _is_torch(first):
         return _merge_torch(outs, lses)
