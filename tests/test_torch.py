@@ -371,3 +371,13 @@ def test_w_none_equals_sdpa_forward_and_backward(rng):
         return ft.attention(q, k, v, None, bias=bias, q_offset=1, return_lse=True)
 
     assert torch.autograd.gradcheck(f, (_t(q, True), _t(k, True), _t(v, True), bias))
+
+
+def test_double_backward_is_refused_with_the_op_name():
+    """Gradients of gradients are not provided (README): the second backward raises, naming
+    fastrope's backward op, rather than returning a silent zero."""
+    q = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = fastrope.torch.attention(q, q, q, fastrope.Rotary(), causal=True)
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_bwd"):
+        g.sum().backward()
