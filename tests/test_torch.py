@@ -381,3 +381,10 @@ def test_double_backward_is_refused_with_the_op_name():
     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="attention_bwd"):
         g.sum().backward()
+
+
+def test_numpy_api_points_torch_users_to_the_adapter():
+    t = torch.zeros(2, 4, 8)
+    for x in (t, t.requires_grad_(), t.to(torch.bfloat16)):
+        with pytest.raises(TypeError, match="q: got a torch.Tensor.*fastrope.torch.attention"):
+            fastrope.attention(x, np.zeros((2, 4, 8)), np.zeros((2, 4, 8)), None)

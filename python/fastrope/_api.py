@@ -34,6 +34,12 @@ def as_float_array(x: Any, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         arr = x
     else:
+        if type(x).__module__.split(".")[0] == "torch":
+            raise TypeError(
+                f"{name}: got a torch.Tensor; fastrope.attention takes NumPy arrays. Use"
+                " fastrope.torch.attention (tensors in and out, autograd, float16/bfloat16), or"
+                " pass .detach().numpy() to compute in NumPy"
+            )
         if x is None or isinstance(x, (str, bytes, numbers.Number)):
             raise TypeError(f"{name}: expected a float32 or float64 array, got {_describe(x)}")
         try:
