@@ -403,3 +403,16 @@ def test_gradients_through_split_keys_match_eager(config):
         assert grads[key].keys() == ref.keys()
         for n, g in ref.items():
             assert (grads[key][n] - g).abs().max().item() <= TOL, (key, n)
+
+
+def test_compiled_forward_generation(eager, config):
+    """torch.compile'd model forward (transformers' compiled generation): the attention runs
+    eagerly inside the graph (its calls depend on the mask's values), the tokens are eager's."""
+    m = _model(config, "fastrope", True)
+    m.forward = torch.compile(m.forward)
+    ids = _ids(2, 9, seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    kw = {"cache_implementation": "static"}
+    _same_generation(_generate(m, ids, mask, **kw), _generate(eager, ids, mask, **kw))

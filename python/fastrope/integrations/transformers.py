@@ -540,6 +540,9 @@ def _plans(module, attention_mask, position_ids, bsz, nq, nk, causal, left, rope
     return plans
 
 
+# The calls depend on the mask's values and positions (data, not shapes): inside torch.compile
+# the function runs eagerly, a graph break, instead of being traced and recompiled per pattern.
+@torch.compiler.disable
 def fastrope_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
