@@ -123,8 +123,6 @@ def attention(
         with no visible key returns ``out = 0`` and ``lse = -inf``.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        if cu_seqlens_q is None:
-            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
         q, k, v = _varlen.arrays(("q", q), ("k", k), ("v", v))
         docs = _varlen.documents(
             cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
@@ -227,8 +225,6 @@ def attention_grad(
     over the documents.  Other arguments as in :func:`attention`.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        if cu_seqlens_q is None:
-            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
         q, k, v, dout, out = _varlen.arrays(
             ("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out)
         )

@@ -73,6 +73,8 @@ def documents(
     k_offset: Any = 0,
 ) -> list:
     """The documents of a packed call, checked (``cu_seqlens_k=None``: the same as ``q``'s)."""
+    if cu_seqlens_q is None:
+        raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
     cq = _cu(cu_seqlens_q, "cu_seqlens_q", total_q, "q's n_q")
     ck = cq if cu_seqlens_k is None else _cu(cu_seqlens_k, "cu_seqlens_k", total_k, "k's n_k")
     if cu_seqlens_k is None and total_k != total_q:
@@ -107,23 +109,28 @@ def arrays(*xs: Any) -> tuple:
     return tuple(out)
 
 
+def _call(fn: Callable, q, k, v, w, eps, doc: Document, **kw):
+    """``fn(..., return_lse=True)`` on one document's views of q, k, v."""
+    return fn(
+        q[..., doc.q_lo : doc.q_hi, :],
+        k[..., doc.k_lo : doc.k_hi, :],
+        v[..., doc.k_lo : doc.k_hi, :],
+        w,
+        eps,
+        q_offset=doc.q_offset,
+        k_offset=doc.k_offset,
+        return_lse=True,
+        **kw,
+    )
+
+
 def attention(fn: Callable, q, k, v, w, eps, docs: list, return_lse: bool, **kw):
     """``fn`` (:func:`fastrope.attention`) over each document; outputs written in place."""
     out = lse = None
     for doc in docs:
         if doc.q_hi == doc.q_lo:
             continue
-        o, s = fn(
-            q[..., doc.q_lo : doc.q_hi, :],
-            k[..., doc.k_lo : doc.k_hi, :],
-            v[..., doc.k_lo : doc.k_hi, :],
-            w,
-            eps,
-            q_offset=doc.q_offset,
-            k_offset=doc.k_offset,
-            return_lse=True,
-            **kw,
-        )
+        o, s = _call(fn, q, k, v, w, eps, doc, **kw)
         if out is None:
             out = np.zeros(o.shape[:-2] + (q.shape[-2], o.shape[-1]), o.dtype)
             lse = np.full(s.shape[:-1] + (q.shape[-2],), -np.inf, s.dtype)
@@ -182,17 +189,7 @@ def concatenated(fn: Callable, cat: Callable, q, k, v, w, eps, docs: list, retur
     for doc in docs:
         if doc.q_hi == doc.q_lo:
             continue  # the query ranges are contiguous and in order: no gap is left
-        o, s = fn(
-            q[..., doc.q_lo : doc.q_hi, :],
-            k[..., doc.k_lo : doc.k_hi, :],
-            v[..., doc.k_lo : doc.k_hi, :],
-            w,
-            eps,
-            q_offset=doc.q_offset,
-            k_offset=doc.k_offset,
-            return_lse=True,
-            **kw,
-        )
+        o, s = _call(fn, q, k, v, w, eps, doc, **kw)
         outs.append(o)
         lses.append(s)
     if not outs:  # no query rows at all (so no pairs): the shapes and dtypes of one call

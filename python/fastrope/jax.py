@@ -233,8 +233,6 @@ def attention(
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        if cu_seqlens_q is None:
-            raise ValueError("cu_seqlens_q: needed with cu_seqlens_k")
         docs = _varlen.documents(
             cu_seqlens_q, cu_seqlens_k, q.shape[-2], k.shape[-2], q_offset, k_offset
         )
