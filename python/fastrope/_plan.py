@@ -103,6 +103,9 @@ class Plan:
 
 _AVAILABLE_TTL = 0.5  # seconds a reading of MemAvailable is reused
 _available_cache: list = [float("-inf"), 0]
+if hasattr(os, "register_at_fork"):
+    # A forked child reads its own (its parent's reading may predate the fork by up to the TTL).
+    os.register_at_fork(after_in_child=lambda: _available_cache.__setitem__(0, float("-inf")))
 
 
 def available_memory() -> int:
