@@ -966,6 +966,12 @@ fn set_cache_limit(limit: usize) {
     crate::fast::cache::global().set_limit(limit);
 }
 
+/// Test hook: the `nth` next fallible allocation of the fast method fails (0 disarms).
+#[pyfunction]
+fn _inject_alloc_failure(nth: usize) {
+    crate::fast::blocks::inject_alloc_failure(nth);
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -983,6 +989,7 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cache_info, m)?)?;
     m.add_function(wrap_pyfunction!(set_cache_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject_alloc_failure, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
