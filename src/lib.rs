@@ -33,6 +33,8 @@ pub mod simd;
 pub mod toeplitz;
 
 #[cfg(feature = "python")]
+mod fork;
+#[cfg(feature = "python")]
 mod python;
 
 /// The Python extension's allocator (see Cargo.toml): per-call buffers are reused instead of

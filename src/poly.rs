@@ -212,6 +212,19 @@ fn comp_horner(c: &[f64], x: f64) -> f64 {
     s + err
 }
 
+/// [`certify`]'s memo: the exact coefficients' and radius' bits.
+type CertifyKey = (Vec<u64>, u64);
+static CERTIFY_MEMO: std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<CertifyKey, f64>>,
+> = std::sync::OnceLock::new();
+
+/// [`certify`]'s memo lock, held across a `fork` ([`crate::fork`]).
+#[cfg(feature = "python")]
+pub(crate) fn fork_guard() -> Box<dyn std::any::Any> {
+    let memo = CERTIFY_MEMO.get_or_init(Default::default);
+    Box::new(memo.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// A rigorous upper bound on `max_{|x| <= r} |p(x) - e^x| / e^x` for the stored coefficients.
 ///
 /// With `e(x) = p(x) e^{-x} - 1` we have `e'(x) = (p'(x) - p(x)) e^{-x}`, so on a grid of spacing
@@ -229,12 +242,8 @@ pub fn certify(coeffs: &[f64], r: f64) -> f64 {
     // Memoised on the exact coefficients and radius: planning tries the same few polynomials
     // on every call (a plan, then the run; every step of a training loop), and the grid below
     // costs up to milliseconds each.
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Key = (Vec<u64>, u64);
-    static MEMO: OnceLock<Mutex<HashMap<Key, f64>>> = OnceLock::new();
-    let memo = MEMO.get_or_init(|| Mutex::new(HashMap::new()));
-    let key: Key = (coeffs.iter().map(|c| c.to_bits()).collect(), r.to_bits());
+    let memo = CERTIFY_MEMO.get_or_init(Default::default);
+    let key: CertifyKey = (coeffs.iter().map(|c| c.to_bits()).collect(), r.to_bits());
     if let Some(&rho) = memo.lock().ok().and_then(|m| m.get(&key).copied()).as_ref() {
         return rho;
     }

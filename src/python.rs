@@ -20,9 +20,8 @@ use numpy::{
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
 fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
@@ -51,35 +50,29 @@ fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
 }
 
 /// Thread pools by size, for `num_threads=`; `None` uses rayon's global pool (which honours
-/// `RAYON_NUM_THREADS`).
+/// `RAYON_NUM_THREADS`), except in a forked child, where that pool has no threads: a pool of
+/// the same size started in the child instead ([`crate::fork`]).
 fn pool(n: Option<usize>) -> PyResult<Option<Arc<rayon::ThreadPool>>> {
-    let Some(n) = n else { return Ok(None) };
-    // `available_parallelism` reads the cgroup files on Linux (~30 us): once per process.
-    static CORES: OnceLock<usize> = OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()));
-    let limit = (4 * cores).max(64);
-    if n == 0 || n > limit {
-        return Err(PyValueError::new_err(format!(
-            "num_threads: expected an int in [1, {limit}], got {n}"
-        )));
-    }
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let pools = POOLS.get_or_init(Default::default);
-    let mut map = pools
-        .lock()
-        .map_err(|_| PyRuntimeError::new_err("thread pool cache poisoned"))?;
-    if let Some(p) = map.get(&n) {
-        return Ok(Some(p.clone()));
-    }
-    let p = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .map_err(|e| {
-            PyRuntimeError::new_err(format!("num_threads: cannot start {n} threads: {e}"))
-        })?;
-    let p = Arc::new(p);
-    map.insert(n, p.clone());
-    Ok(Some(p))
+    let n = match n {
+        None if crate::fork::forked() => rayon::current_num_threads(),
+        None => return Ok(None),
+        Some(n) => {
+            // `available_parallelism` reads the cgroup files on Linux (~30 us): once per process.
+            static CORES: OnceLock<usize> = OnceLock::new();
+            let cores =
+                *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()));
+            let limit = (4 * cores).max(64);
+            if n == 0 || n > limit {
+                return Err(PyValueError::new_err(format!(
+                    "num_threads: expected an int in [1, {limit}], got {n}"
+                )));
+            }
+            n
+        }
+    };
+    crate::fork::pool(n)
+        .map(Some)
+        .map_err(|e| PyRuntimeError::new_err(format!("num_threads: cannot start {n} threads: {e}")))
 }
 
 /// Calls estimated below this many flops (about 2 ms on one core) run on the calling thread,
@@ -973,6 +966,12 @@ fn set_cache_limit(limit: usize) {
     crate::fast::cache::global().set_limit(limit);
 }
 
+/// Test hook: the `nth` next fallible allocation of the fast method fails (0 disarms).
+#[pyfunction]
+fn _inject_alloc_failure(nth: usize) {
+    crate::fast::blocks::inject_alloc_failure(nth);
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -981,6 +980,7 @@ fn default_num_threads() -> usize {
 
 #[pymodule]
 fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    crate::fork::install();
     m.add_function(wrap_pyfunction!(exact_forward, m)?)?;
     m.add_function(wrap_pyfunction!(exact_backward, m)?)?;
     m.add_function(wrap_pyfunction!(fast_forward, m)?)?;
@@ -989,6 +989,7 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
     m.add_function(wrap_pyfunction!(cache_info, m)?)?;
     m.add_function(wrap_pyfunction!(set_cache_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject_alloc_failure, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
-from fastrope.cli import main
+import numpy as np
+import pytest
+
+from fastrope.cli import _load, main
 
 
 def test_demo_runs_and_checks_itself(capsys):
@@ -117,3 +120,71 @@ def test_help_names_every_subcommand_in_plain_text():
     for words in ("error bound", "position matrix", "which methods"):
         assert words in text
     assert "Times the exact and the fast method" in text
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: a stand-in for a file that runs code when loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted(tmp_path, kind, marker):
+    path = tmp_path / f"evil_{marker.name}.{kind}"
+    if kind == "pt":
+        import torch
+
+        torch.save({"q": _Payload(marker)}, path)
+    elif kind == "npy":
+        np.save(path, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    else:
+        np.savez(path, q=np.array([_Payload(marker)], dtype=object))
+    return path
+
+
+def _permissive_load(path, kind):
+    if kind == "pt":
+        import torch
+
+        torch.load(path, weights_only=False)
+    elif kind == "npy":
+        np.load(path, allow_pickle=True)
+    else:
+        with np.load(path, allow_pickle=True) as z:
+            z["q"]
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "pt"])
+def test_crafted_pickle_payloads_are_refused_and_never_run(tmp_path, capsys, kind):
+    if kind == "pt":
+        pytest.importorskip("torch")
+    # The payload is live: loading it the permissive way does create its marker.
+    probe = tmp_path / "probe"
+    _permissive_load(_crafted(tmp_path, kind, probe), kind)
+    assert probe.exists()
+
+    marker = tmp_path / "marker"
+    path = _crafted(tmp_path, kind, marker)
+    good = tmp_path / "k.npy"
+    np.save(good, np.zeros((1, 16, 2), dtype=np.float32))
+    assert main(["check", str(path), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert path.name in err and "refus" in err and "unpickl" in err, err
+    with pytest.raises(ValueError, match="unpickl"):
+        _load(str(path), "q")
+    assert not marker.exists(), "the payload ran"
+
+
+def test_pt_files_of_tensors_still_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    torch.save({"q": x, "k": x + 1}, tmp_path / "qk.pt")
+    torch.save(x, tmp_path / "t.pt")
+    assert np.array_equal(_load(str(tmp_path / "qk.pt"), "k"), (x + 1).numpy())
+    assert np.array_equal(_load(str(tmp_path / "t.pt"), "q"), x.numpy())
+    torch.save({"q": 3}, tmp_path / "int.pt")
+    with pytest.raises(ValueError, match="expected a tensor"):
+        _load(str(tmp_path / "int.pt"), "q")

@@ -17,6 +17,14 @@ import fastrope
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
+# A child started from a background job (`cmd &`, nohup, many CI agents) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C tests' children
+# install it themselves, so they check the same thing however the suite was started.
+SIGINT_HANDLER = """
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+"""
+
 
 def _inputs(n: int, d: int = 64, heads: int = 2, seed: int = 0, dtype=np.float32):
     rng = np.random.default_rng(seed)
@@ -112,7 +120,7 @@ def test_rayon_num_threads_is_honoured():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX-specific")
 def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
-    code = """
+    code = SIGINT_HANDLER + """
         import sys, time, numpy as np, fastrope
         rng = np.random.default_rng(0)
         q = rng.standard_normal((8, 16384, 128)).astype(np.float32)
@@ -148,7 +156,7 @@ def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
 def test_ctrl_c_interrupts_a_long_fast_call(backward):
     """The fast method's low-rank path (one long head: no parallelism to hide behind) polls too,
     forward and backward."""
-    code = f"""
+    code = SIGINT_HANDLER + f"""
         import sys, time, numpy as np, fastrope
         rng = np.random.default_rng(0)
         n, d = 1 << 19, 8

@@ -13,6 +13,7 @@ __all__ = [
     "clear_cache",
     "cache_info",
     "set_cache_limit",
+    "_inject_alloc_failure",
     "__version__",
 ]
 
@@ -127,3 +128,5 @@ def default_num_threads() -> int: ...
 def clear_cache() -> None: ...
 def cache_info() -> Dict[str, int]: ...
 def set_cache_limit(limit: int) -> None: ...
+def _inject_alloc_failure(nth: int) -> None:
+    """Test hook: the ``nth`` next fallible allocation of the fast method fails (0 disarms)."""

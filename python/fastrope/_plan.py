@@ -103,6 +103,9 @@ class Plan:
 
 _AVAILABLE_TTL = 0.5  # seconds a reading of MemAvailable is reused
 _available_cache: list = [float("-inf"), 0]
+if hasattr(os, "register_at_fork"):
+    # A forked child reads its own (its parent's reading may predate the fork by up to the TTL).
+    os.register_at_fork(after_in_child=lambda: _available_cache.__setitem__(0, float("-inf")))
 
 
 def available_memory() -> int:
@@ -204,7 +207,10 @@ def output_rounding(call) -> float:
     """float32 results are rounded once more when the float64 fast result is cast back."""
     if call.dtype != np.float32 or call.v4.size == 0:
         return 0.0
-    vmax = call.v_max_given if call.v_max_given is not None else float(np.abs(call.v4).max())
+    if call.v_max_given is not None:
+        vmax = call.v_max_given
+    else:  # max |v| without a v-sized temporary (np.abs would copy v before a refusal)
+        vmax = float(np.maximum(call.v4.max(), -call.v4.min()))
     return vmax * 2.0**-24
 
 

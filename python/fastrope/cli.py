@@ -163,28 +163,59 @@ def _demo_fast(args: argparse.Namespace) -> bool:
 
 
 def _load(path: str, name: str) -> np.ndarray:
-    """An array from .npy, .npz (key ``name`` or the only array) or .pt (torch.load)."""
-    if path.endswith(".npy"):
-        return np.load(path)
-    if path.endswith(".npz"):
-        with np.load(path) as z:
-            if name in z.files:
-                return z[name]
-            if len(z.files) == 1:
-                return z[z.files[0]]
-            raise ValueError(
-                f"{path}: expected an array named {name!r} or a single array, got {z.files}"
-            )
+    """An array from .npy, .npz (key ``name`` or the only array) or .pt (a tensor or a dict of
+    tensors).  Files are data: nothing is unpickled (NumPy with ``allow_pickle=False``, torch
+    with ``weights_only=True``), so a crafted file cannot run code; one that needs pickle is
+    refused with a ValueError."""
+    if path.endswith(".npy") or path.endswith(".npz"):
+        try:
+            data = np.load(path, allow_pickle=False)
+            if path.endswith(".npy"):
+                return _numeric(data, path)
+            with data as z:
+                if name in z.files:
+                    return _numeric(z[name], path)
+                if len(z.files) == 1:
+                    return _numeric(z[z.files[0]], path)
+                raise ValueError(
+                    f"{path}: expected an array named {name!r} or a single array, got {z.files}"
+                )
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise ValueError(
+                    f"{path}: holds pickled objects (an object array); refusing to unpickle an"
+                    " input file: save a numeric array"
+                ) from None
+            raise
     if path.endswith(".pt"):
         try:
             import torch
         except ImportError as e:
             raise ValueError(f"{path}: reading .pt files needs torch ({e})") from None
-        x = torch.load(path, map_location="cpu")
+        import pickle
+
+        try:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{path}: not a plain tensor file (it needs unpickling code, which fastrope"
+                f" refuses for input files: torch.load(weights_only=True) said: {first})"
+            ) from None
         if isinstance(x, dict):
+            if not x:
+                raise ValueError(f"{path}: expected a tensor or a dict of tensors, got {{}}")
             x = x[name] if name in x else next(iter(x.values()))
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{path}: expected a tensor, got {type(x).__name__}")
         return x.detach().float().numpy()
     raise ValueError(f"{path}: expected a .npy, .npz or .pt file")
+
+
+def _numeric(x: np.ndarray, path: str) -> np.ndarray:
+    if x.dtype.kind not in "fiub":
+        raise ValueError(f"{path}: expected a numeric array, got dtype {x.dtype}")
+    return x
 
 
 def _heads(x: np.ndarray, name: str) -> np.ndarray:

@@ -34,6 +34,12 @@ struct Fine {
 static FINE: Mutex<Vec<(Vec<u64>, Arc<Fine>)>> = Mutex::new(Vec::new());
 const FINE_CACHED: usize = 8;
 
+/// [`FINE`]'s lock, held across a `fork` ([`crate::fork`]).
+#[cfg(feature = "python")]
+pub(crate) fn fork_guard() -> Box<dyn std::any::Any> {
+    Box::new(FINE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 fn fine_table(theta: &[f64]) -> Arc<Fine> {
     let key: Vec<u64> = theta.iter().map(|t| t.to_bits()).collect();
     // A poisoned lock only means another thread panicked mid-update: rebuild the table.

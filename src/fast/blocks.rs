@@ -11,6 +11,7 @@ use super::expansion::Expansion;
 use crate::error::{Error, Result};
 use crate::toeplitz::C64;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Frequencies per block (one block is `2 * BLOCK` f64: real parts, then imaginary parts).
 pub const BLOCK: usize = 32;
@@ -22,9 +23,32 @@ pub fn spectrum_blocks(n: usize) -> usize {
     (n / 2 + 1).div_ceil(BLOCK)
 }
 
+/// Fault injection for tests: when non-zero, the allocation of [`try_filled`] that brings it
+/// to zero fails as if memory were exhausted ([`inject_alloc_failure`]). One relaxed load per
+/// buffer of a head's working set, not per element.
+static FAIL_COUNTDOWN: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes the `nth` next fallible allocation of the fast method fail (1 = the next one; 0
+/// disarms): the tests' stand-in for running out of memory in the middle of a call.
+pub fn inject_alloc_failure(nth: usize) {
+    FAIL_COUNTDOWN.store(nth, Ordering::SeqCst);
+}
+
+fn injected_failure() -> bool {
+    FAIL_COUNTDOWN.load(Ordering::Relaxed) != 0
+        && FAIL_COUNTDOWN
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok_and(|n| n == 1)
+}
+
 pub(crate) fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| {
+    let reserved = if injected_failure() {
+        Err(())
+    } else {
+        v.try_reserve_exact(len).map_err(|_| ())
+    };
+    reserved.map_err(|_| {
         Error::Memory(format!(
             "fast method: cannot allocate {what} ({len} x {} bytes)",
             std::mem::size_of::<T>()

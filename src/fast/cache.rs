@@ -218,6 +218,13 @@ impl KernelCache {
         c.evictions = 0;
     }
 
+    /// The cache's lock, held across a `fork` so the child never inherits it mid-update
+    /// ([`crate::fork`]).
+    #[cfg(feature = "python")]
+    pub(crate) fn fork_guard(&'static self) -> Box<dyn Any> {
+        Box::new(self.lock())
+    }
+
     pub fn info(&self) -> CacheInfo {
         let c = self.lock();
         CacheInfo {
