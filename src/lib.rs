@@ -20,11 +20,10 @@
 //! [`plan`] predicts the cost of both and picks. The mathematics and the contract are in
 //! `docs/DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
 
-pub mod dispatch;
-pub mod dispatch_backward;
 pub mod error;
 pub mod exact;
 pub mod fast;
+pub mod plan;
 pub mod poly;
 pub mod position;
 pub mod problem;

@@ -1,11 +1,13 @@
 //! A property test over the Rust entry points: random and often inconsistent problems (shapes,
 //! tables, indices, masks, offsets, non-finite values) must give `Ok` or `Err`, never a panic.
 
-use crate::dispatch::{plan_fast, run_fast};
-use crate::dispatch_backward::{plan_fast_backward, run_fast_backward};
 use crate::exact::backward::BackwardInputs;
 use crate::exact::{attention_backward, attention_forward};
 use crate::fast::FastLimits;
+use crate::plan::backward::plan_fast_backward;
+use crate::plan::backward_run::run_fast_backward;
+use crate::plan::forward::{plan_fast, run_fast};
+use crate::plan::Route;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
 use ndarray::{Array2, Array3, Array4};
@@ -147,6 +149,7 @@ fn random_problems_never_panic() {
             1e-2,
             &limits,
             2,
+            Route::Auto,
         ) {
             fast_runs += 1;
             let _ = run_fast(
@@ -187,6 +190,7 @@ fn random_problems_never_panic() {
             &limits,
             2,
             None,
+            Route::Auto,
         ) {
             fast_backward_runs += 1;
             let _ = run_fast_backward(

@@ -9,14 +9,24 @@ import numpy as np
 from . import _fastrope as _native
 from . import _varlen
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
-from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, _backward_probe, make_plan
+from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, _backward_probe, check_route, make_plan
 from ._plan import kernel_eps as _kernel_eps
 from ._types import ApproximationError, Gradients
 
 __all__ = ["attention", "attention_grad", "plan"]
 
 
-def _fast(call: Call, eps: float, limit: int, run: bool, threads: Optional[int]):
+def _fast(
+    call: Call,
+    eps: float,
+    limit: int,
+    run: bool,
+    threads: Optional[int],
+    route: str,
+    handle: Any = None,
+):
+    """The native fast forward: with ``run=False`` its plan (a dict holding the ``handle``),
+    with ``run=True`` and that ``handle``, the plan executed as it is (no second planning)."""
     return _native.fast_forward(
         call.q4,
         call.k4,
@@ -28,14 +38,22 @@ def _fast(call: Call, eps: float, limit: int, run: bool, threads: Optional[int])
         memory_limit=limit,
         run=run,
         num_threads=threads,
+        route=route,
+        plan=handle,
     )
 
 
 def _resolve(
-    call: Call, eps: float, method: str, memory_limit: Any, backward: bool, threads: Optional[int]
+    call: Call,
+    eps: float,
+    method: str,
+    memory_limit: Any,
+    backward: bool,
+    threads: Optional[int],
+    route: str,
 ) -> Plan:
     def probe(kernel_eps: float, limit: int) -> dict:
-        return _fast(call, kernel_eps, limit, False, threads)[2]
+        return _fast(call, kernel_eps, limit, False, threads, route)[2]
 
     return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)
 
@@ -77,6 +95,7 @@ def attention(
     num_threads: Optional[int] = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
+    route: Optional[str] = None,
 ) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Attention with relative-position matrices ``W_δ``.
 
@@ -117,6 +136,10 @@ def attention(
             Positions restart in each document: ``q_offset``/``k_offset`` (an int, or one int
             per document) place its first query and key, so RoPE, masks and biases apply per
             document.  No work or memory is spent on pairs across documents.
+        route: the fast method's route: ``"auto"`` (the cheaper of those that certify),
+            ``"toeplitz"`` (any ``w``, bias and mask) or ``"lowrank"`` (Rotary or ``w=None``
+            without a bias or masking window).  ``None``: ``FASTROPE_FAST_PATH`` from the
+            environment if set, else ``"auto"``.  :func:`plan` lists the routes refused and why.
 
     Returns:
         ``out`` of shape ``(..., n_q, d_v)`` in the input dtype, and ``lse`` if asked for.  A row
@@ -144,10 +167,12 @@ def attention(
             memory_limit=memory_limit,
             check_finite=check_finite,
             num_threads=num_threads,
+            route=route,
         )
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)
+    route = check_route(route)
     # The exact forward (what eps = 0 and method="exact" run) checks k and v natively.
     native_kv_check = check_finite and (method == "exact" or eps == 0.0)
     call = prepare(
@@ -164,10 +189,11 @@ def attention(
         check_finite=check_finite,
         defer_kv_check=native_kv_check,
     )
-    p = _resolve(call, eps, method, memory_limit, False, threads)
+    p = _resolve(call, eps, method, memory_limit, False, threads, route)
     if p.method == "fast":
         try:
-            out4, lse3, _ = _fast(call, _kernel_eps(call, eps), p.memory_limit, True, threads)
+            kernel_eps = _kernel_eps(call, eps)
+            out4, lse3, _ = _fast(call, kernel_eps, p.memory_limit, True, threads, route, p.native)
         except ApproximationError:
             # A head's own data failed the run-time certificate (the plan's a-priori bound was
             # too loose to certify every head in advance): never return an uncertified result.
@@ -203,6 +229,7 @@ def attention_grad(
     dlse: Any = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
+    route: Optional[str] = None,
 ) -> Gradients:
     """Gradients of ``sum(attention(q, k, v, w, ...) * dout)`` (``+ sum(lse * dlse)``).
 
@@ -254,11 +281,13 @@ def attention_grad(
                 memory_limit=memory_limit,
                 check_finite=check_finite,
                 num_threads=num_threads,
+                route=route,
             )
         )
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)
+    route = check_route(route)
     call = prepare(
         q,
         k,
@@ -291,13 +320,15 @@ def attention_grad(
         method,
         memory_limit,
         backward=True,
-        fast_probe=_backward_probe(call, None, dout4, threads, dlse3),
+        fast_probe=_backward_probe(call, None, dout4, threads, dlse3, route),
     )
     if p.method == "fast":
         try:
             # The fast backward recomputes the approximate forward it differentiates in its
             # first pass: `out`/`lse` are not needed.
-            dq, dk, dv4, dw3, db2 = _fast_backward(call, dout4, eps, p.memory_limit, threads, dlse3)
+            dq, dk, dv4, dw3, db2 = _fast_backward(
+                call, dout4, eps, p.memory_limit, threads, dlse3, route, p.native
+            )
             return _finish_grads(call, dq, dk, dv4, dw3, db2)
         except ApproximationError:
             # A head's own data failed the run-time certificate: never return an uncertified
@@ -381,8 +412,11 @@ def _fast_backward(
     limit: int,
     threads: Optional[int],
     dlse3: Optional[np.ndarray] = None,
+    route: str = "auto",
+    handle: Any = None,
 ):
-    """The native fast backward: ``(dq, dk, dv, dw, dbias)`` in canonical form."""
+    """The native fast backward: ``(dq, dk, dv, dw, dbias)`` in canonical form (the plan of
+    ``handle`` executed as it is when given)."""
     res = _native.fast_backward(
         call.q4,
         call.k4,
@@ -398,6 +432,8 @@ def _fast_backward(
         run=True,
         num_threads=threads,
         dlse=dlse3,
+        route=route,
+        plan=handle,
     )
     return res[:5]
 
@@ -468,6 +504,7 @@ def plan(
     bound_r: Optional[float] = None,
     v_max: float = 1.0,
     dtype: Any = np.float32,
+    route: Optional[str] = None,
 ) -> Plan:
     """What :func:`attention` (or, with ``backward=True``, :func:`attention_grad`) would do.
 
@@ -476,12 +513,14 @@ def plan(
     largest ``|M_ij|`` to certify) and ``v_max`` give the bounds and ``dtype`` the input dtype,
     and the plan is a prediction for any inputs within them.
 
-    Returns a :class:`Plan`: the method, its predicted cost and working set, the polynomial
-    degree and certified error when the fast method is considered, and ``why``.
+    Returns a :class:`Plan`: the method and the fast route, its predicted cost and working set,
+    the polynomial degree and certified error when the fast method is considered, ``why``, and
+    ``refused``: every method and route considered and not taken, with the reason.
     """
     eps = check_eps(eps)
     method = check_method(method)
     threads = check_threads(num_threads)
+    route = check_route(route)
     stand_ins = _shape_arrays(q, k, v, dtype)
     given = None
     if stand_ins is not None:
@@ -520,6 +559,8 @@ def plan(
             run=False,
             num_threads=threads,
             bounds=given,
+            route=route,
         )[2]
 
+    probe.route = route
     return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)

@@ -1,6 +1,6 @@
 """The native module: thin wrappers over the Rust core on canonical arrays (see _api.py)."""
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, TypedDict, Unpack, final
 
 import numpy as np
 
@@ -14,6 +14,8 @@ __all__ = [
     "cache_info",
     "set_cache_limit",
     "_inject_alloc_failure",
+    "planner_calls",
+    "PlannedCall",
     "__version__",
 ]
 
@@ -22,24 +24,30 @@ __version__: str
 _Shape = Tuple[int, int, int, int, int, int, int]  # (B, Hq, Hk, n_q, n_k, d, d_v)
 _Rotary = Tuple[np.ndarray, float, np.ndarray]  # (theta (d/2,), attention factor, pairs (d/2, 2))
 
+class _Call(TypedDict):
+    """The call description every entry point takes as keywords (``Call.native_args()``)."""
+
+    shape: _Shape
+    scale: float
+    causal: bool
+    window: Optional[Tuple[int, int]]
+    q_offset: int
+    k_offset: int
+    rotary: Optional[_Rotary]
+    support: Optional[np.ndarray]
+    values: Optional[np.ndarray]
+    w_index: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+    bias_index: Optional[np.ndarray]
+
 def exact_forward(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
-    shape: _Shape,
-    scale: float,
-    causal: bool,
-    window: Optional[Tuple[int, int]],
-    q_offset: int,
-    k_offset: int,
-    rotary: Optional[_Rotary],
-    support: Optional[np.ndarray],
-    values: Optional[np.ndarray],
-    w_index: Optional[np.ndarray],
-    bias: Optional[np.ndarray],
-    bias_index: Optional[np.ndarray],
+    *,
     num_threads: Optional[int],
     check_kv: bool = False,
+    **call: Unpack[_Call],
 ) -> Tuple[np.ndarray, np.ndarray]: ...
 def exact_backward(
     q: np.ndarray,
@@ -48,38 +56,17 @@ def exact_backward(
     out: np.ndarray,
     lse: np.ndarray,
     dout: np.ndarray,
-    shape: _Shape,
-    scale: float,
-    causal: bool,
-    window: Optional[Tuple[int, int]],
-    q_offset: int,
-    k_offset: int,
-    rotary: Optional[_Rotary],
-    support: Optional[np.ndarray],
-    values: Optional[np.ndarray],
-    w_index: Optional[np.ndarray],
-    bias: Optional[np.ndarray],
-    bias_index: Optional[np.ndarray],
+    *,
     want_dw: bool,
     want_dbias: bool,
     num_threads: Optional[int],
+    **call: Unpack[_Call],
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]: ...
 def fast_forward(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
-    shape: _Shape,
-    scale: float,
-    causal: bool,
-    window: Optional[Tuple[int, int]],
-    q_offset: int,
-    k_offset: int,
-    rotary: Optional[_Rotary],
-    support: Optional[np.ndarray],
-    values: Optional[np.ndarray],
-    w_index: Optional[np.ndarray],
-    bias: Optional[np.ndarray],
-    bias_index: Optional[np.ndarray],
+    *,
     eps: float,
     max_terms: int,
     max_degree: int,
@@ -87,26 +74,20 @@ def fast_forward(
     run: bool,
     num_threads: Optional[int],
     bounds: Optional[Tuple[float, float]] = None,
+    route: str = "auto",
+    plan: Optional[PlannedCall] = None,
+    **call: Unpack[_Call],
 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Dict[str, Any]]:
-    """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``."""
+    """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``, where ``plan["handle"]``
+    is the plan itself: passed back as ``plan=`` to a run with the same arguments, it is run
+    without planning again."""
 
 def fast_backward(
     q: np.ndarray,
     k: np.ndarray,
     v: np.ndarray,
     dout: Optional[np.ndarray],
-    shape: _Shape,
-    scale: float,
-    causal: bool,
-    window: Optional[Tuple[int, int]],
-    q_offset: int,
-    k_offset: int,
-    rotary: Optional[_Rotary],
-    support: Optional[np.ndarray],
-    values: Optional[np.ndarray],
-    w_index: Optional[np.ndarray],
-    bias: Optional[np.ndarray],
-    bias_index: Optional[np.ndarray],
+    *,
     eps: float,
     want_dw: bool,
     want_dbias: bool,
@@ -118,11 +99,21 @@ def fast_backward(
     poly: Optional[Tuple[str, int, float]] = None,
     bounds: Optional[Tuple[float, float]] = None,
     dlse: Optional[np.ndarray] = None,
+    route: str = "auto",
+    plan: Optional[PlannedCall] = None,
+    **call: Unpack[_Call],
 ) -> Tuple[Any, ...]:
     """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``.
 
     ``dlse`` (``(batch, hq, nq)``): a cotangent for ``lse``, taken by the low-rank path only.
     """
+
+@final
+class PlannedCall:
+    """A fast plan made with ``run=False`` (opaque)."""
+
+def planner_calls() -> int:
+    """How many fast plans (forward or backward) this process has made."""
 
 def default_num_threads() -> int: ...
 def clear_cache() -> None: ...

@@ -44,9 +44,14 @@ class Plan:
 
     ``method`` is ``"exact"`` or ``"fast"``; ``degree``, ``poly_kind``, ``bound_r``, ``terms``,
     ``n_alpha``, ``n_beta``, ``n_pairs`` describe the fast method's polynomial and expansion (None
-    when it was not considered); ``certified_error`` bounds ``max|out - exact|`` (0 for exact up to
-    rounding); costs are predicted flops and seconds; ``working_set_bytes`` is the memory the
-    chosen method allocates beyond its inputs; ``why`` says why it was chosen.
+    when it was not considered); ``route`` is the fast route planned (``"toeplitz"`` or
+    ``"lowrank"``, None when the fast method was not planned); ``certified_error`` bounds
+    ``max|out - exact|`` (0 for exact up to rounding); costs are predicted flops and seconds;
+    ``working_set_bytes`` is the memory the chosen method allocates beyond its inputs; ``why``
+    says why it was chosen; ``refused`` lists ``(method or route, reason)`` for every
+    alternative considered and not taken (``"exact"``, ``"fast"``, ``"toeplitz"``,
+    ``"lowrank"``).  ``native`` is the fast plan itself (opaque): :func:`attention` and
+    :func:`attention_grad` execute it as it is, without planning again.
     """
 
     method: str
@@ -68,7 +73,10 @@ class Plan:
     n_beta: Optional[int] = None
     n_pairs: Optional[int] = None
     fast_certified_error: Optional[float] = None
+    route: Optional[str] = None
+    refused: tuple = ()
     details: dict = field(default_factory=dict, compare=False)
+    native: Any = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         lines = [
@@ -98,6 +106,8 @@ class Plan:
             f" of {self.memory_limit / 2**20:.0f} MiB"
         )
         lines.append(f"why: {self.why}")
+        for what, reason in self.refused:
+            lines.append(f"refused {what}: {reason}")
         return "\n".join(lines)
 
 
@@ -223,8 +233,28 @@ FAST_MAX_TERMS = 1_000_000
 FAST_MAX_DEGREE = 40
 
 
+ROUTES = ("auto", "toeplitz", "lowrank")
+
+
+def check_route(route: Any) -> str:
+    """``route=``: None reads ``FASTROPE_FAST_PATH`` (if set), else ``"auto"``."""
+    if route is None:
+        route = os.environ.get("FASTROPE_FAST_PATH") or "auto"
+        if route not in ROUTES:
+            raise ValueError(f"FASTROPE_FAST_PATH: expected one of {ROUTES}, got {route!r}")
+    if not isinstance(route, str) or route not in ROUTES:
+        raise ValueError(f"route: expected one of {ROUTES} or None, got {route!r}")
+    return route
+
+
+def _native_refused(info: dict) -> tuple:
+    return tuple((str(r), str(why)) for r, why in info.get("refused", ()))
+
+
 def _fast_fields(info: dict) -> dict:
     return dict(
+        route=str(info["path"]),
+        native=info.get("handle"),
         fast_flops=float(info["flops"]),
         fast_seconds=float(info["flops"]) / FAST_FLOPS_PER_SECOND,
         fast_working_set_bytes=int(info["working_bytes"]),
@@ -256,19 +286,23 @@ def make_plan(
     exact = dict(exact_flops=flops, exact_seconds=seconds, memory_limit=limit, eps=eps)
     batch, hq, hk, nq, nk, d, dv = call.shape
 
-    def exact_plan(why: str, fast: Optional[dict] = None) -> Plan:
+    def exact_plan(
+        why: str, fast: Optional[dict] = None, refused: tuple = (), fast_reason: str = ""
+    ) -> Plan:
         if ws > limit:
             raise MemoryError(
                 f"fastrope: the exact method needs a working set of {ws / 2**20:.1f} MiB, more"
                 f" than memory_limit = {limit / 2**20:.1f} MiB (shapes {call.shape})"
             )
+        fast = dict(fast or {}, native=None)  # not run: the native plan is not kept
         return Plan(
             method="exact",
             certified_error=0.0,
             working_set_bytes=ws,
             why=why,
+            refused=(("fast", fast_reason or why),) + refused,
             **exact,
-            **(fast or {}),
+            **fast,
         )
 
     if method == "exact":
@@ -324,7 +358,7 @@ def make_plan(
         )
         if method == "fast":
             raise ApproximationError(f"method='fast': {msg}")
-        return exact_plan(msg, fast)
+        return exact_plan(msg, fast, _native_refused(info))
     ratio = seconds / max(fast["fast_seconds"], 1e-12)
     via = (
         f", as {fast['terms']} low-rank features (RoPE scores are q'·k' after rotating by absolute"
@@ -337,27 +371,35 @@ def make_plan(
         f" R = {fast['bound_r']:.3g}, certifies {certified:.2g} <= eps = {eps:.2g};"
         f" predicted fast {fast['fast_seconds']:.3g} s vs exact {seconds:.3g} s"
     )
-    if method == "fast":
+    return _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info)
+
+
+def _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info) -> Plan:
+    """Fast or exact, from the predicted ratio ``exact seconds / fast seconds``."""
+    refused = _native_refused(info)
+    if method == "fast" or ratio > 1.0:
+        if method == "fast":
+            not_exact = "method='fast' was requested"
+            why = f"{not_exact}: {summary}"
+        else:
+            why = f"fast is predicted {ratio:.1f}x cheaper: {summary}"
+            not_exact = f"predicted {ratio:.1f}x slower than the fast method"
         return Plan(
             method="fast",
             certified_error=certified,
-            why=f"method='fast' was requested: {summary}",
+            why=why,
             working_set_bytes=fast["fast_working_set_bytes"],
             details=details,
+            refused=(("exact", not_exact),) + refused,
             **exact,
             **fast,
         )
-    if ratio > 1.0:
-        return Plan(
-            method="fast",
-            certified_error=certified,
-            why=f"fast is predicted {ratio:.1f}x cheaper: {summary}",
-            working_set_bytes=fast["fast_working_set_bytes"],
-            details=details,
-            **exact,
-            **fast,
-        )
-    return exact_plan(f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}", fast)
+    return exact_plan(
+        f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}",
+        fast,
+        refused,
+        f"predicted {1 / ratio:.1f}x slower than the exact method",
+    )
 
 
 # Throughput of the fast backward in its flop model (fastrope::fast::backward: two forward-sized
@@ -371,7 +413,7 @@ FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND = 1e10
 FAST_CALL_SECONDS = 1e-3
 
 
-def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None):
+def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, route="auto"):
     """``probe(kernel_eps, limit) -> dict``: the native fast backward's plan for ``call``.
 
     With ``dout4`` the certificate is for that ``dout``; without (``plan(..., backward=True)``),
@@ -401,6 +443,7 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None):
             num_threads=threads,
             bounds=given,
             dlse=dlse3,
+            route=route,
         )[7]
 
     probe.backward = True
@@ -424,7 +467,7 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
     probe = fast_probe if getattr(fast_probe, "backward", False) else None
     try:
         if probe is None:
-            probe = _backward_probe(call, fast_probe)
+            probe = _backward_probe(call, fast_probe, route=getattr(fast_probe, "route", "auto"))
         info = probe(eps, limit)
     except ApproximationError as e:
         if method == "fast":
@@ -466,7 +509,7 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
         )
         if method == "fast":
             raise ApproximationError(f"method='fast': {msg}")
-        return exact_plan(msg, fast)
+        return exact_plan(msg, fast, _native_refused(info))
     ratio = seconds / max(fast["fast_seconds"], 1e-12)
     via = (
         f", differentiated through {fast['terms']} low-rank features (RoPE scores are q'·k'"
@@ -480,19 +523,4 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
         f" {eps:.2g}; predicted fast backward {fast['fast_seconds']:.3g} s vs exact"
         f" {seconds:.3g} s"
     )
-    if method == "fast" or ratio > 1.0:
-        why = (
-            f"method='fast' was requested: {summary}"
-            if method == "fast"
-            else f"fast is predicted {ratio:.1f}x cheaper: {summary}"
-        )
-        return Plan(
-            method="fast",
-            certified_error=certified,
-            why=why,
-            working_set_bytes=fast["fast_working_set_bytes"],
-            details=details,
-            **exact,
-            **fast,
-        )
-    return exact_plan(f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}", fast)
+    return _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info)

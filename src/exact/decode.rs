@@ -85,7 +85,7 @@ fn block_layout(support: &[(usize, usize)]) -> Option<Vec<(usize, usize)>> {
 }
 
 /// Bytes of `k` and `v` below which a decode call is best run on the calling thread alone: waking
-/// pool threads costs more than the work (see `python.rs`).
+/// pool threads costs more than the work (see `src/python/runtime.rs`).
 #[cfg_attr(not(feature = "python"), allow(dead_code))]
 pub(crate) const SERIAL_BYTES: usize = 4 << 20;
 

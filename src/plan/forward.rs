@@ -11,10 +11,11 @@
 use crate::error::{Error, Result};
 use crate::fast::bounds::{ScoreBound, WNorms};
 use crate::fast::cache::{self, KernelKey};
-use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate, LowRank};
+use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate};
 use crate::fast::{
     fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
 };
+use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
 use crate::real::Real;
@@ -43,6 +44,8 @@ pub struct FastCall {
     /// The largest certified error over the groups.
     pub certified_error: f64,
     pub certified_lse_error: f64,
+    /// Every route considered and not taken, with the reason.
+    pub refused: Vec<Refusal>,
 }
 
 impl FastCall {
@@ -96,42 +99,6 @@ pub(crate) fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The low-rank path's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no bias,
-/// no window that masks anything; not with `FASTROPE_FAST_PATH=toeplitz` in the environment),
-/// for a Cauchy-Schwarz bound `r2` on the rotated scores.
-pub(crate) fn lowrank_of<T>(
-    prob: &Problem,
-    pos: &Position<'_, T>,
-    bias: Option<&Bias<'_, T>>,
-    r2: f64,
-) -> Option<LowRank> {
-    let Position::Rotary(rot) = pos else {
-        return None;
-    };
-    let c = prob.q_offset - prob.k_offset;
-    // a window wider than every visible δ (e.g. `(None, None)`) masks nothing
-    let window_masks = prob.window.is_some_and(|(left, right)| {
-        (left as i128) < c as i128 + prob.nq as i128 - 1
-            || (right as i128) < prob.nk as i128 - 1 - c as i128
-    });
-    if bias.is_some() || window_masks {
-        return None;
-    }
-    // FASTROPE_FAST_PATH=toeplitz keeps Rotary on the Toeplitz path (benchmarks, tests of it)
-    if std::env::var("FASTROPE_FAST_PATH").is_ok_and(|v| v == "toeplitz") {
-        return None;
-    }
-    let max_pos = (c.unsigned_abs() as f64)
-        .max((c + prob.nq as i64 - 1).unsigned_abs() as f64)
-        .max(prob.nk as f64);
-    let theta = rot.theta.iter().fold(0.0f64, |m, t| m.max(t.abs()));
-    Some(LowRank {
-        r2,
-        psi_max: max_pos * theta,
-        causal_shift: prob.causal.then_some(c),
-    })
-}
-
 /// Where the data-dependent bounds of a plan come from.
 pub enum BoundsFrom<'v, T> {
     /// Read from the inputs (what a computation needs: the certificate holds for this data).
@@ -156,6 +123,7 @@ pub fn plan_fast<'a, T: Real>(
     eps: f64,
     limits: &FastLimits,
     threads: usize,
+    route: Route,
 ) -> Result<FastCall> {
     crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
     plan_fast_from(
@@ -166,10 +134,12 @@ pub fn plan_fast<'a, T: Real>(
         eps,
         limits,
         threads,
+        route,
     )
 }
 
 /// [`plan_fast`] with the bounds from `from`.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_fast_from<'a, T: Real>(
     prob: &Problem,
     pos: &Position<'a, T>,
@@ -178,7 +148,9 @@ pub fn plan_fast_from<'a, T: Real>(
     eps: f64,
     limits: &FastLimits,
     threads: usize,
+    route: Route,
 ) -> Result<FastCall> {
+    count_plan();
     prob.validate()?;
     pos.validate(prob)?;
     if let Some(b) = bias {
@@ -207,6 +179,7 @@ pub fn plan_fast_from<'a, T: Real>(
     }
     let mut out = Vec::with_capacity(groups.len());
     let mut support_all = Vec::new();
+    let mut refused = Vec::new();
     for (wt, bt, heads) in groups {
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
@@ -253,26 +226,18 @@ pub fn plan_fast_from<'a, T: Real>(
             }
         };
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| a.worst(b));
-        let toeplitz = fast_plan(shape, &support, &worst, eps, limits);
-        let plan = match lowrank_of(prob, pos, bias, r2s.iter().fold(0.0, |a, &b| a.max(b))) {
-            None => toeplitz?,
-            Some(lr) => {
-                let low = lowrank_plan(shape, &worst, lr, eps, limits);
-                let h = heads.len() as f64;
-                match (toeplitz, low) {
-                    (Ok(t), Ok(l)) => {
-                        if l.flops * h <= t.kernel_flops + h * (t.flops - t.kernel_flops) {
-                            l
-                        } else {
-                            t
-                        }
-                    }
-                    (Err(_), Ok(l)) => l,
-                    (Ok(t), Err(_)) => t,
-                    (Err(e), Err(_)) => return Err(e),
-                }
-            }
-        };
+        let r2 = r2s.iter().fold(0.0f64, |a, &b| a.max(b));
+        let plan = choose(
+            shape,
+            &support,
+            &worst,
+            lowrank_of(prob, pos, bias, r2, route),
+            heads.len() as f64,
+            eps,
+            limits,
+            route,
+            &mut refused,
+        )?;
         support_all = support;
         out.push(FastGroup {
             heads,
@@ -305,7 +270,82 @@ pub fn plan_fast_from<'a, T: Real>(
         working_bytes,
         certified_error,
         certified_lse_error,
+        refused,
     })
+}
+
+/// One group's route: the cheaper of the routes that `route` allows and that certify `eps`
+/// (flops for the group's heads: the Toeplitz kernel spectra once, the rest per head), each
+/// other route recorded in `refused` with its reason.
+#[allow(clippy::too_many_arguments)]
+fn choose(
+    shape: FastShape,
+    support: &[(usize, usize)],
+    worst: &FastBounds,
+    lowrank: std::result::Result<crate::fast::lowrank::LowRank, String>,
+    heads: f64,
+    eps: f64,
+    limits: &FastLimits,
+    route: Route,
+    refused: &mut Vec<Refusal>,
+) -> Result<FastPlan> {
+    let low = lowrank.map(|lr| lowrank_plan(shape, worst, lr, eps, limits));
+    let toeplitz = route
+        .allows("toeplitz")
+        .then(|| fast_plan(shape, support, worst, eps, limits));
+    let total = |p: &FastPlan| p.kernel_flops + heads * (p.flops - p.kernel_flops);
+    match (toeplitz, low) {
+        (Some(Ok(t)), Ok(Ok(l))) => {
+            let (ft, fl) = (total(&t), total(&l));
+            if fl <= ft {
+                let why = format!("predicted {ft:.3e} flop against the low-rank route's {fl:.3e}");
+                refuse(refused, "toeplitz", why);
+                Ok(l)
+            } else {
+                let why = format!("predicted {fl:.3e} flop against the Toeplitz route's {ft:.3e}");
+                refuse(refused, "lowrank", why);
+                Ok(t)
+            }
+        }
+        (Some(Err(te)), Ok(Ok(l))) => {
+            refuse(refused, "toeplitz", te.to_string());
+            Ok(l)
+        }
+        (Some(Ok(t)), Ok(Err(le))) => {
+            refuse(refused, "lowrank", le.to_string());
+            Ok(t)
+        }
+        (Some(Ok(t)), Err(why)) => {
+            refuse(refused, "lowrank", why);
+            Ok(t)
+        }
+        (None, Ok(Ok(l))) => {
+            refuse(refused, "toeplitz", "route='lowrank' was requested".into());
+            Ok(l)
+        }
+        (Some(Err(te)), Err(why)) => Err(approximation(
+            format!("{te}; the low-rank route: {why}"),
+            te,
+        )),
+        (Some(Err(te)), Ok(Err(le))) => {
+            Err(approximation(format!("{te}; the low-rank route: {le}"), te))
+        }
+        (None, Ok(Err(le))) => Err(approximation(
+            format!("route='lowrank' was requested; the low-rank route: {le}"),
+            le,
+        )),
+        (None, Err(why)) => Err(Error::Approximation(format!(
+            "route='lowrank' was requested; the low-rank route {why}"
+        ))),
+    }
+}
+
+/// `msg` as an [`Error::Approximation`], unless `e` is another kind of error (kept as it is).
+fn approximation(msg: String, e: Error) -> Error {
+    match e {
+        Error::Approximation(_) => Error::Approximation(msg),
+        other => other,
+    }
 }
 
 /// The peak bytes of one group: its kernel spectra plus one head's working set per thread.

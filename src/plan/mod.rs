@@ -1,0 +1,125 @@
+//! The planner (docs/DESIGN.md §8): which fast route serves a call, with which certified
+//! polynomial, at what predicted cost, and why every other route was refused.
+//!
+//! A plan is data: [`forward::FastCall`] / [`backward::FastBackwardCall`] hold, per group of heads
+//! sharing a `w` table and a bias table, the certified plan of the route taken, plus the
+//! [`Refusal`] of every route that was considered and not taken. It is made once per call and
+//! executed as it is ([`forward::run_fast`], [`backward_run::run_fast_backward`]): the Python layer
+//! keeps the plan it was shown and hands it back to run, so a call never plans twice
+//! ([`planner_calls`] counts the plans made, for the tests that prove it).
+//!
+//! Routes (docs/DESIGN.md §5, §6):
+//! * `toeplitz`: the polynomial expanded into rescaled Toeplitz matrices, applied with FFTs;
+//!   any `w`, bias and mask.
+//! * `lowrank`: Rotary / `w=None` only, without a bias or a window that masks anything: rotate
+//!   by absolute position, then monomial features and running states (no FFT).
+//!
+//! [`Route`] lets a caller restrict the choice (the Python `route=` argument); `Auto` takes the
+//! cheaper of the routes that certify.
+
+pub mod backward;
+pub mod backward_run;
+pub mod forward;
+
+use crate::fast::lowrank::LowRank;
+use crate::position::{Bias, Position};
+use crate::problem::Problem;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Which fast route a call may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Route {
+    /// The cheaper of the routes that certify.
+    #[default]
+    Auto,
+    Toeplitz,
+    LowRank,
+}
+
+impl Route {
+    /// `"auto"`, `"toeplitz"` or `"lowrank"`.
+    pub fn parse(s: &str) -> crate::Result<Route> {
+        match s {
+            "auto" => Ok(Route::Auto),
+            "toeplitz" => Ok(Route::Toeplitz),
+            "lowrank" => Ok(Route::LowRank),
+            other => Err(crate::Error::Value(format!(
+                "route: expected 'auto', 'toeplitz' or 'lowrank', got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn allows(self, name: &str) -> bool {
+        match self {
+            Route::Auto => true,
+            Route::Toeplitz => name == "toeplitz",
+            Route::LowRank => name == "lowrank",
+        }
+    }
+}
+
+/// A route that was considered and not taken, with the reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refusal {
+    /// `"toeplitz"` or `"lowrank"`.
+    pub route: &'static str,
+    pub reason: String,
+}
+
+/// Adds `reason` for `route` unless the same refusal is already listed (groups of heads often
+/// refuse a route for the same reason).
+pub(crate) fn refuse(list: &mut Vec<Refusal>, route: &'static str, reason: String) {
+    if !list.iter().any(|r| r.route == route && r.reason == reason) {
+        list.push(Refusal { route, reason });
+    }
+}
+
+static PLANNER_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// How many fast plans (forward or backward) this process has made.
+pub fn planner_calls() -> u64 {
+    PLANNER_CALLS.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_plan() {
+    PLANNER_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The low-rank route's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no bias,
+/// no window that masks anything, and `route` allows it), for a Cauchy-Schwarz bound `r2` on the
+/// rotated scores; otherwise the reason it does not.
+pub(crate) fn lowrank_of<T>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    bias: Option<&Bias<'_, T>>,
+    r2: f64,
+    route: Route,
+) -> Result<LowRank, String> {
+    let Position::Rotary(rot) = pos else {
+        return Err("needs Rotary or w=None (w is a general table)".into());
+    };
+    let c = prob.q_offset - prob.k_offset;
+    // a window wider than every visible δ (e.g. `(None, None)`) masks nothing
+    let window_masks = prob.window.is_some_and(|(left, right)| {
+        (left as i128) < c as i128 + prob.nq as i128 - 1
+            || (right as i128) < prob.nk as i128 - 1 - c as i128
+    });
+    if bias.is_some() {
+        return Err("takes no bias (the Toeplitz route applies it)".into());
+    }
+    if window_masks {
+        return Err("takes no masking window (the Toeplitz route applies it)".into());
+    }
+    if !route.allows("lowrank") {
+        return Err("route='toeplitz' was requested".into());
+    }
+    let max_pos = (c.unsigned_abs() as f64)
+        .max((c + prob.nq as i64 - 1).unsigned_abs() as f64)
+        .max(prob.nk as f64);
+    let theta = rot.theta.iter().fold(0.0f64, |m, t| m.max(t.abs()));
+    Ok(LowRank {
+        r2,
+        psi_max: max_pos * theta,
+        causal_shift: prob.causal.then_some(c),
+    })
+}

@@ -1,0 +1,135 @@
+//! The exact method's entry points (forward, backward, decode) on canonical arrays.
+
+use super::args::{arr4, dtype_of, position, Spec};
+use super::runtime::run;
+use crate::exact::backward::BackwardInputs;
+use crate::real::Real;
+use numpy::{Element, IntoPyArray, PyReadonlyArray3};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+fn forward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    [q, k, v]: [&Bound<'py, PyAny>; 3],
+    sp: &Spec<'py>,
+    threads: Option<usize>,
+    check_kv: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let (values, bias_arr) = sp.tables::<T>()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = sp.bias_of(bias_arr.as_ref());
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let serial = crate::exact::decode::runs_serial(&sp.prob, &pos);
+    let prob = &sp.prob;
+    let (out, lse) = run(py, threads, prob.exact_flops(false), serial, |ctl| {
+        crate::exact::attention_forward_checked(
+            prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            ctl,
+            check_kv,
+        )
+    })?;
+    PyTuple::new(
+        py,
+        [
+            out.into_pyarray(py).into_any(),
+            lse.into_pyarray(py).into_any(),
+        ],
+    )
+}
+
+fn backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    arrays: [&Bound<'py, PyAny>; 6],
+    want: (bool, bool),
+    sp: &Spec<'py>,
+    threads: Option<usize>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let [q, k, v, out, lse, dout] = arrays;
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let (out, dout) = (arr4::<T>(out, "out")?, arr4::<T>(dout, "dout")?);
+    let lse: PyReadonlyArray3<'py, T> = lse
+        .extract()
+        .map_err(|_| PyTypeError::new_err("lse: expected a 3-d array of the dtype of q"))?;
+    let (values, bias_arr) = sp.tables::<T>()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = sp.bias_of(bias_arr.as_ref());
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let inp = BackwardInputs {
+        out: out.as_array(),
+        lse: lse.as_array(),
+        dout: dout.as_array(),
+        want_dw: want.0,
+        want_dbias: want.1,
+        threads: nthreads,
+    };
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let prob = &sp.prob;
+    let g = run(py, threads, prob.exact_flops(true), false, |ctl| {
+        crate::exact::attention_backward(prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl)
+    })?;
+    let none = || py.None().into_bound(py);
+    PyTuple::new(
+        py,
+        [
+            g.dq.into_pyarray(py).into_any(),
+            g.dk.into_pyarray(py).into_any(),
+            g.dv.into_pyarray(py).into_any(),
+            g.dw.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+            g.dbias.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+        ],
+    )
+}
+
+/// Exact forward on canonical arrays; returns `(out, lse)`. `**call`: the call description
+/// ([`Spec`]).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, *, num_threads, check_kv=false, **call))]
+pub(super) fn exact_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    num_threads: Option<usize>,
+    check_kv: bool,
+    call: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = Spec::from_kwargs(call)?;
+    dispatch!(q, forward_typed, py, [q, k, v], &sp, num_threads, check_kv)
+}
+
+/// Exact backward on canonical arrays; returns `(dq, dk, dv, dw, dbias)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, dout, *, want_dw, want_dbias, num_threads, **call))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn exact_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
+    dout: &Bound<'py, PyAny>,
+    want_dw: bool,
+    want_dbias: bool,
+    num_threads: Option<usize>,
+    call: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = Spec::from_kwargs(call)?;
+    let arrays = [q, k, v, out, lse, dout];
+    dispatch!(
+        q,
+        backward_typed,
+        py,
+        arrays,
+        (want_dw, want_dbias),
+        &sp,
+        num_threads
+    )
+}

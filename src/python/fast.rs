@@ -1,0 +1,561 @@
+//! The fast method's entry points on canonical arrays: plans (`run=False`), returned as a dict
+//! with an opaque handle, and runs, which execute the handle's plan without planning again.
+
+use super::args::{arr4, dtype_of, limits, position, Spec};
+use super::runtime::{run, to_pyerr};
+use crate::error::Error;
+use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
+use crate::plan::backward_run::run_fast_backward;
+use crate::plan::forward::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
+use crate::plan::{Refusal, Route};
+use crate::poly::PolyKind;
+use crate::real::Real;
+use numpy::{Element, IntoPyArray, PyReadonlyArray3};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+/// A fast plan made by `fast_forward`/`fast_backward` with `run=False`, opaque to Python. Passed
+/// back as `plan=` to a run with the same arguments, it is executed as it is: a call plans once.
+#[pyclass(frozen, module = "fastrope._fastrope")]
+pub(super) struct PlannedCall {
+    made: Made,
+    /// What the plan was made for: the call description, eps, limits, route and the addresses and
+    /// shapes of the arrays it read its bounds from.
+    key: String,
+}
+
+enum Made {
+    Forward(FastCall),
+    Backward(FastBackwardCall),
+}
+
+#[pymethods]
+impl PlannedCall {
+    fn __repr__(&self) -> String {
+        let what = match &self.made {
+            Made::Forward(_) => "forward",
+            Made::Backward(_) => "backward",
+        };
+        format!("<fastrope fast {what} plan>")
+    }
+}
+
+/// The key of a plan: everything the planner read.
+fn plan_key<T: Element>(
+    sp: &Spec,
+    eps: f64,
+    lim: (usize, usize, usize),
+    route: Route,
+    threads: usize,
+    arrays: &[Option<&Bound<'_, PyAny>>],
+) -> String {
+    let ids: Vec<(usize, String)> = arrays
+        .iter()
+        .map(|a| match a {
+            None => (0, String::new()),
+            Some(a) => {
+                let addr = a.as_ptr() as usize;
+                let shape = a
+                    .getattr("shape")
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                (addr, shape)
+            }
+        })
+        .collect();
+    format!(
+        "{:?} {:?} {:?} {:?} {:?} {} {:?} {:?} {:?}",
+        sp.prob,
+        sp.support,
+        sp.w_index,
+        sp.bias_index,
+        sp.rotary.as_ref().map(|r| (&r.theta, r.factor, &r.pairs)),
+        eps.to_bits(),
+        (lim, threads),
+        route,
+        (std::any::type_name::<T>(), ids),
+    )
+}
+
+/// The routes refused by a plan, as `[(route, reason), ...]`.
+fn refused_list<'py>(py: Python<'py>, refused: &[Refusal]) -> PyResult<Bound<'py, PyList>> {
+    PyList::new(py, refused.iter().map(|r| (r.route, r.reason.as_str())))
+}
+
+fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("refused", refused_list(py, &call.refused)?)?;
+    let Some(p) = call.representative() else {
+        return Err(PyValueError::new_err("fast plan: no heads"));
+    };
+    d.set_item("degree", p.poly.degree)?;
+    d.set_item(
+        "path",
+        if p.lowrank.is_some() {
+            "lowrank"
+        } else {
+            "toeplitz"
+        },
+    )?;
+    d.set_item(
+        "poly_kind",
+        match p.poly.kind {
+            PolyKind::Taylor => "taylor",
+            PolyKind::Chebyshev => "chebyshev",
+        },
+    )?;
+    let r = call
+        .groups
+        .iter()
+        .map(|g| g.plan.bounds.r)
+        .fold(0.0, f64::max);
+    d.set_item("bound_r", r)?;
+    d.set_item("rho", p.poly.rho)?;
+    d.set_item("terms", p.counts.terms)?;
+    d.set_item("n_alpha", p.counts.n_alpha)?;
+    d.set_item("n_beta", p.counts.n_beta)?;
+    d.set_item("n_pairs", p.counts.n_pairs)?;
+    d.set_item("fft_len", p.fft_len)?;
+    d.set_item("column_tile", p.column_tile)?;
+    d.set_item("groups", call.groups.len())?;
+    d.set_item("support_size", call.support.len())?;
+    d.set_item("flops", call.flops)?;
+    d.set_item("working_bytes", call.working_bytes)?;
+    d.set_item("certified_error", call.certified_error)?;
+    d.set_item("certified_lse_error", call.certified_lse_error)?;
+    d.set_item(
+        "approximation_error",
+        call.groups
+            .iter()
+            .map(|g| g.plan.approximation_error)
+            .fold(0.0, f64::max),
+    )?;
+    d.set_item(
+        "rounding_error",
+        call.groups
+            .iter()
+            .map(|g| g.plan.rounding_error)
+            .fold(0.0, f64::max),
+    )?;
+    Ok(d)
+}
+
+/// The options every fast entry point takes besides the arrays and the call description.
+struct FastOpts {
+    eps: f64,
+    /// `(max_terms, max_degree, memory_limit)`.
+    lim: (usize, usize, usize),
+    run_it: bool,
+    /// `(bound_r, v_max)`: plan from these bounds instead of the data (`run=False` only).
+    given: Option<(f64, f64)>,
+    threads: Option<usize>,
+    route: Route,
+}
+
+fn fast_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    [q, k, v]: [&Bound<'py, PyAny>; 3],
+    sp: &Spec<'py>,
+    o: &FastOpts,
+    planned: Option<&Bound<'py, PlannedCall>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (eps, lim, run_it, given, threads, route) =
+        (o.eps, o.lim, o.run_it, o.given, o.threads, o.route);
+    let (values, bias) = (sp.values.as_ref(), sp.bias.as_ref());
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let key = plan_key::<T>(
+        sp,
+        eps,
+        lim,
+        route,
+        nthreads,
+        &[Some(q), Some(k), Some(v), values, bias],
+    );
+    let reuse = match planned {
+        None => None,
+        Some(p) => match &p.get().made {
+            Made::Forward(call) if run_it && given.is_none() && p.get().key == key => {
+                Some(call.clone())
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "plan: made for other arguments (pass the handle of a plan made with the \
+                     same arrays and options)",
+                ))
+            }
+        },
+    };
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let (values, bias_arr) = sp.tables::<T>()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = sp.bias_of(bias_arr.as_ref());
+    let prob = &sp.prob;
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let limits = limits(lim.0, lim.1, lim.2, nthreads);
+    let (call, res) = run(py, threads, f64::INFINITY, false, |ctl| {
+        let call = match (reuse, given) {
+            (Some(call), _) => call,
+            (None, Some((r, v_max))) => {
+                let from = BoundsFrom::Given { r, v_max };
+                plan_fast_from(
+                    prob,
+                    &pos,
+                    bias.as_ref(),
+                    from,
+                    eps,
+                    &limits,
+                    nthreads,
+                    route,
+                )?
+            }
+            (None, None) => plan_fast(
+                prob,
+                &pos,
+                bias.as_ref(),
+                qv.view(),
+                kv.view(),
+                vv.view(),
+                eps,
+                &limits,
+                nthreads,
+                route,
+            )?,
+        };
+        if !run_it || given.is_some() {
+            return Ok((call, None));
+        }
+        let r = run_fast(&call, prob, &pos, bias.as_ref(), qv, kv, vv, &limits, ctl)?;
+        Ok((call, Some(r)))
+    })?;
+    let info = plan_dict(py, &call)?;
+    if res.is_none() {
+        let made = Made::Forward(call);
+        info.set_item("handle", Bound::new(py, PlannedCall { made, key })?)?;
+    }
+    let info = info.into_any();
+    match res {
+        None => PyTuple::new(
+            py,
+            [py.None().into_bound(py), py.None().into_bound(py), info],
+        ),
+        Some((out, lse)) => PyTuple::new(
+            py,
+            [
+                out.into_pyarray(py).into_any(),
+                lse.into_pyarray(py).into_any(),
+                info,
+            ],
+        ),
+    }
+}
+
+/// The fast method on canonical arrays: `(out, lse, plan)`, or `(None, None, plan)` with
+/// `run=False`. Raises `ApproximationError` when `eps` cannot be certified.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, *, eps, max_terms, max_degree, memory_limit, run, num_threads, bounds=None, route="auto", plan=None, **call))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fast_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    eps: f64,
+    max_terms: usize,
+    max_degree: usize,
+    memory_limit: usize,
+    run: bool,
+    num_threads: Option<usize>,
+    bounds: Option<(f64, f64)>,
+    route: &str,
+    plan: Option<&Bound<'py, PlannedCall>>,
+    call: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let sp = Spec::from_kwargs(call)?;
+    let opts = FastOpts {
+        eps,
+        lim: (max_terms, max_degree, memory_limit),
+        run_it: run,
+        given: bounds,
+        threads: num_threads,
+        route: Route::parse(route).map_err(|e| to_pyerr(py, e))?,
+    };
+    dispatch!(q, fast_typed, py, [q, k, v], &sp, &opts, plan)
+}
+
+fn grad_dict<'py>(
+    py: Python<'py>,
+    g: &crate::fast::backward_certify::Grad5,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, x) in crate::fast::backward_certify::GRAD_NAMES
+        .iter()
+        .zip(g.to_array())
+    {
+        d.set_item(*name, x)?;
+    }
+    Ok(d)
+}
+
+fn backward_plan_dict<'py>(
+    py: Python<'py>,
+    call: &FastBackwardCall,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("refused", refused_list(py, &call.refused)?)?;
+    let Some(p) = call.representative() else {
+        return Err(PyValueError::new_err("fast backward plan: no heads"));
+    };
+    d.set_item("degree", p.poly.degree)?;
+    d.set_item(
+        "poly_kind",
+        match p.poly.kind {
+            PolyKind::Taylor => "taylor",
+            PolyKind::Chebyshev => "chebyshev",
+        },
+    )?;
+    d.set_item("poly_family", p.family)?;
+    let lowrank = call.groups.iter().all(|g| g.plan.lowrank.is_some());
+    d.set_item("path", if lowrank { "lowrank" } else { "toeplitz" })?;
+    let r = call
+        .groups
+        .iter()
+        .map(|g| g.plan.bounds.r)
+        .fold(0.0, f64::max);
+    d.set_item("bound_r", r)?;
+    d.set_item("rho", p.poly.rho)?;
+    d.set_item("rho_derivative", p.rho_d)?;
+    d.set_item("terms", p.counts.terms)?;
+    d.set_item("n_alpha", p.counts.n_alpha)?;
+    d.set_item("n_beta", p.counts.n_beta)?;
+    d.set_item("n_pairs", p.counts.n_pairs)?;
+    d.set_item("fft_len", p.fft_len)?;
+    d.set_item("column_tile", p.column_tile)?;
+    d.set_item("groups", call.groups.len())?;
+    d.set_item("support_size", call.support.len())?;
+    d.set_item("flops", call.flops)?;
+    d.set_item("working_bytes", call.working_bytes)?;
+    d.set_item("deferred", call.deferred)?;
+    d.set_item("want_dw", call.want.dw)?;
+    d.set_item("want_dbias", call.want.db)?;
+    d.set_item("certified", grad_dict(py, &call.certified)?)?;
+    d.set_item("approximation", grad_dict(py, &call.approximation)?)?;
+    d.set_item("rounding", grad_dict(py, &call.rounding)?)?;
+    d.set_item("multiplicity", grad_dict(py, &call.multiplicity)?)?;
+    let ce = call.certified.to_array().into_iter().fold(0.0, f64::max);
+    d.set_item("certified_error", ce)?;
+    Ok(d)
+}
+
+fn fast_backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    [q, k, v]: [&Bound<'py, PyAny>; 3],
+    [dout, dlse]: [Option<&Bound<'py, PyAny>>; 2],
+    sp: &Spec<'py>,
+    o: &FastOpts,
+    (want, poly): ((bool, bool), Option<crate::poly::Polynomial>),
+    planned: Option<&Bound<'py, PlannedCall>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (eps, lim, run_it, given, threads, route) =
+        (o.eps, o.lim, o.run_it, o.given, o.threads, o.route);
+    let (values, bias) = (sp.values.as_ref(), sp.bias.as_ref());
+    let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    let key = plan_key::<T>(
+        sp,
+        eps,
+        lim,
+        route,
+        nthreads,
+        &[Some(q), Some(k), Some(v), dout, dlse, values, bias],
+    ) + &format!(" {want:?} {poly:?} {given:?}");
+    let reuse = match planned {
+        None => None,
+        Some(p) => match &p.get().made {
+            Made::Backward(call) if run_it && p.get().key == key => Some(call.clone()),
+            _ => {
+                return Err(PyValueError::new_err(
+                    "plan: made for other arguments (pass the handle of a plan made with the \
+                     same arrays and options)",
+                ))
+            }
+        },
+    };
+    let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
+    let dout = dout.map(|d| arr4::<T>(d, "dout")).transpose()?;
+    let dlse: Option<PyReadonlyArray3<'py, T>> = dlse
+        .map(|x| {
+            x.extract()
+                .map_err(|_| PyTypeError::new_err("dlse: expected a 3-d array of q's dtype"))
+        })
+        .transpose()?;
+    let dlse_v = dlse.as_ref().map(|g| g.as_array());
+    let (values, bias_arr) = sp.tables::<T>()?;
+    let pos = position(sp, values.as_ref())?;
+    let bias = sp.bias_of(bias_arr.as_ref());
+    let prob = &sp.prob;
+    let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    let dv = dout.as_ref().map(|d| d.as_array());
+    let limits = limits(lim.0, lim.1, lim.2, nthreads);
+    let want = crate::fast::backward_certify::Want {
+        dw: want.0,
+        db: want.1,
+    };
+    if run_it && dv.is_none() {
+        return Err(PyValueError::new_err(
+            "dout: needed to run the fast backward",
+        ));
+    }
+    let (call, res) = run(py, threads, f64::INFINITY, false, |ctl| {
+        let call = match reuse {
+            Some(call) => call,
+            None => plan_fast_backward(
+                prob,
+                &pos,
+                bias.as_ref(),
+                qv.view(),
+                kv.view(),
+                vv.view(),
+                dv.as_ref().map(|d| d.view()),
+                dlse_v.as_ref().map(|g| g.view()),
+                given,
+                eps,
+                want,
+                &limits,
+                nthreads,
+                poly.as_ref(),
+                route,
+            )?,
+        };
+        if !run_it {
+            return Ok((call, None));
+        }
+        let dv = dv
+            .as_ref()
+            .map(|d| d.view())
+            .ok_or_else(|| Error::Value("dout: missing".into()))?;
+        let r = run_fast_backward(
+            &call,
+            prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            dv,
+            dlse_v.as_ref().map(|g| g.view()),
+            &limits,
+            ctl,
+        )?;
+        Ok((call, Some(r)))
+    })?;
+    let info = backward_plan_dict(py, &call)?;
+    if res.is_none() {
+        let made = Made::Backward(call);
+        info.set_item("handle", Bound::new(py, PlannedCall { made, key })?)?;
+    }
+    let none = || py.None().into_bound(py);
+    match res {
+        None => PyTuple::new(
+            py,
+            [
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                none(),
+                info.into_any(),
+            ],
+        ),
+        Some((g, out, lse, cert)) => {
+            info.set_item("certified_run", grad_dict(py, &cert)?)?;
+            PyTuple::new(
+                py,
+                [
+                    g.dq.into_pyarray(py).into_any(),
+                    g.dk.into_pyarray(py).into_any(),
+                    g.dv.into_pyarray(py).into_any(),
+                    g.dw.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+                    g.dbias.map_or_else(none, |x| x.into_pyarray(py).into_any()),
+                    out.into_pyarray(py).into_any(),
+                    lse.into_pyarray(py).into_any(),
+                    info.into_any(),
+                ],
+            )
+        }
+    }
+}
+
+/// The fast backward on canonical arrays: `(dq, dk, dv, dw, dbias, out, lse, plan)` — `out` and
+/// `lse` of the approximate forward the gradients belong to — or `None`s and the plan with
+/// `run=False` (then `dout` may be None: the plan assumes entries of `dout` at most 1).
+/// `poly=(kind, degree, r)` forces a polynomial (a test hook); `bounds=(r, v_max)` plans from
+/// those bounds instead of the data (`run=False` only). Raises `ApproximationError` when the
+/// gradients cannot be certified to `eps`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, dout, *, eps, want_dw, want_dbias, max_terms, max_degree, memory_limit, run, num_threads, poly=None, bounds=None, dlse=None, route="auto", plan=None, **call))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fast_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    dout: Option<&Bound<'py, PyAny>>,
+    eps: f64,
+    want_dw: bool,
+    want_dbias: bool,
+    max_terms: usize,
+    max_degree: usize,
+    memory_limit: usize,
+    run: bool,
+    num_threads: Option<usize>,
+    poly: Option<(String, usize, f64)>,
+    bounds: Option<(f64, f64)>,
+    dlse: Option<&Bound<'py, PyAny>>,
+    route: &str,
+    plan: Option<&Bound<'py, PlannedCall>>,
+    call: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    if run && bounds.is_some() {
+        return Err(PyValueError::new_err(
+            "bounds: only for plans (run=False); a computation reads its bounds from the data",
+        ));
+    }
+    let sp = Spec::from_kwargs(call)?;
+    let opts = FastOpts {
+        eps,
+        lim: (max_terms, max_degree, memory_limit),
+        run_it: run,
+        given: bounds,
+        threads: num_threads,
+        route: Route::parse(route).map_err(|e| to_pyerr(py, e))?,
+    };
+    let poly = match poly {
+        None => None,
+        Some((kind, degree, r)) => Some(
+            match kind.as_str() {
+                "taylor" => crate::poly::taylor(r, degree),
+                "chebyshev" => crate::poly::chebyshev(r, degree),
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "poly: expected kind 'taylor' or 'chebyshev', got {other:?}"
+                    )))
+                }
+            }
+            .map_err(|e| to_pyerr(py, e))?,
+        ),
+    };
+    let want = (want_dw, want_dbias);
+    dispatch!(
+        q,
+        fast_backward_typed,
+        py,
+        [q, k, v],
+        [dout, dlse],
+        &sp,
+        &opts,
+        (want, poly),
+        plan
+    )
+}

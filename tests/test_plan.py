@@ -1,0 +1,169 @@
+"""The planner: a call plans once, ``plan()`` lists every refused method and route with its
+reason, and ``route=`` restricts the fast method's route (docs/DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastrope
+from fastrope import _fastrope as native
+from fastrope.reference import attention as attention_reference
+
+N, D, DV = 2048, 4, 8
+
+
+def _data(seed=0, n=N, d=D, heads=2):
+    rng = np.random.default_rng(seed)
+    q = rng.uniform(-1, 1, (heads, n, d))
+    k = rng.uniform(-1, 1, (heads, n, d))
+    v = rng.uniform(-1, 1, (heads, n, DV))
+    return q, k, v, rng.uniform(-1, 1, (heads, n, DV))
+
+
+def _plans_made(f):
+    before = native.planner_calls()
+    result = f()
+    return native.planner_calls() - before, result
+
+
+@pytest.mark.parametrize("route", ["auto", "toeplitz", "lowrank"])
+def test_a_fast_forward_plans_once(route):
+    q, k, v, _ = _data()
+    w = fastrope.Rotary(D)
+    made, out = _plans_made(
+        lambda: fastrope.attention(q, k, v, w, 1e-3, causal=True, method="fast", route=route)
+    )
+    assert made == 1
+    ref = attention_reference(q, k, v, w, causal=True)
+    assert np.max(np.abs(out - ref)) <= 1e-3
+
+
+@pytest.mark.parametrize("route", ["auto", "toeplitz"])
+def test_a_fast_backward_plans_once(route):
+    q, k, v, dout = _data(1)
+    w = fastrope.Rotary(D)
+    made, g = _plans_made(
+        lambda: fastrope.attention_grad(
+            q, k, v, w, dout, 1e-3, causal=True, method="fast", route=route
+        )
+    )
+    assert made == 1
+    exact = fastrope.attention_grad(q, k, v, w, dout, causal=True, method="exact")
+    for got, ref in zip(g[:3], exact[:3]):
+        assert np.max(np.abs(got - ref)) <= 1e-3
+
+
+def test_auto_plans_once_whichever_method_it_picks():
+    q, k, v, dout = _data(2, n=64)
+    w = fastrope.Rotary(D)
+    made, _ = _plans_made(lambda: fastrope.attention(q, k, v, w, 1e-3))
+    assert made == 1
+    made, _ = _plans_made(lambda: fastrope.attention(q, k, v, w, 0.0))
+    assert made == 0  # eps = 0 is exact without asking the fast planner
+    made, _ = _plans_made(lambda: fastrope.attention_grad(q, k, v, w, dout, 1e-3))
+    assert made == 1
+
+
+def _refused(p):
+    return dict(p.refused)
+
+
+def test_plan_lists_every_refused_route_with_its_reason():
+    q, k, v, _ = _data(3)
+    # Rotary: both routes certify; the planner takes the cheaper and says what the other costs
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, causal=True, method="fast")
+    assert p.method == "fast" and p.route == "lowrank"
+    assert "flop" in _refused(p)["toeplitz"]
+    assert _refused(p)["exact"] == "method='fast' was requested"
+    # a bias, a masking window or a general W keep the low-rank route out, each for its reason
+    n = q.shape[-2]
+    cases = [
+        (dict(bias=fastrope.alibi(1, 2 * n)), fastrope.Rotary(D), "bias"),
+        (dict(window=(64, 0)), fastrope.Rotary(D), "window"),
+        ({}, fastrope.BlockW(np.tile(np.eye(2), (2 * n - 1, D // 2, 1, 1))), "Rotary"),
+    ]
+    for kw, w, word in cases:
+        p = fastrope.plan(q, k, v, w, 1e-3, causal=True, method="fast", **kw)
+        assert p.route == "toeplitz"
+        assert word in _refused(p)["lowrank"], p.refused
+    # route='toeplitz' is a reason of its own
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, method="fast", route="toeplitz")
+    assert p.route == "toeplitz"
+    assert _refused(p)["lowrank"] == "route='toeplitz' was requested"
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, method="fast", route="lowrank")
+    assert p.route == "lowrank"
+    assert _refused(p)["toeplitz"] == "route='lowrank' was requested"
+
+
+def test_exact_plans_say_why_fast_was_refused():
+    q, k, v, _ = _data(4, n=64)
+    w = fastrope.Rotary(D)
+    p = fastrope.plan(q, k, v, w, 1e-3, method="exact")
+    assert p.method == "exact" and _refused(p)["fast"] == "method='exact' was requested"
+    p = fastrope.plan(q, k, v, w, 0.0)
+    assert "eps = 0" in _refused(p)["fast"]
+    p = fastrope.plan(q, k, v, w, 1e-3)  # n = 64: exact is cheaper
+    assert p.method == "exact" and "slower" in _refused(p)["fast"]
+    assert p.native is None  # an exact plan keeps no fast plan
+    text = str(p)
+    assert "refused fast:" in text
+
+
+def test_route_lowrank_where_it_cannot_serve():
+    q, k, v, _ = _data(5, n=256)
+    bias = fastrope.alibi(1, 512)
+    with pytest.raises(fastrope.ApproximationError, match="route='lowrank'.*bias"):
+        fastrope.attention(
+            q, k, v, fastrope.Rotary(D), 1e-3, bias=bias, method="fast", route="lowrank"
+        )
+    # auto falls back to exact and says why
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, bias=bias, route="lowrank")
+    assert p.method == "exact" and "route='lowrank'" in _refused(p)["fast"]
+
+
+@pytest.mark.parametrize("bad", ["fft", 3, "Toeplitz"])
+def test_route_is_validated(bad):
+    q, k, v, _ = _data(6, n=16)
+    with pytest.raises(ValueError, match="route: expected one of"):
+        fastrope.attention(q, k, v, fastrope.Rotary(D), 1e-3, route=bad)
+
+
+def test_the_environment_default(monkeypatch):
+    q, k, v, _ = _data(7)
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, method="fast")
+    assert p.route == "toeplitz"
+    p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, method="fast", route="auto")
+    assert p.route == "lowrank"  # an explicit route wins
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "fft")
+    with pytest.raises(ValueError, match="FASTROPE_FAST_PATH"):
+        fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3)
+
+
+def test_a_plan_handle_runs_only_with_the_arguments_it_was_made_for():
+    from fastrope._api import prepare
+
+    q, k, v, _ = _data(8, n=512)
+    call = prepare(q, k, v, fastrope.Rotary(D))
+    args = dict(
+        **call.native_args(),
+        eps=1e-3,
+        max_terms=10**6,
+        max_degree=40,
+        memory_limit=1 << 32,
+        num_threads=None,
+    )
+    info = native.fast_forward(call.q4, call.k4, call.v4, **args, run=False)[2]
+    handle = info["handle"]
+    assert "forward" in repr(handle)
+    out, lse, _ = native.fast_forward(call.q4, call.k4, call.v4, **args, run=True, plan=handle)
+    again, _, _ = native.fast_forward(call.q4, call.k4, call.v4, **args, run=True)
+    np.testing.assert_array_equal(out, again)
+    other = call.q4.copy()
+    with pytest.raises(ValueError, match="plan: made for other arguments"):
+        native.fast_forward(other, call.k4, call.v4, **args, run=True, plan=handle)
+    with pytest.raises(ValueError, match="plan: made for other arguments"):
+        native.fast_forward(
+            call.q4, call.k4, call.v4, **dict(args, eps=1e-2), run=True, plan=handle
+        )
