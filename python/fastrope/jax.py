@@ -29,9 +29,9 @@ import numpy as np
 import fastrope
 
 from . import _varlen
-from ._api import check_eps, check_method
 from ._merge import grad_with_lse_cotangent
-from ._position import BlockW, Rotary, SparseW
+from ._position import Rotary, SparseW
+from ._validate import WParts, check_eps, check_method, check_one_dtype, join_w, split_w
 from .integrations import validate_shapes
 
 __all__ = ["attention"]
@@ -63,13 +63,10 @@ class _Config:
     num_threads: Optional[int]
 
     def w(self, values: Optional[np.ndarray]):
-        if self.kind == "rotary":
-            return self.rotary
-        if self.kind == "block":
-            return BlockW(values, layout=self.layout)
+        sup = None
         if self.kind == "sparse":
-            return SparseW(np.asarray(self.support, dtype=np.int64).reshape(-1, 2), values)
-        return values
+            sup = np.asarray(self.support, dtype=np.int64).reshape(-1, 2)
+        return join_w(WParts(self.kind, self.rotary, self.layout, values, sup))
 
     def kw(self) -> dict:
         return dict(
@@ -181,6 +178,10 @@ def _attention_bwd(cfg, res, cts):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _is_dense(w: Any) -> bool:
+    return hasattr(w, "shape") and hasattr(w, "dtype")
+
+
 def _static_int(x: Any, name: str) -> int:
     if isinstance(x, jax.core.Tracer):
         raise TypeError(f"{name}: expected a Python int, got a traced value (it must be static)")
@@ -258,35 +259,22 @@ def attention(
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name}: expected a float array, got dtype {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_one_dtype(q, k, v)
     in_dtype = q.dtype
     dtype = jnp.float64 if in_dtype == jnp.float64 else jnp.float32
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
-    rotary, layout, support, wv = None, "interleaved", None, None
-    if w is None:
-        kind, w_shape = "none", None
-    elif isinstance(w, Rotary):
-        kind, rotary, w_shape = "rotary", w, w
-    elif isinstance(w, BlockW):
-        kind, layout, wv = "block", w.layout, jnp.asarray(w.blocks)
-        w_shape = BlockW(wv.shape, layout=layout)
-    elif isinstance(w, SparseW):
-        if isinstance(w.support, jax.core.Tracer):
-            raise TypeError("w.support: expected a concrete int array, got a traced value")
-        sup = np.asarray(w.support)
-        kind, wv = "sparse", jnp.asarray(w.values)
+    if isinstance(w, SparseW) and isinstance(w.support, jax.core.Tracer):
+        raise TypeError("w.support: expected a concrete int array, got a traced value")
+    parts = split_w(w, _is_dense, describe_w=lambda x: type(x).__name__)
+    kind, rotary, layout = parts.kind, parts.rotary, parts.layout
+    wv = None if parts.values is None else jnp.asarray(parts.values)
+    support, sup = None, None
+    if kind == "sparse":
+        sup = np.asarray(parts.support)
         support = tuple(int(x) for x in sup.reshape(-1)) if sup.dtype.kind in "iu" else None
-        w_shape = SparseW(sup, wv.shape)
-    elif hasattr(w, "shape") and hasattr(w, "dtype"):
-        kind, wv = "dense", jnp.asarray(w)
-        w_shape = wv.shape
-    else:
-        raise TypeError(
-            "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW, an array of shape"
-            f" (..., 2L-1, d, d) or None (W_δ = I), got {type(w).__name__}"
-        )
+    # w with shapes for its arrays, for the trace-time checks
+    w_shape = join_w(parts._replace(values=None if wv is None else wv.shape, support=sup))
     for name, x in (("w", wv), ("bias", bias)):
         if x is not None and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
             raise TypeError(f"{name}: expected float values, got dtype {jnp.asarray(x).dtype}")

@@ -36,14 +36,22 @@ from torch import Tensor, nn
 import fastrope
 
 from . import _varlen
-from ._api import check_eps, check_method
 from ._merge import grad_with_lse_cotangent
-from ._position import BlockW, Rotary, SparseW, _rotate_rows
+from ._position import BlockW, Rotary, _rotate_rows
+from ._validate import UNBOUNDED as _UNBOUNDED
+from ._validate import (
+    WParts,
+    check_eps,
+    check_method,
+    check_one_dtype,
+    join_w,
+    split_w,
+    window_pair,
+)
 from .integrations import validate_shapes
 
 __all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
 
-_UNBOUNDED = 2**62  # the core treats a window side this wide as unbounded
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, torch.float64) + _LOW_PRECISION
 
@@ -73,43 +81,34 @@ def _as_tensor(x: Any, name: str) -> Tensor:
     raise TypeError(f"{name}: expected a torch.Tensor (or a NumPy array), got {type(x).__name__}")
 
 
+def _is_dense(w: Any) -> bool:
+    return isinstance(w, (Tensor, np.ndarray))
+
+
 def _encode_w(w: Any):
     """``(kind, spec, values, support)`` for the op arguments."""
-    if w is None:
-        return "none", "", None, None
-    if isinstance(w, Rotary):
-        return "rotary", _rotary_spec(w), None, None
-    if isinstance(w, BlockW):
-        return "block", w.layout, _as_tensor(w.blocks, "w.blocks"), None
-    if isinstance(w, SparseW):
-        sup = w.support
+    p = split_w(w, _is_dense, "a tensor", lambda x: type(x).__name__)
+    if p.kind in ("none", "rotary"):
+        return p.kind, "" if w is None else _rotary_spec(w), None, None
+    if p.kind == "block":
+        return "block", p.layout, _as_tensor(p.values, "w.blocks"), None
+    if p.kind == "sparse":
+        sup = p.support
         if not isinstance(sup, Tensor):
             sup = torch.as_tensor(np.asarray(sup))
         if sup.is_floating_point() or sup.dtype == torch.bool:
             raise TypeError(
                 f"w.support: expected an int array of shape (|S|, 2), got dtype {sup.dtype}"
             )
-        return "sparse", "", _as_tensor(w.values, "w.values"), sup.to(torch.int64)
-    if isinstance(w, (Tensor, np.ndarray)):
-        return "dense", "", _as_tensor(w, "w"), None
-    raise TypeError(
-        "w: expected fastrope.Rotary, fastrope.BlockW, fastrope.SparseW, a tensor of shape"
-        f" (..., 2L-1, d, d) or None (W_δ = I), got {type(w).__name__}"
-    )
+        return "sparse", "", _as_tensor(p.values, "w.values"), sup.to(torch.int64)
+    return "dense", "", _as_tensor(p.values, "w"), None
 
 
-def _decode_w(kind: str, spec: str, values: Optional[np.ndarray], support: Optional[np.ndarray]):
-    if kind == "none":
-        return None
-    if kind == "rotary":
-        return _rotary_from_spec(spec)
-    if kind == "block":
-        return BlockW(values, layout=spec)
-    if kind == "sparse":
-        return SparseW(support, values)
-    if kind == "dense":
-        return values
-    raise ValueError(f"w_kind: expected none, rotary, block, sparse or dense, got {kind!r}")
+def _decode_w(kind: str, spec: str, values: Any, support: Any):
+    """The ``w`` that :func:`_encode_w` encoded (``values`` may be shape stand-ins)."""
+    rotary = _rotary_from_spec(spec) if kind == "rotary" else None
+    layout = spec if kind == "block" else "interleaved"
+    return join_w(WParts(kind, rotary, layout, values, support))
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -125,9 +124,7 @@ def _t(a: Optional[np.ndarray], dtype: torch.dtype) -> Tensor:
 def _window(window: Optional[Sequence]) -> Optional[List[int]]:
     if window is None:
         return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window: expected None or a pair (left, right), got {window!r}")
-    return [_UNBOUNDED if x is None else x for x in window]
+    return [_UNBOUNDED if x is None else x for x in window_pair(window)]
 
 
 def _kw(scale, causal, window, q_offset, k_offset, check_finite):
@@ -208,17 +205,12 @@ def _attention_fwd_fake(
     k_offset, method, memory_limit, check_finite, num_threads,
 ):  # fmt: skip
     if _static_shapes(q, k, v, w_values, bias) and isinstance(q_offset + k_offset, int):
-        if w_kind == "none":
-            w = None
-        elif w_kind == "rotary":
-            w = _rotary_from_spec(w_spec)
-        elif w_kind == "block":
-            w = BlockW(tuple(w_values.shape), w_spec)
-        elif w_kind == "sparse":  # the support's entries are data: a stand-in of the same size
+        support = None
+        if w_kind == "sparse":  # the support's entries are data: a stand-in of the same size
             n, d = w_support.shape[0], q.shape[-1]
-            w = SparseW(np.stack(np.divmod(np.arange(n), d), 1), tuple(w_values.shape))
-        else:
-            w = tuple(w_values.shape)
+            support = np.stack(np.divmod(np.arange(n), d), 1)
+        values = None if w_values is None else tuple(w_values.shape)
+        w = _decode_w(w_kind, w_spec, values, support)
         validate_shapes(
             q.shape, k.shape, v.shape, w, None if bias is None else bias.shape,
             np.float64 if q.dtype == torch.float64 else np.float32,
@@ -430,8 +422,7 @@ def attention(
             raise TypeError(
                 f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
             )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_one_dtype(q, k, v)
     kind, spec, w_values, w_support = _encode_w(w)
     if bias is not None:
         bias = _as_tensor(bias, "bias")

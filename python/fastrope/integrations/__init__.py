@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._api import prepare
-from .._position import BlockW, Rotary, SparseW
+from .._validate import join_w, split_w
 
 __all__ = ["validate_shapes"]
 
@@ -34,10 +34,6 @@ def validate_shapes(
     def z(shape):
         return None if shape is None else np.broadcast_to(np.zeros((), dtype), tuple(shape))
 
-    if isinstance(w, BlockW):
-        w = BlockW(z(w.blocks), layout=w.layout)
-    elif isinstance(w, SparseW):
-        w = SparseW(w.support, z(w.values))
-    elif not isinstance(w, Rotary):
-        w = z(w)
+    parts = split_w(w, is_dense=lambda _: True)  # anything else is a dense table's shape
+    w = join_w(parts._replace(values=z(parts.values)))
     prepare(z(q), z(k), z(v), w, bias=z(bias), **dict(kw, check_finite=False))
