@@ -13,6 +13,7 @@
 //! for dk and dv, the number of heads sharing a table for dw and dbias. The call's certificate
 //! reports the sums.
 
+use crate::arch::Real;
 use crate::dispatch::{factor, head_f64, lowrank_of, max_norm, sequences, w_table};
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
@@ -32,7 +33,6 @@ use crate::fast::{FastBounds, FastLimits, FastShape};
 use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 

@@ -5,6 +5,7 @@
 //! functions take canonical shapes: q `(B, Hq, n_q, d)`, k `(B, Hk, n_k, d)`,
 //! v `(B, Hk, n_k, d_v)`, position tables `(tables, 2L-1, |S|)`, bias `(tables, 2L_b-1)`.
 
+use crate::arch::Real;
 use crate::dispatch::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
 use crate::dispatch_backward::{plan_fast_backward, run_fast_backward, FastBackwardCall};
 use crate::error::Error;
@@ -13,7 +14,6 @@ use crate::fast::FastLimits;
 use crate::poly::PolyKind;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use numpy::{
     Element, IntoPyArray, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4,
 };
