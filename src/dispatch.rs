@@ -10,12 +10,12 @@
 
 use crate::arch::Real;
 use crate::error::{Error, Result};
-use crate::fast::bounds::{ScoreBound, WNorms};
 use crate::fast::cache::{self, KernelKey};
 use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate, LowRank};
 use crate::fast::{
     fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
 };
+use crate::poly::{ScoreBound, WNorms};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
 use ndarray::{Array2, Array3, Array4, ArrayView4};

@@ -23,13 +23,13 @@ use crate::fast::backward::{
 use crate::fast::backward_certify::{
     approximation_errors, FactorStats, Grad5, GradBounds, PSums, Want,
 };
-use crate::fast::bounds::WNorms;
 use crate::fast::cache::{self, KernelKey};
 use crate::fast::lowrank::{rotate, rotate_back};
 use crate::fast::lowrank_backward::{
     lowrank_backward_head, lowrank_backward_plan, lowrank_grad_rounding, lowrank_psums, LowRankGrad,
 };
 use crate::fast::{FastBounds, FastLimits, FastShape};
+use crate::poly::WNorms;
 use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};

@@ -49,3 +49,5 @@ pub use problem::{Control, Problem};
 
 #[cfg(test)]
 mod robustness_tests;
+#[cfg(test)]
+pub(crate) mod test_util;

@@ -5,22 +5,8 @@ use super::{attention_backward, attention_forward};
 use crate::arch::Isa;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
+use crate::test_util::Rng;
 use ndarray::{Array2, Array3, Array4};
-
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-    fn array4(&mut self, s: (usize, usize, usize, usize)) -> Array4<f64> {
-        Array4::from_shape_fn(s, |_| self.next())
-    }
-}
 
 /// `W_δ` as a dense `d x d` matrix, straight from the definitions.
 fn w_dense(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f64> {
