@@ -20,6 +20,7 @@
 //! [`plan`] predicts the cost of both and picks. The mathematics and the contract are in
 //! `docs/DESIGN.md`; the Python package (`python/fastrope`) is the user-facing API.
 
+pub mod arch;
 pub mod error;
 pub mod exact;
 pub mod fast;
@@ -27,8 +28,6 @@ pub mod plan;
 pub mod poly;
 pub mod position;
 pub mod problem;
-pub mod real;
-pub mod simd;
 pub mod toeplitz;
 
 #[cfg(feature = "python")]
@@ -42,10 +41,12 @@ mod python;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub use arch::Real;
 pub use error::{Error, Result};
 pub use position::{Bias, Position, RotaryW, SparseW};
 pub use problem::{Control, Problem};
-pub use real::Real;
 
 #[cfg(test)]
 mod robustness_tests;
+#[cfg(test)]
+pub(crate) mod test_util;

@@ -6,9 +6,9 @@
 //! values per `δ`. `BlockW` (2x2 blocks) and dense `W` are `SparseW` whose support is the blocks
 //! or all `d²` entries; the Python layer reshapes them without copying.
 
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
-use crate::real::Real;
 use ndarray::{Array2, ArrayView2, ArrayView3};
 
 /// Rotary position matrices: `theta` (`d/2` frequencies), attention factor `f`, and the pairs

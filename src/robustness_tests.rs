@@ -10,15 +10,13 @@ use crate::plan::forward::{plan_fast, run_fast};
 use crate::plan::Route;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
+use crate::test_util::XorShift;
 use ndarray::{Array2, Array3, Array4};
 
-struct Rng(u64);
+struct Rng(XorShift);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        self.0.next_u64()
     }
     fn below(&mut self, n: u64) -> usize {
         (self.next() % n.max(1)) as usize
@@ -42,7 +40,7 @@ fn arr4(r: &mut Rng, s: (usize, usize, usize, usize)) -> Array4<f64> {
 
 #[test]
 fn random_problems_never_panic() {
-    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut r = Rng(XorShift(0x9E37_79B9_7F4A_7C15));
     let (mut computed, mut fast_runs, mut fast_backward_runs) = (0, 0, 0);
     for case in 0..1500 {
         let (batch, hk) = (1 + r.below(2), 1 + r.below(2));
@@ -72,8 +70,11 @@ fn random_problems_never_panic() {
         };
         // Arrays that sometimes disagree with the problem's shapes.
         let jitter = |r: &mut Rng, x: usize| if r.below(10) == 0 { x + 1 } else { x };
-        let q = arr4(&mut r, (batch, hq, jitter(&mut Rng(case), nq), d));
-        let k = arr4(&mut r, (batch, hk, nk, jitter(&mut Rng(case + 7), d)));
+        let q = arr4(&mut r, (batch, hq, jitter(&mut Rng(XorShift(case)), nq), d));
+        let k = arr4(
+            &mut r,
+            (batch, hk, nk, jitter(&mut Rng(XorShift(case + 7)), d)),
+        );
         let v = arr4(&mut r, (batch, hk, nk, dv));
         let rows = 2 * r.below(12) + if r.below(10) == 0 { 0 } else { 1 };
         let ns = r.below(4);

@@ -344,16 +344,7 @@ pub fn diagonal_sums_naive(a: &[f64], b: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rng(seed: u64) -> impl FnMut() -> f64 {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        }
-    }
+    use crate::test_util::rng;
 
     fn close(a: &[f64], b: &[f64], scale: f64) {
         assert_eq!(a.len(), b.len());

@@ -26,13 +26,13 @@
 use super::forward::check_shapes;
 use super::kernel::Epilogue;
 use super::kernel::{self, round_up};
-use super::lanes::{Lanes, LanesTask};
 use super::sparse::{self, padded, PAD_L};
 use super::{key_panels, rotated_key_panels, Shared};
+use crate::arch::lanes::{Lanes, LanesTask};
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;

@@ -22,12 +22,12 @@
 //! value row some query can see, and only those rows can change the result.
 
 use super::kernel::{self, round_up};
-use super::lanes::{Lanes, LanesTask};
 use super::Shared;
+use crate::arch::lanes::{Lanes, LanesTask};
+use crate::arch::Real;
 use crate::error::Result;
 use crate::position::Position;
 use crate::problem::Control;
-use crate::real::Real;
 use ndarray::{s, Array3, Array4, ArrayView4};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;

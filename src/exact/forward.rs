@@ -12,12 +12,12 @@
 
 use super::kernel::Epilogue;
 use super::kernel::{self, round_up};
-use super::lanes::{Lanes, LanesTask};
 use super::{column_panels, decode, sparse, Shared};
+use crate::arch::lanes::{Lanes, LanesTask};
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::position::{Bias, Position};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use ndarray::{Array3, Array4, ArrayView4};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;

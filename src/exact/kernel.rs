@@ -1,5 +1,5 @@
 //! The register-blocked GEMM micro-kernel and the row operations of the online softmax, generic
-//! over [`Lanes`]. Everything is `#[inline(always)]` (see [`super::lanes`]).
+//! over [`Lanes`]. Everything is `#[inline(always)]` (see [`crate::arch::lanes`]).
 //!
 //! The micro-kernel computes an `MR x NR` block of `C` (`NR = 2W`, two registers per row) held
 //! in registers over the whole depth: per depth step it loads one row of `B` (two registers) and
@@ -8,12 +8,12 @@
 //!
 //! # Safety
 //! Every `unsafe fn` here has the same contract, stated once: it runs inside a function compiled
-//! for `L`'s instruction set on a CPU that has it ([`crate::real::Real::with_lanes`]), and every
+//! for `L`'s instruction set on a CPU that has it ([`crate::arch::real::Real::with_lanes`]), and every
 //! element its documentation names (`x[..n]`, the rows of a tile, a row's log-factor) is valid.
 #![allow(clippy::missing_safety_doc)]
 
-use super::lanes::Lanes;
-use crate::real::Real;
+use crate::arch::lanes::Lanes;
+use crate::arch::Real;
 use num_traits::{Float, Zero};
 
 /// Columns of a micro-tile.
@@ -376,8 +376,8 @@ pub unsafe fn fill<E: Real>(x: *mut E, from: usize, to: usize, v: E) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exact::lanes::LanesTask;
-    use crate::simd::Isa;
+    use crate::arch::lanes::LanesTask;
+    use crate::arch::Isa;
 
     /// A strip of micro-tiles against a naive product, for every instruction set.
     struct StripCheck;
@@ -429,7 +429,7 @@ mod tests {
     #[test]
     fn strip_matches_naive_every_isa() {
         for isa in [Isa::Baseline, Isa::Avx2, Isa::Avx512] {
-            if isa <= crate::simd::isa() {
+            if isa <= crate::arch::simd::isa() {
                 assert!(f64::with_lanes(isa, StripCheck) < 1e-12, "{isa:?} f64");
                 assert!(f32::with_lanes(isa, StripCheck) < 1e-3, "{isa:?} f32");
             }

@@ -23,20 +23,18 @@ pub mod backward;
 pub(crate) mod decode;
 pub mod forward;
 pub mod kernel;
-// The AVX-512 intrinsics in `lanes` are stable from Rust 1.89 (the crate's `rust-version`).
-pub mod lanes;
 pub(crate) mod rotate;
 pub(crate) mod sparse;
 
 pub use backward::attention_backward;
 pub use forward::{attention_forward, attention_forward_checked};
 
+use crate::arch::lanes::{Lanes, LanesTask};
+use crate::arch::Isa;
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::Problem;
-use crate::real::Real;
-use crate::simd::Isa;
-use lanes::{Lanes, LanesTask};
 use ndarray::ArrayView2;
 use ndarray::ArrayView4;
 use rayon::prelude::*;
@@ -271,7 +269,7 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
         backward: bool,
         sequences: bool,
     ) -> Self {
-        let isa = crate::simd::call_isa();
+        let isa = crate::arch::simd::call_isa();
         let tiles = Tiles::choose::<T>(isa, prob, backward);
         let seg_tiles = match pos {
             Position::Sparse(sp) if sequences => sparse::segment_tiles(prob, sp),

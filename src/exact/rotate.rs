@@ -5,9 +5,9 @@
 //! a fixed table of `(cos, sin)(bθ_m)` plus one `sin_cos` per pair every `B` rows. In f64 the
 //! products add a few ulp to the angle's own rounding (`|aBθ + bθ - fl(pθ)| <= ulp(pθ)`).
 
-use super::lanes::{Lanes, LanesTask};
+use crate::arch::lanes::{Lanes, LanesTask};
+use crate::arch::Real;
 use crate::position::RotaryW;
-use crate::real::Real;
 use std::sync::{Arc, Mutex};
 
 /// Rows per coarse angle.
@@ -139,7 +139,7 @@ impl<'r> Rotator<'r> {
             mult,
             back,
         };
-        T::with_lanes(crate::simd::isa(), task)
+        T::with_lanes(crate::arch::simd::isa(), task)
     }
 
     /// Whether every frequency is 0 (`w=None`: the rotation is the identity).

@@ -14,11 +14,11 @@
 //! `S += q_p (w_pp k_p + w_pr k_r) + q_r (w_rp k_p + w_rr k_r)`, six operations per block and row.
 
 use super::kernel::round_up;
-use super::lanes::Lanes;
 use super::Shared;
+use crate::arch::lanes::Lanes;
+use crate::arch::Real;
 use crate::position::SparseW;
 use crate::problem::Problem;
-use crate::real::Real;
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 

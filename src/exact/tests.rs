@@ -2,25 +2,11 @@
 
 use super::backward::BackwardInputs;
 use super::{attention_backward, attention_forward};
+use crate::arch::Isa;
 use crate::position::{Bias, Position, RotaryW, SparseW};
 use crate::problem::{Control, Problem};
-use crate::simd::Isa;
+use crate::test_util::Rng;
 use ndarray::{Array2, Array3, Array4};
-
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-    fn array4(&mut self, s: (usize, usize, usize, usize)) -> Array4<f64> {
-        Array4::from_shape_fn(s, |_| self.next())
-    }
-}
 
 /// `W_δ` as a dense `d x d` matrix, straight from the definitions.
 fn w_dense(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f64> {
@@ -173,14 +159,14 @@ fn max_diff(a: &Array4<f64>, b: &Array4<f64>) -> f64 {
 /// [`check_isa`] with every instruction set this CPU has.
 fn check<'a>(prob: &Problem, pos: &Position<'a, f64>, bias: Option<&Bias<'a, f64>>, seed: u64) {
     for isa in isas() {
-        crate::simd::with_isa(isa, || check_isa(prob, pos, bias, seed));
+        crate::arch::simd::with_isa(isa, || check_isa(prob, pos, bias, seed));
     }
 }
 
 fn isas() -> Vec<Isa> {
     [Isa::Baseline, Isa::Avx2, Isa::Avx512]
         .into_iter()
-        .filter(|&i| i <= crate::simd::isa())
+        .filter(|&i| i <= crate::arch::simd::isa())
         .collect()
 }
 
@@ -197,7 +183,7 @@ fn check_threads<'a>(
     seed: u64,
     threads: usize,
 ) {
-    let isa = crate::simd::call_isa();
+    let isa = crate::arch::simd::call_isa();
     let mut rng = Rng(seed);
     let q = rng.array4((prob.batch, prob.hq, prob.nq, prob.d));
     let k = rng.array4((prob.batch, prob.hk, prob.nk, prob.d));
@@ -467,7 +453,7 @@ fn float32_matches_naive_every_isa() {
     let f = |x: &Array4<f64>| x.mapv(|y| y as f32);
     let (q32, k32, v32, do32) = (f(&q), f(&k), f(&v), f(&dout));
     for isa in isas() {
-        crate::simd::with_isa(isa, || {
+        crate::arch::simd::with_isa(isa, || {
             let ctl = Control::new();
             let (out, lse) = attention_forward(
                 &prob,
@@ -554,7 +540,7 @@ fn timing_rotary_f32() {
             if only.as_ref().is_some_and(|o| *o != format!("{isa:?}")) {
                 continue;
             }
-            crate::simd::with_isa(isa, || {
+            crate::arch::simd::with_isa(isa, || {
                 let ctl = Control::new();
                 let (mut tf, mut tb) = (f64::MAX, f64::MAX);
                 for _ in 0..3 {
@@ -718,7 +704,7 @@ fn check_forward<'a>(
     let dout = Array4::zeros((prob.batch, prob.hq, prob.nq, prob.dv));
     let nv = naive(prob, pos, bias, &q, &k, &v, &dout);
     for isa in isas() {
-        crate::simd::with_isa(isa, || {
+        crate::arch::simd::with_isa(isa, || {
             let (out, lse) = attention_forward(
                 prob,
                 pos,
@@ -840,7 +826,7 @@ fn decode_reads_strided_keys_and_values() {
         }),
     ] {
         for isa in isas() {
-            crate::simd::with_isa(isa, || {
+            crate::arch::simd::with_isa(isa, || {
                 let ctl = Control::new();
                 let (a, la) =
                     attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl)
@@ -881,7 +867,7 @@ fn decode_float32_matches_naive_every_isa() {
         let f = |x: &Array4<f64>| x.mapv(|y| y as f32);
         let (q32, k32, v32) = (f(&q), f(&k), f(&v));
         for isa in isas() {
-            crate::simd::with_isa(isa, || {
+            crate::arch::simd::with_isa(isa, || {
                 let (out, _) = attention_forward(
                     &prob,
                     &pos32,

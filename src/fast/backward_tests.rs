@@ -7,17 +7,8 @@ use super::naive::polynomial_head;
 use super::naive_backward::{exact_head_grad, polynomial_head_grad, NaiveGrads};
 use super::*;
 use crate::poly::{taylor, WNorms};
+use crate::test_util::rng;
 use ndarray::{Array2, ArrayView2};
-
-fn rng(seed: u64) -> impl FnMut() -> f64 {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-}
 
 #[derive(Clone)]
 struct Owned {

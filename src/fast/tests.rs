@@ -3,18 +3,8 @@
 use super::naive::{exact_head, polynomial_head, score};
 use super::*;
 use crate::poly::taylor;
+use crate::test_util::rng;
 use ndarray::Array2;
-
-/// Uniform numbers in [-1, 1) (xorshift), so tests need no RNG crate.
-fn rng(seed: u64) -> impl FnMut() -> f64 {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-}
 
 struct Owned {
     q: Array2<f64>,

@@ -14,19 +14,19 @@
 //! for dk and dv, the number of heads sharing a table for dw and dbias. The call's certificate
 //! reports the sums.
 
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::fast::backward::{backward_plan, BackwardPlan, BackwardRequest};
 use crate::fast::backward_certify::{FactorStats, Grad5, GradBounds, PSums, Want};
-use crate::fast::bounds::WNorms;
 use crate::fast::lowrank::rotate;
 use crate::fast::lowrank_backward::{lowrank_backward_plan, lowrank_psums, LowRankGrad};
 use crate::fast::{FastBounds, FastLimits, FastShape};
 use crate::plan::forward::{factor, head_f64, max_norm, sequences, w_table};
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
+use crate::poly::WNorms;
 use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::Problem;
-use crate::real::Real;
 use ndarray::{Array2, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 

@@ -2,19 +2,19 @@
 //! the kernel of each group from the kernel cache, the heads of a group in parallel (one after
 //! another with dw/dbias), and each head certified from its own data.
 
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
 use crate::fast::backward::{BackwardKernel, BackwardSpectra};
 use crate::fast::backward_certify::{approximation_errors, Grad5, GradBounds};
-use crate::fast::bounds::WNorms;
 use crate::fast::cache::{self, KernelKey};
 use crate::fast::lowrank::{rotate, rotate_back};
 use crate::fast::lowrank_backward::{lowrank_backward_head, lowrank_grad_rounding, LowRankGrad};
 use crate::fast::FastLimits;
 use crate::plan::forward::{factor, head_f64, max_norm, sequences};
+use crate::poly::WNorms;
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 

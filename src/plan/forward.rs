@@ -8,17 +8,17 @@
 //! looked up in, and kept by, the bounded kernel cache ([`crate::fast::cache`]) across calls;
 //! the certificate stays the call's own (each group's plan, each head's data).
 
+use crate::arch::Real;
 use crate::error::{Error, Result};
-use crate::fast::bounds::{ScoreBound, WNorms};
 use crate::fast::cache::{self, KernelKey};
 use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate};
 use crate::fast::{
     fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
 };
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
+use crate::poly::{ScoreBound, WNorms};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
-use crate::real::Real;
 use ndarray::{Array2, Array3, Array4, ArrayView4};
 use rayon::prelude::*;
 

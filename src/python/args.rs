@@ -1,10 +1,10 @@
 //! The canonical call description shared by the entry points, read from the arguments that
 //! `python/fastrope/_api.py` prepares, and the array extraction.
 
+use crate::arch::Real;
 use crate::fast::FastLimits;
 use crate::position::{Position, RotaryW, SparseW};
 use crate::problem::Problem;
-use crate::real::Real;
 use numpy::{Element, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;

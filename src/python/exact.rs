@@ -2,8 +2,8 @@
 
 use super::args::{arr4, dtype_of, position, Spec};
 use super::runtime::run;
+use crate::arch::Real;
 use crate::exact::backward::BackwardInputs;
-use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyReadonlyArray3};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;

@@ -3,13 +3,13 @@
 
 use super::args::{arr4, dtype_of, limits, position, Spec};
 use super::runtime::{run, to_pyerr};
+use crate::arch::Real;
 use crate::error::Error;
 use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
 use crate::plan::backward_run::run_fast_backward;
 use crate::plan::forward::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
 use crate::plan::{Refusal, Route};
 use crate::poly::PolyKind;
-use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyReadonlyArray3};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;

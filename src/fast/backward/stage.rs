@@ -144,7 +144,7 @@ pub(super) fn stage_t_dispatch(
     al: &mut [Block],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::isa() != crate::simd::Isa::Baseline {
+    if crate::arch::simd::isa() != crate::arch::simd::Isa::Baseline {
         // SAFETY: isa() reports AVX2 and FMA (AVX-512 machines have both).
         return unsafe { stage_t_blocks_avx2(st, blocks, out, hout, xl, kl, al) };
     }

@@ -1,7 +1,7 @@
 //! The floating-point types the kernels are generic over, with the GEMM each one uses.
 
-use crate::exact::lanes::{self, LanesTask, Portable};
-use crate::simd::Isa;
+use crate::arch::lanes::{self, LanesTask, Portable};
+use crate::arch::simd::Isa;
 use num_traits::Float;
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -12,10 +12,10 @@ pub trait Real: Float + Debug + Default + Send + Sync + Sum + 'static {
 
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
-    /// `e^x`, vectorisable (see [`crate::simd`]); exactly 0 for `-inf`.
+    /// `e^x`, vectorisable (see [`crate::arch::simd`]); exactly 0 for `-inf`.
     fn exp_lane(self) -> Self;
 
-    /// Runs `task` with this type's SIMD lanes for `isa` (from [`crate::simd::call_isa`]),
+    /// Runs `task` with this type's SIMD lanes for `isa` (from [`crate::arch::simd::call_isa`]),
     /// compiled for that instruction set.
     fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out;
 
@@ -55,7 +55,7 @@ impl Real for f32 {
     }
     #[inline(always)]
     fn exp_lane(self) -> Self {
-        crate::simd::exp_f32(self)
+        crate::arch::simd::exp_f32(self)
     }
     #[inline]
     fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out {
@@ -93,7 +93,7 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn exp_lane(self) -> Self {
-        crate::simd::exp_f64(self)
+        crate::arch::simd::exp_f64(self)
     }
     #[inline]
     fn with_lanes<K: LanesTask<Self>>(isa: Isa, task: K) -> K::Out {

@@ -7,13 +7,13 @@
 //! Every method is `#[inline(always)]` and every kernel built on them too, so that the whole
 //! kernel is inlined into the `#[target_feature]` entry point and compiled for its features.
 //!
-//! `exp` is the range reduction of [`crate::simd`]: `e^x = 2^k e^r`, `k = round(x log2 e)` (by
+//! `exp` is the range reduction of [`crate::arch::simd`]: `e^x = 2^k e^r`, `k = round(x log2 e)` (by
 //! the `1.5·2^p` rounding trick, whose bit pattern also gives `2^k`), `r = x - k ln 2` in two
 //! parts, and the Taylor polynomial of degree 7 (f32) or 13 (f64). Below the smallest normal
 //! result, `-inf` (masked scores) included, it returns exactly 0.
 
-use crate::real::Real;
-use crate::simd::Isa;
+use crate::arch::real::Real;
+use crate::arch::simd::Isa;
 use num_traits::Zero;
 
 /// One SIMD register of `W` lanes of `E`, and the operations the kernels need.
@@ -107,7 +107,7 @@ where
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            // SAFETY: `isa` comes from `crate::simd::isa()` (or a narrower choice), which
+            // SAFETY: `isa` comes from `crate::arch::simd::isa()` (or a narrower choice), which
             // detected these features on this CPU.
             Isa::Avx512 => return unsafe { run_avx512::<T, L512, K>(task) },
             Isa::Avx2 => return unsafe { run_avx2::<T, L256, K>(task) },
@@ -234,7 +234,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn exp_f64<L: Lanes<E = f64>>(x: L::V, pow2: impl Fn(L::V) -> L::V) -> L::V {
         const LOG2E: f64 = std::f64::consts::LOG2_E;
-        #[allow(clippy::excessive_precision)] // the digits of crate::simd's scalar twin
+        #[allow(clippy::excessive_precision)] // the digits of crate::arch::simd's scalar twin
         const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
         const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
         const MAGIC: f64 = 6_755_399_441_055_744.0;
@@ -608,7 +608,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::simd::isa;
+    use crate::arch::simd::isa;
 
     /// Runs a check with every lanes type this CPU supports.
     struct ExpCheck;

@@ -7,7 +7,7 @@
 //! `(ln2/2)^8/8! < 6e-9`; degree 13 for f64: `< 5e-18`) and `2^k` built in the exponent bits.
 //! Inputs below the smallest normal result (and `-inf`, the masked scores) give exactly 0.
 
-use crate::real::Real;
+use crate::arch::real::Real;
 use std::cell::Cell;
 use std::sync::OnceLock;
 

@@ -11,6 +11,8 @@
 
 use crate::error::{Error, Result};
 
+mod score;
+
 /// Unit roundoff of f64.
 pub(crate) const U: f64 = f64::EPSILON / 2.0;
 
@@ -367,7 +369,7 @@ pub fn choose_degree_up_to(r: f64, rho: f64, max_degree: usize) -> Result<Polyno
 
 // The score bound R lives with the other data-dependent bounds; re-exported here because it is
 // the interval the polynomial certifies.
-pub use crate::fast::bounds::{bound_r, ScoreBound, WNorms};
+pub use score::{bound_r, ScoreBound, WNorms};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,279 @@
+//! The score bound `R >= max_ij |M_ij|` on `M_ij = scale q_i^T W_δ(i,j) k_j` (docs/DESIGN.md
+//! §5.2), computed in `O(n d + glen |S|)` without forming any score: the interval `[-R, R]` the
+//! polynomial of [`super`] must certify.
+
+use super::U;
+use crate::error::{Error, Result};
+use ndarray::ArrayView2;
+
+/// Bounds on the scores, from the cheapest to the sharpest form (all `>= max |M_ij|`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoreBound {
+    /// `R = min(spectral, blocks, abs)`: the interval `[-R, R]` the polynomial must certify.
+    pub r: f64,
+    /// `scale Σ_s max|q[:,l1_s]| max|w_s| max|k[:,l2_s]|`, which also bounds `Σ_s |a_s|` for the
+    /// expansion terms `a_s = scale q[i,l1_s] w_s k[j,l2_s]` (so `Σ_τ |terms| <= Σ_t |c_t| r_abs^t`).
+    pub r_abs: f64,
+    /// `scale max_i |q_i|_S max_δ ||W_δ||_2 max_j |k_j|_S`.
+    pub spectral: f64,
+    /// `Σ_blocks scale max_i |q_i[rows]| max_δ ||W_δ[block]||_2 max_j |k_j[cols]|`.
+    pub blocks: f64,
+}
+
+/// The W-side of the score bound, computed once per (W, mask) in `O(glen |S|)` and reusable for
+/// every head sharing them: per connected block of the support (W is block diagonal up to a
+/// permutation of rows and columns) the largest spectral norm over visible diagonals, and per
+/// support entry its largest magnitude.
+///
+/// Blocks of at most 2x2 (rotary, `BlockW`) use the exact 2x2 singular value
+/// `σ_max = (√((a+d)² + (c-b)²) + √((a-d)² + (c+b)²)) / 2`; larger blocks use
+/// `min(||B||_F, √(||B||_1 ||B||_∞))`, both upper bounds on `||B||_2`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WNorms {
+    /// Per block: the row (l1) and column (l2) coordinates and `max_δ ||W_δ[block]||_2`.
+    pub blocks: Vec<(Vec<usize>, Vec<usize>, f64)>,
+    /// Per support entry: `max_{visible g} |seqs[s, g]|`.
+    pub entry_max: Vec<f64>,
+}
+
+impl WNorms {
+    /// `support` entries must be `< d`; `seqs` is `|S| x glen`; `factor[g] > 0` marks the
+    /// visible diagonals (only those can reach a score that matters).
+    pub fn new(
+        d: usize,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+    ) -> Result<Self> {
+        let ns = support.len();
+        if seqs.nrows() != ns || seqs.ncols() != factor.len() {
+            return Err(Error::Value(format!(
+                "seqs: expected shape ({ns}, {}), got {:?}",
+                factor.len(),
+                seqs.shape()
+            )));
+        }
+        if let Some(&(a, b)) = support.iter().find(|&&(a, b)| a >= d || b >= d) {
+            return Err(Error::Value(format!(
+                "support: expected entries < d = {d}, got ({a}, {b})"
+            )));
+        }
+        // Union-find over 2d nodes: rows 0..d, columns d..2d.
+        let mut parent: Vec<usize> = (0..2 * d).collect();
+        fn find(p: &mut [usize], mut x: usize) -> usize {
+            while p[x] != x {
+                p[x] = p[p[x]];
+                x = p[x];
+            }
+            x
+        }
+        for &(a, b) in support {
+            let (ra, rb) = (find(&mut parent, a), find(&mut parent, d + b));
+            parent[ra] = rb;
+        }
+        let mut root_block: Vec<Option<usize>> = vec![None; 2 * d];
+        let mut members: Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> = Vec::new();
+        for (s, &(a, b)) in support.iter().enumerate() {
+            let root = find(&mut parent, a);
+            let id = *root_block[root].get_or_insert_with(|| {
+                members.push((Vec::new(), Vec::new(), Vec::new()));
+                members.len() - 1
+            });
+            let m = &mut members[id];
+            if !m.0.contains(&a) {
+                m.0.push(a);
+            }
+            if !m.1.contains(&b) {
+                m.1.push(b);
+            }
+            m.2.push(s);
+        }
+        let visible: Vec<usize> = (0..factor.len()).filter(|&g| factor[g] > 0.0).collect();
+        let mut entry_max = vec![0.0f64; ns];
+        for (s, em) in entry_max.iter_mut().enumerate() {
+            let row = seqs.row(s);
+            *em = visible.iter().fold(0.0f64, |m, &g| m.max(row[g].abs()));
+        }
+        let mut blocks = Vec::with_capacity(members.len());
+        for (rows, cols, entries) in members {
+            let mut best = 0.0f64;
+            let mut mat = vec![0.0; rows.len() * cols.len()];
+            for &g in &visible {
+                mat.iter_mut().for_each(|x| *x = 0.0);
+                for &s in &entries {
+                    let (a, b) = support[s];
+                    let (ia, ib) = (
+                        rows.iter().position(|&x| x == a),
+                        cols.iter().position(|&x| x == b),
+                    );
+                    if let (Some(ia), Some(ib)) = (ia, ib) {
+                        mat[ia * cols.len() + ib] += seqs[[s, g]];
+                    }
+                }
+                best = best.max(spectral_bound(&mat, rows.len(), cols.len()));
+            }
+            blocks.push((rows, cols, best * (1.0 + 16.0 * U)));
+        }
+        Ok(WNorms { blocks, entry_max })
+    }
+
+    /// The score bounds for one head (`q`: `nq x d`, `k`: `nk x d`), in `O((nq + nk) d)`.
+    pub fn bound(
+        &self,
+        support: &[(usize, usize)],
+        q: ArrayView2<f64>,
+        k: ArrayView2<f64>,
+        scale: f64,
+    ) -> ScoreBound {
+        let col_max =
+            |x: &ArrayView2<f64>, l: usize| x.column(l).fold(0.0f64, |m, v| m.max(v.abs()));
+        let restricted_norm_max = |x: &ArrayView2<f64>, coords: &[usize]| {
+            x.rows().into_iter().fold(0.0f64, |m, row| {
+                m.max(coords.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt())
+            })
+        };
+        let scale = scale.abs();
+        let r_abs: f64 = support
+            .iter()
+            .zip(&self.entry_max)
+            .map(|(&(a, b), &w)| col_max(&q, a) * w * col_max(&k, b))
+            .sum::<f64>()
+            * scale;
+        let mut all_rows: Vec<usize> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.0.iter().copied())
+            .collect();
+        let mut all_cols: Vec<usize> = self
+            .blocks
+            .iter()
+            .flat_map(|b| b.1.iter().copied())
+            .collect();
+        all_rows.sort_unstable();
+        all_cols.sort_unstable();
+        let wmax = self.blocks.iter().fold(0.0f64, |m, b| m.max(b.2));
+        let spectral =
+            scale * restricted_norm_max(&q, &all_rows) * wmax * restricted_norm_max(&k, &all_cols);
+        let blocks: f64 = self
+            .blocks
+            .iter()
+            .map(|(rows, cols, w)| {
+                restricted_norm_max(&q, rows) * w * restricted_norm_max(&k, cols)
+            })
+            .sum::<f64>()
+            * scale;
+        // The products and sums above round; a relative slack of 64u keeps R an upper bound.
+        let slack = 1.0 + 64.0 * U * (support.len() as f64 + 4.0);
+        let (r_abs, spectral, blocks) = (r_abs * slack, spectral * slack, blocks * slack);
+        ScoreBound {
+            r: r_abs.min(spectral).min(blocks),
+            r_abs,
+            spectral,
+            blocks,
+        }
+    }
+}
+
+/// Upper bound on the spectral norm of a row-major `m x n` block: exact for blocks up to 2x2.
+fn spectral_bound(mat: &[f64], m: usize, n: usize) -> f64 {
+    if m <= 2 && n <= 2 {
+        let at = |i: usize, j: usize| if i < m && j < n { mat[i * n + j] } else { 0.0 };
+        let (a, b, c, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+        return 0.5 * ((a + d).hypot(c - b) + (a - d).hypot(c + b));
+    }
+    let fro = mat.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let norm1 = (0..n)
+        .map(|j| (0..m).map(|i| mat[i * n + j].abs()).sum::<f64>())
+        .fold(0.0, f64::max);
+    let norm_inf = (0..m)
+        .map(|i| mat[i * n..(i + 1) * n].iter().map(|x| x.abs()).sum::<f64>())
+        .fold(0.0, f64::max);
+    fro.min((norm1 * norm_inf).sqrt())
+}
+
+/// `R >= max_ij |M_ij|` for one head: the smaller of the spectral-norm bound (per block of the
+/// support) and the sum over S of infinity norms. See [`WNorms`] and [`ScoreBound`].
+pub fn bound_r(
+    q: ArrayView2<f64>,
+    k: ArrayView2<f64>,
+    scale: f64,
+    support: &[(usize, usize)],
+    seqs: ArrayView2<f64>,
+    factor: &[f64],
+) -> Result<f64> {
+    if q.ncols() != k.ncols() {
+        return Err(Error::Value(format!(
+            "k: expected {} columns like q, got {}",
+            q.ncols(),
+            k.ncols()
+        )));
+    }
+    Ok(WNorms::new(q.ncols(), support, seqs, factor)?
+        .bound(support, q, k, scale)
+        .r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::rng;
+    use ndarray::Array2;
+
+    #[test]
+    fn score_bound_dominates_every_score() {
+        let (d, nq, nk) = (6, 17, 23);
+        let glen = nq + nk - 1;
+        let mut u = rng(7);
+        let q = Array2::from_shape_fn((nq, d), |_| u());
+        let k = Array2::from_shape_fn((nk, d), |_| 2.0 * u());
+        // Rotary-like blocks on (0,1), (2,3) plus a scattered 1x2 block on row 4.
+        let support = vec![
+            (0, 0),
+            (0, 1),
+            (1, 0),
+            (1, 1),
+            (2, 2),
+            (2, 3),
+            (3, 2),
+            (3, 3),
+            (4, 5),
+            (4, 4),
+        ];
+        let seqs = Array2::from_shape_fn((support.len(), glen), |_| u());
+        let factor: Vec<f64> = (0..glen)
+            .map(|g| if g % 3 == 0 { 0.0 } else { 1.0 })
+            .collect();
+        let wn = WNorms::new(d, &support, seqs.view(), &factor).unwrap();
+        assert_eq!(wn.blocks.len(), 3);
+        let b = wn.bound(&support, q.view(), k.view(), 0.7);
+        let mut max_m: f64 = 0.0;
+        for i in 0..nq {
+            for j in 0..nk {
+                let g = j + nq - 1 - i;
+                if factor[g] > 0.0 {
+                    let m: f64 = support
+                        .iter()
+                        .enumerate()
+                        .map(|(s, &(a, c))| q[[i, a]] * seqs[[s, g]] * k[[j, c]])
+                        .sum();
+                    max_m = max_m.max((0.7 * m).abs());
+                }
+            }
+        }
+        assert!(max_m <= b.r && b.r <= b.r_abs && b.r <= b.spectral && b.r <= b.blocks);
+        // Exact 2x2 singular value: a rotation has norm 1.
+        let (c, s) = (0.3f64.cos(), 0.3f64.sin());
+        assert!((spectral_bound(&[c, s, -s, c], 2, 2) - 1.0).abs() < 1e-15);
+        assert!(matches!(
+            bound_r(
+                q.view(),
+                k.view(),
+                1.0,
+                &[(6, 0)],
+                seqs.slice(ndarray::s![..1, ..]),
+                &factor
+            ),
+            Err(Error::Value(_))
+        ));
+    }
+}
