@@ -78,6 +78,26 @@ fn plan_key<T: Element>(
     )
 }
 
+/// The plan of `planned` to run (`None` without one): refused unless it was made with `key`, for
+/// a run (`ok`), and of the kind `pick` takes.
+fn reuse<T>(
+    planned: Option<&Bound<'_, PlannedCall>>,
+    key: &str,
+    ok: bool,
+    pick: impl Fn(&Made) -> Option<T>,
+) -> PyResult<Option<T>> {
+    let Some(p) = planned else {
+        return Ok(None);
+    };
+    match pick(&p.get().made) {
+        Some(call) if ok && p.get().key == key => Ok(Some(call)),
+        _ => Err(PyValueError::new_err(
+            "plan: made for other arguments (pass the handle of a plan made with the same \
+             arrays and options)",
+        )),
+    }
+}
+
 /// The routes refused by a plan, as `[(route, reason), ...]`.
 fn refused_list<'py>(py: Python<'py>, refused: &[Refusal]) -> PyResult<Bound<'py, PyList>> {
     PyList::new(py, refused.iter().map(|r| (r.route, r.reason.as_str())))
@@ -172,20 +192,10 @@ fn fast_typed<'py, T: Real + Element>(
         nthreads,
         &[Some(q), Some(k), Some(v), values, bias],
     );
-    let reuse = match planned {
-        None => None,
-        Some(p) => match &p.get().made {
-            Made::Forward(call) if run_it && given.is_none() && p.get().key == key => {
-                Some(call.clone())
-            }
-            _ => {
-                return Err(PyValueError::new_err(
-                    "plan: made for other arguments (pass the handle of a plan made with the \
-                     same arrays and options)",
-                ))
-            }
-        },
-    };
+    let reuse = reuse(planned, &key, run_it && given.is_none(), |m| match m {
+        Made::Forward(call) => Some(call.clone()),
+        Made::Backward(_) => None,
+    })?;
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let (values, bias_arr) = sp.tables::<T>()?;
     let pos = position(sp, values.as_ref())?;
@@ -368,18 +378,10 @@ fn fast_backward_typed<'py, T: Real + Element>(
         nthreads,
         &[Some(q), Some(k), Some(v), dout, dlse, values, bias],
     ) + &format!(" {want:?} {poly:?} {given:?}");
-    let reuse = match planned {
-        None => None,
-        Some(p) => match &p.get().made {
-            Made::Backward(call) if run_it && p.get().key == key => Some(call.clone()),
-            _ => {
-                return Err(PyValueError::new_err(
-                    "plan: made for other arguments (pass the handle of a plan made with the \
-                     same arrays and options)",
-                ))
-            }
-        },
-    };
+    let reuse = reuse(planned, &key, run_it, |m| match m {
+        Made::Backward(call) => Some(call.clone()),
+        Made::Forward(_) => None,
+    })?;
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let dout = dout.map(|d| arr4::<T>(d, "dout")).transpose()?;
     let dlse: Option<PyReadonlyArray3<'py, T>> = dlse
