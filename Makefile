@@ -1,10 +1,11 @@
 # Developer commands; `make help` lists them.
 PY ?= .venv/bin/python
 
-.PHONY: help venv develop test rust-test lint fmt bench demo ci asan miri fork-test hf-conformance
+.PHONY: help venv develop test rust-test lint import-graph fmt bench demo ci asan miri fork-test \
+	hf-conformance time-exact time-fast time-fast-backward time-kernel
 
 help:  ## list the developer commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 venv:  ## create .venv with the test and dev dependencies
 	python3 -m venv .venv && $(PY) -m pip install -q -U pip && $(PY) -m pip install -q -e '.[dev]'
@@ -18,8 +19,11 @@ test:  ## Rust unit tests and the Python tests
 rust-test:  ## Rust unit tests only (no Python needed)
 	cargo test --lib
 
-lint:  ## rustfmt, clippy and ruff
-	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools
+lint:  ## rustfmt, clippy, ruff and the Python import-cycle check
+	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools && $(PY) tools/py_import_graph.py
+
+import-graph:  ## fail on an import cycle among python/fastrope's modules (--print: the graph)
+	$(PY) tools/py_import_graph.py
 
 fmt:  ## format Rust and Python
 	cargo fmt --all && $(PY) -m ruff check --fix python tests benchmarks
@@ -29,6 +33,22 @@ demo:  ## the README's demo
 
 bench:  ## the exact-method benchmark (see benchmarks/README.md)
 	$(PY) benchmarks/bench_exact.py
+
+# The #[ignore]d Rust timing harnesses (release build, output shown). Sizes of the fast ones from
+# FASTROPE_TIMING_N (e.g. 4096,65536) and FASTROPE_TIMING_D (e.g. 2,4); time-exact takes
+# FASTROPE_TIMING_ISA to time one instruction set.
+TIMING = cargo test --release --lib
+time-exact:  ## exact forward+backward throughput per instruction set (Rust timing harness)
+	$(TIMING) timing_rotary_f32 -- --ignored --nocapture
+
+time-fast:  ## fast-method forward timing of one head (FASTROPE_TIMING_N, FASTROPE_TIMING_D)
+	$(TIMING) timing_one_head -- --ignored --nocapture
+
+time-fast-backward:  ## fast-method backward timing of one head (FASTROPE_TIMING_N, _D)
+	$(TIMING) timing_backward_one_head -- --ignored --nocapture
+
+time-kernel:  ## exact micro-kernel peak GFLOP/s on L1-resident operands
+	$(TIMING) micro_kernel_peak -- --ignored --nocapture
 
 fork-test:  ## the fork, fault and thread tests (each scenario under a timeout)
 	$(PY) -m pytest -q tests/test_fork.py tests/test_faults.py tests/test_concurrency.py

@@ -269,3 +269,92 @@ def check_grad(q, k, v, w, dout, *, kind: str, **kw):
         assert_grad_close(a, b, t, name)
     assert g.dq.shape == q.shape and g.dk.shape == k.shape and g.dv.shape == v.shape
     return g, rg
+
+
+# ------------------------------------------------------------------------------------------
+# The fast method's inputs (tests/test_fast*.py)
+# ------------------------------------------------------------------------------------------
+
+FAST_FORMS = ("rotary", "rotary-half", "blockw", "sparse", "dense")
+
+
+def bounded(rng: np.random.Generator, shape, scale: float = 0.5, dtype=np.float64) -> np.ndarray:
+    """Uniform entries in ``[-scale, scale]``."""
+    return (rng.uniform(-1, 1, shape) * scale).astype(dtype)
+
+
+def unit_rows(rng: np.random.Generator, shape: tuple, d: int, r: float = 1.0) -> np.ndarray:
+    """Rows ``shape + (d,)`` with largest 2-norm ``sqrt(r)`` (scores up to ``r`` at scale 1)."""
+    x = rng.standard_normal(shape + (d,))
+    return x * (r**0.5 / np.linalg.norm(x, axis=-1, keepdims=True).max())
+
+
+def make_fast_w(
+    form: str, rng: np.random.Generator, L: int, d: int, lead=(), dtype=np.float64, dense=0.3
+):
+    """A ``w`` of one of :data:`FAST_FORMS` with ``2L-1`` rows; tables of moderate size
+    (``dense`` bounds the dense table's entries)."""
+    rows = 2 * L - 1
+    if form == "rotary":
+        return fastrope.Rotary()
+    if form == "rotary-half":
+        return fastrope.Rotary(layout="half", base=500.0)
+    if form == "blockw":
+        return fastrope.BlockW(rng.uniform(-0.6, 0.6, lead + (rows, d // 2, 2, 2)).astype(dtype))
+    if form == "sparse":
+        support = np.array([[0, 0], [0, 1], [1, 1], [d - 1, 0]])
+        return fastrope.SparseW(support, rng.uniform(-0.8, 0.8, lead + (rows, 4)).astype(dtype))
+    if form == "dense":
+        return rng.uniform(-dense, dense, lead + (rows, d, d)).astype(dtype)
+    raise AssertionError(form)
+
+
+# The low-rank path's cases (Rotary / w=None without window or bias), forward and backward.
+LOWRANK_CASES = [
+    # w, lead_q, group, n_q, n_k, d, d_v, kw
+    (fastrope.Rotary(), (2,), 1, 97, 97, 4, 5, dict(causal=True)),
+    (fastrope.Rotary(), (2,), 1, 64, 101, 2, 3, dict()),
+    (fastrope.Rotary(layout="half"), (2, 4), 2, 53, 71, 4, 2, dict(causal=True, q_offset=18)),
+    (fastrope.Rotary(base=500.0), (3,), 1, 300, 280, 2, 4, dict(causal=True, k_offset=9)),
+    (fastrope.Rotary(scaling={"rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32}), (1,), 1, 70, 70, 6, 3,
+     dict(causal=True)),
+    (None, (2,), 1, 41, 43, 3, 2, dict(causal=True, q_offset=2)),
+    (fastrope.Rotary(), (1,), 1, 600, 600, 2, 8, dict(causal=True, q_offset=5, k_offset=3)),
+]  # fmt: skip
+
+
+@pytest.fixture
+def toeplitz_path(monkeypatch):
+    """Rotary without window or bias takes the low-rank path (no kernel spectra); tests of the
+    Toeplitz path (its planner, its cache) request this."""
+    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face transformers models (tests/test_transformers*.py; torch imported lazily)
+# ------------------------------------------------------------------------------------------
+
+
+def hf_model(config, impl: str, rope_in_fastrope: bool = False):
+    """A ``LlamaForCausalLM`` of ``config`` with attention ``impl`` and the same weights for
+    every implementation; RoPE applied by fastrope through ``w`` with ``rope_in_fastrope``."""
+    import copy
+
+    import torch
+    import transformers
+
+    import fastrope.integrations.transformers as fr_hf
+
+    c = copy.deepcopy(config)
+    c._attn_implementation = impl
+    torch.manual_seed(0)  # same weights for every implementation
+    m = transformers.LlamaForCausalLM(c).eval()
+    return fr_hf.apply_rope_in_fastrope(m) if rope_in_fastrope else m
+
+
+def hf_logits(m, ids, **kw):
+    import torch
+
+    with torch.no_grad():
+        return m(ids, **kw).logits

@@ -120,7 +120,9 @@ def test_rayon_num_threads_is_honoured():
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery is POSIX-specific")
 def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
-    code = SIGINT_HANDLER + """
+    code = (
+        SIGINT_HANDLER
+        + """
         import sys, time, numpy as np, fastrope
         rng = np.random.default_rng(0)
         q = rng.standard_normal((8, 16384, 128)).astype(np.float32)
@@ -132,6 +134,7 @@ def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
         except KeyboardInterrupt:
             print("interrupted", time.perf_counter() - t0, flush=True)
     """
+    )
     p = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=ENV,
@@ -156,7 +159,9 @@ def test_ctrl_c_interrupts_a_long_call_within_about_a_second():
 def test_ctrl_c_interrupts_a_long_fast_call(backward):
     """The fast method's low-rank path (one long head: no parallelism to hide behind) polls too,
     forward and backward."""
-    code = SIGINT_HANDLER + f"""
+    code = (
+        SIGINT_HANDLER
+        + f"""
         import sys, time, numpy as np, fastrope
         rng = np.random.default_rng(0)
         n, d = 1 << 19, 8
@@ -177,6 +182,7 @@ def test_ctrl_c_interrupts_a_long_fast_call(backward):
         except KeyboardInterrupt:
             print("interrupted", time.perf_counter() - t0, flush=True)
     """
+    )
     p = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=ENV,

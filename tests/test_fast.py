@@ -10,30 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import LOWRANK_CASES, bounded, make_fast_w, unit_rows
 
 import fastrope
 from fastrope import reference
 
 EPS = (1e-2, 1e-4, 1e-6)
-
-
-def bounded(rng, shape, scale=0.5, dtype=np.float64):
-    return (rng.uniform(-1, 1, shape) * scale).astype(dtype)
-
-
-def make_w(form: str, rng, L: int, d: int):
-    if form == "rotary":
-        return fastrope.Rotary()
-    if form == "rotary-half":
-        return fastrope.Rotary(layout="half", base=500.0)
-    if form == "blockw":
-        return fastrope.BlockW(rng.uniform(-0.6, 0.6, (2 * L - 1, d // 2, 2, 2)))
-    if form == "sparse":
-        support = np.array([[0, 0], [0, 1], [1, 1], [d - 1, 0]])
-        return fastrope.SparseW(support, rng.uniform(-0.8, 0.8, (2 * L - 1, len(support))))
-    if form == "dense":
-        return rng.uniform(-0.3, 0.3, (2 * L - 1, d, d))
-    raise AssertionError(form)
 
 
 def fast_or_refusal(q, k, v, w, eps, **kw):
@@ -53,7 +35,7 @@ def test_certified_error_holds_on_random_bounded_inputs(form, eps):
     L = nq + nk
     q, k = bounded(rng, (2, nq, d)), bounded(rng, (2, nk, d))
     v = rng.standard_normal((2, nk, dv))
-    w = make_w(form, rng, L, d)
+    w = make_fast_w(form, rng, L, d)
     out = fast_or_refusal(q, k, v, w, eps)
     if eps >= 1e-4:
         assert out is not None, "R ~ 1 with eps >= 1e-4 must be certifiable"
@@ -80,7 +62,7 @@ def test_masks_biases_and_offsets(form, kw):
     L = 80
     q, k = bounded(rng, (heads, nq, d), 0.7), bounded(rng, (heads, nk, d), 0.7)
     v = rng.standard_normal((heads, nk, dv))
-    w = make_w(form, rng, L, d)
+    w = make_fast_w(form, rng, L, d)
     kw = dict(kw)
     if kw.get("bias") == "alibi":
         kw["bias"] = fastrope.alibi(np.array([0.05, 0.2]), L)
@@ -128,7 +110,7 @@ def test_adversarial_inputs_reach_the_bound(form):
     """q and k aligned with W's top singular directions so that |M_ij| reaches R."""
     rng = np.random.default_rng(5)
     n, d, dv = 40, 2, 4
-    w = make_w(form, rng, n, d)
+    w = make_fast_w(form, rng, n, d)
     # For rotary every W_δ is a rotation: q = k = (a, 0) gives M = a² cos(δθ) up to |M| = a².
     # For BlockW align with W_0's top singular vectors (δ = 0 is on the diagonal).
     if form == "rotary":
@@ -181,13 +163,6 @@ def test_method_auto_never_returns_an_uncertified_result():
 
 
 # --- the planner, on shape tuples -------------------------------------------------------------
-
-
-@pytest.fixture
-def toeplitz_path(monkeypatch):
-    """Rotary without window or bias takes the low-rank path; these planner tests are about the
-    Toeplitz path (the low-rank path's own tests are below)."""
-    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
 
 
 def shape_plan(n, d, dv=64, eps=1e-3, r=1.0, w=None, **kw):
@@ -245,25 +220,6 @@ def test_plan_is_plain_data_and_prints(toeplitz_path):
 # --- the low-rank path (Rotary / w=None without window or bias) --------------------------------
 
 
-def _bounded(rng, shape, d, r=1.0):
-    x = rng.standard_normal(shape + (d,))
-    return x * (r**0.5 / np.linalg.norm(x, axis=-1, keepdims=True).max())
-
-
-LOWRANK_CASES = [
-    # w, lead_q, group, n_q, n_k, d, d_v, kw
-    (fastrope.Rotary(), (2,), 1, 97, 97, 4, 5, dict(causal=True)),
-    (fastrope.Rotary(), (2,), 1, 64, 101, 2, 3, dict()),
-    (fastrope.Rotary(layout="half"), (2, 4), 2, 53, 71, 4, 2, dict(causal=True, q_offset=18)),
-    (fastrope.Rotary(base=500.0), (3,), 1, 300, 280, 2, 4, dict(causal=True, k_offset=9)),
-    (fastrope.Rotary(scaling={"rope_type": "yarn", "factor": 4.0,
-                            "original_max_position_embeddings": 32}), (1,), 1, 70, 70, 6, 3,
-     dict(causal=True)),
-    (None, (2,), 1, 41, 43, 3, 2, dict(causal=True, q_offset=2)),
-    (fastrope.Rotary(), (1,), 1, 600, 600, 2, 8, dict(causal=True, q_offset=5, k_offset=3)),
-]  # fmt: skip
-
-
 @pytest.mark.parametrize("case", range(len(LOWRANK_CASES)))
 @pytest.mark.parametrize("eps", [1e-2, 1e-4, 1e-6])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -273,8 +229,8 @@ def test_lowrank_path_is_certified_against_the_reference(case, eps, dtype):
         eps = 1e-5  # below float32's output rounding the planner refuses any fast method
     rng = np.random.default_rng(case)
     lead_k = lead[:-1] + (lead[-1] // group,)
-    q = _bounded(rng, lead + (nq,), d, 2.0).astype(dtype)
-    k = _bounded(rng, lead_k + (nk,), d, 2.0).astype(dtype)
+    q = unit_rows(rng, lead + (nq,), d, 2.0).astype(dtype)
+    k = unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
     v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
     p = fastrope.plan(q, k, v, w, eps, method="fast", **kw)
     assert p.details["path"] == "lowrank"
@@ -315,8 +271,8 @@ def test_lowrank_adversarial_aligned_inputs():
 
 def test_lowrank_and_toeplitz_paths_agree(monkeypatch):
     rng = np.random.default_rng(3)
-    q = _bounded(rng, (2, 150), 4)
-    k = _bounded(rng, (2, 150), 4)
+    q = unit_rows(rng, (2, 150), 4)
+    k = unit_rows(rng, (2, 150), 4)
     v = rng.uniform(-1, 1, (2, 150, 3))
     w = fastrope.Rotary()
     a = fastrope.attention(q, k, v, w, 1e-6, method="fast", causal=True)
@@ -331,7 +287,7 @@ def test_lowrank_and_toeplitz_paths_agree(monkeypatch):
 def test_lowrank_path_choice():
     """Rotary / w=None without window or bias: low-rank; a window, a bias or general W: Toeplitz."""
     rng = np.random.default_rng(5)
-    q = _bounded(rng, (1, 64), 4)
+    q = unit_rows(rng, (1, 64), 4)
     v = rng.uniform(-1, 1, (1, 64, 2))
     rot = fastrope.Rotary()
 

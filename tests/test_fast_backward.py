@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FAST_FORMS, bounded, make_fast_w, unit_rows
+from conftest import LOWRANK_CASES as COMMON_LOWRANK_CASES
 
 import fastrope
 from fastrope import _fastrope as native
@@ -19,28 +21,12 @@ from fastrope import reference
 from fastrope._api import prepare
 
 EPS = (1e-2, 1e-4, 1e-6)
-FORMS = ("rotary", "rotary-half", "blockw", "sparse", "dense")
+FORMS = FAST_FORMS
 GRADS = ("dq", "dk", "dv", "dw", "dbias")
 
 
-def bounded(rng, shape, scale=0.5, dtype=np.float64):
-    return (rng.uniform(-1, 1, shape) * scale).astype(dtype)
-
-
 def make_w(form: str, rng, L: int, d: int, lead=(), dtype=np.float64):
-    rows = 2 * L - 1
-    if form == "rotary":
-        return fastrope.Rotary()
-    if form == "rotary-half":
-        return fastrope.Rotary(layout="half", base=500.0)
-    if form == "blockw":
-        return fastrope.BlockW(rng.uniform(-0.6, 0.6, lead + (rows, d // 2, 2, 2)).astype(dtype))
-    if form == "sparse":
-        support = np.array([[0, 0], [0, 1], [1, 1], [d - 1, 0]])
-        return fastrope.SparseW(support, rng.uniform(-0.8, 0.8, lead + (rows, 4)).astype(dtype))
-    if form == "dense":
-        return rng.uniform(-0.4, 0.4, lead + (rows, d, d)).astype(dtype)
-    raise AssertionError(form)
+    return make_fast_w(form, rng, L, d, lead, dtype, dense=0.4)
 
 
 def grads_or_refusal(q, k, v, w, dout, eps, method="fast", **kw):
@@ -321,25 +307,9 @@ def test_dv_zero_and_threads():
 # --- the low-rank backward (Rotary / w=None without window or bias) ------------------------------
 
 
-def _unit_rows(rng, shape, d, r=1.0):
-    """Rows with largest 2-norm sqrt(r) (scores up to r at scale 1)."""
-    x = rng.standard_normal(shape + (d,))
-    return x * (r**0.5 / np.linalg.norm(x, axis=-1, keepdims=True).max())
-
-
-LOWRANK_CASES = [
-    # w, lead_q, group, n_q, n_k, d, d_v, kw
-    (fastrope.Rotary(), (2,), 1, 97, 97, 4, 5, dict(causal=True)),
-    (fastrope.Rotary(), (2,), 1, 64, 101, 2, 3, dict()),
-    (fastrope.Rotary(layout="half"), (2, 4), 2, 53, 71, 4, 2, dict(causal=True, q_offset=18)),
-    (fastrope.Rotary(base=500.0), (3,), 1, 300, 280, 2, 4, dict(causal=True, k_offset=9)),
-    (fastrope.Rotary(scaling={"rope_type": "yarn", "factor": 4.0,
-                            "original_max_position_embeddings": 32}), (1,), 1, 70, 70, 6, 3,
-     dict(causal=True)),
-    (None, (2,), 1, 41, 43, 3, 2, dict(causal=True, q_offset=2)),
-    (fastrope.Rotary(), (1,), 1, 600, 600, 2, 8, dict(causal=True, q_offset=5, k_offset=3)),
+LOWRANK_CASES = COMMON_LOWRANK_CASES + [
     (fastrope.Rotary(), (4,), 4, 90, 120, 4, 3, dict(causal=True, q_offset=-6)),  # empty rows
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case", range(len(LOWRANK_CASES)))
@@ -352,8 +322,8 @@ def test_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
         eps = max(eps, 1e-4)
     rng = np.random.default_rng(100 + case)
     lead_k = lead[:-1] + (lead[-1] // group,)
-    q = _unit_rows(rng, lead + (nq,), d, 2.0).astype(dtype)
-    k = _unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
+    q = unit_rows(rng, lead + (nq,), d, 2.0).astype(dtype)
+    k = unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
     v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
     dout = rng.uniform(-1, 1, lead + (nq, dv)).astype(dtype)
     p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, **kw)
@@ -433,7 +403,7 @@ def test_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
 
 def test_lowrank_and_toeplitz_backward_agree(monkeypatch):
     rng = np.random.default_rng(3)
-    q, k = _unit_rows(rng, (2, 150), 4), _unit_rows(rng, (2, 150), 4)
+    q, k = unit_rows(rng, (2, 150), 4), unit_rows(rng, (2, 150), 4)
     v, dout = rng.uniform(-1, 1, (2, 150, 3)), rng.uniform(-1, 1, (2, 150, 3))
     w = fastrope.Rotary()
     a = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", causal=True)
@@ -448,7 +418,7 @@ def test_lowrank_and_toeplitz_backward_agree(monkeypatch):
 def test_lowrank_backward_path_choice():
     """Rotary / w=None without window or bias: low-rank; a window, a bias or general W: Toeplitz."""
     rng = np.random.default_rng(5)
-    q = _unit_rows(rng, (1, 64), 4)
+    q = unit_rows(rng, (1, 64), 4)
     v = rng.uniform(-1, 1, (1, 64, 2))
     rot = fastrope.Rotary()
 

@@ -20,13 +20,6 @@ EPS = 1e-3
 
 
 @pytest.fixture(autouse=True)
-def toeplitz_path(monkeypatch):
-    """Rotary without window or bias would take the low-rank path, which has no kernel spectra:
-    these tests are about the Toeplitz path's cache."""
-    monkeypatch.setenv("FASTROPE_FAST_PATH", "toeplitz")
-
-
-@pytest.fixture(autouse=True)
 def fresh_cache(toeplitz_path):
     limit = fastrope.cache_info()["limit"]
     fastrope.set_cache_limit(1 << 30)

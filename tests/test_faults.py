@@ -263,4 +263,3 @@ def test_ctrl_c_in_a_long_fast_backward_leaves_the_cache_consistent():
     assert float(lines[0].split()[-1]) > 1.0, f"the backward is too short to interrupt: {lines}"
     assert sum(line.startswith("interrupted") for line in lines) == 2, lines
     assert lines[-1].startswith("ok"), lines
-

@@ -11,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_logits, hf_model  # noqa: E402
+
 import fastrope  # noqa: E402
 import fastrope.integrations.transformers as fr_hf  # noqa: E402
 
@@ -32,31 +34,18 @@ def config():
     )
 
 
-def _model(config, impl: str, rope_in_fastrope: bool = False):
-    c = copy.deepcopy(config)
-    c._attn_implementation = impl
-    torch.manual_seed(0)  # same weights for every implementation
-    m = transformers.LlamaForCausalLM(c).eval()
-    return fr_hf.apply_rope_in_fastrope(m) if rope_in_fastrope else m
-
-
 @pytest.fixture(scope="module")
 def models(config):
     return {
-        "eager": _model(config, "eager"),
-        "fastrope": _model(config, "fastrope"),
-        "fastrope_rope": _model(config, "fastrope", rope_in_fastrope=True),
+        "eager": hf_model(config, "eager"),
+        "fastrope": hf_model(config, "fastrope"),
+        "fastrope_rope": hf_model(config, "fastrope", rope_in_fastrope=True),
     }
 
 
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))
-
-
-def _logits(m, ids, **kw):
-    with torch.no_grad():
-        return m(ids, **kw).logits
 
 
 def test_register_and_rotary_from_config(models, config):
@@ -77,8 +66,8 @@ def test_register_and_rotary_from_config(models, config):
 
 @pytest.mark.parametrize("impl", ["fastrope", "fastrope_rope"])
 def test_logits_equal_eager(models, ids, impl):
-    ref = _logits(models["eager"], ids)
-    got = _logits(models[impl], ids)
+    ref = hf_logits(models["eager"], ids)
+    got = hf_logits(models[impl], ids)
     assert (got - ref).abs().max().item() <= TOL
 
 
@@ -92,8 +81,8 @@ def test_padding(models, ids, impl, side):
     else:
         mask[1, 9:] = 0
         valid = slice(0, 9)
-    ref = _logits(models["eager"], ids, attention_mask=mask)
-    got = _logits(models[impl], ids, attention_mask=mask)
+    ref = hf_logits(models["eager"], ids, attention_mask=mask)
+    got = hf_logits(models[impl], ids, attention_mask=mask)
     assert (got[0] - ref[0]).abs().max().item() <= TOL
     assert (got[1, valid] - ref[1, valid]).abs().max().item() <= TOL
 
@@ -111,7 +100,7 @@ def test_gradients_match_eager(config, ids):
     """Training through attn_implementation="fastrope": the same parameter gradients as eager."""
     grads = {}
     for impl in ("eager", "fastrope"):
-        m = _model(config, impl).train()
+        m = hf_model(config, impl).train()
         loss = m(ids, labels=ids).loss
         loss.backward()
         grads[impl] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
@@ -125,9 +114,9 @@ def test_unsupported_masks_and_options(models, config, ids):
     # a mask that is neither causal nor bidirectional over valid keys
     mask4 = torch.ones(2, 1, 13, 13, dtype=torch.bool).triu()
     with pytest.raises(NotImplementedError, match="attention_mask"):
-        _logits(m, ids, attention_mask=mask4)
+        hf_logits(m, ids, attention_mask=mask4)
     with pytest.raises(ValueError, match="attn_implementation"):
-        fr_hf.apply_rope_in_fastrope(_model(config, "eager"))
+        fr_hf.apply_rope_in_fastrope(hf_model(config, "eager"))
     attn = m.model.layers[0].self_attn
     q = torch.zeros(1, 4, 3, 8)
     with pytest.raises(ValueError, match="dropout"):
@@ -157,6 +146,6 @@ def test_rope_scaling_in_fastrope_equals_eager(config, ids, rope):
     """fastrope.Rotary built from the config's rope parameters reproduces HF's scaled RoPE."""
     c = copy.deepcopy(config)
     c.rope_parameters = dict(rope, rope_theta=500.0)
-    ref = _logits(_model(c, "eager"), ids)
-    got = _logits(_model(c, "fastrope", rope_in_fastrope=True), ids)
+    ref = hf_logits(hf_model(c, "eager"), ids)
+    got = hf_logits(hf_model(c, "fastrope", rope_in_fastrope=True), ids)
     assert (got - ref).abs().max().item() <= TOL

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_logits, hf_model  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 import fastrope.integrations.transformers as fr_hf  # noqa: E402
@@ -39,14 +40,6 @@ def _config(**rope):
     )
 
 
-def _model(config, impl: str, rope_in_fastrope: bool = False):
-    c = copy.deepcopy(config)
-    c._attn_implementation = impl
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(c).eval()
-    return fr_hf.apply_rope_in_fastrope(m) if rope_in_fastrope else m
-
-
 IMPLS = [("fastrope", False), ("fastrope", True)]
 IMPL_IDS = ["hf-rope", "rope-in-fastrope"]
 
@@ -58,12 +51,12 @@ def config():
 
 @pytest.fixture(scope="module")
 def eager(config):
-    return _model(config, "eager")
+    return hf_model(config, "eager")
 
 
 @pytest.fixture(scope="module", params=IMPLS, ids=IMPL_IDS)
 def model(request, config):
-    return _model(config, *request.param)
+    return hf_model(config, *request.param)
 
 
 def _ids(b, n, seed=1):
@@ -87,11 +80,6 @@ def _same_generation(got, ref):
     assert torch.equal(got.sequences, ref.sequences)
     err = (torch.stack(got.scores) - torch.stack(ref.scores)).abs().max().item()
     assert err <= TOL, err
-
-
-def _logits(m, ids, **kw):
-    with torch.no_grad():
-        return m(ids, **kw).logits
 
 
 # ---- static cache ----------------------------------------------------------------------------
@@ -130,8 +118,8 @@ def test_mask_with_gaps_in_prompt(eager, model):
     mask[1, 6:8] = 0
     ids = ids.masked_fill(mask == 0, PAD)
     valid = mask.bool()
-    ref = _logits(eager, ids, attention_mask=mask)
-    got = _logits(model, ids, attention_mask=mask)
+    ref = hf_logits(eager, ids, attention_mask=mask)
+    got = hf_logits(model, ids, attention_mask=mask)
     assert (got - ref)[valid].abs().max().item() <= TOL
     _same_generation(_generate(model, ids, mask), _generate(eager, ids, mask))
 
@@ -140,17 +128,17 @@ def test_custom_4d_masks(eager, model):
     """Full (bidirectional) and block-diagonal (packed documents) 4-D masks, as given."""
     ids = _ids(2, 10, seed=4)
     full = torch.ones(2, 1, 10, 10, dtype=torch.bool)
-    ref = _logits(eager, ids, attention_mask=full)
-    assert (_logits(model, ids, attention_mask=full) - ref).abs().max().item() <= TOL
+    ref = hf_logits(eager, ids, attention_mask=full)
+    assert (hf_logits(model, ids, attention_mask=full) - ref).abs().max().item() <= TOL
     docs = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
     packed = (docs[:, None] == docs[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
     packed = packed.expand(2, 1, 10, 10)
     pos = torch.cat([torch.arange(4), torch.arange(3), torch.arange(3)])[None].expand(2, -1)
     # eager adds a 4-D mask to the scores: give it the additive form (0 keeps, min drops)
     additive = torch.zeros(packed.shape).masked_fill(~packed, torch.finfo(torch.float32).min)
-    ref = _logits(eager, ids, attention_mask=additive, position_ids=pos)
+    ref = hf_logits(eager, ids, attention_mask=additive, position_ids=pos)
     for m in (packed, additive):
-        got = _logits(model, ids, attention_mask=m, position_ids=pos)
+        got = hf_logits(model, ids, attention_mask=m, position_ids=pos)
         assert (got - ref).abs().max().item() <= TOL
 
 
@@ -161,17 +149,17 @@ def test_packed_rows_equal_documents_fed_one_by_one(model):
     docs = [_ids(1, n, seed=10 + i) for i, n in enumerate(lens)]
     ids = torch.cat(docs, dim=1)
     pos = torch.cat([torch.arange(n) for n in lens])[None]
-    got = _logits(model, ids, position_ids=pos, use_cache=False)  # as in training
+    got = hf_logits(model, ids, position_ids=pos, use_cache=False)  # as in training
     start = 0
     for d, n in zip(docs, lens):
-        ref = _logits(model, d)
+        ref = hf_logits(model, d)
         assert (got[:, start : start + n] - ref).abs().max().item() <= TOL
         start += n
 
 
 def test_unsupported_pattern_names_the_row():
     config = _config()
-    m = _model(config, "fastrope")
+    m = hf_model(config, "fastrope")
     attn = m.model.layers[0].self_attn
     q = torch.randn(1, 4, 4, 8)
     k = torch.randn(1, 2, 4, 8)
@@ -346,8 +334,8 @@ def test_rotary_from_config_is_transformers_rope(name):
 def test_rope_in_fastrope_forward_equals_eager(name, n):
     config = _config(**ROPES[name])
     ids = _ids(2, n, seed=5)
-    ref = _logits(_model(config, "eager"), ids)
-    got = _logits(_model(config, "fastrope", rope_in_fastrope=True), ids)
+    ref = hf_logits(hf_model(config, "eager"), ids)
+    got = hf_logits(hf_model(config, "fastrope", rope_in_fastrope=True), ids)
     assert (got - ref).abs().max().item() <= TOL
 
 
@@ -361,17 +349,17 @@ def test_rope_in_fastrope_generation_equals_eager(name, cache):
     mask[1, :3] = 0
     ids = ids.masked_fill(mask == 0, PAD)
     kw = {"cache_implementation": "static"} if cache == "static" else {}
-    ref = _generate(_model(config, "eager"), ids, mask, **kw)
+    ref = _generate(hf_model(config, "eager"), ids, mask, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no frequency change below the thresholds
-        got = _generate(_model(config, "fastrope", rope_in_fastrope=True), ids, mask, **kw)
+        got = _generate(hf_model(config, "fastrope", rope_in_fastrope=True), ids, mask, **kw)
     _same_generation(got, ref)
 
 
 def test_dynamic_rope_changing_during_generation_warns():
     config = _config(**ROPES["dynamic"])
     ids = _ids(1, 62, seed=7)  # generation crosses max_position_embeddings = 64
-    m = _model(config, "fastrope", rope_in_fastrope=True)
+    m = hf_model(config, "fastrope", rope_in_fastrope=True)
     with pytest.warns(UserWarning, match="changed its frequencies"):
         _generate(m, ids)
 
@@ -394,7 +382,7 @@ def test_gradients_through_split_keys_match_eager(config):
     use = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
     grads = {}
     for impl, rope in [("eager", False), ("fastrope", False), ("fastrope", True)]:
-        m = _model(config, impl, rope).train()
+        m = hf_model(config, impl, rope).train()
         logits = m(ids, attention_mask=mask).logits[:, :-1][use]
         torch.nn.functional.cross_entropy(logits, ids[:, 1:][use]).backward()
         grads[impl, rope] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
@@ -408,7 +396,7 @@ def test_gradients_through_split_keys_match_eager(config):
 def test_compiled_forward_generation(eager, config):
     """torch.compile'd model forward (transformers' compiled generation): the attention runs
     eagerly inside the graph (its calls depend on the mask's values), the tokens are eager's."""
-    m = _model(config, "fastrope", True)
+    m = hf_model(config, "fastrope", True)
     m.forward = torch.compile(m.forward)
     ids = _ids(2, 9, seed=2)
     mask = torch.ones_like(ids)

@@ -57,14 +57,31 @@ def test_equals_documents_one_by_one(case, kind, dtype):
     bias = (rng.standard_normal((4, 2 * L - 1)) * 0.2).astype(dtype) if case % 2 else None
     kw = dict(causal=causal, window=window, bias=bias)
     out, lse = fastrope.attention(
-        q, k, v, w, cu_seqlens_q=cq, cu_seqlens_k=ck, q_offset=qo, k_offset=ko,
-        return_lse=True, **kw,
+        q,
+        k,
+        v,
+        w,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        q_offset=qo,
+        k_offset=ko,
+        return_lse=True,
+        **kw,
     )
     dout = rng.standard_normal(out.shape).astype(dtype)
     dlse = rng.standard_normal(lse.shape).astype(dtype)
     g = fastrope.attention_grad(
-        q, k, v, w, dout, cu_seqlens_q=cq, cu_seqlens_k=ck, q_offset=qo, k_offset=ko,
-        dlse=dlse, **kw,
+        q,
+        k,
+        v,
+        w,
+        dout,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        q_offset=qo,
+        k_offset=ko,
+        dlse=dlse,
+        **kw,
     )
     tol = 2e-5 if dtype == np.float32 else 1e-11
     n = len(lens_q)
@@ -86,11 +103,19 @@ def test_equals_documents_one_by_one(case, kind, dtype):
         assert np.array_equal(np.isfinite(lse[..., qs]), seen)
         assert _maxabs(np.where(seen, lse[..., qs], 0) - np.where(seen, l_r, 0)) <= tol
         g_r = ref.attention_grad(
-            q[..., qs, :], k[..., ks, :], v[..., ks, :], w, dout[..., qs, :],
-            dlse=np.where(seen, dlse[..., qs], 0), **doc,
+            q[..., qs, :],
+            k[..., ks, :],
+            v[..., ks, :],
+            w,
+            dout[..., qs, :],
+            dlse=np.where(seen, dlse[..., qs], 0),
+            **doc,
         )
-        for got, want in ((g.dq[..., qs, :], g_r.dq), (g.dk[..., ks, :], g_r.dk),
-                          (g.dv[..., ks, :], g_r.dv)):
+        for got, want in (
+            (g.dq[..., qs, :], g_r.dq),
+            (g.dk[..., ks, :], g_r.dk),
+            (g.dv[..., ks, :], g_r.dv),
+        ):
             assert _maxabs(got - want) <= tol * max(1.0, _maxabs(want))
         if dw is not None:
             dw += g_r.dw

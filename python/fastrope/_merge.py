@@ -35,9 +35,9 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-import fastrope
+from ._attention import attention_grad
 
-__all__ = ["merge_partials", "grad_with_lse_cotangent"]
+__all__ = ["merge_partials", "grad_with_lse_cotangent", "check_shards"]
 
 
 def _is_torch(x: Any) -> bool:
@@ -69,15 +69,14 @@ def merge_partials(outs: Union[Sequence[Any], Any], lses: Union[Sequence[Any], A
     >>> bool(np.allclose(out, fastrope.attention(q, k, v, w, causal=True)))
     True
     """
-    for name, xs in (("outs", outs), ("lses", lses)):
-        if isinstance(xs, (list, tuple)) and not xs:
-            raise ValueError(f"{name}: expected at least one shard, got none")
-    seqs = isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple))
-    if seqs and len(outs) != len(lses):
-        raise ValueError("outs, lses: expected one lse per partial output")
+    check_shards(outs, lses)
     first = outs[0] if isinstance(outs, (list, tuple)) else outs
     if _is_torch(first):
-        return _merge_torch(outs, lses)
+        # Deferred: torch is imported only when tensors are given (fastrope.torch imports this
+        # module at load time, so this import is never a cycle).
+        from .torch import merge_partials as merge_tensors
+
+        return merge_tensors(outs, lses)
     o = _stack_np(outs, "outs")
     s = _stack_np(lses, "lses")
     if o.ndim < 3 or s.shape != o.shape[:-1]:
@@ -99,6 +98,16 @@ def merge_partials(outs: Union[Sequence[Any], Any], lses: Union[Sequence[Any], A
     return out.astype(dtype, copy=False), lse.astype(dtype, copy=False)
 
 
+def check_shards(outs: Any, lses: Any) -> None:
+    """The checks of :func:`merge_partials` shared by the NumPy and the torch merge."""
+    for name, xs in (("outs", outs), ("lses", lses)):
+        if isinstance(xs, (list, tuple)) and not xs:
+            raise ValueError(f"{name}: expected at least one shard, got none")
+    seqs = isinstance(outs, (list, tuple)) and isinstance(lses, (list, tuple))
+    if seqs and len(outs) != len(lses):
+        raise ValueError("outs, lses: expected one lse per partial output")
+
+
 def _stack_np(xs: Any, name: str) -> np.ndarray:
     if isinstance(xs, (list, tuple)):
         if not xs:
@@ -114,30 +123,6 @@ def _stack_np(xs: Any, name: str) -> np.ndarray:
     return a
 
 
-def _merge_torch(outs: Any, lses: Any):
-    import torch
-
-    o = torch.stack(list(outs)) if isinstance(outs, (list, tuple)) else outs
-    s = torch.stack(list(lses)) if isinstance(lses, (list, tuple)) else lses
-    if o.ndim < 3 or tuple(s.shape) != tuple(o.shape[:-1]):
-        raise ValueError(
-            f"outs, lses: expected shards of shape (..., n_q, d_v) and (..., n_q), got stacked"
-            f" {tuple(o.shape)} and {tuple(s.shape)}"
-        )
-    s = s.to(o.dtype) if s.dtype != o.dtype and o.dtype in (torch.float32, torch.float64) else s
-    # The result does not depend on the shift m, so it carries no gradient (and the all -inf
-    # rows never see log(0) or 0 * inf in the backward).
-    m = s.detach().amax(dim=0)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    wts = torch.exp(s - m)
-    tot = wts.sum(dim=0)
-    seen = tot > 0
-    safe = torch.where(seen, tot, torch.ones_like(tot))
-    lse = torch.where(seen, m + torch.log(safe), torch.full_like(tot, -float("inf")))
-    out = (wts.unsqueeze(-1) * o.to(wts.dtype)).sum(dim=0) / safe.unsqueeze(-1)
-    return out.to(o.dtype), lse
-
-
 def grad_with_lse_cotangent(q, k, v, w, dout, dlse, eps: float = 0.0, *, out, lse, **kw):
     """:func:`fastrope.attention_grad` of ``sum(out * dout) + sum(lse * dlse)``.
 
@@ -148,4 +133,4 @@ def grad_with_lse_cotangent(q, k, v, w, dout, dlse, eps: float = 0.0, *, out, ls
     """
     if dlse is not None and not np.any(np.asarray(dlse) != 0):
         dlse = None
-    return fastrope.attention_grad(q, k, v, w, dout, eps, out=out, lse=lse, dlse=dlse, **kw)
+    return attention_grad(q, k, v, w, dout, eps, out=out, lse=lse, dlse=dlse, **kw)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 import fastrope
 
 from . import _varlen
-from ._merge import grad_with_lse_cotangent
+from ._merge import check_shards, grad_with_lse_cotangent
 from ._position import BlockW, Rotary, _rotate_rows
 from ._validate import UNBOUNDED as _UNBOUNDED
 from ._validate import (
@@ -50,7 +50,7 @@ from ._validate import (
 )
 from .integrations import validate_shapes
 
-__all__ = ["attention", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
+__all__ = ["attention", "merge_partials", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOATS = (torch.float32, torch.float64) + _LOW_PRECISION
@@ -463,6 +463,34 @@ def attention(
     )
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
+
+
+def merge_partials(outs: Union[Sequence[Tensor], Tensor], lses: Union[Sequence[Tensor], Tensor]):
+    """:func:`fastrope.merge_partials` on tensors, written in torch ops: differentiable, also
+    through each shard's ``lse`` (so sharded attention backpropagates end to end).
+
+    ``fastrope.merge_partials`` calls this when it is given tensors.
+    """
+    check_shards(outs, lses)
+    o = torch.stack(list(outs)) if isinstance(outs, (list, tuple)) else outs
+    s = torch.stack(list(lses)) if isinstance(lses, (list, tuple)) else lses
+    if o.ndim < 3 or tuple(s.shape) != tuple(o.shape[:-1]):
+        raise ValueError(
+            f"outs, lses: expected shards of shape (..., n_q, d_v) and (..., n_q), got stacked"
+            f" {tuple(o.shape)} and {tuple(s.shape)}"
+        )
+    s = s.to(o.dtype) if s.dtype != o.dtype and o.dtype in (torch.float32, torch.float64) else s
+    # The result does not depend on the shift m, so it carries no gradient (and the all -inf
+    # rows never see log(0) or 0 * inf in the backward).
+    m = s.detach().amax(dim=0)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wts = torch.exp(s - m)
+    tot = wts.sum(dim=0)
+    seen = tot > 0
+    safe = torch.where(seen, tot, torch.ones_like(tot))
+    lse = torch.where(seen, m + torch.log(safe), torch.full_like(tot, -float("inf")))
+    out = (wts.unsqueeze(-1) * o.to(wts.dtype)).sum(dim=0) / safe.unsqueeze(-1)
+    return out.to(o.dtype), lse
 
 
 # ------------------------------------------------------------------------------------------
