@@ -11,9 +11,9 @@
 use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::fast::cache::{self, KernelKey};
-use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate, LowRank};
+use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate};
 use crate::fast::{
-    fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
+    fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra, LowRank,
 };
 use crate::poly::{ScoreBound, WNorms};
 use crate::position::{Bias, LogFactor, Position};

@@ -1,4 +1,4 @@
-//! Runs the fast backward ([`crate::fast::backward`]) over every `(batch, head)` of a call.
+//! Runs the fast backward ([`crate::fast::toeplitz::backward`]) over every `(batch, head)` of a call.
 //!
 //! As for the forward ([`crate::dispatch`]), heads sharing a `w` table and a bias table form a
 //! group with one certified plan (for the worst bounds among its heads) and one
@@ -17,18 +17,16 @@ use crate::arch::Real;
 use crate::dispatch::{factor, head_f64, lowrank_of, max_norm, sequences, w_table};
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
-use crate::fast::backward::{
-    backward_plan, BackwardKernel, BackwardPlan, BackwardRequest, BackwardSpectra,
-};
-use crate::fast::backward_certify::{
-    approximation_errors, FactorStats, Grad5, GradBounds, PSums, Want,
-};
 use crate::fast::cache::{self, KernelKey};
-use crate::fast::lowrank::{rotate, rotate_back};
-use crate::fast::lowrank_backward::{
-    lowrank_backward_head, lowrank_backward_plan, lowrank_grad_rounding, lowrank_psums, LowRankGrad,
+use crate::fast::grad_bounds::{approximation_errors, FactorStats, GradBounds, PSums};
+use crate::fast::lowrank::{
+    lowrank_backward_head, lowrank_backward_plan, lowrank_grad_rounding, lowrank_psums,
 };
-use crate::fast::{FastBounds, FastLimits, FastShape};
+use crate::fast::lowrank::{rotate, rotate_back};
+use crate::fast::toeplitz::{backward_plan, BackwardKernel, BackwardSpectra};
+use crate::fast::{
+    BackwardPlan, BackwardRequest, FastBounds, FastLimits, FastShape, Grad5, LowRankGrad, Want,
+};
 use crate::poly::WNorms;
 use crate::poly::{Polynomial, U};
 use crate::position::{Bias, LogFactor, Position};
@@ -552,7 +550,7 @@ pub fn run_fast_backward<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
-        let results: Vec<Result<(usize, crate::fast::backward::HeadGrads)>> =
+        let results: Vec<Result<(usize, crate::fast::HeadGrads)>> =
             if let (Some(lg), Position::Rotary(rot)) = (g.plan.lowrank, pos) {
                 let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
                 g.heads
@@ -576,20 +574,21 @@ pub fn run_fast_backward<'a, T: Real>(
                     .collect()
             } else {
                 let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits, serial)?;
-                let one = |(idx, &bh): (usize, &usize),
-                           corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
-                 -> Result<(usize, crate::fast::backward::HeadGrads)> {
-                    ctl.check()?;
-                    let (b, h) = (bh / prob.hq, bh % prob.hq);
-                    let kvh = h / prob.group();
-                    let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
-                    let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
-                    let ps = g.psums.get(idx);
-                    Ok((
-                        bh,
-                        kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
-                    ))
-                };
+                let one =
+                    |(idx, &bh): (usize, &usize),
+                     corr: Option<&mut crate::fast::toeplitz::backward::CorrelationAccumulator>|
+                     -> Result<(usize, crate::fast::HeadGrads)> {
+                        ctl.check()?;
+                        let (b, h) = (bh / prob.hq, bh % prob.hq);
+                        let kvh = h / prob.group();
+                        let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                        let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
+                        let ps = g.psums.get(idx);
+                        Ok((
+                            bh,
+                            kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
+                        ))
+                    };
                 if serial {
                     let mut corr = kernel.accumulator()?;
                     let r: Vec<_> = g
@@ -712,7 +711,7 @@ fn lowrank_one<T: Real>(
     arrays: [&ArrayView4<'_, T>; 4],
     dlse: Option<&ArrayView3<'_, T>>,
     ctl: &Control,
-) -> Result<(usize, crate::fast::backward::HeadGrads)> {
+) -> Result<(usize, crate::fast::HeadGrads)> {
     ctl.check()?;
     let [q, k, v, dout] = arrays;
     let plan = &g.plan;
@@ -771,7 +770,7 @@ fn lowrank_one<T: Real>(
     let own = LowRankGrad {
         kx,
         ky,
-        lr: crate::fast::lowrank::LowRank {
+        lr: crate::fast::LowRank {
             r2: kx * ky,
             ..lg.lr
         },
@@ -790,7 +789,7 @@ fn lowrank_one<T: Real>(
         .masked(want)
         .zip(plan.output, f64::min);
     let certified = approx.plus(rounding).plus(output);
-    hg.cert = crate::fast::backward::GradCertificate {
+    hg.cert = crate::fast::GradCertificate {
         approximation: approx,
         rounding,
         output,

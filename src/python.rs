@@ -673,15 +673,9 @@ fn fast_forward<'py>(
     )
 }
 
-fn grad_dict<'py>(
-    py: Python<'py>,
-    g: &crate::fast::backward_certify::Grad5,
-) -> PyResult<Bound<'py, PyDict>> {
+fn grad_dict<'py>(py: Python<'py>, g: &crate::fast::Grad5) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for (name, x) in crate::fast::backward_certify::GRAD_NAMES
-        .iter()
-        .zip(g.to_array())
-    {
+    for (name, x) in crate::fast::grad::GRAD_NAMES.iter().zip(g.to_array()) {
         d.set_item(*name, x)?;
     }
     Ok(d)
@@ -774,7 +768,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
     let dv = dout.as_ref().map(|d| d.as_array());
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
-    let want = crate::fast::backward_certify::Want {
+    let want = crate::fast::Want {
         dw: want.0,
         db: want.1,
     };
@@ -969,7 +963,7 @@ fn set_cache_limit(limit: usize) {
 /// Test hook: the `nth` next fallible allocation of the fast method fails (0 disarms).
 #[pyfunction]
 fn _inject_alloc_failure(nth: usize) {
-    crate::fast::blocks::inject_alloc_failure(nth);
+    crate::fast::toeplitz::blocks::inject_alloc_failure(nth);
 }
 
 /// Threads rayon's global pool runs (what `num_threads=None` uses).

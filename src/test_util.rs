@@ -1,7 +1,7 @@
 //! Deterministic test data without an RNG dependency: the generators every unit-test module of
 //! the crate shares (one copy each, so a fixture means the same numbers everywhere).
 
-use ndarray::Array4;
+use ndarray::{Array2, Array4};
 
 /// Marsaglia's xorshift (shifts 13, 7, 17) on the raw state; the state must be non-zero.
 #[derive(Clone, Debug)]
@@ -36,5 +36,23 @@ impl Rng {
     }
     pub(crate) fn array4(&mut self, s: (usize, usize, usize, usize)) -> Array4<f64> {
         Array4::from_shape_fn(s, |_| self.next())
+    }
+}
+
+/// A 64-bit linear congruential generator (Knuth's MMIX constants): uniform numbers in [-1, 1)
+/// and matrices of them.
+#[derive(Clone, Debug)]
+pub(crate) struct Lcg(pub(crate) u64);
+
+impl Lcg {
+    pub(crate) fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+    pub(crate) fn mat(&mut self, r: usize, c: usize, s: f64) -> Array2<f64> {
+        Array2::from_shape_fn((r, c), |_| s * self.next())
     }
 }

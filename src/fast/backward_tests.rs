@@ -1,10 +1,13 @@
 //! The fast backward against its naive twins, the exact gradient and finite differences of the
 //! fast forward (fixed seeds; tolerances are the certificate itself).
 
-use super::backward::*;
-use super::backward_certify::{Grad5, Want};
+use super::grad::*;
+use super::grad_bounds::*;
 use super::naive::polynomial_head;
 use super::naive_backward::{exact_head_grad, polynomial_head_grad, NaiveGrads};
+use super::plans::*;
+use super::toeplitz::backward::*;
+use super::toeplitz::*;
 use super::*;
 use crate::poly::{taylor, WNorms};
 use crate::test_util::rng;
@@ -379,7 +382,7 @@ fn heads_share_one_correlation_accumulator() {
     // One plan for both heads, one accumulator.
     let p1 = o1.prob();
     let norms = WNorms::new(2, &o1.support, p1.seqs, &o1.factor).unwrap();
-    let gb = super::backward_certify::GradBounds::new(
+    let gb = crate::fast::grad_bounds::GradBounds::new(
         &norms,
         &o1.support,
         o1.scale,
@@ -388,7 +391,7 @@ fn heads_share_one_correlation_accumulator() {
         p1.v,
         o1.dout(),
     )
-    .worst(&super::backward_certify::GradBounds::new(
+    .worst(&crate::fast::grad_bounds::GradBounds::new(
         &norms,
         &o2.support,
         o2.scale,
@@ -407,9 +410,9 @@ fn heads_share_one_correlation_accumulator() {
         support: &o1.support,
         bounds: b,
         grad: gb,
-        fstats: super::backward_certify::FactorStats::new(21, 19, &o1.factor).unwrap(),
-        psums: super::backward_certify::PSums::from_factor(
-            &super::backward_certify::FactorStats::new(21, 19, &o1.factor).unwrap(),
+        fstats: crate::fast::grad_bounds::FactorStats::new(21, 19, &o1.factor).unwrap(),
+        psums: crate::fast::grad_bounds::PSums::from_factor(
+            &crate::fast::grad_bounds::FactorStats::new(21, 19, &o1.factor).unwrap(),
             b.r,
         ),
         eps: Grad5::splat(1e6),
@@ -558,7 +561,6 @@ fn timing_backward_one_head() {
 
 /// The certified backward plan of one head (as [`fast_backward_head`] makes it).
 fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
-    use super::backward_certify::{FactorStats, GradBounds, PSums};
     let p = o.prob();
     let (nq, nk, d, dv) = (p.nq(), p.nk(), p.d(), p.dv());
     let bounds = FastBounds::from_problem(&p).unwrap();

@@ -2,6 +2,8 @@
 
 use super::naive::{exact_head, polynomial_head, score};
 use super::*;
+use crate::error::Error;
+use crate::fast::toeplitz::certify;
 use crate::poly::taylor;
 use crate::test_util::rng;
 use ndarray::Array2;
