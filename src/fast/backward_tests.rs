@@ -10,70 +10,9 @@ use super::toeplitz::backward::*;
 use super::toeplitz::*;
 use super::*;
 use crate::poly::{taylor, WNorms};
+use crate::test_util::head::{mask, rotary, Owned};
 use crate::test_util::rng;
 use ndarray::{Array2, ArrayView2};
-
-#[derive(Clone)]
-struct Owned {
-    q: Array2<f64>,
-    k: Array2<f64>,
-    v: Array2<f64>,
-    dout: Array2<f64>,
-    scale: f64,
-    support: Vec<(usize, usize)>,
-    seqs: Array2<f64>,
-    factor: Vec<f64>,
-}
-
-impl Owned {
-    fn prob(&self) -> HeadProblem<'_> {
-        HeadProblem {
-            q: self.q.view(),
-            k: self.k.view(),
-            v: self.v.view(),
-            scale: self.scale,
-            support: &self.support,
-            seqs: self.seqs.view(),
-            factor: &self.factor,
-        }
-    }
-    fn dout(&self) -> ArrayView2<'_, f64> {
-        self.dout.view()
-    }
-}
-
-fn delta(offset: i64, nq: usize, g: usize) -> i64 {
-    offset + nq as i64 - 1 - g as i64
-}
-
-#[allow(clippy::too_many_arguments)]
-fn rotary(nq: usize, nk: usize, d: usize, dv: usize, offset: i64, amp: f64, seed: u64) -> Owned {
-    let mut u = rng(seed);
-    let glen = nq + nk - 1;
-    let mut support = Vec::new();
-    let mut rows = Vec::new();
-    for m in 0..d / 2 {
-        let theta = 10000f64.powf(-2.0 * m as f64 / d as f64);
-        let (p, r) = (2 * m, 2 * m + 1);
-        let angle = |g: usize| delta(offset, nq, g) as f64 * theta;
-        support.extend([(p, p), (p, r), (r, p), (r, r)]);
-        rows.push((0..glen).map(|g| angle(g).cos()).collect::<Vec<_>>());
-        rows.push((0..glen).map(|g| angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| -angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| angle(g).cos()).collect());
-    }
-    let seqs = Array2::from_shape_fn((support.len(), glen), |(s, g)| rows[s][g]);
-    Owned {
-        q: Array2::from_shape_fn((nq, d), |_| amp * u()),
-        k: Array2::from_shape_fn((nk, d), |_| amp * u()),
-        v: Array2::from_shape_fn((nk, dv), |_| u()),
-        dout: Array2::from_shape_fn((nq, dv), |_| u()),
-        scale: 1.0 / (d as f64).sqrt(),
-        support,
-        seqs,
-        factor: vec![1.0; glen],
-    }
-}
 
 fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Owned {
     let mut u = rng(seed);
@@ -97,19 +36,6 @@ fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Ow
         seqs: Array2::from_shape_fn((ns, glen), |_| 0.8 * u()),
         support,
         factor: vec![1.0; glen],
-    }
-}
-
-fn mask(o: &mut Owned, offset: i64, causal: bool, window: Option<(i64, i64)>, slope: f64) {
-    let nq = o.q.nrows();
-    for (g, f) in o.factor.iter_mut().enumerate() {
-        let dl = delta(offset, nq, g);
-        let visible = (!causal || dl >= 0) && window.is_none_or(|(l, r)| -r <= dl && dl <= l);
-        *f = if visible {
-            (-slope * dl.abs() as f64).exp()
-        } else {
-            0.0
-        };
     }
 }
 
