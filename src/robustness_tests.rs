@@ -172,7 +172,7 @@ fn random_problems_never_panic() {
             (batch, hq, nq, dv)
         };
         let dout = arr4(&mut r, dshape);
-        let want = crate::fast::backward_certify::Want {
+        let want = crate::fast::Want {
             dw: r.below(2) == 0,
             db: bias.is_some(),
         };

@@ -1,76 +1,18 @@
 //! The fast backward against its naive twins, the exact gradient and finite differences of the
 //! fast forward (fixed seeds; tolerances are the certificate itself).
 
-use super::backward::*;
-use super::backward_certify::{Grad5, Want};
+use super::grad::*;
+use super::grad_bounds::*;
 use super::naive::polynomial_head;
 use super::naive_backward::{exact_head_grad, polynomial_head_grad, NaiveGrads};
+use super::plans::*;
+use super::toeplitz::backward::*;
+use super::toeplitz::*;
 use super::*;
 use crate::poly::{taylor, WNorms};
+use crate::test_util::head::{mask, rotary, Owned};
 use crate::test_util::rng;
 use ndarray::{Array2, ArrayView2};
-
-#[derive(Clone)]
-struct Owned {
-    q: Array2<f64>,
-    k: Array2<f64>,
-    v: Array2<f64>,
-    dout: Array2<f64>,
-    scale: f64,
-    support: Vec<(usize, usize)>,
-    seqs: Array2<f64>,
-    factor: Vec<f64>,
-}
-
-impl Owned {
-    fn prob(&self) -> HeadProblem<'_> {
-        HeadProblem {
-            q: self.q.view(),
-            k: self.k.view(),
-            v: self.v.view(),
-            scale: self.scale,
-            support: &self.support,
-            seqs: self.seqs.view(),
-            factor: &self.factor,
-        }
-    }
-    fn dout(&self) -> ArrayView2<'_, f64> {
-        self.dout.view()
-    }
-}
-
-fn delta(offset: i64, nq: usize, g: usize) -> i64 {
-    offset + nq as i64 - 1 - g as i64
-}
-
-#[allow(clippy::too_many_arguments)]
-fn rotary(nq: usize, nk: usize, d: usize, dv: usize, offset: i64, amp: f64, seed: u64) -> Owned {
-    let mut u = rng(seed);
-    let glen = nq + nk - 1;
-    let mut support = Vec::new();
-    let mut rows = Vec::new();
-    for m in 0..d / 2 {
-        let theta = 10000f64.powf(-2.0 * m as f64 / d as f64);
-        let (p, r) = (2 * m, 2 * m + 1);
-        let angle = |g: usize| delta(offset, nq, g) as f64 * theta;
-        support.extend([(p, p), (p, r), (r, p), (r, r)]);
-        rows.push((0..glen).map(|g| angle(g).cos()).collect::<Vec<_>>());
-        rows.push((0..glen).map(|g| angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| -angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| angle(g).cos()).collect());
-    }
-    let seqs = Array2::from_shape_fn((support.len(), glen), |(s, g)| rows[s][g]);
-    Owned {
-        q: Array2::from_shape_fn((nq, d), |_| amp * u()),
-        k: Array2::from_shape_fn((nk, d), |_| amp * u()),
-        v: Array2::from_shape_fn((nk, dv), |_| u()),
-        dout: Array2::from_shape_fn((nq, dv), |_| u()),
-        scale: 1.0 / (d as f64).sqrt(),
-        support,
-        seqs,
-        factor: vec![1.0; glen],
-    }
-}
 
 fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Owned {
     let mut u = rng(seed);
@@ -94,19 +36,6 @@ fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Ow
         seqs: Array2::from_shape_fn((ns, glen), |_| 0.8 * u()),
         support,
         factor: vec![1.0; glen],
-    }
-}
-
-fn mask(o: &mut Owned, offset: i64, causal: bool, window: Option<(i64, i64)>, slope: f64) {
-    let nq = o.q.nrows();
-    for (g, f) in o.factor.iter_mut().enumerate() {
-        let dl = delta(offset, nq, g);
-        let visible = (!causal || dl >= 0) && window.is_none_or(|(l, r)| -r <= dl && dl <= l);
-        *f = if visible {
-            (-slope * dl.abs() as f64).exp()
-        } else {
-            0.0
-        };
     }
 }
 
@@ -379,7 +308,7 @@ fn heads_share_one_correlation_accumulator() {
     // One plan for both heads, one accumulator.
     let p1 = o1.prob();
     let norms = WNorms::new(2, &o1.support, p1.seqs, &o1.factor).unwrap();
-    let gb = super::backward_certify::GradBounds::new(
+    let gb = crate::fast::grad_bounds::GradBounds::new(
         &norms,
         &o1.support,
         o1.scale,
@@ -388,7 +317,7 @@ fn heads_share_one_correlation_accumulator() {
         p1.v,
         o1.dout(),
     )
-    .worst(&super::backward_certify::GradBounds::new(
+    .worst(&crate::fast::grad_bounds::GradBounds::new(
         &norms,
         &o2.support,
         o2.scale,
@@ -407,9 +336,9 @@ fn heads_share_one_correlation_accumulator() {
         support: &o1.support,
         bounds: b,
         grad: gb,
-        fstats: super::backward_certify::FactorStats::new(21, 19, &o1.factor).unwrap(),
-        psums: super::backward_certify::PSums::from_factor(
-            &super::backward_certify::FactorStats::new(21, 19, &o1.factor).unwrap(),
+        fstats: crate::fast::grad_bounds::FactorStats::new(21, 19, &o1.factor).unwrap(),
+        psums: crate::fast::grad_bounds::PSums::from_factor(
+            &crate::fast::grad_bounds::FactorStats::new(21, 19, &o1.factor).unwrap(),
             b.r,
         ),
         eps: Grad5::splat(1e6),
@@ -558,7 +487,6 @@ fn timing_backward_one_head() {
 
 /// The certified backward plan of one head (as [`fast_backward_head`] makes it).
 fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
-    use super::backward_certify::{FactorStats, GradBounds, PSums};
     let p = o.prob();
     let (nq, nk, d, dv) = (p.nq(), p.nk(), p.d(), p.dv());
     let bounds = FastBounds::from_problem(&p).unwrap();

@@ -2,8 +2,8 @@
 //! the score bound `R >= max |M_ij|` (docs/DESIGN.md §5.2; computed by [`crate::poly::WNorms`]),
 //! `max |v|`, and the statistics of the mask/bias factor.
 
-use super::HeadProblem;
 use crate::error::Result;
+use crate::fast::common::HeadProblem;
 use crate::poly::{ScoreBound, WNorms, U};
 use std::collections::VecDeque;
 

@@ -1,6 +1,6 @@
 //! Slow, obviously-correct twins of the fast method, `O(nq nk (|S| + dv))`: the test oracles.
 
-use super::HeadProblem;
+use crate::fast::common::HeadProblem;
 use ndarray::{Array1, Array2};
 
 /// `M_ij = scale Σ_s q[i,l1_s] seqs[s,g] k[j,l2_s]` with `g = j - i + nq - 1`.

@@ -2,7 +2,7 @@
 //! backward ([`super::backward`]), twins of [`super::naive`].
 
 use super::naive::score;
-use super::HeadProblem;
+use crate::fast::common::HeadProblem;
 use ndarray::{Array2, ArrayView2};
 
 /// Gradients of `Σ dout ∘ out` along the diagonals: `dw[[s, g]] = ∂/∂seqs[[s, g]]`,

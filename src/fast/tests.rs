@@ -1,80 +1,13 @@
 //! The fast forward against its naive twins (fixed seeds; tolerances are the certificate itself).
 
-use super::naive::{exact_head, polynomial_head, score};
+use super::naive::{exact_head, polynomial_head};
 use super::*;
+use crate::error::Error;
+use crate::fast::toeplitz::certify;
 use crate::poly::taylor;
+use crate::test_util::head::{mask, rotary, Owned};
 use crate::test_util::rng;
 use ndarray::Array2;
-
-struct Owned {
-    q: Array2<f64>,
-    k: Array2<f64>,
-    v: Array2<f64>,
-    scale: f64,
-    support: Vec<(usize, usize)>,
-    seqs: Array2<f64>,
-    factor: Vec<f64>,
-}
-
-impl Owned {
-    fn prob(&self) -> HeadProblem<'_> {
-        HeadProblem {
-            q: self.q.view(),
-            k: self.k.view(),
-            v: self.v.view(),
-            scale: self.scale,
-            support: &self.support,
-            seqs: self.seqs.view(),
-            factor: &self.factor,
-        }
-    }
-
-    fn max_score(&self) -> f64 {
-        let p = self.prob();
-        let mut m: f64 = 0.0;
-        for i in 0..p.nq() {
-            for j in 0..p.nk() {
-                if self.factor[j + p.nq() - 1 - i] > 0.0 {
-                    m = m.max(score(&p, i, j).abs());
-                }
-            }
-        }
-        m
-    }
-}
-
-/// `δ(g)` for diagonal `g` with `offset = q_offset - k_offset`.
-fn delta(offset: i64, nq: usize, g: usize) -> i64 {
-    offset + nq as i64 - 1 - g as i64
-}
-
-/// Random q, k, v with entries up to `amp`; rotary W (interleaved pairs, base 10000), no mask.
-fn rotary(nq: usize, nk: usize, d: usize, dv: usize, offset: i64, amp: f64, seed: u64) -> Owned {
-    let mut u = rng(seed);
-    let glen = nq + nk - 1;
-    let mut support = Vec::new();
-    let mut rows = Vec::new();
-    for m in 0..d / 2 {
-        let theta = 10000f64.powf(-2.0 * m as f64 / d as f64);
-        let (p, r) = (2 * m, 2 * m + 1);
-        let angle = |g: usize| delta(offset, nq, g) as f64 * theta;
-        support.extend([(p, p), (p, r), (r, p), (r, r)]);
-        rows.push((0..glen).map(|g| angle(g).cos()).collect::<Vec<_>>());
-        rows.push((0..glen).map(|g| angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| -angle(g).sin()).collect());
-        rows.push((0..glen).map(|g| angle(g).cos()).collect());
-    }
-    let seqs = Array2::from_shape_fn((support.len(), glen), |(s, g)| rows[s][g]);
-    Owned {
-        q: Array2::from_shape_fn((nq, d), |_| amp * u()),
-        k: Array2::from_shape_fn((nk, d), |_| amp * u()),
-        v: Array2::from_shape_fn((nk, dv), |_| u()),
-        scale: 1.0 / (d as f64).sqrt(),
-        support,
-        seqs,
-        factor: vec![1.0; glen],
-    }
-}
 
 /// Random sparse support on d coordinates with random sequences.
 fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Owned {
@@ -96,20 +29,7 @@ fn sparse(nq: usize, nk: usize, d: usize, dv: usize, ns: usize, seed: u64) -> Ow
         seqs: Array2::from_shape_fn((ns, glen), |_| u()),
         support,
         factor: vec![1.0; glen],
-    }
-}
-
-/// Causal (`δ >= 0`), a window `-right <= δ <= left` and an ALiBi-like bias `-slope |δ|`.
-fn mask(o: &mut Owned, offset: i64, causal: bool, window: Option<(i64, i64)>, slope: f64) {
-    let nq = o.q.nrows();
-    for (g, f) in o.factor.iter_mut().enumerate() {
-        let dl = delta(offset, nq, g);
-        let visible = (!causal || dl >= 0) && window.is_none_or(|(l, r)| -r <= dl && dl <= l);
-        *f = if visible {
-            (-slope * dl.abs() as f64).exp()
-        } else {
-            0.0
-        };
+        dout: Array2::from_shape_fn((nq, dv), |_| u()),
     }
 }
 

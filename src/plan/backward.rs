@@ -1,4 +1,4 @@
-//! Plans the fast backward ([`crate::fast::backward`]) over every `(batch, head)` of a call;
+//! Plans the fast backward ([`crate::fast::toeplitz::backward`]) over every `(batch, head)` of a call;
 //! [`super::backward_run`] runs the plan.
 //!
 //! As for the forward ([`crate::plan::forward`]), heads sharing a `w` table and a bias table form a
@@ -16,11 +16,12 @@
 
 use crate::arch::Real;
 use crate::error::{Error, Result};
-use crate::fast::backward::{backward_plan, BackwardPlan, BackwardRequest};
-use crate::fast::backward_certify::{FactorStats, Grad5, GradBounds, PSums, Want};
-use crate::fast::lowrank::rotate;
-use crate::fast::lowrank_backward::{lowrank_backward_plan, lowrank_psums, LowRankGrad};
-use crate::fast::{FastBounds, FastLimits, FastShape};
+use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
+use crate::fast::lowrank::{lowrank_backward_plan, lowrank_psums, rotate};
+use crate::fast::toeplitz::backward_plan;
+use crate::fast::{
+    BackwardPlan, BackwardRequest, FastBounds, FastLimits, FastShape, Grad5, LowRankGrad, Want,
+};
 use crate::plan::forward::{factor, head_f64, max_norm, sequences, w_table};
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
 use crate::poly::WNorms;

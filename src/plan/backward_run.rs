@@ -5,12 +5,14 @@
 use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::exact::backward::Grads;
-use crate::fast::backward::{BackwardKernel, BackwardSpectra};
-use crate::fast::backward_certify::{approximation_errors, Grad5, GradBounds};
 use crate::fast::cache::{self, KernelKey};
+use crate::fast::grad_bounds::{approximation_errors, GradBounds};
+use crate::fast::lowrank::{lowrank_backward_head, lowrank_grad_rounding};
 use crate::fast::lowrank::{rotate, rotate_back};
-use crate::fast::lowrank_backward::{lowrank_backward_head, lowrank_grad_rounding, LowRankGrad};
+use crate::fast::toeplitz::{BackwardKernel, BackwardSpectra};
 use crate::fast::FastLimits;
+use crate::fast::Grad5;
+use crate::fast::LowRankGrad;
 use crate::plan::forward::{factor, head_f64, max_norm, sequences};
 use crate::poly::WNorms;
 use crate::position::{Bias, LogFactor, Position};
@@ -125,7 +127,7 @@ pub fn run_fast_backward<'a, T: Real>(
         ctl.check()?;
         let (support, seqs) = sequences(prob, pos, g.w_table);
         let fac = factor(&logf, g.bias_table);
-        let results: Vec<Result<(usize, crate::fast::backward::HeadGrads)>> =
+        let results: Vec<Result<(usize, crate::fast::HeadGrads)>> =
             if let (Some(lg), Position::Rotary(rot)) = (g.plan.lowrank, pos) {
                 let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
                 g.heads
@@ -149,20 +151,21 @@ pub fn run_fast_backward<'a, T: Real>(
                     .collect()
             } else {
                 let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits, serial)?;
-                let one = |(idx, &bh): (usize, &usize),
-                           corr: Option<&mut crate::fast::backward::CorrelationAccumulator>|
-                 -> Result<(usize, crate::fast::backward::HeadGrads)> {
-                    ctl.check()?;
-                    let (b, h) = (bh / prob.hq, bh % prob.hq);
-                    let kvh = h / prob.group();
-                    let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
-                    let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
-                    let ps = g.psums.get(idx);
-                    Ok((
-                        bh,
-                        kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
-                    ))
-                };
+                let one =
+                    |(idx, &bh): (usize, &usize),
+                     corr: Option<&mut crate::fast::toeplitz::backward::CorrelationAccumulator>|
+                     -> Result<(usize, crate::fast::HeadGrads)> {
+                        ctl.check()?;
+                        let (b, h) = (bh / prob.hq, bh % prob.hq);
+                        let kvh = h / prob.group();
+                        let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
+                        let (vh, dh) = (head_f64(&v, b, kvh), head_f64(&dout, b, h));
+                        let ps = g.psums.get(idx);
+                        Ok((
+                            bh,
+                            kernel.apply(qh.view(), kh.view(), vh.view(), dh.view(), corr, ps)?,
+                        ))
+                    };
                 if serial {
                     let mut corr = kernel.accumulator()?;
                     let r: Vec<_> = g
@@ -285,7 +288,7 @@ fn lowrank_one<T: Real>(
     arrays: [&ArrayView4<'_, T>; 4],
     dlse: Option<&ArrayView3<'_, T>>,
     ctl: &Control,
-) -> Result<(usize, crate::fast::backward::HeadGrads)> {
+) -> Result<(usize, crate::fast::HeadGrads)> {
     ctl.check()?;
     let [q, k, v, dout] = arrays;
     let plan = &g.plan;
@@ -344,7 +347,7 @@ fn lowrank_one<T: Real>(
     let own = LowRankGrad {
         kx,
         ky,
-        lr: crate::fast::lowrank::LowRank {
+        lr: crate::fast::LowRank {
             r2: kx * ky,
             ..lg.lr
         },
@@ -363,7 +366,7 @@ fn lowrank_one<T: Real>(
         .masked(want)
         .zip(plan.output, f64::min);
     let certified = approx.plus(rounding).plus(output);
-    hg.cert = crate::fast::backward::GradCertificate {
+    hg.cert = crate::fast::GradCertificate {
         approximation: approx,
         rounding,
         output,

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::fast::cache::{self, KernelKey};
 use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate};
 use crate::fast::{
-    fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra,
+    fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra, LowRank,
 };
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
 use crate::poly::{ScoreBound, WNorms};
@@ -282,7 +282,7 @@ fn choose(
     shape: FastShape,
     support: &[(usize, usize)],
     worst: &FastBounds,
-    lowrank: std::result::Result<crate::fast::lowrank::LowRank, String>,
+    lowrank: std::result::Result<LowRank, String>,
     heads: f64,
     eps: f64,
     limits: &FastLimits,

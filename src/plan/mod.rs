@@ -21,7 +21,7 @@ pub mod backward;
 pub mod backward_run;
 pub mod forward;
 
-use crate::fast::lowrank::LowRank;
+use crate::fast::LowRank;
 use crate::position::{Bias, Position};
 use crate::problem::Problem;
 use std::sync::atomic::{AtomicU64, Ordering};

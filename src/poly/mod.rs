@@ -331,6 +331,28 @@ fn certify_uncached(coeffs: &[f64], r: f64) -> f64 {
     }
 }
 
+/// `p = 1 + ∫_0^x q` with `q` the degree-`g-1` Chebyshev economization of `e^x` on `[-r, r]`:
+/// `p' = q` is then near-minimax, and `|p - e^x| = |∫_0^x (q - e^t) dt| <= ρ' |e^x - 1|`, so `p`
+/// stays close too. The gradient certificate is dominated by `ρ'` (through `dS`), which this
+/// family makes 3-4x smaller than the economization of `p` itself at equal degree.
+pub fn integrated_chebyshev(r: f64, degree: usize) -> Result<Polynomial> {
+    if degree == 0 {
+        return taylor(r, 0);
+    }
+    let q = chebyshev(r, degree - 1)?;
+    let mut coeffs = Vec::with_capacity(degree + 1);
+    coeffs.push(1.0);
+    coeffs.extend(q.coeffs.iter().enumerate().map(|(t, c)| c / (t + 1) as f64));
+    let rho = certify(&coeffs, r);
+    Ok(Polynomial {
+        kind: PolyKind::Chebyshev,
+        degree,
+        coeffs,
+        rho,
+        r,
+    })
+}
+
 /// The least-degree certified polynomial with relative error at most `rho` on `[-r, r]`, up to
 /// [`MAX_DEGREE`]. Both kinds are tried at each degree; at equal degree Taylor wins (it is more
 /// accurate where real scores concentrate, near 0).

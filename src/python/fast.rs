@@ -293,15 +293,9 @@ pub(super) fn fast_forward<'py>(
     dispatch!(q, fast_typed, py, [q, k, v], &sp, &opts, plan)
 }
 
-fn grad_dict<'py>(
-    py: Python<'py>,
-    g: &crate::fast::backward_certify::Grad5,
-) -> PyResult<Bound<'py, PyDict>> {
+fn grad_dict<'py>(py: Python<'py>, g: &crate::fast::Grad5) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for (name, x) in crate::fast::backward_certify::GRAD_NAMES
-        .iter()
-        .zip(g.to_array())
-    {
+    for (name, x) in crate::fast::grad::GRAD_NAMES.iter().zip(g.to_array()) {
         d.set_item(*name, x)?;
     }
     Ok(d)
@@ -398,7 +392,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let dv = dout.as_ref().map(|d| d.as_array());
     let limits = limits(lim.0, lim.1, lim.2, nthreads);
-    let want = crate::fast::backward_certify::Want {
+    let want = crate::fast::Want {
         dw: want.0,
         db: want.1,
     };

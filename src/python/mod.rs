@@ -56,7 +56,7 @@ fn set_cache_limit(limit: usize) {
 /// Test hook: the `nth` next fallible allocation of the fast method fails (0 disarms).
 #[pyfunction]
 fn _inject_alloc_failure(nth: usize) {
-    crate::fast::blocks::inject_alloc_failure(nth);
+    crate::fast::toeplitz::blocks::inject_alloc_failure(nth);
 }
 
 /// How many fast plans (forward or backward) this process has made (a test counter: a call

@@ -1,7 +1,19 @@
 //! The fast backward's kernel spectra and term tables (cacheable: they depend on the inputs
 //! listed on [`BackwardSpectra`], not on a plan's bounds).
 
-use super::*;
+use super::plan::threads;
+use crate::error::{Error, Result};
+use crate::fast::bounds::{max_abs, row_masses, FastBounds};
+use crate::fast::grad_bounds::{derivative_coeffs, FactorStats};
+use crate::fast::plans::BackwardPlan;
+use crate::fast::toeplitz::blocks::{scatter, spectrum_blocks, try_filled, Block, ZERO_BLOCK};
+use crate::fast::toeplitz::certify::PairNorms;
+use crate::fast::toeplitz::expansion::Expansion;
+use crate::poly::{WNorms, U};
+use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
+use ndarray::ArrayView2;
+use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// The correlation spectra `Σ_heads Σ_c conj(FFT(q^α a_c)) ⊙ FFT(k^β b_c)` of every pair,
 /// `[block][pair]` like the kernel spectra; after [`BackwardKernel::finish`] inverts them, each

@@ -39,47 +39,24 @@
 //! `2 n_pairs (dv+1)` spectrum products per frequency), plus, for dw/dbias, `n_β (dv+1)` FFTs and
 //! `n_pairs (dv+1)` products per head and `n_pairs` inverse FFTs per group.
 
-use super::backward_certify::{
-    approximation_errors, apriori_terms, data_terms, derivative_coeffs, derivative_rho,
-    rounding_errors, FactorStats, Grad5, GradBounds, GradEps, KernelNorms, MonomialNorms, PSums,
-    RoundingTerms, Want, GRAD_NAMES,
-};
-use super::blocks::{
-    scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
-};
-use super::bounds::{max_abs, row_masses, FastBounds};
-use super::certify::{fft_flops, fft_relative_error, snap_radius, BetaNorms, FastShape, PairNorms};
-use super::expansion::{term_count, Expansion, ExpansionCounts};
-use super::{FastLimits, HeadProblem};
 use crate::error::{Error, Result};
-use crate::poly::{
-    certify as certify_poly, chebyshev, taylor, PolyKind, Polynomial, WNorms, MAX_DEGREE, U,
-};
-use crate::toeplitz::{fft_len, ToeplitzPlan, ToeplitzPlanner, C64};
+use crate::fast::bounds::FastBounds;
+use crate::fast::common::{FastLimits, FastShape, HeadProblem};
+use crate::fast::grad::{Grad5, GradCertificate, Want};
+use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
+use crate::fast::plans::BackwardRequest;
+use crate::poly::{PolyKind, Polynomial, WNorms};
 use ndarray::{Array1, Array2, ArrayView2};
-use rayon::prelude::*;
-use std::collections::HashMap;
-use std::ops::Range;
-use std::sync::Arc;
 
 mod kernel;
+mod passes;
 mod plan;
 mod spectra;
 mod stage;
 
 pub use self::kernel::BackwardKernel;
-pub use self::plan::*;
-pub use self::spectra::*;
-use self::stage::*;
-
-/// The certificate of one head's gradients.
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-pub struct GradCertificate {
-    pub approximation: Grad5,
-    pub rounding: Grad5,
-    pub output: Grad5,
-    pub certified: Grad5,
-}
+pub use self::plan::backward_plan;
+pub use self::spectra::{BackwardSpectra, CorrelationAccumulator};
 
 /// What the fast backward did and what it guarantees (per head).
 #[derive(Clone, Debug, PartialEq)]
@@ -94,18 +71,6 @@ pub struct BackwardReport {
     pub n_beta: usize,
     pub n_pairs: usize,
     pub fft_len: usize,
-    pub cert: GradCertificate,
-}
-
-/// One head's gradients (`dq`: `nq x d`, `dk`: `nk x d`, `dv`: `nk x dv`) and the approximate
-/// forward they are the gradient of (`out`, `lse`).
-#[derive(Clone, Debug)]
-pub struct HeadGrads {
-    pub dq: Array2<f64>,
-    pub dk: Array2<f64>,
-    pub dv: Array2<f64>,
-    pub out: Array2<f64>,
-    pub lse: Array1<f64>,
     pub cert: GradCertificate,
 }
 

@@ -21,13 +21,12 @@
 use super::blocks::{
     scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
 };
-use super::bounds::{max_abs, row_masses, FastBounds};
-use super::certify::{
-    data_rounding, fast_plan, BetaNorms, Certificate, FastPlan, FastShape, PairNorms,
-};
+use super::certify::{data_rounding, fast_plan, BetaNorms, Certificate, PairNorms};
 use super::expansion::Expansion;
-use super::{FastLimits, FastOutput, FastReport, HeadProblem};
 use crate::error::{Error, Result};
+use crate::fast::bounds::{max_abs, row_masses, FastBounds};
+use crate::fast::common::{FastLimits, FastOutput, FastReport, FastShape, HeadProblem};
+use crate::fast::plans::FastPlan;
 use crate::poly::{PolyKind, ScoreBound, WNorms, U};
 use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
 use ndarray::{Array1, Array2, ArrayView2};

@@ -58,71 +58,13 @@
 //! the price of certifying; the exact method serves what is refused.
 
 use super::blocks::{spectrum_blocks, BLOCK};
-use super::bounds::FastBounds;
-use super::expansion::{term_count, Expansion, ExpansionCounts};
-use super::FastLimits;
+use super::expansion::{term_count, Expansion};
 use crate::error::{Error, Result};
+use crate::fast::bounds::FastBounds;
+use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
+use crate::fast::plans::FastPlan;
 use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
 use crate::toeplitz::fft_len;
-
-/// The sizes the fast method's cost depends on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FastShape {
-    pub nq: usize,
-    pub nk: usize,
-    pub d: usize,
-    pub dv: usize,
-}
-
-/// A certified plan for the fast method (plain data): the polynomial, the expansion's size,
-/// predicted cost and memory, and the certificate.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FastPlan {
-    pub shape: FastShape,
-    pub bounds: FastBounds,
-    pub poly: Polynomial,
-    pub counts: ExpansionCounts,
-    pub fft_len: usize,
-    /// Columns of `[V, 1]` processed together (memory tiling; 0 when even one column exceeds
-    /// the memory limit — [`plan_for_polynomial`] and [`fast_plan`] never return such a plan).
-    pub column_tile: usize,
-    /// Predicted floating-point operations, kernel spectra included.
-    pub flops: f64,
-    /// The part of `flops` spent on kernel spectra (shared by heads with the same W, scale,
-    /// mask/bias and shape).
-    pub kernel_flops: f64,
-    /// Peak bytes held at once, kernel spectra included.
-    pub working_bytes: usize,
-    /// Bytes of the kernel spectra alone.
-    pub kernel_bytes: usize,
-    /// The `eps` this plan was chosen for (`inf` from [`plan_for_polynomial`]): a kernel built
-    /// from it refuses heads whose data-dependent certificate exceeds it.
-    pub eps: f64,
-    /// `V 2ρ/(1-ρ)`.
-    pub approximation_error: f64,
-    /// `V 2E/(L-E)` with the a-priori `E` (an upper bound on what
-    /// [`super::FastKernel::apply`] certifies from the head's actual norms).
-    pub rounding_error: f64,
-    /// A-priori bound on `max |out - exact|`. When it exceeds `eps` the plan was accepted on
-    /// its approximation error alone (at most `15/16 eps`) and each head is certified by its
-    /// data-dependent rounding bound before any FFT runs.
-    pub certified_error: f64,
-    pub certified_lse_error: f64,
-    /// A plan for the low-rank path ([`super::lowrank`]: Rotary without window or bias) rather
-    /// than Toeplitz products.
-    pub lowrank: Option<super::lowrank::LowRank>,
-}
-
-/// `ε_f`: normwise relative error of one FFT of length `n` (see the module docs).
-pub fn fft_relative_error(n: usize) -> f64 {
-    8.0 * U * ((n.max(2) as f64).log2().ceil() + 2.0)
-}
-
-/// Predicted flops of one FFT of length `n` (`2.5 N log2 N`, the usual complex-FFT count; real
-/// transforms do about half, which the model leaves as headroom).
-pub fn fft_flops(n: usize) -> f64 {
-    2.5 * n as f64 * (n.max(2) as f64).log2()
-}
 
 /// Bytes per column of `[V, 1]` in a tile: the key spectra and accumulators of
 /// [`super::forward`] (`n_α + n_β` spectra of `N/2 + 1` frequencies) plus each thread's

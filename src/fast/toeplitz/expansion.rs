@@ -18,6 +18,7 @@
 //! There are `C(|S| + g, g)` terms; we refuse beyond a limit rather than enumerate them.
 
 use crate::error::{Error, Result};
+use crate::fast::common::ExpansionCounts;
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -38,19 +39,6 @@ struct Term {
 }
 
 /// Sizes of an expansion (what cost and the rounding certificate depend on).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExpansionCounts {
-    pub terms: usize,
-    pub n_alpha: usize,
-    pub n_beta: usize,
-    pub n_pairs: usize,
-    /// Largest number of pairs sharing one `α` (spectra summed before one inverse FFT).
-    pub max_betas_per_alpha: usize,
-    /// Largest number of terms merged into one kernel.
-    pub max_terms_per_pair: usize,
-}
-
-/// The enumerated expansion: multi-indices, `(α, β)` pairs sorted by `α` then `β`, and terms.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Expansion {
     pub d: usize,

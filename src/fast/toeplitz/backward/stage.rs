@@ -1,6 +1,9 @@
 //! Frequency-domain products of the transposed pass, blocked and dispatched by instruction set.
 
-use super::*;
+use crate::fast::toeplitz::blocks::{Block, BLOCK, ZERO_BLOCK};
+use crate::fast::toeplitz::expansion::Expansion;
+use crate::toeplitz::C64;
+use std::ops::Range;
 
 /// Splits `specs` (spectra of `h` frequencies each) into per-group pieces of frequency blocks.
 pub(super) fn split_by_groups(

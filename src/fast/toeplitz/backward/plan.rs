@@ -1,90 +1,17 @@
 //! Planning the fast backward: the polynomial, its certificate before any FFT runs, and the
 //! working set (see the parent module for the products and `backward_certify` for the bounds).
 
-use super::*;
-
-/// What a backward plan needs to know about a call (or one group of heads sharing a kernel).
-#[derive(Clone, Debug)]
-pub struct BackwardRequest<'a> {
-    pub shape: FastShape,
-    pub support: &'a [(usize, usize)],
-    /// Worst forward bounds over the heads (`R`, `R_abs`, `max|v|`, factor statistics).
-    pub bounds: FastBounds,
-    /// Worst gradient bounds over the heads.
-    pub grad: GradBounds,
-    pub fstats: FactorStats,
-    /// Worst bounds on the column and diagonal sums of `P` over the heads.
-    pub psums: PSums,
-    /// Per-head error budget of each gradient.
-    pub eps: GradEps,
-    pub want: Want,
-    /// Relative rounding of the results' dtype (`2^-24` for float32, 0 for float64).
-    pub out_rel: f64,
-    /// Heads whose correlations are accumulated together (dw/dbias rounding).
-    pub heads: usize,
-}
-
-/// A certified plan for the fast backward (plain data).
-#[derive(Clone, Debug, PartialEq)]
-pub struct BackwardPlan {
-    pub shape: FastShape,
-    pub bounds: FastBounds,
-    pub grad: GradBounds,
-    pub fstats: FactorStats,
-    pub psums: PSums,
-    pub poly: Polynomial,
-    /// `"taylor"`, `"chebyshev"` or `"integrated-chebyshev"` (see [`integrated_chebyshev`]).
-    pub family: &'static str,
-    /// Verified relative error of `p'` against `exp` on `[-R, R]`.
-    pub rho_d: f64,
-    pub counts: ExpansionCounts,
-    /// The expansion of `p'` (dw only).
-    pub d_counts: Option<ExpansionCounts>,
-    pub want: Want,
-    pub fft_len: usize,
-    /// Columns of `[V, 1]` (and of `a`) processed together.
-    pub column_tile: usize,
-    /// Predicted flops of one head plus the shared kernel work.
-    pub flops: f64,
-    /// The shared part of `flops` (kernel spectra, correlation inverse FFTs, contractions).
-    pub kernel_flops: f64,
-    /// Peak bytes of one head plus the shared buffers.
-    pub working_bytes: usize,
-    /// Bytes of the shared buffers (kernel spectra, correlation accumulators).
-    pub kernel_bytes: usize,
-    pub eps: GradEps,
-    pub out_rel: f64,
-    pub heads: usize,
-    pub approximation: Grad5,
-    /// The a-priori rounding bound (each head is certified from its own norms, never larger).
-    pub rounding: Grad5,
-    /// float32 rounding of the results.
-    pub output: Grad5,
-    pub certified: Grad5,
-    /// True when the a-priori certificate exceeds `eps` and the plan relies on each head's
-    /// data-dependent rounding bound (approximation within `15/16` of each budget).
-    pub deferred: bool,
-    /// `Some` for a plan of the low-rank path ([`crate::fast::lowrank_backward`]: no FFTs).
-    pub lowrank: Option<crate::fast::lowrank_backward::LowRankGrad>,
-}
-
-impl BackwardPlan {
-    /// A plain-text summary of why a gradient failed its budget.
-    pub(crate) fn over_message(&self, c: &GradCertificate, what: &str) -> Option<String> {
-        c.certified.over(&self.eps, 1.0, self.want).map(|i| {
-            format!(
-                "fast backward: {what} error bound of {} is {:.3e} (approximation {:.3e}, rounding {:.3e}, \
-                 output dtype rounding {:.3e}), above its budget {:.3e}",
-                GRAD_NAMES[i],
-                c.certified.to_array()[i],
-                c.approximation.to_array()[i],
-                c.rounding.to_array()[i],
-                c.output.to_array()[i],
-                self.eps.to_array()[i]
-            )
-        })
-    }
-}
+use crate::error::{Error, Result};
+use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
+use crate::fast::grad::{Grad5, Want, GRAD_NAMES};
+use crate::fast::grad_bounds::{approximation_errors, derivative_coeffs, derivative_rho};
+use crate::fast::plans::{BackwardPlan, BackwardRequest};
+use crate::fast::toeplitz::backward_certify::{apriori_terms, rounding_errors};
+use crate::fast::toeplitz::blocks::{spectrum_blocks, BLOCK};
+use crate::fast::toeplitz::certify::snap_radius;
+use crate::fast::toeplitz::expansion::{term_count, Expansion};
+use crate::poly::{chebyshev, integrated_chebyshev, taylor, PolyKind, Polynomial, MAX_DEGREE};
+use crate::toeplitz::fft_len;
 
 pub(super) fn threads() -> usize {
     rayon::current_num_threads()
@@ -121,28 +48,6 @@ pub(super) fn memory(
     let spectra_per_col = c.n_alpha + c.n_beta + if want.dw || want.db { c.n_beta } else { 0 };
     let per_col = mul(spectra_per_col, n / 2 + 1 + th * BLOCK).saturating_mul(16);
     (shared, kernel, fixed, per_col)
-}
-
-/// `p = 1 + ∫_0^x q` with `q` the degree-`g-1` Chebyshev economization of `e^x` on `[-r, r]`:
-/// `p' = q` is then near-minimax, and `|p - e^x| = |∫_0^x (q - e^t) dt| <= ρ' |e^x - 1|`, so `p`
-/// stays close too. The gradient certificate is dominated by `ρ'` (through `dS`), which this
-/// family makes 3-4x smaller than the economization of `p` itself at equal degree.
-pub fn integrated_chebyshev(r: f64, degree: usize) -> Result<Polynomial> {
-    if degree == 0 {
-        return taylor(r, 0);
-    }
-    let q = chebyshev(r, degree - 1)?;
-    let mut coeffs = Vec::with_capacity(degree + 1);
-    coeffs.push(1.0);
-    coeffs.extend(q.coeffs.iter().enumerate().map(|(t, c)| c / (t + 1) as f64));
-    let rho = certify_poly(&coeffs, r);
-    Ok(Polynomial {
-        kind: PolyKind::Chebyshev,
-        degree,
-        coeffs,
-        rho,
-        r,
-    })
 }
 
 /// The plan for a given polynomial (no `eps` test): counts, cost, memory, certificate.

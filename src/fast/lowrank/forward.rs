@@ -1,0 +1,309 @@
+//! The low-rank forward: rotate, map to features, and sum through running states (see the
+//! parent module).
+
+use crate::error::{Error, Result};
+use crate::fast::common::{
+    chunk_len, chunk_ranges, consecutive, range_sums, scan, FastOutput, FastReport,
+};
+use crate::fast::plans::FastPlan;
+use crate::poly::Polynomial;
+use crate::position::RotaryW;
+use crate::problem::Control;
+use ndarray::{s, Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// Query rows per block (and the largest number of partially visible keys per block).
+pub const BLOCK: usize = 256;
+
+/// Rows per block of the low-rank forward with a causal mask: each row meets up to a block of
+/// keys through `p(M)` directly (about `block (d + g + dv + 1)` flops on average) against
+/// `4 r (dv + 1)` through the states; a multiple of 16 in `32..=BLOCK`.
+pub fn forward_block(r: f64, d: usize, g: usize, dv: usize) -> usize {
+    let cols = (dv + 1) as f64;
+    let balance = 4.0 * r * cols / (d as f64 + g as f64 + cols);
+    ((balance / 16.0).ceil() as usize * 16).clamp(32, BLOCK)
+}
+
+/// `mul R(ψ_i) x_i` with `ψ_i = (start + i) θ` per pair: `x = rotate(q, c, scale f²)` and
+/// `y = rotate(k, 0, 1)` give `M_ij = x_i · y_j` (see the module docs; any sign of `scale`).
+pub fn rotate(rot: &RotaryW, x: ArrayView2<f64>, start: i64, mul: f64) -> Array2<f64> {
+    let mut out = Array2::zeros(x.raw_dim());
+    for (i, row) in x.outer_iter().enumerate() {
+        let pos = (start + i as i64) as f64;
+        for (m, &(p, r)) in rot.pairs.iter().enumerate() {
+            let (sn, cs) = (pos * rot.theta[m]).sin_cos();
+            let (a, b) = (row[p], row[r]);
+            out[[i, p]] = mul * (a * cs - b * sn);
+            out[[i, r]] = mul * (a * sn + b * cs);
+        }
+    }
+    out
+}
+
+/// The transpose of [`rotate`]: `mul R(ψ_i)^T g_i` with `ψ_i = (start + i) θ` per pair (the
+/// chain rule back from rotated coordinates: `dq = rotate_back(dx, c, scale f²)`).
+pub fn rotate_back(rot: &RotaryW, g: ArrayView2<f64>, start: i64, mul: f64) -> Array2<f64> {
+    let mut out = Array2::zeros(g.raw_dim());
+    for (i, row) in g.outer_iter().enumerate() {
+        let pos = (start + i as i64) as f64;
+        for (m, &(p, r)) in rot.pairs.iter().enumerate() {
+            let (sn, cs) = (pos * rot.theta[m]).sin_cos();
+            let (a, b) = (row[p], row[r]);
+            out[[i, p]] = mul * (a * cs + b * sn);
+            out[[i, r]] = mul * (b * cs - a * sn);
+        }
+    }
+    out
+}
+
+/// The monomials `x^α`, `|α| <= g`, built one product at a time, with the weights
+/// `c_|α| (|α| choose α)` of the query side.
+pub(crate) struct Features {
+    /// `(parent, coordinate)`: monomial `m` is monomial `parent` times `x[coordinate]`.
+    pub(crate) steps: Vec<(usize, usize)>,
+    pub(crate) weight: Vec<f64>,
+}
+
+impl Features {
+    pub(crate) fn new(d: usize, poly: &Polynomial) -> Self {
+        let mut index: HashMap<Vec<usize>, usize> = HashMap::new();
+        let mut list: Vec<Vec<usize>> = vec![Vec::new()];
+        index.insert(Vec::new(), 0);
+        let mut steps = vec![(0, 0)];
+        let mut weight = vec![poly.coeffs[0]];
+        let mut layer: Vec<Vec<usize>> = vec![Vec::new()];
+        for t in 1..=poly.degree {
+            let mut next = Vec::new();
+            for combo in &layer {
+                let from = combo.last().copied().unwrap_or(0);
+                for l in from..d {
+                    let mut c = combo.clone();
+                    c.push(l);
+                    let parent = index[combo];
+                    index.insert(c.clone(), list.len());
+                    steps.push((parent, l));
+                    // t! / Π α_l!
+                    let mut counts = vec![0usize; d];
+                    for &x in &c {
+                        counts[x] += 1;
+                    }
+                    let denom: f64 = counts
+                        .iter()
+                        .map(|&a| (1..=a).map(|x| x as f64).product::<f64>())
+                        .product();
+                    let multinom = (1..=t).map(|x| x as f64).product::<f64>() / denom;
+                    weight.push(poly.coeffs[t] * multinom);
+                    list.push(c.clone());
+                    next.push(c);
+                }
+            }
+            layer = next;
+        }
+        Features { steps, weight }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// `rows x r` monomials of `x` (weighted for the query side).
+    pub(crate) fn fill(&self, x: ArrayView2<f64>, weighted: bool) -> Array2<f64> {
+        let r = self.len();
+        let d = x.ncols();
+        let mut f = Array2::zeros((x.nrows(), r));
+        let mut xr = vec![0.0; d];
+        let fs = f
+            .as_slice_mut()
+            .expect("a fresh array is in standard layout");
+        for (row, fr) in x.outer_iter().zip(fs.chunks_exact_mut(r.max(1))) {
+            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
+            fr[0] = 1.0;
+            for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1) {
+                fr[m] = fr[parent] * xr[l];
+            }
+            if weighted {
+                fr.iter_mut().zip(&self.weight).for_each(|(a, &w)| *a *= w);
+            }
+        }
+        f
+    }
+
+    /// `Σ_{i in rows} Φ(x_i) w_i^T` (`r x w.ncols()`), `blk` rows of features at a time, polling
+    /// `ctl` between blocks: the running states of the low-rank forward and backward.
+    pub(crate) fn state(
+        &self,
+        x: ArrayView2<f64>,
+        w: ArrayView2<f64>,
+        weighted: bool,
+        rows: std::ops::Range<usize>,
+        blk: usize,
+        ctl: &Control,
+    ) -> Result<Array2<f64>> {
+        let mut st = Array2::zeros((self.len(), w.ncols()));
+        for r0 in rows.clone().step_by(blk.max(1)) {
+            ctl.check()?;
+            let r1 = (r0 + blk).min(rows.end);
+            let f = self.fill(x.slice(s![r0..r1, ..]), weighted);
+            st += &f.t().dot(&w.slice(s![r0..r1, ..]));
+        }
+        Ok(st)
+    }
+
+    /// Row by row, the gradient `Σ_m coef[m] ∂(x^α_m)/∂x` (`rows x d`), with `mono` the
+    /// unweighted monomials of `x` ([`Features::fill`] with `weighted = false`): reverse mode
+    /// through the product steps, so each entry is a sum of products `coef[m] α_l x^{α_m - e_l}`.
+    pub(crate) fn backprop(
+        &self,
+        x: ArrayView2<f64>,
+        mono: ArrayView2<f64>,
+        coef: ArrayView2<f64>,
+    ) -> Array2<f64> {
+        let d = x.ncols();
+        let mut out = Array2::zeros(x.raw_dim());
+        let mut adj = vec![0.0; self.len()];
+        let (mut mr, mut xr, mut gr) = (vec![0.0; self.len()], vec![0.0; d], vec![0.0; d]);
+        for (i, row) in x.outer_iter().enumerate() {
+            adj.iter_mut().zip(coef.row(i)).for_each(|(a, &c)| *a = c);
+            mr.iter_mut().zip(mono.row(i)).for_each(|(a, &c)| *a = c);
+            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
+            gr.iter_mut().for_each(|g| *g = 0.0);
+            for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1).rev() {
+                let a = adj[m];
+                if a != 0.0 {
+                    gr[l] += a * mr[parent];
+                    adj[parent] += a * xr[l];
+                }
+            }
+            out.row_mut(i)
+                .iter_mut()
+                .zip(&gr)
+                .for_each(|(o, &g)| *o = g);
+        }
+        out
+    }
+}
+
+/// `[V, 1]` (`nk x (dv + 1)`).
+pub(crate) fn with_ones(v: ArrayView2<f64>) -> Array2<f64> {
+    let (nk, dv) = v.dim();
+    let mut vb = Array2::ones((nk, dv + 1));
+    vb.slice_mut(s![.., ..dv]).assign(&v);
+    vb
+}
+
+/// One head through the low-rank path: `x` (`nq x d`) and `y` (`nk x d`) rotated by
+/// [`rotate`], `v` (`nk x dv`). Returns `out` and `lse` (`-inf` for rows with no visible key).
+pub fn lowrank_head(
+    plan: &FastPlan,
+    x: ArrayView2<f64>,
+    y: ArrayView2<f64>,
+    v: ArrayView2<f64>,
+    ctl: &Control,
+) -> Result<FastOutput> {
+    let lr = plan
+        .lowrank
+        .ok_or_else(|| Error::Value("lowrank_head: the plan is not a low-rank plan".into()))?;
+    let (nq, nk, dv) = (x.nrows(), y.nrows(), v.ncols());
+    let poly = &plan.poly;
+    let feats = Features::new(x.ncols(), poly);
+    let r = feats.len();
+    let blk = forward_block(r as f64, x.ncols(), poly.degree, dv);
+    let vb = with_ones(v);
+    let cols = dv + 1;
+    // query i sees keys j < visible(i)
+    let visible = |i: usize| -> usize {
+        match lr.causal_shift {
+            None => nk,
+            Some(c) => (i as i64 + c + 1).clamp(0, nk as i64) as usize,
+        }
+    };
+    let zero = Array2::<f64>::zeros((r, cols));
+    let key_state = |a: usize, b: usize| feats.state(y, vb.view(), false, a..b, blk, ctl);
+    // Chunks of query blocks in parallel, each from the prefix state of the keys its first
+    // block sees in full (the chunking depends on the shape only: the same bits for any thread
+    // count); within a chunk, blocks in order.
+    let qchunks = chunk_ranges(nq, blk);
+    let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
+    let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
+    let prefix = scan(pieces, &zero, false);
+    let mut acc = Array2::<f64>::zeros((nq, cols));
+    let chunk = |(c, mut acc): (usize, ndarray::ArrayViewMut2<f64>)| -> Result<()> {
+        let (c0, c1) = qchunks[c];
+        let mut state = prefix[c].clone();
+        let mut in_state = kbounds[c];
+        for i0 in (c0..c1).step_by(blk) {
+            ctl.check()?;
+            let i1 = (i0 + blk).min(c1);
+            let (full, last) = (visible(i0), visible(i1 - 1));
+            if in_state < full {
+                state += &key_state(in_state, full)?;
+                in_state = full;
+            }
+            let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
+            let mut block = fq.dot(&state);
+            if last > full {
+                // partially visible keys: p(M) itself, masked
+                let m = x
+                    .slice(s![i0..i1, ..])
+                    .dot(&y.slice(s![full..last, ..]).t());
+                let pm = Array2::from_shape_fn(m.dim(), |(a, b)| {
+                    if full + b < visible(i0 + a) {
+                        poly.eval(m[[a, b]])
+                    } else {
+                        0.0
+                    }
+                });
+                block += &pm.dot(&vb.slice(s![full..last, ..]));
+            }
+            acc.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&block);
+        }
+        Ok(())
+    };
+    let per = chunk_len(nq, blk);
+    let jobs: Vec<(usize, ndarray::ArrayViewMut2<f64>)> = acc
+        .axis_chunks_iter_mut(ndarray::Axis(0), per)
+        .enumerate()
+        .collect();
+    jobs.into_par_iter().map(chunk).collect::<Result<()>>()?;
+    let mut out = Array2::<f64>::zeros((nq, dv));
+    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+    for i in 0..nq {
+        let seen = match lr.causal_shift {
+            None => nk,
+            Some(c) => (i as i64 + c + 1).clamp(0, nk as i64) as usize,
+        };
+        if seen == 0 {
+            continue;
+        }
+        let den = acc[[i, dv]];
+        if den.is_nan() || den <= 0.0 {
+            return Err(Error::Approximation(format!(
+                "fast method (low-rank): a denominator came out {den:e}; its certificate failed"
+            )));
+        }
+        for c in 0..dv {
+            out[[i, c]] = acc[[i, c]] / den;
+        }
+        lse[i] = den.ln();
+    }
+    Ok(FastOutput {
+        out,
+        lse,
+        report: FastReport {
+            degree: poly.degree,
+            kind: poly.kind,
+            r: plan.bounds.r,
+            rho: poly.rho,
+            terms: plan.counts.terms,
+            n_alpha: plan.counts.n_alpha,
+            n_beta: plan.counts.n_beta,
+            n_pairs: plan.counts.n_pairs,
+            fft_len: 0,
+            certified_error: plan.certified_error,
+            approximation_error: plan.approximation_error,
+            rounding_error: plan.rounding_error,
+            certified_lse_error: plan.certified_lse_error,
+        },
+    })
+}

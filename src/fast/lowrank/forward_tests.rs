@@ -1,0 +1,138 @@
+use super::certificate::feature_count;
+use super::forward::{lowrank_head, rotate};
+use super::plan::lowrank_plan;
+use crate::fast::bounds::FastBounds;
+use crate::fast::common::{FastLimits, FastShape};
+use crate::fast::plans::LowRank;
+use crate::poly::Polynomial;
+use crate::position::RotaryW;
+use crate::problem::Control;
+use crate::test_util::Lcg;
+use ndarray::{Array1, Array2};
+
+#[allow(clippy::too_many_arguments)]
+/// `Σ_j p(M_ij) [v_j, 1]` by the definition, `M_ij = scale q_iᵀ W_δ k_j` with Rotary `W_δ`.
+fn naive(
+    rot: &RotaryW,
+    poly: &Polynomial,
+    q: &Array2<f64>,
+    k: &Array2<f64>,
+    v: &Array2<f64>,
+    scale: f64,
+    c: i64,
+    causal: bool,
+) -> (Array2<f64>, Array1<f64>) {
+    let (nq, nk, dv) = (q.nrows(), k.nrows(), v.ncols());
+    let f2 = rot.factor * rot.factor;
+    let mut out = Array2::zeros((nq, dv));
+    let mut lse = Array1::from_elem(nq, f64::NEG_INFINITY);
+    for i in 0..nq {
+        let (mut num, mut den) = (vec![0.0; dv], 0.0);
+        for j in 0..nk {
+            let delta = c + i as i64 - j as i64;
+            if causal && delta < 0 {
+                continue;
+            }
+            let mut m = 0.0;
+            for (t, &(p, r)) in rot.pairs.iter().enumerate() {
+                let (sn, cs) = (delta as f64 * rot.theta[t]).sin_cos();
+                m += f2
+                    * (cs * (q[[i, p]] * k[[j, p]] + q[[i, r]] * k[[j, r]])
+                        + sn * (q[[i, p]] * k[[j, r]] - q[[i, r]] * k[[j, p]]));
+            }
+            let a = poly.eval(scale * m);
+            den += a;
+            for (x, vv) in num.iter_mut().zip(v.row(j)) {
+                *x += a * vv;
+            }
+        }
+        if den > 0.0 {
+            for (o, x) in out.row_mut(i).iter_mut().zip(&num) {
+                *o = x / den;
+            }
+            lse[i] = den.ln();
+        }
+    }
+    (out, lse)
+}
+
+#[test]
+fn lowrank_head_matches_the_definition() {
+    let mut g = Lcg(7);
+    let rot = RotaryW {
+        theta: vec![0.9, 0.05],
+        factor: 1.1,
+        pairs: vec![(0, 2), (1, 3)],
+    };
+    let (nq, nk, d, dv, scale) = (300, 280, 4, 3, 0.5);
+    let q = g.mat(nq, d, 0.7);
+    let k = g.mat(nk, d, 0.7);
+    let v = g.mat(nk, dv, 1.0);
+    for (shift, causal) in [(0, false), (0, true), (-5, true), (3, true), (400, true)] {
+        let lr = LowRank {
+            r2: 4.0,
+            psi_max: 1000.0,
+            causal_shift: causal.then_some(shift),
+        };
+        let bounds = FastBounds {
+            r: 2.0,
+            r_abs: 4.0,
+            v_max: 1.0,
+            factor_sum: 1.0,
+            factor_norm2: 1.0,
+            min_row_mass: 1.0,
+        };
+        let shape = FastShape { nq, nk, d, dv };
+        let limits = FastLimits {
+            max_degree: 12,
+            max_terms: 5000,
+            max_working_bytes: 1 << 30,
+        };
+        let plan = lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap();
+        assert_eq!(plan.counts.terms as f64, feature_count(d, plan.poly.degree));
+        let x = rotate(&rot, q.view(), shift, scale * rot.factor * rot.factor);
+        let y = rotate(&rot, k.view(), 0, 1.0);
+        let got = lowrank_head(&plan, x.view(), y.view(), v.view(), &Control::new()).unwrap();
+        let (out, lse) = naive(&rot, &plan.poly, &q, &k, &v, scale, shift, causal);
+        for i in 0..nq {
+            assert_eq!(got.lse[i].is_finite(), lse[i].is_finite(), "row {i}");
+            if lse[i].is_finite() {
+                assert!((got.lse[i] - lse[i]).abs() < 1e-12, "lse row {i}");
+                for c in 0..dv {
+                    assert!((got.out[[i, c]] - out[[i, c]]).abs() < 1e-12, "out {i} {c}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn refusals_name_the_reason() {
+    let shape = FastShape {
+        nq: 10,
+        nk: 10,
+        d: 64,
+        dv: 1,
+    };
+    let bounds = FastBounds {
+        r: 1.0,
+        r_abs: 1.0,
+        v_max: 1.0,
+        factor_sum: 1.0,
+        factor_norm2: 1.0,
+        min_row_mass: 1.0,
+    };
+    let lr = LowRank {
+        r2: 1.0,
+        psi_max: 0.0,
+        causal_shift: None,
+    };
+    let limits = FastLimits {
+        max_degree: 12,
+        max_terms: 2000,
+        max_working_bytes: 1 << 30,
+    };
+    let e = lowrank_plan(shape, &bounds, lr, 1e-3, &limits).unwrap_err();
+    assert!(format!("{e}").contains("features"), "{e}");
+    assert!(lowrank_plan(shape, &bounds, lr, 0.0, &limits).is_err());
+}

@@ -1,0 +1,309 @@
+//! Planning the low-rank route, forward and backward: the polynomial (the least certified degree,
+//! [`crate::poly::choose_degree`]), the rounding certificate and the cost.
+
+use super::certificate::{feature_count, lowrank_grad_rounding, rounding_error, rounding_parts};
+use super::forward::{forward_block, BLOCK};
+use crate::error::{Error, Result};
+use crate::fast::bounds::FastBounds;
+use crate::fast::common::{ExpansionCounts, FastLimits, FastShape, MAX_CHUNKS};
+use crate::fast::grad::{GradCertificate, Want};
+use crate::fast::grad_bounds::{approximation_errors, derivative_rho};
+use crate::fast::plans::{BackwardPlan, BackwardRequest, FastPlan, LowRank, LowRankGrad};
+use crate::poly::{chebyshev, integrated_chebyshev, taylor, Polynomial, MAX_DEGREE, U};
+
+/// A certified low-rank plan for `shape` with `bounds` (`R`, `max|v|`), or the reason there is
+/// none: the least degree whose polynomial error plus rounding meets `eps`, within
+/// `limits.max_terms` features.
+pub fn lowrank_plan(
+    shape: FastShape,
+    bounds: &FastBounds,
+    lr: LowRank,
+    eps: f64,
+    limits: &FastLimits,
+) -> Result<FastPlan> {
+    if eps.is_nan() || eps <= 0.0 {
+        return Err(Error::Approximation(
+            "fast method: eps = 0 asks for exact results".into(),
+        ));
+    }
+    let (r, v) = (bounds.r, bounds.v_max);
+    let max_degree = limits.max_degree.min(MAX_DEGREE);
+    let mut why = String::from("no degree tried");
+    for degree in 0..=max_degree {
+        let feats = feature_count(shape.d, degree);
+        if feats > limits.max_terms as f64 {
+            why = format!(
+                "degree {degree} needs C({} + {degree}, {degree}) = {feats:.3e} features, more \
+                 than the limit of {}",
+                shape.d, limits.max_terms
+            );
+            break;
+        }
+        let t = taylor(r, degree)?;
+        let c = chebyshev(r, degree)?;
+        let poly = if c.rho < t.rho { c } else { t };
+        if poly.rho.is_nan() || poly.rho >= 1.0 {
+            continue;
+        }
+        let approximation = v * 2.0 * poly.rho / (1.0 - poly.rho);
+        let rounding = rounding_error(&poly, shape, r, &lr, v);
+        let certified = approximation + rounding;
+        if certified <= eps {
+            let feats = feats as usize;
+            let rows = BLOCK.min(shape.nq.max(1));
+            let cols = shape.dv + 1;
+            // features (q and k), the state and its products, the diagonal blocks
+            let mut flops = 4.0 * (shape.nq + shape.nk) as f64 * feats as f64
+                + 2.0 * (shape.nq + shape.nk) as f64 * feats as f64 * cols as f64;
+            if lr.causal_shift.is_some() {
+                flops += shape.nq as f64
+                    * forward_block(feats as f64, shape.d, degree, shape.dv) as f64
+                    * (2.0 * shape.d as f64 + 2.0 * degree as f64 + 2.0 * cols as f64);
+            }
+            // per chunk in flight (at most 8): block buffers and its prefix state; the
+            // numerators
+            let chunks = 8usize.min(shape.nq.div_ceil(4 * BLOCK)).max(1);
+            let working_bytes =
+                8 * chunks * (2 * rows * feats + 2 * feats * cols + rows * BLOCK + rows * cols)
+                    + 8 * (shape.nq + shape.nk) * shape.d
+                    + 16 * shape.nq * cols;
+            let (e, l) = rounding_parts(&poly, shape, r, &lr);
+            // |ln l̃ - ln l| <= -ln(1-ρ); the computed denominator is off by a factor within
+            // 1 ± E/(L-E); the logarithm adds a few units of rounding
+            let lse_error = -(1.0 - poly.rho).ln() + 2.0 * e / (l - e) + 64.0 * U;
+            return Ok(FastPlan {
+                shape,
+                bounds: *bounds,
+                poly,
+                counts: ExpansionCounts {
+                    terms: feats,
+                    n_alpha: feats,
+                    n_beta: feats,
+                    n_pairs: feats,
+                    max_betas_per_alpha: 1,
+                    max_terms_per_pair: 1,
+                },
+                fft_len: 0,
+                column_tile: cols,
+                flops,
+                kernel_flops: 0.0,
+                working_bytes,
+                kernel_bytes: 0,
+                eps,
+                approximation_error: approximation,
+                rounding_error: rounding,
+                certified_error: certified,
+                certified_lse_error: lse_error,
+                lowrank: Some(lr),
+            });
+        }
+        why = format!(
+            "degree {degree} ({} features) certifies only {certified:.3e} > eps = {eps:.3e}",
+            feats as usize
+        );
+    }
+    Err(Error::Approximation(format!(
+        "fast method (low-rank): cannot certify eps: {why}"
+    )))
+}
+
+/// Rows per block of the low-rank backward: with a causal mask each row also meets up to a
+/// block of keys through `p(M)` and `p'(M)` directly, about `block (4d + 2g + 4(dv+1) + 10)`
+/// flops against `r (6(dv+1) + 12)` through the states, so the block follows the balance of the
+/// two (a multiple of 16 in `32..=BLOCK`).
+pub fn block_rows(r: f64, d: usize, g: usize, dv: usize) -> usize {
+    let cols = (dv + 1) as f64;
+    let balance = r * (6.0 * cols + 12.0) / (4.0 * d as f64 + 2.0 * g as f64 + 4.0 * cols + 10.0);
+    let b = (balance / 16.0).ceil() as usize * 16;
+    b.clamp(32, BLOCK)
+}
+
+/// The plan for one polynomial (no `eps` test).
+fn plan_for(
+    req: &BackwardRequest,
+    poly: &Polynomial,
+    family: &'static str,
+    lg: LowRankGrad,
+) -> BackwardPlan {
+    let shape = req.shape;
+    let FastShape { nq, nk, d, dv } = shape;
+    let feats = feature_count(d, poly.degree);
+    let rho_d = derivative_rho(&poly.coeffs, req.bounds.r);
+    let (approx, mag) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
+    let rounding =
+        lowrank_grad_rounding(poly, shape, req.bounds.r, req.bounds.v_max, &req.grad, &lg);
+    let want = Want::default();
+    let approx = approx.masked(want);
+    let output = mag
+        .plus(req.eps)
+        .zip(mag, |a, _| a * req.out_rel)
+        .masked(want);
+    let certified = approx.plus(rounding).plus(output);
+    let (r, cols) = (feats, (dv + 1) as f64);
+    let (nqf, nkf) = (nq as f64, nk as f64);
+    let g = poly.degree as f64;
+    // pass 1: features, Φq S, z = a S^T, reverse sweep, the key state; pass 2: features again,
+    // the row state T, Φk T, T b, reverse sweep
+    let mut flops = r * (nqf + nkf) * (6.0 * cols + 12.0);
+    if lg.lr.causal_shift.is_some() {
+        let blk = block_rows(feats, d, poly.degree, dv) as f64;
+        flops += (nqf + nkf) * blk * (4.0 * d as f64 + 2.0 * g + 4.0 * cols + 10.0);
+    }
+    let rows = BLOCK.min(nq.max(nk).max(1));
+    let r_us = feats.min(1e15) as usize;
+    let working_bytes = 8usize.saturating_mul(
+        (nq + nk)
+            .saturating_mul(2 * d + dv + 2)
+            .saturating_add(nq.saturating_mul(dv + 1))
+            .saturating_add(
+                // per chunk in flight (at most MAX_CHUNKS): block buffers and its state
+                rows.saturating_mul(r_us)
+                    .saturating_mul(4)
+                    .saturating_add(r_us.saturating_mul(dv + 1).saturating_mul(2))
+                    .saturating_add(rows.saturating_mul(BLOCK).saturating_mul(4))
+                    .saturating_mul(MAX_CHUNKS),
+            ),
+    );
+    BackwardPlan {
+        shape,
+        bounds: req.bounds,
+        grad: req.grad,
+        fstats: req.fstats,
+        psums: req.psums,
+        poly: poly.clone(),
+        family,
+        rho_d,
+        counts: ExpansionCounts {
+            terms: r_us,
+            n_alpha: r_us,
+            n_beta: r_us,
+            n_pairs: r_us,
+            max_betas_per_alpha: 1,
+            max_terms_per_pair: 1,
+        },
+        d_counts: None,
+        want,
+        fft_len: 0,
+        column_tile: dv + 1,
+        flops,
+        kernel_flops: 0.0,
+        working_bytes,
+        kernel_bytes: 0,
+        eps: req.eps,
+        out_rel: req.out_rel,
+        heads: req.heads.max(1),
+        approximation: approx,
+        rounding,
+        output,
+        certified,
+        deferred: false,
+        lowrank: Some(lg),
+    }
+}
+
+/// The plan's a-priori certificate.
+pub fn cert_of(plan: &BackwardPlan) -> GradCertificate {
+    GradCertificate {
+        approximation: plan.approximation,
+        rounding: plan.rounding,
+        output: plan.output,
+        certified: plan.certified,
+    }
+}
+
+/// The least-degree certified low-rank backward plan (dq, dk, dv within their budgets), or the
+/// reason there is none. `forced` plans that polynomial only (a test hook).
+pub fn lowrank_backward_plan(
+    req: &BackwardRequest,
+    lg: LowRankGrad,
+    limits: &FastLimits,
+    forced: Option<&Polynomial>,
+) -> Result<BackwardPlan> {
+    if req.want.dw || req.want.db {
+        return Err(Error::Approximation(
+            "fast backward (low-rank): serves no dw or dbias".into(),
+        ));
+    }
+    let want = req.want;
+    let eps = req.eps;
+    if [eps.dq, eps.dk, eps.dv]
+        .iter()
+        .any(|e| e.is_nan() || *e <= 0.0)
+    {
+        return Err(Error::Approximation(
+            "fast backward: eps = 0 asks for exact gradients; the fast method is an approximation"
+                .into(),
+        ));
+    }
+    if let Some(poly) = forced {
+        if poly.r.is_nan() || poly.r < req.bounds.r {
+            return Err(Error::Value(format!(
+                "polynomial: certified on [-{}, {}], but the scores need R = {}",
+                poly.r, poly.r, req.bounds.r
+            )));
+        }
+        let family = match poly.kind {
+            crate::poly::PolyKind::Taylor => "taylor",
+            crate::poly::PolyKind::Chebyshev => "chebyshev",
+        };
+        let plan = plan_for(req, poly, family, lg);
+        if let Some(msg) = plan.over_message(&cert_of(&plan), "the") {
+            return Err(Error::Approximation(msg));
+        }
+        return Ok(plan);
+    }
+    let r = req.bounds.r;
+    let max_degree = limits.max_degree.min(MAX_DEGREE);
+    let mut why = String::from("no degree tried");
+    for degree in 0..=max_degree {
+        let feats = feature_count(req.shape.d, degree);
+        if feats > limits.max_terms as f64 {
+            why = format!(
+                "degree {degree} needs C({} + {degree}, {degree}) = {feats:.3e} features, more \
+                 than the limit of {}",
+                req.shape.d, limits.max_terms
+            );
+            break;
+        }
+        let mut best: Option<BackwardPlan> = None;
+        for which in 0..3 {
+            let (poly, family) = match which {
+                0 => (integrated_chebyshev(r, degree)?, "integrated-chebyshev"),
+                1 => (chebyshev(r, degree)?, "chebyshev"),
+                _ => (taylor(r, degree)?, "taylor"),
+            };
+            if poly.rho.is_nan() || poly.rho >= 1.0 {
+                continue;
+            }
+            let plan = plan_for(req, &poly, family, lg);
+            match plan.over_message(&cert_of(&plan), &format!("at degree {degree}, the")) {
+                None => {
+                    let worst = |p: &BackwardPlan| {
+                        p.certified
+                            .zip(p.eps, |c, e| c / e)
+                            .masked(want)
+                            .max_entry()
+                    };
+                    if best.as_ref().is_none_or(|b| worst(&plan) < worst(b)) {
+                        best = Some(plan);
+                    }
+                }
+                Some(w) => why = w,
+            }
+        }
+        if let Some(plan) = best {
+            if plan.working_bytes > limits.max_working_bytes {
+                return Err(Error::Approximation(format!(
+                    "fast backward (low-rank): degree {degree} needs {:.3} GB, but \
+                     max_working_bytes is {:.3} GB",
+                    plan.working_bytes as f64 / 1e9,
+                    limits.max_working_bytes as f64 / 1e9
+                )));
+            }
+            return Ok(plan);
+        }
+    }
+    Err(Error::Approximation(format!(
+        "fast backward (low-rank) cannot certify the gradients to eps: {why}"
+    )))
+}
