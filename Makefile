@@ -20,7 +20,10 @@ rust-test:  ## Rust unit tests only (no Python needed)
 	cargo test --lib
 
 lint:  ## rustfmt, clippy, ruff and the Python import-cycle check
-	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools && $(PY) tools/py_import_graph.py
+	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools && $(PY) tools/py_import_graph.py && $(PY) tools/module_graph.py > /dev/null
+
+modules:  ## the crate's module graph; fails on an import cycle
+	$(PY) tools/module_graph.py
 
 import-graph:  ## fail on an import cycle among python/fastrope's modules (--print: the graph)
 	$(PY) tools/py_import_graph.py
