@@ -12,6 +12,7 @@
 use crate::error::{Error, Result};
 
 mod score;
+mod search;
 
 /// Unit roundoff of f64.
 pub(crate) const U: f64 = f64::EPSILON / 2.0;
@@ -370,28 +371,39 @@ pub fn choose_degree_up_to(r: f64, rho: f64, max_degree: usize) -> Result<Polyno
     }
     let max_degree = max_degree.min(MAX_DEGREE);
     let mut best = (f64::INFINITY, f64::INFINITY);
-    for degree in 0..=max_degree {
-        let t = taylor(r, degree)?;
-        if t.rho <= rho {
-            return Ok(t);
-        }
-        let c = chebyshev(r, degree)?;
-        if c.rho <= rho {
-            return Ok(c);
-        }
-        best = (t.rho, c.rho);
-    }
-    Err(Error::Approximation(format!(
-        "polynomial degree: no polynomial of degree <= {max_degree} reaches relative error {rho:.3e} \
-         on [-{r}, {r}] (at degree {max_degree}: Taylor {:.3e}, Chebyshev {:.3e}); \
-         a smaller score bound R or a larger eps is needed",
-        best.0, best.1
-    )))
+    let found = search_degree(
+        max_degree,
+        &[(Family::Taylor, r), (Family::Chebyshev, r)],
+        Pick::First,
+        |_| None,
+        |_, poly, _| {
+            if poly.rho <= rho {
+                return Ok(Verdict::Accept(poly));
+            }
+            match poly.kind {
+                PolyKind::Taylor => best.0 = poly.rho,
+                PolyKind::Chebyshev => best.1 = poly.rho,
+            }
+            Ok(Verdict::Reject {
+                why: String::new(),
+                hopeless: false,
+            })
+        },
+    )?;
+    found.map_err(|_| {
+        Error::Approximation(format!(
+            "polynomial degree: no polynomial of degree <= {max_degree} reaches relative error {rho:.3e} \
+             on [-{r}, {r}] (at degree {max_degree}: Taylor {:.3e}, Chebyshev {:.3e}); \
+             a smaller score bound R or a larger eps is needed",
+            best.0, best.1
+        ))
+    })
 }
 
 // The score bound R lives with the other data-dependent bounds; re-exported here because it is
 // the interval the polynomial certifies.
 pub use score::{bound_r, ScoreBound, WNorms};
+pub use search::{search_degree, Family, Pick, Verdict};
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use crate::fast::common::{ExpansionCounts, FastLimits, FastShape, MAX_CHUNKS};
 use crate::fast::grad::{GradCertificate, Want};
 use crate::fast::grad_bounds::{approximation_errors, derivative_rho};
 use crate::fast::plans::{BackwardPlan, BackwardRequest, FastPlan, LowRank, LowRankGrad};
-use crate::poly::{chebyshev, integrated_chebyshev, taylor, Polynomial, MAX_DEGREE, U};
+use crate::poly::{search_degree, Family, Pick, Polynomial, Verdict, U};
 
 /// A certified low-rank plan for `shape` with `bounds` (`R`, `max|v|`), or the reason there is
 /// none: the least degree whose polynomial error plus rounding meets `eps`, within
@@ -27,24 +27,21 @@ pub fn lowrank_plan(
         ));
     }
     let (r, v) = (bounds.r, bounds.v_max);
-    let max_degree = limits.max_degree.min(MAX_DEGREE);
-    let mut why = String::from("no degree tried");
-    for degree in 0..=max_degree {
+    let admit = |degree: usize| {
         let feats = feature_count(shape.d, degree);
-        if feats > limits.max_terms as f64 {
-            why = format!(
+        (feats > limits.max_terms as f64).then(|| {
+            format!(
                 "degree {degree} needs C({} + {degree}, {degree}) = {feats:.3e} features, more \
                  than the limit of {}",
                 shape.d, limits.max_terms
-            );
-            break;
-        }
-        let t = taylor(r, degree)?;
-        let c = chebyshev(r, degree)?;
-        let poly = if c.rho < t.rho { c } else { t };
+            )
+        })
+    };
+    let judge = |degree: usize, poly: Polynomial, _: &'static str| -> Result<Verdict<FastPlan>> {
         if poly.rho.is_nan() || poly.rho >= 1.0 {
-            continue;
+            return Ok(Verdict::Skip);
         }
+        let feats = feature_count(shape.d, degree);
         let approximation = v * 2.0 * poly.rho / (1.0 - poly.rho);
         let rounding = rounding_error(&poly, shape, r, &lr, v);
         let certified = approximation + rounding;
@@ -71,7 +68,7 @@ pub fn lowrank_plan(
             // |ln l̃ - ln l| <= -ln(1-ρ); the computed denominator is off by a factor within
             // 1 ± E/(L-E); the logarithm adds a few units of rounding
             let lse_error = -(1.0 - poly.rho).ln() + 2.0 * e / (l - e) + 64.0 * U;
-            return Ok(FastPlan {
+            return Ok(Verdict::Accept(FastPlan {
                 shape,
                 bounds: *bounds,
                 poly,
@@ -95,16 +92,20 @@ pub fn lowrank_plan(
                 certified_error: certified,
                 certified_lse_error: lse_error,
                 lowrank: Some(lr),
-            });
+            }));
         }
-        why = format!(
-            "degree {degree} ({} features) certifies only {certified:.3e} > eps = {eps:.3e}",
-            feats as usize
-        );
-    }
-    Err(Error::Approximation(format!(
-        "fast method (low-rank): cannot certify eps: {why}"
-    )))
+        Ok(Verdict::Reject {
+            why: format!(
+                "degree {degree} ({} features) certifies only {certified:.3e} > eps = {eps:.3e}",
+                feats as usize
+            ),
+            hopeless: false,
+        })
+    };
+    let tries = [(Family::TaylorOrChebyshev, r)];
+    search_degree(limits.max_degree, &tries, Pick::First, admit, judge)?.map_err(|why| {
+        Error::Approximation(format!("fast method (low-rank): cannot certify eps: {why}"))
+    })
 }
 
 /// Rows per block of the low-rank backward: with a causal mask each row also meets up to a
@@ -253,57 +254,64 @@ pub fn lowrank_backward_plan(
         return Ok(plan);
     }
     let r = req.bounds.r;
-    let max_degree = limits.max_degree.min(MAX_DEGREE);
-    let mut why = String::from("no degree tried");
-    for degree in 0..=max_degree {
+    let admit = |degree: usize| {
         let feats = feature_count(req.shape.d, degree);
-        if feats > limits.max_terms as f64 {
-            why = format!(
+        (feats > limits.max_terms as f64).then(|| {
+            format!(
                 "degree {degree} needs C({} + {degree}, {degree}) = {feats:.3e} features, more \
                  than the limit of {}",
                 req.shape.d, limits.max_terms
-            );
-            break;
+            )
+        })
+    };
+    let judge = |degree: usize, poly: Polynomial, family: &'static str| {
+        if poly.rho.is_nan() || poly.rho >= 1.0 {
+            return Ok(Verdict::Skip);
         }
-        let mut best: Option<BackwardPlan> = None;
-        for which in 0..3 {
-            let (poly, family) = match which {
-                0 => (integrated_chebyshev(r, degree)?, "integrated-chebyshev"),
-                1 => (chebyshev(r, degree)?, "chebyshev"),
-                _ => (taylor(r, degree)?, "taylor"),
-            };
-            if poly.rho.is_nan() || poly.rho >= 1.0 {
-                continue;
-            }
-            let plan = plan_for(req, &poly, family, lg);
+        let plan = plan_for(req, &poly, family, lg);
+        Ok(
             match plan.over_message(&cert_of(&plan), &format!("at degree {degree}, the")) {
-                None => {
-                    let worst = |p: &BackwardPlan| {
-                        p.certified
-                            .zip(p.eps, |c, e| c / e)
-                            .masked(want)
-                            .max_entry()
-                    };
-                    if best.as_ref().is_none_or(|b| worst(&plan) < worst(b)) {
-                        best = Some(plan);
-                    }
-                }
-                Some(w) => why = w,
-            }
-        }
-        if let Some(plan) = best {
-            if plan.working_bytes > limits.max_working_bytes {
-                return Err(Error::Approximation(format!(
-                    "fast backward (low-rank): degree {degree} needs {:.3} GB, but \
-                     max_working_bytes is {:.3} GB",
-                    plan.working_bytes as f64 / 1e9,
-                    limits.max_working_bytes as f64 / 1e9
-                )));
-            }
-            return Ok(plan);
-        }
+                None => Verdict::Accept(plan),
+                Some(why) => Verdict::Reject {
+                    why,
+                    hopeless: false,
+                },
+            },
+        )
+    };
+    // Of the families that certify at the least degree, the one with the most room (the largest
+    // margin under the worst budget).
+    let worst = |p: &BackwardPlan| {
+        p.certified
+            .zip(p.eps, |c, e| c / e)
+            .masked(want)
+            .max_entry()
+    };
+    let tries = [
+        (Family::IntegratedChebyshev, r),
+        (Family::Chebyshev, r),
+        (Family::Taylor, r),
+    ];
+    let plan = search_degree(
+        limits.max_degree,
+        &tries,
+        Pick::Smallest(&worst),
+        admit,
+        judge,
+    )?
+    .map_err(|why| {
+        Error::Approximation(format!(
+            "fast backward (low-rank) cannot certify the gradients to eps: {why}"
+        ))
+    })?;
+    if plan.working_bytes > limits.max_working_bytes {
+        return Err(Error::Approximation(format!(
+            "fast backward (low-rank): degree {} needs {:.3} GB, but \
+             max_working_bytes is {:.3} GB",
+            plan.poly.degree,
+            plan.working_bytes as f64 / 1e9,
+            limits.max_working_bytes as f64 / 1e9
+        )));
     }
-    Err(Error::Approximation(format!(
-        "fast backward (low-rank) cannot certify the gradients to eps: {why}"
-    )))
+    Ok(plan)
 }

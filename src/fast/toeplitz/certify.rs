@@ -63,7 +63,7 @@ use crate::error::{Error, Result};
 use crate::fast::bounds::FastBounds;
 use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
 use crate::fast::plans::FastPlan;
-use crate::poly::{chebyshev, taylor, Polynomial, MAX_DEGREE, U};
+use crate::poly::{search_degree, Family, Pick, Polynomial, Verdict, U};
 use crate::toeplitz::fft_len;
 
 /// Bytes per column of `[V, 1]` in a tile: the key spectra and accumulators of
@@ -352,65 +352,59 @@ pub fn fast_plan(
             )));
         }
     }
-    let max_degree = limits.max_degree.min(MAX_DEGREE);
-    let mut why = String::from("no degree tried");
-    for degree in 0..=max_degree {
+    // Taylor's coefficients do not depend on R; Chebyshev's are built on the snapped radius
+    // first (so that calls whose R differs in the last bits share kernel spectra in the cache),
+    // then, should that fail at a degree, on R itself.
+    let snapped = snap_radius(bounds.r);
+    let mut tries = vec![(Family::Taylor, bounds.r), (Family::Chebyshev, snapped)];
+    if snapped != bounds.r {
+        tries.push((Family::Chebyshev, bounds.r));
+    }
+    let admit = |degree: usize| {
         let count = term_count(support.len(), degree);
-        if count > limits.max_terms as f64 {
-            why = format!(
+        (count > limits.max_terms as f64).then(|| {
+            format!(
                 "degree {degree} would need C({}, {degree}) = {count:.3e} terms, more than the limit of {}",
                 support.len() + degree,
                 limits.max_terms
-            );
-            break;
-        }
-        let (mut rounding_too_large, mut tried) = (0, 0);
-        let snapped = snap_radius(bounds.r);
-        for which in 0..3 {
-            // Taylor's coefficients do not depend on R; Chebyshev's are built on the snapped
-            // radius first (so that calls whose R differs in the last bits share kernel spectra
-            // in the cache), then, should that fail at this degree, on R itself.
-            let poly = match which {
-                0 => taylor(bounds.r, degree)?,
-                1 => chebyshev(snapped, degree)?,
-                _ if snapped != bounds.r => chebyshev(bounds.r, degree)?,
-                _ => continue,
-            };
-            tried += 1;
-            let approx = bounds.v_max * 2.0 * poly.rho / (1.0 - poly.rho);
-            if poly.rho.is_nan() || poly.rho >= 1.0 || approx > eps {
-                why = format!(
+            )
+        })
+    };
+    let judge = |degree: usize, poly: Polynomial, _: &'static str| -> Result<Verdict<FastPlan>> {
+        let approx = bounds.v_max * 2.0 * poly.rho / (1.0 - poly.rho);
+        if poly.rho.is_nan() || poly.rho >= 1.0 || approx > eps {
+            return Ok(Verdict::Reject {
+                why: format!(
                     "at degree {degree} the polynomial error on [-{r:.4}, {r:.4}] is {:.3e} (relative {:.3e}), above eps = {eps:.3e}",
                     approx,
                     poly.rho,
                     r = bounds.r
-                );
-                continue;
+                ),
+                hopeless: false,
+            });
+        }
+        let mut plan = plan_unchecked(shape, support, bounds, &poly, limits)?;
+        plan.eps = eps;
+        // Certified a priori, or (the a-priori rounding bound being very pessimistic) on
+        // the approximation error with 1/16 of eps left for the per-head rounding bound —
+        // unless even the cancellation floor of the expansion at a score of -R, about
+        // `2 V ε_f Σ|c_t| R^t e^R`, leaves no room: then no head would pass.
+        let floor = 2.0
+            * bounds.v_max
+            * fft_relative_error(plan.fft_len)
+            * poly.abs_eval(bounds.r)
+            * bounds.r.exp()
+            / (1.0 - poly.rho);
+        let deferred = approx <= eps * (15.0 / 16.0) && floor <= eps / 16.0;
+        if plan.certified_error <= eps || deferred {
+            // A higher degree only needs more memory: refuse now.
+            if plan.column_tile == 0 {
+                return Err(memory_refusal(&plan, limits));
             }
-            let mut plan = plan_unchecked(shape, support, bounds, &poly, limits)?;
-            plan.eps = eps;
-            // Certified a priori, or (the a-priori rounding bound being very pessimistic) on
-            // the approximation error with 1/16 of eps left for the per-head rounding bound —
-            // unless even the cancellation floor of the expansion at a score of -R, about
-            // `2 V ε_f Σ|c_t| R^t e^R`, leaves no room: then no head would pass.
-            let floor = 2.0
-                * bounds.v_max
-                * fft_relative_error(plan.fft_len)
-                * poly.abs_eval(bounds.r)
-                * bounds.r.exp()
-                / (1.0 - poly.rho);
-            let deferred = approx <= eps * (15.0 / 16.0) && floor <= eps / 16.0;
-            if plan.certified_error <= eps || deferred {
-                // A higher degree only needs more memory: refuse now.
-                if plan.column_tile == 0 {
-                    return Err(memory_refusal(&plan, limits));
-                }
-                return Ok(plan);
-            }
-            if plan.rounding_error > eps && floor > eps / 16.0 {
-                rounding_too_large += 1;
-            }
-            why = format!(
+            return Ok(Verdict::Accept(plan));
+        }
+        Ok(Verdict::Reject {
+            why: format!(
                 "at degree {degree} the rounding bound is {:.3e} (its floor at a score of -R alone \
                  {floor:.3e}) on top of a polynomial error of {:.3e} (R = {:.4}, sum of |terms| {:.3e}, \
                  smallest visible row mass {:.3e}, FFT length {}); double precision cannot certify \
@@ -421,15 +415,13 @@ pub fn fast_plan(
                 poly.abs_eval(bounds.r_abs),
                 bounds.min_row_mass,
                 plan.fft_len
-            );
-        }
-        if rounding_too_large == tried {
-            break;
-        }
-    }
-    Err(Error::Approximation(format!(
-        "fast method cannot certify eps = {eps:.3e}: {why}"
-    )))
+            ),
+            hopeless: plan.rounding_error > eps && floor > eps / 16.0,
+        })
+    };
+    search_degree(limits.max_degree, &tries, Pick::First, admit, judge)?.map_err(|why| {
+        Error::Approximation(format!("fast method cannot certify eps = {eps:.3e}: {why}"))
+    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::fast::toeplitz::backward_certify::{apriori_terms, rounding_errors};
 use crate::fast::toeplitz::blocks::{spectrum_blocks, BLOCK};
 use crate::fast::toeplitz::certify::snap_radius;
 use crate::fast::toeplitz::expansion::{term_count, Expansion};
-use crate::poly::{chebyshev, integrated_chebyshev, taylor, PolyKind, Polynomial, MAX_DEGREE};
+use crate::poly::{search_degree, Family, Pick, PolyKind, Polynomial, Verdict};
 use crate::toeplitz::fft_len;
 
 pub(super) fn threads() -> usize {
@@ -323,41 +323,35 @@ pub fn backward_plan(
         }
         return Ok(plan);
     }
-    let max_degree = limits.max_degree.min(MAX_DEGREE);
-    let mut why = String::from("no degree tried");
-    for degree in 0..=max_degree {
+    let r = req.bounds.r;
+    // Chebyshev families on the snapped radius first (shared kernel spectra across calls, see
+    // `fast_plan`), then on R itself.
+    let snapped = snap_radius(r);
+    let mut tries = vec![
+        (Family::Taylor, r),
+        (Family::IntegratedChebyshev, snapped),
+        (Family::Chebyshev, snapped),
+    ];
+    if snapped != r {
+        tries.extend([(Family::IntegratedChebyshev, r), (Family::Chebyshev, r)]);
+    }
+    let admit = |degree: usize| {
         let count = term_count(req.support.len(), degree);
-        if count > limits.max_terms as f64 {
-            why = format!(
+        (count > limits.max_terms as f64).then(|| {
+            format!(
                 "degree {degree} would need C({}, {degree}) = {count:.3e} terms, more than the limit of {}",
                 req.support.len() + degree,
                 limits.max_terms
-            );
-            break;
-        }
-        let (mut floor_hit, mut tried) = (0, 0);
-        let r = req.bounds.r;
-        // Chebyshev families on the snapped radius first (shared kernel spectra across calls,
-        // see `fast_plan`), then on R itself.
-        let snapped = snap_radius(r);
-        for which in 0..5 {
-            let (poly, family) = match which {
-                0 => (taylor(r, degree)?, "taylor"),
-                1 => (
-                    integrated_chebyshev(snapped, degree)?,
-                    "integrated-chebyshev",
-                ),
-                2 => (chebyshev(snapped, degree)?, "chebyshev"),
-                3 if snapped != r => (integrated_chebyshev(r, degree)?, "integrated-chebyshev"),
-                4 if snapped != r => (chebyshev(r, degree)?, "chebyshev"),
-                _ => continue,
-            };
-            tried += 1;
-            // Cheap screen before enumerating the expansion.
-            let rho_d = derivative_rho(&poly.coeffs, r);
-            let (approx, _) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
-            if let Some(i) = approx.over(&req.eps, 15.0 / 16.0, req.want) {
-                why = format!(
+            )
+        })
+    };
+    let judge = |degree: usize, poly: Polynomial, family: &'static str| {
+        // Cheap screen before enumerating the expansion.
+        let rho_d = derivative_rho(&poly.coeffs, r);
+        let (approx, _) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
+        if let Some(i) = approx.over(&req.eps, 15.0 / 16.0, req.want) {
+            return Ok(Verdict::Reject {
+                why: format!(
                     "at degree {degree} the {} approximation bound is {:.3e}, above 15/16 of its budget \
                      {:.3e} (R = {:.4}, relative errors of p and p': {:.3e}, {:.3e})",
                     GRAD_NAMES[i],
@@ -366,30 +360,27 @@ pub fn backward_plan(
                     req.bounds.r,
                     poly.rho,
                     rho_d
-                );
-                continue;
-            }
-            let mut plan = plan_for(req, &poly, family, limits)?;
-            match accept(&mut plan) {
-                None => {
-                    if plan.column_tile == 0 {
-                        return Err(memory_refusal(&plan, limits));
-                    }
-                    return Ok(plan);
-                }
-                Some(w) => {
-                    if w.contains("floor") {
-                        floor_hit += 1;
-                    }
-                    why = w;
-                }
-            }
+                ),
+                hopeless: false,
+            });
         }
-        if floor_hit == tried {
-            break;
-        }
-    }
-    Err(Error::Approximation(format!(
-        "fast backward cannot certify the gradients to eps: {why}"
-    )))
+        let mut plan = plan_for(req, &poly, family, limits)?;
+        Ok(match accept(&mut plan) {
+            None => {
+                if plan.column_tile == 0 {
+                    return Err(memory_refusal(&plan, limits));
+                }
+                Verdict::Accept(plan)
+            }
+            Some(why) => Verdict::Reject {
+                hopeless: why.contains("floor"),
+                why,
+            },
+        })
+    };
+    search_degree(limits.max_degree, &tries, Pick::First, admit, judge)?.map_err(|why| {
+        Error::Approximation(format!(
+            "fast backward cannot certify the gradients to eps: {why}"
+        ))
+    })
 }
