@@ -6,7 +6,7 @@
 //! shape `(nq, nk, d)` — not on q, k, v or on the data-dependent bound `R`. They are cached under
 //! a [`KernelKey`] that *holds* those inputs (as bit patterns), so a hit means equal inputs, not
 //! merely an equal hash: no collision can return another call's kernel. The per-call certificate
-//! stays per call: a cached [`super::forward::FastSpectra`] is wrapped with the current call's
+//! stays per call: a cached [`crate::fast::toeplitz::FastSpectra`] is wrapped with the current call's
 //! plan ([`super::FastKernel::with_spectra`]), and every head is checked against that plan.
 //!
 //! Eviction is least-recently-used by bytes, under a global limit (default

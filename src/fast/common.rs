@@ -3,7 +3,7 @@
 //! [`FastReport`], [`FastOutput`]), the sizes plans are made of ([`FastShape`],
 //! [`ExpansionCounts`]), the FFT
 //! error and cost model ([`fft_relative_error`], [`fft_flops`]), and the row-chunk helpers the
-//! low-rank passes run over ([`chunk_ranges`], [`scan`], ...).
+//! low-rank passes run over (`chunk_ranges`, `scan`, ...).
 
 use crate::error::{Error, Result};
 use crate::poly::U;
@@ -139,7 +139,7 @@ pub struct FastReport {
     pub degree: usize,
     pub kind: crate::poly::PolyKind,
     /// The plan's score bound `R >= max |M_ij|`: the polynomial is certified on `[-r, r]` (on
-    /// [`certify::snap_radius`]`(r)` for Chebyshev, at most 1/64 wider, so that calls share
+    /// [`crate::fast::toeplitz::certify::snap_radius`]`(r)` for Chebyshev, at most 1/64 wider, so that calls share
     /// kernel spectra).
     pub r: f64,
     /// Verified relative error of `p` against `exp` on `[-r, r]`.
@@ -153,7 +153,7 @@ pub struct FastReport {
     pub certified_error: f64,
     /// The polynomial's share of `certified_error`: `max|v| 2ρ/(1-ρ)`.
     pub approximation_error: f64,
-    /// The rounding share of `certified_error`, from this head's data (see [`certify`]).
+    /// The rounding share of `certified_error`, from this head's data (see [`crate::fast::toeplitz::certify`]).
     pub rounding_error: f64,
     /// Bound on `max |lse - exact lse|` over rows with a visible key.
     pub certified_lse_error: f64,
@@ -187,6 +187,7 @@ pub fn fft_flops(n: usize) -> f64 {
     2.5 * n as f64 * (n.max(2) as f64).log2()
 }
 
+/// Sizes of an expansion (what cost and the rounding certificate depend on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExpansionCounts {
     pub terms: usize,

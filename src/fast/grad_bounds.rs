@@ -1,10 +1,10 @@
-//! The error guarantee of the fast backward ([`super::backward`]): what it computes, how far that
+//! The error guarantee of the fast backward ([`crate::fast::toeplitz::backward`], [`crate::fast::lowrank`]): what it computes, how far that
 //! is from the true gradient, and how much floating-point rounding adds.
 //!
 //! # What is computed
 //!
 //! The fast backward returns the gradient of the *approximate* forward
-//! `Õ = P̃ V`, `P̃ = Ã / l̃`, `Ã = p(M) ∘ F`, `l̃ = Ã 1` (the forward of [`super::forward`] for the
+//! `Õ = P̃ V`, `P̃ = Ã / l̃`, `Ã = p(M) ∘ F`, `l̃ = Ã 1` (the forward of [`crate::fast::toeplitz::forward`] for the
 //! backward's own polynomial `p`), evaluated with FFTs. In exact arithmetic, with
 //! `G̃_ij = dO_i·(v_j - Õ_i) / l̃_i` (the gradient of `Σ dO∘Õ` with respect to `Ã_ij`):
 //!
@@ -52,13 +52,13 @@
 //!
 //! The gradient side of `σ` is dominated by `ρ'`: differentiating costs about one degree. The
 //! plan therefore also tries `p = 1 + ∫_0^x q` with `q` the Chebyshev economization of degree
-//! `g - 1` ([`super::backward::integrated_chebyshev`]), whose `σ` is 3-4x smaller than that of the
+//! `g - 1` ([`crate::poly::integrated_chebyshev`]), whose `σ` is 3-4x smaller than that of the
 //! economized `p` at equal degree. In practice (R = 1, eps = 1e-3, unit-range data) the backward
 //! then needs one degree more than the forward (docs/DESIGN.md §5.6's "about 20x further").
 
 //! Gradients that sum over heads (`dk`, `dv` over the query heads of a GQA group, `dw` and
 //! `dbias` over the heads sharing a table) add their heads' errors: the dispatcher gives each
-//! head `eps / multiplicity` ([`GradEps`]).
+//! head `eps / multiplicity` ([`GradEps`](crate::fast::grad::GradEps)).
 //!
 
 use crate::error::Result;
@@ -70,7 +70,7 @@ use crate::toeplitz::ToeplitzPlanner;
 use ndarray::ArrayView2;
 
 /// The data-dependent numbers of one head (or the worst over a group) that the gradient
-/// certificate needs besides [`FastBounds`]. See the module docs.
+/// certificate needs besides [`FastBounds`](crate::fast::bounds::FastBounds). See the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct GradBounds {
     /// `max |dO|`.
@@ -388,7 +388,7 @@ impl PSums {
         let mut ws = tp.make_scratch();
         let n1 = |x: &[f64]| x.iter().map(|v| v.abs()).sum::<f64>();
         let n2 = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-        // Normwise error of one FFT Toeplitz product (certify.rs's model, one pair).
+        // Normwise error of one FFT Toeplitz product (toeplitz::certify's model, one pair).
         let prod_err = |c: &[f64], y: &[f64]| {
             1.01 * (eps_f * n2(c) * n1(y) + (2.0 * eps_f + 5.0 * U) * n1(c) * n2(y))
         };

@@ -8,11 +8,11 @@
 //! p(M_ij) f(δ_ij) = Σ_{(α,β)} q_i^α C_αβ(δ_ij) k_j^β,     C_αβ(δ) = f(δ) Σ_{τ -> (α,β)} γ_τ Π_s w_s(δ)^{m_s}
 //! ```
 //!
-//! over multisets `τ` of `S` (`|τ| <= degree`, [`expansion`]); `f = exp(b)` is the mask/bias factor
+//! over multisets `τ` of `S` (`|τ| <= degree`, [`toeplitz::expansion`]); `f = exp(b)` is the mask/bias factor
 //! and multiplies every term. Each `C_αβ` is a Toeplitz sequence, so
 //! `Σ_j p(M_ij) f_ij x_j = Σ_α q_i^α [Σ_β T[C_αβ] (k^β ∘ x)]_i` costs FFTs instead of `nq nk`
-//! work ([`forward`]). Output `O = (p(M)∘F) V / (p(M)∘F) 1`, with an a-priori certificate that
-//! `max |O - O_exact| <= certified_error` ([`certify`]).
+//! work ([`toeplitz::forward`]). Output `O = (p(M)∘F) V / (p(M)∘F) 1`, with an a-priori certificate that
+//! `max |O - O_exact| <= certified_error` ([`toeplitz::certify`]).
 //!
 //! Call [`fast_forward_head`] for one head, or, to share work across heads with the same W,
 //! scale, mask/bias and shape: [`FastBounds`] per head → one [`fast_plan`] with the largest

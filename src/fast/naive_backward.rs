@@ -1,5 +1,5 @@
 //! Slow, obviously-correct gradients, `O(nq nk (|S| + dv))`: the test oracles of the fast
-//! backward ([`super::backward`]), twins of [`super::naive`].
+//! backward ([`crate::fast::toeplitz::backward`]), twins of [`super::naive`].
 
 use super::naive::score;
 use crate::fast::common::HeadProblem;

@@ -19,7 +19,7 @@ pub struct FastPlan {
     pub counts: ExpansionCounts,
     pub fft_len: usize,
     /// Columns of `[V, 1]` processed together (memory tiling; 0 when even one column exceeds
-    /// the memory limit — [`plan_for_polynomial`] and [`fast_plan`] never return such a plan).
+    /// the memory limit — [`plan_for_polynomial`](crate::fast::toeplitz::plan_for_polynomial) and [`fast_plan`](crate::fast::toeplitz::fast_plan) never return such a plan).
     pub column_tile: usize,
     /// Predicted floating-point operations, kernel spectra included.
     pub flops: f64,
@@ -30,7 +30,7 @@ pub struct FastPlan {
     pub working_bytes: usize,
     /// Bytes of the kernel spectra alone.
     pub kernel_bytes: usize,
-    /// The `eps` this plan was chosen for (`inf` from [`plan_for_polynomial`]): a kernel built
+    /// The `eps` this plan was chosen for (`inf` from [`plan_for_polynomial`](crate::fast::toeplitz::plan_for_polynomial)): a kernel built
     /// from it refuses heads whose data-dependent certificate exceeds it.
     pub eps: f64,
     /// `V 2ρ/(1-ρ)`.
@@ -89,7 +89,7 @@ pub struct BackwardPlan {
     pub fstats: FactorStats,
     pub psums: PSums,
     pub poly: Polynomial,
-    /// `"taylor"`, `"chebyshev"` or `"integrated-chebyshev"` (see [`integrated_chebyshev`]).
+    /// `"taylor"`, `"chebyshev"` or `"integrated-chebyshev"` (see [`crate::poly::integrated_chebyshev`]).
     pub family: &'static str,
     /// Verified relative error of `p'` against `exp` on `[-R, R]`.
     pub rho_d: f64,
@@ -120,7 +120,7 @@ pub struct BackwardPlan {
     /// True when the a-priori certificate exceeds `eps` and the plan relies on each head's
     /// data-dependent rounding bound (approximation within `15/16` of each budget).
     pub deferred: bool,
-    /// `Some` for a plan of the low-rank path ([`crate::fast::lowrank_backward`]: no FFTs).
+    /// `Some` for a plan of the low-rank path ([`crate::fast::lowrank`]: no FFTs).
     pub lowrank: Option<LowRankGrad>,
 }
 

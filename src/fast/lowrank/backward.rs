@@ -48,8 +48,8 @@ pub(super) fn derivative(coeffs: &[f64]) -> impl Fn(f64) -> f64 {
 }
 
 /// One head through the low-rank backward, in rotated coordinates: `x` (`nq x d`) and `y`
-/// (`nk x d`) from [`super::lowrank::rotate`], `v` (`nk x dv`), `dout` (`nq x dv`). Returns
-/// `dx`, `dy` (the gradients with respect to `x` and `y`; [`super::lowrank::rotate_back`] turns
+/// (`nk x d`) from [`super::rotate`], `v` (`nk x dv`), `dout` (`nq x dv`). Returns
+/// `dx`, `dy` (the gradients with respect to `x` and `y`; [`super::rotate_back`] turns
 /// them into `dq`, `dk`), `dv`, and the approximate forward `(out, lse)`, in a [`HeadGrads`]
 /// whose `cert` is left at its default.
 pub fn lowrank_backward_head(

@@ -1,10 +1,9 @@
 //! The rounding certificates of the low-rank route: the forward's (see the parent module's
 //! "Certificate") and the backward's, below.
 //!
-//!
 //! # Backward certificate
 //!
-//! **Approximation** (distance to the true gradient): that of [`super::backward_certify`],
+//! **Approximation** (distance to the true gradient): that of [`crate::fast::grad_bounds`],
 //! unchanged — it only depends on `p` being within `ρ` of `exp` and `p'` within `ρ'` on
 //! `[-R, R]`, not on how `Ã` is evaluated.
 //!
@@ -38,6 +37,7 @@
 //!
 //! All first order in quantities held below `1/4` (`E <= L/4`, `η <= 10^-3`), hence the `1.01`
 //! factors; otherwise the bound is `inf`. `H <= nq/nk` without a mask, `1 + ln(nq)` or so with
+//! one (computed in closed form by [`inverse_mass_sum`]).
 
 use super::forward::BLOCK;
 use crate::fast::common::FastShape;

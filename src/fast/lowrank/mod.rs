@@ -1,6 +1,6 @@
 //! The fast method for RoPE without Toeplitz products: a low-rank feature map.
 //!
-//! For [`RotaryW`], `W_δ = R(p_i θ)^T R(p'_j θ)`: a rotation by the relative angle is the product
+//! For [`RotaryW`](crate::position::RotaryW), `W_δ = R(p_i θ)^T R(p'_j θ)`: a rotation by the relative angle is the product
 //! of the rotations by the absolute ones. With `x_i = scale f² R(p_i θ) q_i` and
 //! `y_j = R(p'_j θ) k_j` (each pair `(a, b)` of coordinates turned by `ψ`:
 //! `(a cos ψ - b sin ψ, a sin ψ + b cos ψ)`), `M_ij = x_i · y_j`, and the polynomial
@@ -14,7 +14,7 @@
 //! mask the query rows run in blocks: keys visible to every row of a block enter through a
 //! running state `S = Σ_j Φk(y_j)ᵀ [v_j, 1]` (`r x (d_v + 1)`), the few partially visible keys
 //! through `p(M)` itself. Memory is `O(block r + r d_v)` besides the outputs: no kernel spectra.
-//! Windows and biases (and general `W`) keep the Toeplitz path ([`super::forward`]).
+//! Windows and biases (and general `W`) keep the Toeplitz path ([`crate::fast::toeplitz`]).
 //!
 //! # Certificate
 //!
@@ -25,6 +25,9 @@
 //! P'(R₂) |M̂ - M|` with `P(x) = Σ |c_t| x^t`; every sum the method forms (GEMMs in any order,
 //! features by products, Horner on the diagonal blocks) is a sum of at most `N = n_k + r + 2g +
 //! block + d + 16` rounded products of terms whose magnitudes add up to at most
+//! `n_vis P(R₂) max|v|` per entry, so each numerator/denominator entry is off by at most
+//! `n_vis E max|v|`, `E = γ_N P(R₂) + P'(R₂) |M̂ - M|`. With every denominator at least
+//! `L n_vis`, `L = (1-ρ) e^{-R}`: `|out error| <= 2 E V / (L - E) + 2u V`.
 
 mod backward;
 mod certificate;

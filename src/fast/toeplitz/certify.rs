@@ -303,7 +303,7 @@ pub fn data_rounding(
 /// significant bits (at most 1/64 larger, exact in binary). A polynomial certified on
 /// `[-snap(r), snap(r)]` is certified on `[-r, r]`; its coefficients, and hence the kernel
 /// spectra, are then the same for every call whose data-dependent `R` falls in the same step,
-/// which is what lets the kernel cache ([`super::cache`]) hit across training steps.
+/// which is what lets the kernel cache ([`crate::fast::cache`]) hit across training steps.
 pub fn snap_radius(r: f64) -> f64 {
     if !(r.is_finite() && r > 0.0) {
         return r;

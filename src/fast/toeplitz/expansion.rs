@@ -38,7 +38,7 @@ struct Term {
     factors: Range<usize>,
 }
 
-/// Sizes of an expansion (what cost and the rounding certificate depend on).
+/// The enumerated expansion: multi-indices, `(α, β)` pairs sorted by `α` then `β`, and terms.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Expansion {
     pub d: usize,

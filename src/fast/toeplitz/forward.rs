@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 /// What the kernel spectra depend on and nothing else: the polynomial's coefficients, the
 /// support, the diagonal sequences, the mask/bias factor, the scale and `(nq, nk, d)` — not the
 /// data-dependent bounds of a plan. Shared (`Arc`) by every call with the same inputs through
-/// [`super::cache`]; a [`FastKernel`] pairs it with one call's plan.
+/// [`crate::fast::cache`]; a [`FastKernel`] pairs it with one call's plan.
 pub struct FastSpectra {
     shape: (usize, usize, usize),
     coeffs: Vec<f64>,

@@ -35,7 +35,7 @@
 //!
 //! The result is the exact gradient of the approximate forward up to rounding; its distance to
 //! the true gradient and the rounding are certified per head before any FFT runs
-//! ([`super::backward_certify`]). Cost: two forward-sized passes (`2 (n_α + n_β)(dv+1)` FFTs and
+//! ([`crate::fast::grad_bounds`], [`super::backward_certify`]). Cost: two forward-sized passes (`2 (n_α + n_β)(dv+1)` FFTs and
 //! `2 n_pairs (dv+1)` spectrum products per frequency), plus, for dw/dbias, `n_β (dv+1)` FFTs and
 //! `n_pairs (dv+1)` products per head and `n_pairs` inverse FFTs per group.
 

@@ -1,5 +1,5 @@
 //! Planning the fast backward: the polynomial, its certificate before any FFT runs, and the
-//! working set (see the parent module for the products and `backward_certify` for the bounds).
+//! working set (see the parent module for the products and `fast::grad_bounds`, `toeplitz::backward_certify` for the bounds).
 
 use crate::error::{Error, Result};
 use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
@@ -220,7 +220,7 @@ pub(super) fn memory_refusal(plan: &BackwardPlan, limits: &FastLimits) -> Error 
 ///
 /// A degree is accepted when its a-priori certificate fits every budget, or when every
 /// approximation error fits `15/16` of its budget and the cancellation floor of the forward
-/// (as in [`super::fast_plan`]) fits `1/16` of the smallest: each head is then certified by its
+/// (as in [`crate::fast::toeplitz::fast_plan`]) fits `1/16` of the smallest: each head is then certified by its
 /// data-dependent rounding bound before its FFTs run.
 pub fn backward_plan(
     req: &BackwardRequest,

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// The correlation spectra `Σ_heads Σ_c conj(FFT(q^α a_c)) ⊙ FFT(k^β b_c)` of every pair,
-/// `[block][pair]` like the kernel spectra; after [`BackwardKernel::finish`] inverts them, each
+/// `[block][pair]` like the kernel spectra; after [`BackwardKernel::finish`](super::BackwardKernel::finish) inverts them, each
 /// pair's blocks hold `H_p(g)` as reals (block `b` holds `g` in `64 b .. 64 b + 64`).
 pub struct CorrelationAccumulator {
     pub(super) blocks: Vec<Block>,
@@ -28,7 +28,7 @@ pub(super) type Minus = Vec<(usize, f64, usize)>;
 /// What the fast backward's kernels depend on and nothing else: the polynomial's coefficients
 /// (and, for dw, its derivative's expansion), the support, the diagonal sequences, the mask/bias
 /// factor, the scale and `(nq, nk, d)` — not a plan's data-dependent bounds. Shared (`Arc`)
-/// across calls through [`super::cache`]; a [`BackwardKernel`] pairs it with one call's plan.
+/// across calls through [`crate::fast::cache`]; a [`BackwardKernel`](super::BackwardKernel) pairs it with one call's plan.
 pub struct BackwardSpectra {
     pub(super) shape: (usize, usize, usize),
     pub(super) coeffs: Vec<f64>,
