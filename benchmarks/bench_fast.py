@@ -218,30 +218,15 @@ def _reset_peak() -> bool:
 
 
 def make_inputs(fastrope, form: str, d: int, dv: int, n: int, seed: int, eps: float):
-    """q, k scaled so that the planner's bound is R = 1; returns (q, k, v, w, R0, R)."""
+    """q, k scaled so that the planner's bound is R = 1; returns (q, k, v, w, R0)."""
+    from fastrope._bench import random_w, unit_bound  # the same inputs as `fastrope bench`
+
     rng = np.random.default_rng([seed, FORM_ID[form], d, dv, n])
     q = rng.uniform(-1.0, 1.0, (n, d))
     k = rng.uniform(-1.0, 1.0, (n, d))
     v = rng.uniform(-1.0, 1.0, (n, dv))
-    if form == "rotary":
-        w = fastrope.Rotary()
-    else:
-        w = fastrope.BlockW(rng.uniform(-1.0, 1.0, (2 * n - 1, d // 2, 2, 2)))
-
-    def bound(q_, k_):
-        p = fastrope.plan(q_, k_, v, w, eps, method="fast", memory_limit=1 << 60)
-        return float(p.bound_r)
-
-    r0 = None
-    shrink = 1.0
-    for _ in range(4):  # a raw draw too wide to certify at all: shrink, then rescale
-        try:
-            r0 = bound(q * shrink, k * shrink) / shrink**2
-            break
-        except Exception:
-            shrink *= 0.5
-    if r0 is None:
-        raise RuntimeError("could not get a bound R from the planner")
+    w = random_w(form, rng, n, d)
+    r0 = unit_bound(q, k, v, w, eps)
     s = 1.0 / math.sqrt(r0)
     q *= s
     k *= s

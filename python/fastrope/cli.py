@@ -15,22 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
-
-def _time(fn: Callable[[], object], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _row(cols: List[str], widths: List[int]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+from ._bench import best_time, text_row
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -63,8 +52,8 @@ def demo(args: argparse.Namespace) -> int:
 
     out, lse = fastrope.attention(q, k, v, w, causal=True, return_lse=True)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    t_f = _time(lambda: fastrope.attention(q, k, v, w, causal=True), args.repeats)
-    t_b = _time(
+    t_f = best_time(lambda: fastrope.attention(q, k, v, w, causal=True), args.repeats)
+    t_b = best_time(
         lambda: fastrope.attention_grad(q, k, v, w, dout, causal=True, out=out, lse=lse),
         args.repeats,
     )
@@ -85,9 +74,9 @@ def demo(args: argparse.Namespace) -> int:
 
     widths = [22, 12, 12, 26]
     print()
-    print(_row(["what", "time (ms)", "GFLOP/s", f"error vs reference (n={m})"], widths))
+    print(text_row(["what", "time (ms)", "GFLOP/s", f"error vs reference (n={m})"], widths))
     print(
-        _row(
+        text_row(
             [
                 "exact forward",
                 f"{t_f * 1e3:.1f}",
@@ -98,7 +87,7 @@ def demo(args: argparse.Namespace) -> int:
         )
     )
     print(
-        _row(
+        text_row(
             [
                 "exact backward",
                 f"{t_b * 1e3:.1f}",
@@ -130,7 +119,7 @@ def _demo_fast(args: argparse.Namespace) -> bool:
     print(f"\nsmall head, long sequence: n = {n}, d = {d}, d_v = {dv}, float64, eps = {eps:g}")
     plan = fastrope.plan(q, k, v, w, eps)
     print("planner:\n  " + str(plan).replace("\n", "\n  "))
-    t_fast = _time(lambda: fastrope.attention(q, k, v, w, eps, method="fast"), 1)
+    t_fast = best_time(lambda: fastrope.attention(q, k, v, w, eps, method="fast"), 1)
     out = fastrope.attention(q, k, v, w, eps, method="fast")
     # Exact on two blocks of query rows (their positions via q_offset), timed and scaled to n.
     m = min(n, 512)
@@ -155,10 +144,14 @@ def _demo_fast(args: argparse.Namespace) -> bool:
         err_dq = max(err_dq, float(np.abs(g.dq[:, rows] - ex.dq).max()))
     widths = [22, 14, 34]
     print()
-    print(_row(["what", "time (s)", "error vs exact"], widths))
-    print(_row(["fast (measured)", f"{t_fast:.2f}", f"max over {m} rows = {err:.2e}"], widths))
-    print(_row(["exact", f"{t_exact:.2f}", f"(measured on {m} rows, scaled to n)"], widths))
-    print(_row(["fast backward", f"{t_grad:.2f}", f"dq: max over {m} rows = {err_dq:.2e}"], widths))
+    print(text_row(["what", "time (s)", "error vs exact"], widths))
+    print(text_row(["fast (measured)", f"{t_fast:.2f}", f"max over {m} rows = {err:.2e}"], widths))
+    print(text_row(["exact", f"{t_exact:.2f}", f"(measured on {m} rows, scaled to n)"], widths))
+    print(
+        text_row(
+            ["fast backward", f"{t_grad:.2f}", f"dq: max over {m} rows = {err_dq:.2e}"], widths
+        )
+    )
     return err <= eps and err_dq <= eps
 
 
@@ -340,9 +333,9 @@ def check(args: argparse.Namespace) -> int:
     )
     widths = [5, 8, 8, 9, 7, 8, 10, 12, 12, 10]
     head = ["head", "R", "max|M|", "degree", "terms", "pairs", "certified"]
-    print(_row(head + ["exact (s)", "fast (s)", "method"], widths))
+    print(text_row(head + ["exact (s)", "fast (s)", "method"], widths))
     for row in rows:
-        print(_row(row, widths))
+        print(text_row(row, widths))
     print(
         "\nthe fast method is certifiable at this n and eps up to R = "
         + ("(none: refused at any R)" if limit is None else f"{limit:.3g}")
@@ -414,12 +407,10 @@ def _pyplot():
 def bench(args: argparse.Namespace) -> int:
     """Time exact and fast over a sweep of n; print, save JSON and a log-log plot."""
     import json
-    import os
 
-    import fastrope
+    from fastrope import _bench
 
     plt = _pyplot() if args.plot else None  # before any work: fail early without matplotlib
-    rng = np.random.default_rng(0)
     ns = [1 << e for e in range(args.n_exp[0], args.n_exp[1] + 1)]
     try:
         from tqdm import tqdm
@@ -427,67 +418,19 @@ def bench(args: argparse.Namespace) -> int:
         progress = tqdm(total=len(ns) * len(args.methods), desc="fastrope bench", unit="run")
     except ImportError:
         progress = None
-    rows = []
-    d, dv = args.d, args.dv
     # With a progress bar, lines go through tqdm.write so that the bar does not cut them.
-    say = print if progress is None else progress.write
-    widths = [9, 7, 10, 14, 10, 30]
-    say(_row(["n", "method", "time (s)", "predicted (s)", "max err", "plan"], widths))
-    for n in ns:
-        q = rng.uniform(-1, 1, (1, n, d))
-        k = rng.uniform(-1, 1, (1, n, d))
-        v = rng.standard_normal((1, n, dv))
-        if args.form == "rotary":
-            w = fastrope.Rotary()
-        else:
-            w = fastrope.BlockW(rng.uniform(-1, 1, (2 * n - 1, d // 2, 2, 2)) / 2)
-        # bounded entries: scale q and k so the certified bound R is about 1
-        p0 = fastrope.plan(q, k, v, w, args.eps, method="auto")
-        r = p0.bound_r or 1.0
-        q, k = q / np.sqrt(r), k / np.sqrt(r)
-        outs = {}
-        for method in args.methods:
-            p = fastrope.plan(q, k, v, w, args.eps if method == "fast" else 0.0, method="auto")
-            predicted = p.fast_seconds if method == "fast" else p.exact_seconds
-            entry = {
-                "n": n,
-                "d": d,
-                "dv": dv,
-                "form": args.form,
-                "method": method,
-                "predicted_seconds": predicted,
-                "load": os.getloadavg()[0],
-            }
-            if predicted is None or predicted > args.max_seconds:
-                entry["skipped"] = (
-                    "refused" if predicted is None else f"predicted {predicted:.3g} s"
-                )
-            else:
-                kw = dict(method=method) if method == "exact" else dict(method="fast")
-                e = args.eps if method == "fast" else 0.0
-                t0 = time.perf_counter()
-                try:
-                    outs[method] = fastrope.attention(q, k, v, w, e, **kw)
-                    entry["seconds"] = time.perf_counter() - t0
-                except fastrope.ApproximationError as err:
-                    entry["skipped"] = str(err)
-                if method == "fast" and "seconds" in entry:
-                    entry.update(degree=p.degree, terms=p.terms, pairs=p.n_pairs)
-            rows.append(entry)
-            if progress is not None:
-                progress.update(1)
-        if "exact" in outs and "fast" in outs:
-            rows[-1]["max_error"] = float(np.abs(outs["exact"] - outs["fast"]).max())
-        for e in rows[-len(args.methods) :]:
-            t = f"{e['seconds']:.3g}" if "seconds" in e else "-"
-            pr = "-" if e["predicted_seconds"] is None else f"{e['predicted_seconds']:.3g}"
-            err = f"{e['max_error']:.1e}" if "max_error" in e else "-"
-            plan = (
-                f"degree {e['degree']}, {e['pairs']} pairs"
-                if "degree" in e
-                else e.get("skipped", "")
-            )[:30]
-            say(_row([str(n), e["method"], t, pr, err, plan], widths))
+    rows = _bench.sweep(
+        ns,
+        d=args.d,
+        dv=args.dv,
+        form=args.form,
+        eps=args.eps,
+        methods=args.methods,
+        max_seconds=args.max_seconds,
+        rng=np.random.default_rng(0),
+        say=print if progress is None else progress.write,
+        tick=None if progress is None else lambda: progress.update(1),
+    )
     if progress is not None:
         progress.close()
     if args.json:
@@ -500,24 +443,8 @@ def bench(args: argparse.Namespace) -> int:
             )
         print(f"results saved to {args.json}")
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in args.methods:
-            pts = [(e["n"], e["seconds"]) for e in rows if e["method"] == method and "seconds" in e]
-            if pts:
-                ax.loglog(*zip(*pts), "o-", label=f"{method} (measured)")
-            pred = [
-                (e["n"], e["predicted_seconds"])
-                for e in rows
-                if e["method"] == method and e["predicted_seconds"]
-            ]
-            if pred:
-                ax.loglog(*zip(*pred), ":", label=f"{method} (planner)")
-        ax.set_xlabel("n")
-        ax.set_ylabel("seconds")
-        ax.set_title(f"{args.form}, d = {d}, d_v = {dv}, eps = {args.eps:g}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        title = f"{args.form}, d = {args.d}, d_v = {args.dv}, eps = {args.eps:g}"
+        _bench.plot_sweep(plt, rows, args.methods, title, args.plot)
         print(f"plot saved to {args.plot}")
     return 0
 
