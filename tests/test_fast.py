@@ -285,19 +285,28 @@ def test_lowrank_and_toeplitz_paths_agree(monkeypatch):
 
 
 def test_lowrank_path_choice():
-    """Rotary / w=None without window or bias: low-rank; a window, a bias or general W: Toeplitz."""
+    """Rotary / w=None, with any window and with or without an ALiBi bias: low-rank; another
+    bias table or a general W: Toeplitz, with the reason among the refusals."""
     rng = np.random.default_rng(5)
     q = unit_rows(rng, (1, 64), 4)
     v = rng.uniform(-1, 1, (1, 64, 2))
     rot = fastrope.Rotary()
 
+    def plan(w, **kw):
+        return fastrope.plan(q, q, v, w, 1e-3, method="fast", **kw)
+
     def path(w, **kw):
-        return fastrope.plan(q, q, v, w, 1e-3, method="fast", **kw).details["path"]
+        return plan(w, **kw).details["path"]
 
     assert path(rot) == path(rot, causal=True) == path(None) == "lowrank"
-    assert path(rot, window=(8, 0)) == "toeplitz"
+    assert path(rot, window=(8, 0)) == path(rot, window=(5, 9), causal=True) == "lowrank"
     assert path(rot, window=(None, None)) == path(rot, window=(63, 63)) == "lowrank"  # no-ops
-    assert path(rot, bias=fastrope.alibi(1, 64)) == "toeplitz"
+    assert path(rot, bias=fastrope.alibi(1, 64)) == path(None, bias=fastrope.alibi(1, 64))
+    assert path(rot, bias=fastrope.alibi(1, 64), window=(7, 3)) == "lowrank"
+    t5 = rng.uniform(-1, 0, (1, 127))
+    p = plan(rot, bias=t5)
+    assert p.details["path"] == "toeplitz"
+    assert any(r == "lowrank" and "ALiBi form" in why for r, why in p.refused), p.refused
     blocks = np.tile(np.eye(2), (127, 2, 1, 1))
     assert path(fastrope.BlockW(blocks)) == "toeplitz"
 

@@ -76,13 +76,17 @@ def test_plan_lists_every_refused_route_with_its_reason():
     assert p.method == "fast" and p.route == "lowrank"
     assert "flop" in _refused(p)["toeplitz"]
     assert _refused(p)["exact"] == "method='fast' was requested"
-    # a bias, a masking window or a general W keep the low-rank route out, each for its reason
+    # a bias table not of the ALiBi form or a general W keep the low-rank route out, each for
+    # its reason (an ALiBi bias and a masking window take it)
     n = q.shape[-2]
+    t5 = np.random.default_rng(0).uniform(-2, 0, (1, 4 * n - 1))
     cases = [
-        (dict(bias=fastrope.alibi(1, 2 * n)), fastrope.Rotary(D), "bias"),
-        (dict(window=(64, 0)), fastrope.Rotary(D), "window"),
+        (dict(bias=t5), fastrope.Rotary(D), "ALiBi form"),
         ({}, fastrope.BlockW(np.tile(np.eye(2), (2 * n - 1, D // 2, 1, 1))), "Rotary"),
     ]
+    for kw in [dict(bias=fastrope.alibi(1, 2 * n)), dict(window=(64, 0))]:
+        p = fastrope.plan(q, k, v, fastrope.Rotary(D), 1e-3, causal=True, method="fast", **kw)
+        assert p.route == "lowrank", (kw, p.refused)
     for kw, w, word in cases:
         p = fastrope.plan(q, k, v, w, 1e-3, causal=True, method="fast", **kw)
         assert p.route == "toeplitz"
@@ -112,8 +116,8 @@ def test_exact_plans_say_why_fast_was_refused():
 
 def test_route_lowrank_where_it_cannot_serve():
     q, k, v, _ = _data(5, n=256)
-    bias = fastrope.alibi(1, 512)
-    with pytest.raises(fastrope.ApproximationError, match="route='lowrank'.*bias"):
+    bias = np.random.default_rng(1).uniform(-2, 0, (1, 1023))  # T5-like: not ALiBi
+    with pytest.raises(fastrope.ApproximationError, match="route='lowrank'.*ALiBi form"):
         fastrope.attention(
             q, k, v, fastrope.Rotary(D), 1e-3, bias=bias, method="fast", route="lowrank"
         )

@@ -49,7 +49,7 @@ pub struct FastPlan {
 }
 
 /// What a low-rank plan needs beyond [`FastPlan`]: the bounds its rounding certificate used.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LowRank {
     /// `R₂ >= scale f² max|q_i| max|k_j|`.
     pub r2: f64,
@@ -57,6 +57,42 @@ pub struct LowRank {
     pub psi_max: f64,
     /// Causal shift `c = q_offset - k_offset` (query `i` sees keys `j <= i + c`), or None.
     pub causal_shift: Option<i64>,
+    /// A window that masks, an ALiBi decay, or neither ([`Band::default`]): the banded forward
+    /// ([`super::lowrank`]'s "Windows and ALiBi").
+    pub band: Band,
+}
+
+/// The band of a low-rank call: which keys a query sees beyond the causal mask, and how much
+/// each weighs. The pair `(i, j)` (`δ = i + shift - j`) is visible for `-right <= δ <= left`
+/// (and `δ >= 0` when causal) and weighs `e^{-slope |δ|}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Band {
+    /// `c = q_offset - k_offset`, causal or not.
+    pub shift: i64,
+    /// `(left, right)` of a window that masks something, or None.
+    pub window: Option<(i64, i64)>,
+    /// The ALiBi slope `s >= 0` (0 without a bias).
+    pub slope: f64,
+    /// The bias table's deviation from `-s|δ|` where it matters: the computed weight of every
+    /// visible pair with `s|δ| <= tail_from` is within a factor `e^{±bias_eta}` of `e^{b(δ)}`.
+    pub bias_eta: f64,
+    /// Where the tail starts (`s|δ| > tail_from`: every such pair weighs at most
+    /// `tail_weight`, in the table and in the decay).
+    pub tail_from: f64,
+    /// The largest weight of a tail pair, `max(e^{b(δ)}, e^{-s|δ|})` (0 without a tail).
+    pub tail_weight: f64,
+    /// The least total weight `Σ_j e^{-s|δ_ij|}` of a row that sees a key, from below.
+    pub min_mass: f64,
+}
+
+impl Band {
+    /// Neither a window that masks nor a bias: the plain (running-state) forward.
+    pub fn is_plain(&self) -> bool {
+        self.window.is_none()
+            && self.slope == 0.0
+            && self.bias_eta == 0.0
+            && self.tail_weight == 0.0
+    }
 }
 
 /// What a backward plan needs to know about a call (or one group of heads sharing a kernel).

@@ -225,7 +225,9 @@ pub fn plan_fast_backward<'a, T: Real>(
         // Rotary without bias or masking window: PSums by prefix sums of the rotated q and k
         let low_rot = match pos {
             Position::Rotary(rot) if !want_diag => {
-                lowrank_of(prob, pos, bias, 0.0, route).ok().map(|lr| {
+                let b = bias.map(|b| (b, bt));
+                let lr = lowrank_of(prob, pos, b, 0.0, route).ok();
+                lr.filter(|lr| lr.band.is_plain()).map(|lr| {
                     (
                         rot,
                         prob.scale * rot.factor * rot.factor,
@@ -349,7 +351,17 @@ pub fn plan_fast_backward<'a, T: Real>(
                 } else {
                     kx * ky * (1.0 + 4.0 * U)
                 };
-                lowrank_of(prob, pos, bias, r2, route).map(|lr| LowRankGrad { lr, kx, ky, mul })
+                lowrank_of(prob, pos, bias.map(|b| (b, bt)), r2, route).and_then(|lr| {
+                    if lr.band.is_plain() {
+                        Ok(LowRankGrad { lr, kx, ky, mul })
+                    } else {
+                        Err(
+                            "backward: takes no bias or masking window (the Toeplitz route \
+                             applies them; the low-rank forward does)"
+                                .to_string(),
+                        )
+                    }
+                })
             }
             _ => Err("needs Rotary or w=None (w is a general table)".to_string()),
         };

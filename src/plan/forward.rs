@@ -231,7 +231,7 @@ pub fn plan_fast_from<'a, T: Real>(
             shape,
             &support,
             &worst,
-            lowrank_of(prob, pos, bias, r2, route),
+            lowrank_of(prob, pos, bias.map(|b| (b, bt)), r2, route),
             heads.len() as f64,
             eps,
             limits,

@@ -19,6 +19,7 @@
 
 pub mod backward;
 pub mod backward_run;
+mod band;
 pub mod forward;
 
 use crate::fast::LowRank;
@@ -85,13 +86,13 @@ pub(crate) fn count_plan() {
     PLANNER_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The low-rank route's parameters when it applies ([`crate::fast::lowrank`]: Rotary, no bias,
-/// no window that masks anything, and `route` allows it), for a Cauchy-Schwarz bound `r2` on the
-/// rotated scores; otherwise the reason it does not.
-pub(crate) fn lowrank_of<T>(
+/// The low-rank route's parameters when it applies ([`crate::fast::lowrank`]: Rotary, without a
+/// bias or with an ALiBi one (bias table `bias.1`), any window, and `route` allows it), for a
+/// Cauchy-Schwarz bound `r2` on the rotated scores; otherwise the reason it does not.
+pub(crate) fn lowrank_of<T: crate::arch::Real>(
     prob: &Problem,
     pos: &Position<'_, T>,
-    bias: Option<&Bias<'_, T>>,
+    bias: Option<(&Bias<'_, T>, usize)>,
     r2: f64,
     route: Route,
 ) -> Result<LowRank, String> {
@@ -104,12 +105,7 @@ pub(crate) fn lowrank_of<T>(
         (left as i128) < c as i128 + prob.nq as i128 - 1
             || (right as i128) < prob.nk as i128 - 1 - c as i128
     });
-    if bias.is_some() {
-        return Err("takes no bias (the Toeplitz route applies it)".into());
-    }
-    if window_masks {
-        return Err("takes no masking window (the Toeplitz route applies it)".into());
-    }
+    let band = band::band_of(prob, bias, window_masks)?;
     if !route.allows("lowrank") {
         return Err("route='toeplitz' was requested".into());
     }
@@ -121,5 +117,6 @@ pub(crate) fn lowrank_of<T>(
         r2,
         psi_max: max_pos * theta,
         causal_shift: prob.causal.then_some(c),
+        band,
     })
 }

@@ -54,6 +54,7 @@ fn request(shape: FastShape, shift: Option<i64>) -> (BackwardRequest<'static>, L
             r2: 1.5,
             psi_max: 1000.0,
             causal_shift: shift,
+            band: Default::default(),
         },
         kx: 1.5,
         ky: 1.0,

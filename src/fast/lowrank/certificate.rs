@@ -84,7 +84,13 @@ pub(super) fn rounding_parts(
 ) -> (f64, f64) {
     let g = poly.degree;
     let feats = feature_count(shape.d, g);
-    let n = shape.nk as f64 + feats + (2 * g + BLOCK + shape.d + 16) as f64;
+    let mut n = shape.nk as f64 + feats + (2 * g + BLOCK + shape.d + 16) as f64;
+    if !lr.band.is_plain() {
+        // banded: up to five direct tiles, the block states' running sums (one product and
+        // one sum per key block), and the weights e^{-s x}: each `exp` is off by at most
+        // `(s x + 2) u` relatively, `s x <= 745` before it underflows, at most four per term
+        n += (4 * BLOCK) as f64 + 2.0 * (shape.nk as f64 / 32.0 + 2.0) + 4.0 * 747.0 + 8.0;
+    }
     let r2 = lr.r2 * (1.0 + 1e-9);
     let (p_abs, dp_abs) = abs_evals(&poly.coeffs, r2);
     let dm = r2 * (gamma((shape.d + 2) as f64) + 2.0 * U * (lr.psi_max + 6.0));

@@ -1,11 +1,12 @@
 //! The low-rank forward: rotate, map to features, and sum through running states (see the
 //! parent module).
 
+use super::band::{band_sums, row_sees};
 use crate::error::{Error, Result};
 use crate::fast::common::{
     chunk_len, chunk_ranges, consecutive, range_sums, scan, FastOutput, FastReport,
 };
-use crate::fast::plans::FastPlan;
+use crate::fast::plans::{FastPlan, LowRank};
 use crate::poly::Polynomial;
 use crate::position::RotaryW;
 use crate::problem::Control;
@@ -210,7 +211,75 @@ pub fn lowrank_head(
     let r = feats.len();
     let blk = forward_block(r as f64, x.ncols(), poly.degree, dv);
     let vb = with_ones(v);
-    let cols = dv + 1;
+    let acc = if lr.band.is_plain() {
+        running_sums(&lr, &feats, poly, blk, x, y, vb.view(), ctl)?
+    } else {
+        band_sums(
+            &lr.band,
+            lr.causal_shift.is_some(),
+            &feats,
+            poly,
+            blk,
+            x,
+            y,
+            vb.view(),
+            ctl,
+        )?
+    };
+    let mut out = Array2::<f64>::zeros((nq, dv));
+    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
+    let sees = row_sees(&lr.band, lr.causal_shift, nk);
+    for i in 0..nq {
+        if !sees(i) {
+            continue;
+        }
+        let den = acc[[i, dv]];
+        if den.is_nan() || den <= 0.0 {
+            return Err(Error::Approximation(format!(
+                "fast method (low-rank): a denominator came out {den:e}; its certificate failed"
+            )));
+        }
+        for c in 0..dv {
+            out[[i, c]] = acc[[i, c]] / den;
+        }
+        lse[i] = den.ln();
+    }
+    Ok(FastOutput {
+        out,
+        lse,
+        report: FastReport {
+            degree: poly.degree,
+            kind: poly.kind,
+            r: plan.bounds.r,
+            rho: poly.rho,
+            terms: plan.counts.terms,
+            n_alpha: plan.counts.n_alpha,
+            n_beta: plan.counts.n_beta,
+            n_pairs: plan.counts.n_pairs,
+            fft_len: 0,
+            certified_error: plan.certified_error,
+            approximation_error: plan.approximation_error,
+            rounding_error: plan.rounding_error,
+            certified_lse_error: plan.certified_lse_error,
+        },
+    })
+}
+
+/// `Σ_{j visible} p(M_ij) [v_j, 1]` (`nq x (dv + 1)`) without a band: running states over the
+/// keys every row of a block sees, `p(M)` on the keys it sees in part (the module docs).
+#[allow(clippy::too_many_arguments)]
+fn running_sums(
+    lr: &LowRank,
+    feats: &Features,
+    poly: &Polynomial,
+    blk: usize,
+    x: ArrayView2<f64>,
+    y: ArrayView2<f64>,
+    vb: ArrayView2<f64>,
+    ctl: &Control,
+) -> Result<Array2<f64>> {
+    let (nq, nk, cols) = (x.nrows(), y.nrows(), vb.ncols());
+    let r = feats.len();
     // query i sees keys j < visible(i)
     let visible = |i: usize| -> usize {
         match lr.causal_shift {
@@ -219,7 +288,7 @@ pub fn lowrank_head(
         }
     };
     let zero = Array2::<f64>::zeros((r, cols));
-    let key_state = |a: usize, b: usize| feats.state(y, vb.view(), false, a..b, blk, ctl);
+    let key_state = |a: usize, b: usize| feats.state(y, vb, false, a..b, blk, ctl);
     // Chunks of query blocks in parallel, each from the prefix state of the keys its first
     // block sees in full (the chunking depends on the shape only: the same bits for any thread
     // count); within a chunk, blocks in order.
@@ -266,44 +335,5 @@ pub fn lowrank_head(
         .enumerate()
         .collect();
     jobs.into_par_iter().map(chunk).collect::<Result<()>>()?;
-    let mut out = Array2::<f64>::zeros((nq, dv));
-    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
-    for i in 0..nq {
-        let seen = match lr.causal_shift {
-            None => nk,
-            Some(c) => (i as i64 + c + 1).clamp(0, nk as i64) as usize,
-        };
-        if seen == 0 {
-            continue;
-        }
-        let den = acc[[i, dv]];
-        if den.is_nan() || den <= 0.0 {
-            return Err(Error::Approximation(format!(
-                "fast method (low-rank): a denominator came out {den:e}; its certificate failed"
-            )));
-        }
-        for c in 0..dv {
-            out[[i, c]] = acc[[i, c]] / den;
-        }
-        lse[i] = den.ln();
-    }
-    Ok(FastOutput {
-        out,
-        lse,
-        report: FastReport {
-            degree: poly.degree,
-            kind: poly.kind,
-            r: plan.bounds.r,
-            rho: poly.rho,
-            terms: plan.counts.terms,
-            n_alpha: plan.counts.n_alpha,
-            n_beta: plan.counts.n_beta,
-            n_pairs: plan.counts.n_pairs,
-            fft_len: 0,
-            certified_error: plan.certified_error,
-            approximation_error: plan.approximation_error,
-            rounding_error: plan.rounding_error,
-            certified_lse_error: plan.certified_lse_error,
-        },
-    })
+    Ok(acc)
 }

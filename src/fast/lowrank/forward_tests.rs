@@ -3,7 +3,7 @@ use super::forward::{lowrank_head, rotate};
 use super::plan::lowrank_plan;
 use crate::fast::bounds::FastBounds;
 use crate::fast::common::{FastLimits, FastShape};
-use crate::fast::plans::LowRank;
+use crate::fast::plans::{Band, LowRank};
 use crate::poly::Polynomial;
 use crate::position::RotaryW;
 use crate::problem::Control;
@@ -22,6 +22,23 @@ fn naive(
     c: i64,
     causal: bool,
 ) -> (Array2<f64>, Array1<f64>) {
+    naive_band(rot, poly, q, k, v, scale, c, causal, None, 0.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// [`naive`] with a window `(left, right)` and the ALiBi weight `e^{-s|δ|}` of each pair.
+fn naive_band(
+    rot: &RotaryW,
+    poly: &Polynomial,
+    q: &Array2<f64>,
+    k: &Array2<f64>,
+    v: &Array2<f64>,
+    scale: f64,
+    c: i64,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    slope: f64,
+) -> (Array2<f64>, Array1<f64>) {
     let (nq, nk, dv) = (q.nrows(), k.nrows(), v.ncols());
     let f2 = rot.factor * rot.factor;
     let mut out = Array2::zeros((nq, dv));
@@ -33,6 +50,9 @@ fn naive(
             if causal && delta < 0 {
                 continue;
             }
+            if window.is_some_and(|(l, r)| delta > l || delta < -r) {
+                continue;
+            }
             let mut m = 0.0;
             for (t, &(p, r)) in rot.pairs.iter().enumerate() {
                 let (sn, cs) = (delta as f64 * rot.theta[t]).sin_cos();
@@ -40,7 +60,7 @@ fn naive(
                     * (cs * (q[[i, p]] * k[[j, p]] + q[[i, r]] * k[[j, r]])
                         + sn * (q[[i, p]] * k[[j, r]] - q[[i, r]] * k[[j, p]]));
             }
-            let a = poly.eval(scale * m);
+            let a = poly.eval(scale * m) * (-slope * delta.unsigned_abs() as f64).exp();
             den += a;
             for (x, vv) in num.iter_mut().zip(v.row(j)) {
                 *x += a * vv;
@@ -73,6 +93,7 @@ fn lowrank_head_matches_the_definition() {
             r2: 4.0,
             psi_max: 1000.0,
             causal_shift: causal.then_some(shift),
+            band: Default::default(),
         };
         let bounds = FastBounds {
             r: 2.0,
@@ -107,6 +128,92 @@ fn lowrank_head_matches_the_definition() {
 }
 
 #[test]
+fn banded_head_matches_the_definition() {
+    // d = 2 and dv = 3 give blocks of 32 rows: many blocks, segments and partial tiles
+    let mut g = Lcg(11);
+    let rot = RotaryW {
+        theta: vec![0.3],
+        factor: 1.0,
+        pairs: vec![(0, 1)],
+    };
+    let (nq, nk, d, dv, scale) = (333, 301, 2, 3, 0.7);
+    let q = g.mat(nq, d, 0.7);
+    let k = g.mat(nk, d, 0.7);
+    let v = g.mat(nk, dv, 1.0);
+    let bounds = FastBounds {
+        r: 1.0,
+        r_abs: 1.0,
+        v_max: 1.0,
+        factor_sum: 1.0,
+        factor_norm2: 1.0,
+        min_row_mass: 1.0,
+    };
+    let shape = FastShape { nq, nk, d, dv };
+    let limits = FastLimits {
+        max_degree: 12,
+        max_terms: 5000,
+        max_working_bytes: 1 << 30,
+    };
+    let windows = [
+        None,
+        Some((0, 0)),
+        Some((5, 0)),
+        Some((40, 13)),
+        Some((63, 64)),
+        Some((95, 31)),
+        Some((200, 7)),
+        Some((3, 250)),
+    ];
+    let mut cases = 0;
+    for causal in [false, true] {
+        for shift in [0i64, -37, 45, 290, -290] {
+            for window in windows {
+                for slope in [0.0, 0.02, 0.7] {
+                    if window.is_none() && slope == 0.0 {
+                        continue; // the plain path
+                    }
+                    let band = Band {
+                        shift,
+                        window,
+                        slope,
+                        min_mass: 1.0,
+                        ..Band::default()
+                    };
+                    let lr = LowRank {
+                        r2: 1.0,
+                        psi_max: 1000.0,
+                        causal_shift: causal.then_some(shift),
+                        band,
+                    };
+                    let plan = lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap();
+                    let x = rotate(&rot, q.view(), shift, scale);
+                    let y = rotate(&rot, k.view(), 0, 1.0);
+                    let got =
+                        lowrank_head(&plan, x.view(), y.view(), v.view(), &Control::new()).unwrap();
+                    let (out, lse) = naive_band(
+                        &rot, &plan.poly, &q, &k, &v, scale, shift, causal, window, slope,
+                    );
+                    let tag =
+                        format!("causal {causal} shift {shift} window {window:?} slope {slope}");
+                    for i in 0..nq {
+                        assert_eq!(got.lse[i].is_finite(), lse[i].is_finite(), "row {i} {tag}");
+                        if lse[i].is_finite() {
+                            assert!((got.lse[i] - lse[i]).abs() < 1e-11, "lse row {i} {tag}");
+                            for c in 0..dv {
+                                let e = (got.out[[i, c]] - out[[i, c]]).abs();
+                                assert!(e < 1e-11, "out {i} {c} {tag}: {e:e}");
+                            }
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > 200);
+}
+
+#[test]
 fn refusals_name_the_reason() {
     let shape = FastShape {
         nq: 10,
@@ -126,6 +233,7 @@ fn refusals_name_the_reason() {
         r2: 1.0,
         psi_max: 0.0,
         causal_shift: None,
+        band: Default::default(),
     };
     let limits = FastLimits {
         max_degree: 12,

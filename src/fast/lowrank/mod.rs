@@ -30,6 +30,7 @@
 //! `L n_vis`, `L = (1-ρ) e^{-R}`: `|out error| <= 2 E V / (L - E) + 2u V`.
 
 mod backward;
+mod band;
 mod certificate;
 mod forward;
 mod plan;

@@ -1,6 +1,7 @@
 //! Planning the low-rank route, forward and backward: the polynomial (the least certified degree,
 //! [`crate::poly::choose_degree`]), the rounding certificate and the cost.
 
+use super::band::Geometry;
 use super::certificate::{feature_count, lowrank_grad_rounding, rounding_error, rounding_parts};
 use super::forward::{forward_block, BLOCK};
 use crate::error::{Error, Result};
@@ -8,7 +9,7 @@ use crate::fast::bounds::FastBounds;
 use crate::fast::common::{ExpansionCounts, FastLimits, FastShape, MAX_CHUNKS};
 use crate::fast::grad::{GradCertificate, Want};
 use crate::fast::grad_bounds::{approximation_errors, derivative_rho};
-use crate::fast::plans::{BackwardPlan, BackwardRequest, FastPlan, LowRank, LowRankGrad};
+use crate::fast::plans::{BackwardPlan, BackwardRequest, Band, FastPlan, LowRank, LowRankGrad};
 use crate::poly::{search_degree, Family, Pick, Polynomial, Verdict, U};
 
 /// A certified low-rank plan for `shape` with `bounds` (`R`, `max|v|`), or the reason there is
@@ -42,32 +43,31 @@ pub fn lowrank_plan(
             return Ok(Verdict::Skip);
         }
         let feats = feature_count(shape.d, degree);
-        let approximation = v * 2.0 * poly.rho / (1.0 - poly.rho);
+        let band = &lr.band;
+        // the weights e^{-s|δ|} are within e^{±η} of e^{b(δ)} (up to the tail)
+        let rho = (1.0 + poly.rho) * band.bias_eta.exp() - 1.0;
+        let (tail, tail_rel) = tail_error(band, shape, r, poly.rho, v);
+        let approximation = v * 2.0 * rho / (1.0 - rho) + tail;
         let rounding = rounding_error(&poly, shape, r, &lr, v);
         let certified = approximation + rounding;
         if certified <= eps {
-            let feats = feats as usize;
-            let rows = BLOCK.min(shape.nq.max(1));
-            let cols = shape.dv + 1;
-            // features (q and k), the state and its products, the diagonal blocks
-            let mut flops = 4.0 * (shape.nq + shape.nk) as f64 * feats as f64
-                + 2.0 * (shape.nq + shape.nk) as f64 * feats as f64 * cols as f64;
-            if lr.causal_shift.is_some() {
-                flops += shape.nq as f64
-                    * forward_block(feats as f64, shape.d, degree, shape.dv) as f64
-                    * (2.0 * shape.d as f64 + 2.0 * degree as f64 + 2.0 * cols as f64);
+            let (flops, working_bytes) = lowrank_cost(shape, &lr, feats as usize, degree);
+            if working_bytes > limits.max_working_bytes {
+                return Ok(Verdict::Reject {
+                    why: format!(
+                        "degree {degree} needs {:.3} GB of block states, more than \
+                         max_working_bytes = {:.3} GB",
+                        working_bytes as f64 / 1e9,
+                        limits.max_working_bytes as f64 / 1e9
+                    ),
+                    hopeless: true,
+                });
             }
-            // per chunk in flight (at most 8): block buffers and its prefix state; the
-            // numerators
-            let chunks = 8usize.min(shape.nq.div_ceil(4 * BLOCK)).max(1);
-            let working_bytes =
-                8 * chunks * (2 * rows * feats + 2 * feats * cols + rows * BLOCK + rows * cols)
-                    + 8 * (shape.nq + shape.nk) * shape.d
-                    + 16 * shape.nq * cols;
+            let feats = feats as usize;
             let (e, l) = rounding_parts(&poly, shape, r, &lr);
             // |ln l̃ - ln l| <= -ln(1-ρ); the computed denominator is off by a factor within
             // 1 ± E/(L-E); the logarithm adds a few units of rounding
-            let lse_error = -(1.0 - poly.rho).ln() + 2.0 * e / (l - e) + 64.0 * U;
+            let lse_error = -(1.0 - rho).ln() + 2.0 * e / (l - e) + tail_rel + 64.0 * U;
             return Ok(Verdict::Accept(FastPlan {
                 shape,
                 bounds: *bounds,
@@ -81,7 +81,7 @@ pub fn lowrank_plan(
                     max_terms_per_pair: 1,
                 },
                 fft_len: 0,
-                column_tile: cols,
+                column_tile: shape.dv + 1,
                 flops,
                 kernel_flops: 0.0,
                 working_bytes,
@@ -106,6 +106,69 @@ pub fn lowrank_plan(
     search_degree(limits.max_degree, &tries, Pick::First, admit, judge)?.map_err(|why| {
         Error::Approximation(format!("fast method (low-rank): cannot certify eps: {why}"))
     })
+}
+
+/// The output error from the tail of an ALiBi band (pairs with `s|δ| > τ`, each weighing at
+/// most `t_w` in the table and in the decay; [`Band`]), and its relative share of a
+/// denominator: with `t = n_k (2 + ρ) e^R t_w` and every visible row's true denominator at least
+/// `l = e^{-R-η} m_min`, the output moves by at most `2 t V / (l - t)`.
+fn tail_error(band: &Band, shape: FastShape, r: f64, rho: f64, v: f64) -> (f64, f64) {
+    if band.tail_weight == 0.0 {
+        return (0.0, 0.0);
+    }
+    let t = shape.nk as f64 * (2.0 + rho) * r.exp() * band.tail_weight;
+    let l = (-r - band.bias_eta).exp() * band.min_mass;
+    if !(l > t) {
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    (2.0 * t * v / (l - t), t / (l - t))
+}
+
+/// Predicted flops and working bytes of the low-rank forward with `feats` features.
+fn lowrank_cost(shape: FastShape, lr: &LowRank, feats: usize, degree: usize) -> (f64, usize) {
+    let (nq, nk, d, dv) = (shape.nq, shape.nk, shape.d, shape.dv);
+    let rows = BLOCK.min(nq.max(1));
+    let cols = dv + 1;
+    let (f, c) = (feats as f64, cols as f64);
+    let blk = forward_block(f, d, degree, dv);
+    let tile = 2.0 * d as f64 + 2.0 * degree as f64 + 2.0 * c;
+    if lr.band.is_plain() {
+        // features (q and k), the state and its products, the diagonal blocks
+        let mut flops = 4.0 * (nq + nk) as f64 * f + 2.0 * (nq + nk) as f64 * f * c;
+        if lr.causal_shift.is_some() {
+            flops += nq as f64 * blk as f64 * tile;
+        }
+        // per chunk in flight (at most 8): block buffers and its prefix state; the numerators
+        let chunks = 8usize.min(nq.div_ceil(4 * BLOCK)).max(1);
+        let bytes = 8 * chunks * (2 * rows * feats + 2 * feats * cols + rows * BLOCK + rows * cols)
+            + 8 * (nq + nk) * d
+            + 16 * nq * cols;
+        return (flops, bytes);
+    }
+    let geo = Geometry::new(&lr.band, lr.causal_shift.is_some(), nq, nk, blk);
+    let (past, future) = geo.sides();
+    let sides = past as usize + future as usize;
+    let bounded = |full: bool, side: bool| side && full;
+    let (bp, bf) = geo.bounded();
+    // the block states of each side, and their second running sum when the side is bounded
+    let arrays = sides + bounded(bp, past) as usize + bounded(bf, future) as usize;
+    let s = sides as f64;
+    let flops = 4.0 * (nq + nk) as f64 * f
+        + 2.0 * (nq + nk) as f64 * f * c * s
+        + 4.0 * geo.nkb as f64 * f * c * arrays as f64
+        + nq as f64 * (geo.partial_tiles() * blk) as f64 * tile;
+    let threads = MAX_CHUNKS;
+    let bytes = 8usize
+        .saturating_mul(arrays.max(1))
+        .saturating_mul(geo.nkb)
+        .saturating_mul(feats)
+        .saturating_mul(cols)
+        .saturating_add(
+            8 * threads * (2 * blk * feats + 2 * feats * cols + 2 * blk * blk + blk * cols),
+        )
+        .saturating_add(8 * geo.max_table_delta())
+        .saturating_add(8 * (nq + nk) * d + 16 * nq * cols);
+    (flops, bytes)
 }
 
 /// Rows per block of the low-rank backward: with a causal mask each row also meets up to a
