@@ -21,6 +21,7 @@
 //! inputs, `a` and the outputs. It is the exact gradient of the approximate forward
 //! [`super::lowrank_head`] computes (up to rounding).
 
+use super::band_backward::band_backward_head;
 use super::forward::{with_ones, Features};
 use super::plan::block_rows;
 use crate::error::{Error, Result};
@@ -85,6 +86,9 @@ pub fn lowrank_backward_head(
                 g.len()
             )));
         }
+    }
+    if !lg.lr.band.is_plain() {
+        return band_backward_head(plan, &lg.lr, x, y, v, dout, dlse, ctl);
     }
     let poly = &plan.poly;
     let dp = derivative(&poly.coeffs);

@@ -6,7 +6,7 @@ use crate::fast::bounds::FastBounds;
 use crate::fast::common::{FastLimits, FastShape};
 use crate::fast::grad::{Grad5, Want};
 use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
-use crate::fast::plans::{BackwardRequest, LowRank, LowRankGrad};
+use crate::fast::plans::{BackwardRequest, Band, LowRank, LowRankGrad};
 use crate::poly::Polynomial;
 use crate::position::RotaryW;
 use crate::problem::Control;
@@ -74,17 +74,38 @@ fn naive(
     dlse: &Array1<f64>,
     shift: Option<i64>,
 ) -> (Array2<f64>, Array2<f64>, Array2<f64>, Array2<f64>) {
+    let vis = |i: usize, j: usize| {
+        if shift.is_none_or(|c| j as i64 <= i as i64 + c) {
+            1.0
+        } else {
+            0.0
+        }
+    };
+    naive_weighted(poly, x, y, v, dout, dlse, &vis)
+}
+
+/// [`naive`] with each pair weighted by `w(i, j)` (0: masked).
+#[allow(clippy::type_complexity)]
+fn naive_weighted(
+    poly: &Polynomial,
+    x: &Array2<f64>,
+    y: &Array2<f64>,
+    v: &Array2<f64>,
+    dout: &Array2<f64>,
+    dlse: &Array1<f64>,
+    w: &dyn Fn(usize, usize) -> f64,
+) -> (Array2<f64>, Array2<f64>, Array2<f64>, Array2<f64>) {
     let (nq, nk, d, dv) = (x.nrows(), y.nrows(), x.ncols(), v.ncols());
     let dp = derivative(&poly.coeffs);
     let m = x.dot(&y.t());
-    let vis = |i: usize, j: usize| shift.is_none_or(|c| j as i64 <= i as i64 + c);
+    let vis = |i: usize, j: usize| w(i, j) != 0.0;
     let mut out = Array2::zeros((nq, dv));
     let mut a = Array2::<f64>::zeros((nq, dv + 1));
     for i in 0..nq {
         let mut den = 0.0;
         let mut num = vec![0.0; dv];
         for j in (0..nk).filter(|&j| vis(i, j)) {
-            let p = poly.eval(m[[i, j]]);
+            let p = poly.eval(m[[i, j]]) * w(i, j);
             den += p;
             for c in 0..dv {
                 num[c] += p * v[[j, c]];
@@ -111,12 +132,12 @@ fn naive(
             for c in 0..dv {
                 gij += a[[i, c]] * v[[j, c]];
             }
-            let g = gij * dp(m[[i, j]]);
+            let g = gij * dp(m[[i, j]]) * w(i, j);
             for l in 0..d {
                 dx[[i, l]] += g * y[[j, l]];
                 dy[[j, l]] += g * x[[i, l]];
             }
-            let p = poly.eval(m[[i, j]]);
+            let p = poly.eval(m[[i, j]]) * w(i, j);
             for c in 0..dv {
                 dvv[[j, c]] += p * a[[i, c]];
             }
@@ -176,6 +197,91 @@ fn lowrank_backward_matches_the_definition() {
         close(&got.dv, &dvv, "dv");
         close(&got.out, &out, "out");
     }
+}
+
+#[test]
+fn banded_backward_matches_the_definition() {
+    // d = 2, dv = 3: blocks of 32-64 rows, so many blocks, segments and partial tiles
+    let mut g = Lcg(17);
+    let (nq, nk, d, dv) = (261, 233, 2, 3);
+    let x = g.mat(nq, d, 0.5);
+    let y = g.mat(nk, d, 0.5);
+    let v = g.mat(nk, dv, 1.0);
+    let dout = g.mat(nq, dv, 1.0);
+    let dlse = Array1::from_iter((0..nq).map(|_| 2.0 * g.next()));
+    let shape = FastShape { nq, nk, d, dv };
+    let limits = FastLimits {
+        max_degree: 12,
+        max_terms: 5000,
+        max_working_bytes: 1 << 30,
+    };
+    let mut cases = 0;
+    for causal in [false, true] {
+        for c in [0i64, -29, 41, 250, -250] {
+            for window in [
+                None,
+                Some((0, 0)),
+                Some((37, 5)),
+                Some((70, 130)),
+                Some((3, 200)),
+            ] {
+                for slope in [0.0, 0.03, 0.9] {
+                    if window.is_none() && slope == 0.0 {
+                        continue;
+                    }
+                    let (req, mut lg) = request(shape, causal.then_some(c));
+                    lg.lr.band = Band {
+                        shift: c,
+                        window,
+                        slope,
+                        min_mass: 1.0,
+                        ..Band::default()
+                    };
+                    let plan = lowrank_backward_plan(&req, lg, &limits, None).unwrap();
+                    let with_lse = cases % 2 == 1;
+                    let got = lowrank_backward_head(
+                        &plan,
+                        x.view(),
+                        y.view(),
+                        v.view(),
+                        dout.view(),
+                        with_lse.then(|| dlse.view()),
+                        &Control::new(),
+                    )
+                    .unwrap();
+                    let wfn = |i: usize, j: usize| {
+                        let delta = i as i64 + c - j as i64;
+                        let masked = (causal && delta < 0)
+                            || window.is_some_and(|(l, r)| delta > l || delta < -r);
+                        if masked {
+                            0.0
+                        } else {
+                            (-slope * delta.unsigned_abs() as f64).exp()
+                        }
+                    };
+                    let zero = Array1::<f64>::zeros(nq);
+                    let g_lse = if with_lse { &dlse } else { &zero };
+                    let (dx, dy, dvv, out) =
+                        naive_weighted(&plan.poly, &x, &y, &v, &dout, g_lse, &wfn);
+                    let tag = format!("causal {causal} c {c} window {window:?} slope {slope}");
+                    let close = |a: &Array2<f64>, b: &Array2<f64>, what: &str| {
+                        let err = (a - b).iter().fold(0.0f64, |m, e| m.max(e.abs()));
+                        let mag = b.iter().fold(0.0f64, |m, e| m.max(e.abs()));
+                        assert!(
+                            err <= 1e-11 * (1.0 + mag),
+                            "{what} {tag}: {err:e} (max {mag:e})"
+                        );
+                    };
+                    close(&got.dq, &dx, "dx");
+                    close(&got.dk, &dy, "dy");
+                    close(&got.dv, &dvv, "dv");
+                    close(&got.out, &out, "out");
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > 100);
 }
 
 #[test]

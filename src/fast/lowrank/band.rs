@@ -53,23 +53,46 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of the forward: rows are the `nq` queries, columns the `nk` keys.
     pub(crate) fn new(band: &Band, causal: bool, nq: usize, nk: usize, b: usize) -> Geometry {
-        let b = b as i64;
-        let c = band.shift;
-        let (nq, nk) = (nq as i64, nk as i64);
         let (mut lo, mut hi) = (-FAR, FAR);
         if let Some((left, right)) = band.window {
-            // a side wider than every δ of the call is unbounded
-            if -right > c - (nk - 1) {
-                lo = -right;
-            }
-            if left < c + nq - 1 {
-                hi = left;
-            }
+            lo = -right;
+            hi = left;
         }
         if causal {
             lo = lo.max(0);
         }
+        Geometry::of(lo, hi, band.shift, nq, nk, b)
+    }
+
+    /// The same band seen from the columns: rows are the `nk` keys, columns the `nq` queries,
+    /// `δ' = -δ` (the backward's pass over key blocks).
+    pub(crate) fn transposed(
+        band: &Band,
+        causal: bool,
+        nq: usize,
+        nk: usize,
+        b: usize,
+    ) -> Geometry {
+        let f = Geometry::new(band, causal, nq, nk, b);
+        let flip = |x: i64| {
+            if x.abs() >= FAR {
+                -x.signum() * FAR
+            } else {
+                -x
+            }
+        };
+        Geometry::of(flip(f.hi), flip(f.lo), -band.shift, nk, nq, b)
+    }
+
+    /// Rows `i < n_rows`, columns `j < nk`, pair visible for `lo <= i + c - j <= hi`.
+    fn of(lo: i64, hi: i64, c: i64, n_rows: usize, nk: usize, b: usize) -> Geometry {
+        let b = b as i64;
+        let (nq, nk) = (n_rows as i64, nk as i64);
+        // a side wider than every δ of the call is unbounded
+        let lo = if lo > c - (nk - 1) { lo } else { -FAR };
+        let hi = if hi < c + nq - 1 { hi } else { FAR };
         let tmin = (-c).div_euclid(b);
         let nkb = ((nk - 1 - c).div_euclid(b) - tmin + 1).max(0) as usize;
         let (up, upp) = if hi >= FAR {
@@ -274,81 +297,111 @@ struct Sums {
     fsuf: Vec<Array2<f64>>,
 }
 
-/// `Σ_j w_ij p(M_ij) [v_j, 1]` (`nq x (dv + 1)`) over the visible pairs of a banded call, `w_ij
-/// = λ^|δ_ij|`; `x`, `y` rotated, `vb = [V, 1]`, query blocks of `blk` rows.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn band_sums(
-    band: &Band,
-    causal: bool,
-    feats: &Features,
-    poly: &crate::poly::Polynomial,
+/// The block states of one side of a banded product `Σ_j w_ij Φ(x_i) · Φ(y_j) vals_j^T` and
+/// what a row block needs to finish it: the states of its full tiles ([`BandStates::states`],
+/// each row scaled by [`BandStates::row_factor`]) and its partial tiles ([`BandStates::tiles`],
+/// weighted by [`BandStates::weight`]). The forward and both passes of the backward use it.
+pub(crate) struct BandStates {
+    geo: Geometry,
     blk: usize,
-    x: ArrayView2<f64>,
-    y: ArrayView2<f64>,
-    vb: ArrayView2<f64>,
-    ctl: &Control,
-) -> Result<Array2<f64>> {
-    let (nq, nk, cols) = (x.nrows(), y.nrows(), vb.ncols());
-    let r = feats.len();
-    let geo = Geometry::new(band, causal, nq, nk, blk);
-    let s = band.slope;
-    let pow = powers(s, geo.max_table_delta() + blk + 1);
-    let (past, future) = geo.sides();
-    // the block states P_t and F_t, all key blocks in parallel
-    let block_states = |want: bool, from_end: bool| -> Result<Vec<Array2<f64>>> {
-        if !want {
-            return Ok(Vec::new());
-        }
-        (0..geo.nkb as i64)
-            .into_par_iter()
-            .map(|kb| {
-                ctl.check()?;
-                let (j0, j1, s0) = geo.keys(kb);
-                let mut f = feats.fill(y.slice(s![j0..j1, ..]), false);
-                if s != 0.0 {
-                    for (jj, mut row) in f.outer_iter_mut().enumerate() {
-                        let j = (j0 + jj) as i64 - s0;
-                        let e = if from_end { geo.b - 1 - j } else { j };
-                        row *= pow[e as usize];
+    slope: f64,
+    pow: Vec<f64>,
+    mp: usize,
+    mf: usize,
+    sums: Sums,
+    shape: (usize, usize),
+}
+
+impl BandStates {
+    /// The states of the columns `y` (features weighted or not) with values `vals`.
+    pub(crate) fn new(
+        geo: Geometry,
+        slope: f64,
+        blk: usize,
+        feats: &Features,
+        y: ArrayView2<f64>,
+        weighted: bool,
+        vals: ArrayView2<f64>,
+        ctl: &Control,
+    ) -> Result<BandStates> {
+        let s = slope;
+        let pow = powers(s, geo.max_table_delta() + blk + 1);
+        let (past, future) = geo.sides();
+        // the block states P_t and F_t, all key blocks in parallel
+        let block_states = |want: bool, from_end: bool| -> Result<Vec<Array2<f64>>> {
+            if !want {
+                return Ok(Vec::new());
+            }
+            (0..geo.nkb as i64)
+                .into_par_iter()
+                .map(|kb| {
+                    ctl.check()?;
+                    let (j0, j1, s0) = geo.keys(kb);
+                    let mut f = feats.fill(y.slice(s![j0..j1, ..]), weighted);
+                    if s != 0.0 {
+                        for (jj, mut row) in f.outer_iter_mut().enumerate() {
+                            let j = (j0 + jj) as i64 - s0;
+                            let e = if from_end { geo.b - 1 - j } else { j };
+                            row *= pow[e as usize];
+                        }
                     }
-                }
-                Ok(f.t().dot(&vb.slice(s![j0..j1, ..])))
-            })
-            .collect()
-    };
-    let lam_b = lam(s, geo.b);
-    let (mp, mf) = (geo.segment(true), geo.segment(false));
-    let mut pre = block_states(past, true)?;
-    let suf = if past && geo.up < FAR {
-        weighted_runs(&pre, mp, s, geo.b, true)
-    } else {
-        Vec::new()
-    };
-    decayed_runs(&mut pre, mp, lam_b, true);
-    let mut fsuf = block_states(future, false)?;
-    let fpre = if future && geo.uf < FAR {
-        weighted_runs(&fsuf, mf, s, geo.b, false)
-    } else {
-        Vec::new()
-    };
-    decayed_runs(&mut fsuf, mf, lam_b, false);
-    let sums = Sums {
-        pre,
-        suf,
-        fpre,
-        fsuf,
-    };
-    let zero = Array2::<f64>::zeros((r, cols));
-    let internal = || {
-        Error::Value("fast method (low-rank, banded): a state range outside its segments".into())
-    };
-    // Σ over the full tiles of block q, with the coefficient of each running sum
-    let gather = |q: i64, is_past: bool| -> Result<Option<Array2<f64>>> {
+                    Ok(f.t().dot(&vals.slice(s![j0..j1, ..])))
+                })
+                .collect()
+        };
+        let lam_b = lam(s, geo.b);
+        let (mp, mf) = (geo.segment(true), geo.segment(false));
+        let mut pre = block_states(past, true)?;
+        let suf = if past && geo.up < FAR {
+            weighted_runs(&pre, mp, s, geo.b, true)
+        } else {
+            Vec::new()
+        };
+        decayed_runs(&mut pre, mp, lam_b, true);
+        let mut fsuf = block_states(future, false)?;
+        let fpre = if future && geo.uf < FAR {
+            weighted_runs(&fsuf, mf, s, geo.b, false)
+        } else {
+            Vec::new()
+        };
+        decayed_runs(&mut fsuf, mf, lam_b, false);
+        Ok(BandStates {
+            geo,
+            blk,
+            slope,
+            pow,
+            mp,
+            mf,
+            sums: Sums {
+                pre,
+                suf,
+                fpre,
+                fsuf,
+            },
+            shape: (feats.len(), vals.ncols()),
+        })
+    }
+
+    /// The summed states of row block `qb`'s full past and future tiles (None: no such tiles).
+    pub(crate) fn states(&self, qb: usize) -> Result<[Option<Array2<f64>>; 2]> {
+        Ok([
+            self.gather(qb as i64, true)?,
+            self.gather(qb as i64, false)?,
+        ])
+    }
+
+    fn gather(&self, q: i64, is_past: bool) -> Result<Option<Array2<f64>>> {
+        let (geo, sums) = (&self.geo, &self.sums);
         let (a, b) = geo.full(q, is_past);
         if a >= b {
             return Ok(None);
         }
-        let m = if is_past { mp } else { mf } as i64;
+        let internal = || {
+            Error::Value(
+                "fast method (low-rank, banded): a state range outside its segments".into(),
+            )
+        };
+        let m = if is_past { self.mp } else { self.mf } as i64;
         let n = geo.nkb as i64;
         let (sa, sb) = (a / m, (b - 1) / m);
         let seg_end = |sg: i64| ((sg + 1) * m).min(n) - 1;
@@ -375,7 +428,7 @@ pub(super) fn band_sums(
         } else {
             return Err(internal());
         }
-        let mut acc = zero.clone();
+        let mut acc = Array2::<f64>::zeros(self.shape);
         for (st, kref) in parts {
             let t = kref + geo.tmin;
             let e = if is_past {
@@ -384,44 +437,119 @@ pub(super) fn band_sums(
                 (t - q) * geo.b
             } - geo.b
                 + 1;
-            acc.scaled_add(lam(s, e), st);
+            acc.scaled_add(lam(self.slope, e), st);
         }
         Ok(Some(acc))
-    };
-    let nqb = nq.div_ceil(blk);
+    }
+
+    /// The factor of row `a` of a block on side `side` (0: past, 1: future).
+    #[inline]
+    pub(crate) fn row_factor(&self, side: usize, a: usize) -> f64 {
+        self.pow[if side == 0 { a } else { self.blk - 1 - a }]
+    }
+
+    /// `Σ_side factor_a (f_a · state_side)` for a row block's features `f` (`rows x r`).
+    pub(crate) fn apply(
+        &self,
+        states: &[Option<Array2<f64>>; 2],
+        f: &Array2<f64>,
+    ) -> Option<Array2<f64>> {
+        self.combine(states, |st| f.dot(st))
+    }
+
+    /// `Σ_side factor_a (g_a · state_side^T)` for row values `g` (`rows x cols`): the
+    /// coefficients of the features' gradient.
+    pub(crate) fn apply_t(
+        &self,
+        states: &[Option<Array2<f64>>; 2],
+        g: ArrayView2<f64>,
+    ) -> Option<Array2<f64>> {
+        self.combine(states, |st| g.dot(&st.t()))
+    }
+
+    fn combine(
+        &self,
+        states: &[Option<Array2<f64>>; 2],
+        prod: impl Fn(&Array2<f64>) -> Array2<f64>,
+    ) -> Option<Array2<f64>> {
+        let mut out: Option<Array2<f64>> = None;
+        for (side, st) in states.iter().enumerate() {
+            let Some(st) = st else { continue };
+            let mut g = prod(st);
+            if self.slope != 0.0 {
+                for (a, mut row) in g.outer_iter_mut().enumerate() {
+                    row *= self.row_factor(side, a);
+                }
+            }
+            match &mut out {
+                Some(o) => *o += &g,
+                None => out = Some(g),
+            }
+        }
+        out
+    }
+
+    /// The column ranges `[j0, j1)` of row block `qb`'s partial tiles.
+    pub(crate) fn tiles(&self, qb: usize) -> Vec<(usize, usize)> {
+        self.geo
+            .partial(qb as i64)
+            .into_iter()
+            .map(|kb| {
+                let (j0, j1, _) = self.geo.keys(kb);
+                (j0, j1)
+            })
+            .filter(|(j0, j1)| j0 < j1)
+            .collect()
+    }
+
+    /// `λ^|δ|` for row `i` and column `j`, 0 where the band masks the pair (partial tiles only).
+    #[inline]
+    pub(crate) fn weight(&self, i: usize, j: usize) -> f64 {
+        let delta = i as i64 + self.geo.c - j as i64;
+        if delta < self.geo.lo || delta > self.geo.hi {
+            0.0
+        } else {
+            self.pow[delta.unsigned_abs() as usize]
+        }
+    }
+}
+
+/// `Σ_j w_ij p(M_ij) [v_j, 1]` (`nq x (dv + 1)`) over the visible pairs of a banded call, `w_ij
+/// = λ^|δ_ij|`; `x`, `y` rotated, `vb = [V, 1]`, query blocks of `blk` rows.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn band_sums(
+    band: &Band,
+    causal: bool,
+    feats: &Features,
+    poly: &crate::poly::Polynomial,
+    blk: usize,
+    x: ArrayView2<f64>,
+    y: ArrayView2<f64>,
+    vb: ArrayView2<f64>,
+    ctl: &Control,
+) -> Result<Array2<f64>> {
+    let (nq, nk, cols) = (x.nrows(), y.nrows(), vb.ncols());
+    let geo = Geometry::new(band, causal, nq, nk, blk);
+    let st = BandStates::new(geo, band.slope, blk, feats, y, false, vb, ctl)?;
     let mut acc = Array2::<f64>::zeros((nq, cols));
     let block = |(qb, mut out): (usize, ArrayViewMut2<f64>)| -> Result<()> {
         ctl.check()?;
-        let q = qb as i64;
         let i0 = qb * blk;
-        let rows = out.nrows();
-        let xb = x.slice(s![i0..i0 + rows, ..]);
-        let states = [gather(q, true)?, gather(q, false)?];
+        let xb = x.slice(s![i0..i0 + out.nrows(), ..]);
+        let states = st.states(qb)?;
         if states.iter().any(|s| s.is_some()) {
-            let fq = feats.fill(xb, true);
-            for (side, st) in states.iter().enumerate() {
-                let Some(st) = st else { continue };
-                let mut g = fq.dot(st);
-                if s != 0.0 {
-                    for (a, mut row) in g.outer_iter_mut().enumerate() {
-                        row *= pow[if side == 0 { a } else { blk - 1 - a }];
-                    }
-                }
+            if let Some(g) = st.apply(&states, &feats.fill(xb, true)) {
                 out += &g;
             }
         }
-        for kb in geo.partial(q) {
-            let (j0, j1, _) = geo.keys(kb);
-            if j0 >= j1 {
-                continue;
-            }
+        for (j0, j1) in st.tiles(qb) {
             let m = xb.dot(&y.slice(s![j0..j1, ..]).t());
             let w = Array2::from_shape_fn(m.dim(), |(a, jj)| {
-                let delta = (i0 + a) as i64 + geo.c - (j0 + jj) as i64;
-                if delta < geo.lo || delta > geo.hi {
+                let w = st.weight(i0 + a, j0 + jj);
+                if w == 0.0 {
                     0.0
                 } else {
-                    poly.eval(m[[a, jj]]) * pow[delta.unsigned_abs() as usize]
+                    poly.eval(m[[a, jj]]) * w
                 }
             });
             out += &w.dot(&vb.slice(s![j0..j1, ..]));
@@ -430,7 +558,6 @@ pub(super) fn band_sums(
     };
     let jobs: Vec<(usize, ArrayViewMut2<f64>)> =
         acc.axis_chunks_iter_mut(Axis(0), blk).enumerate().collect();
-    debug_assert_eq!(jobs.len(), nqb);
     jobs.into_par_iter().map(block).collect::<Result<()>>()?;
     Ok(acc)
 }

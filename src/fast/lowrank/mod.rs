@@ -31,6 +31,7 @@
 
 mod backward;
 mod band;
+mod band_backward;
 mod certificate;
 mod forward;
 mod plan;
