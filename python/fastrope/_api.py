@@ -68,6 +68,11 @@ class Call:
     # w=None with an odd d: q4/k4 carry one zero column more than the caller's q/k
     d_padded: bool = False
     v_max_given: Optional[float] = None  # plan() on shape tuples: the caller's bound on |v|
+    bias_grad: bool = True  # attention_grad(bias_grad=False): no dbias asked for
+
+    @property
+    def want_dbias(self) -> bool:
+        return self.bias is not None and self.bias_grad
 
     @property
     def visible_delta_range(self) -> Optional[tuple]:

@@ -230,6 +230,7 @@ def attention_grad(
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     route: Optional[str] = None,
+    bias_grad: bool = True,
 ) -> Gradients:
     """Gradients of ``sum(attention(q, k, v, w, ...) * dout)`` (``+ sum(lse * dlse)``).
 
@@ -249,7 +250,9 @@ def attention_grad(
     Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
     layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).
     With ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents) ``dw`` and ``dbias`` are summed
-    over the documents.  Other arguments as in :func:`attention`.
+    over the documents.  ``bias_grad=False`` skips ``dbias`` (returned as ``None``): for a
+    fixed bias such as ALiBi's, which lets the fast backward take its low-rank route (the
+    route computes no bias gradient).  Other arguments as in :func:`attention`.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         q, k, v, dout, out = _varlen.arrays(
@@ -282,6 +285,7 @@ def attention_grad(
                 check_finite=check_finite,
                 num_threads=num_threads,
                 route=route,
+                bias_grad=bias_grad,
             )
         )
     eps = check_eps(eps)
@@ -302,6 +306,7 @@ def attention_grad(
         check_finite=check_finite,
         full_dense_support=True,
     )
+    call.bias_grad = bool(bias_grad)
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
     dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
@@ -355,7 +360,7 @@ def attention_grad(
         dout4,
         **call.native_args(),
         want_dw=call.values is not None,
-        want_dbias=call.bias is not None,
+        want_dbias=call.want_dbias,
         num_threads=threads,
     )
     return _finish_grads(call, dq, dk, dv4, dw3, db2)
@@ -396,7 +401,7 @@ def _grad_with_dlse(call: Call, dout_a, dlse_a, out, lse, check_finite: bool, th
         dout2,
         **args,
         want_dw=call.values is not None,
-        want_dbias=call.bias is not None,
+        want_dbias=call.want_dbias,
         num_threads=threads,
     )
     dv4 = dv4[..., :dv_user]
@@ -425,7 +430,7 @@ def _fast_backward(
         **call.native_args(),
         eps=eps,
         want_dw=call.values is not None,
-        want_dbias=call.bias is not None,
+        want_dbias=call.want_dbias,
         max_terms=FAST_MAX_TERMS,
         max_degree=FAST_MAX_DEGREE,
         memory_limit=limit,
@@ -505,13 +510,15 @@ def plan(
     v_max: float = 1.0,
     dtype: Any = np.float32,
     route: Optional[str] = None,
+    bias_grad: bool = True,
 ) -> Plan:
     """What :func:`attention` (or, with ``backward=True``, :func:`attention_grad`) would do.
 
     ``q``, ``k``, ``v`` are arrays (the bounds ``R >= max|M_ij|`` and ``max|v|`` are read from
     them, as a call would) or shape tuples such as ``(8, 65536, 4)``: then ``bound_r`` (the
     largest ``|M_ij|`` to certify) and ``v_max`` give the bounds and ``dtype`` the input dtype,
-    and the plan is a prediction for any inputs within them.
+    and the plan is a prediction for any inputs within them.  ``bias_grad`` as in
+    :func:`attention_grad` (with ``backward=True``).
 
     Returns a :class:`Plan`: the method and the fast route, its predicted cost and working set,
     the polynomial degree and certified error when the fast method is considered, ``why``, and
@@ -545,6 +552,7 @@ def plan(
     )
     if given is not None:
         call.v_max_given = given[1]
+    call.bias_grad = bool(bias_grad)
 
     def probe(kernel_eps: float, limit: int) -> dict:
         return _native.fast_forward(

@@ -435,7 +435,7 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, rout
             **call.native_args(),
             eps=kernel_eps,
             want_dw=call.values is not None,
-            want_dbias=call.bias is not None,
+            want_dbias=call.want_dbias,
             max_terms=FAST_MAX_TERMS,
             max_degree=FAST_MAX_DEGREE,
             memory_limit=limit,

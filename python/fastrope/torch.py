@@ -245,6 +245,7 @@ def _attention_bwd(
     memory_limit: Optional[int],
     check_finite: bool,
     num_threads: Optional[int],
+    bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
     w = _decode_w(w_kind, w_spec, _np(w_values), _np(w_support))
@@ -262,6 +263,7 @@ def _attention_bwd(
         method=method,
         memory_limit=memory_limit,
         num_threads=num_threads,
+        bias_grad=bias_grad,
         **_kw(scale, causal, window, q_offset, k_offset, check_finite),
     )
     return (
@@ -312,8 +314,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, w_values, w_support, bias, out, lse = ctx.saved_tensors
+    # a bias that needs no gradient (ALiBi's fixed slopes) leaves the fast backward its
+    # low-rank route
+    bias_grad = bias is not None and bool(ctx.needs_input_grad[5])
     dq, dk, dv, dw, dbias = _attention_bwd(
-        dout.contiguous(), dlse, q, k, v, out, lse, w_values, w_support, bias, *ctx.config
+        dout.contiguous(),
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        w_values,
+        w_support,
+        bias,
+        *ctx.config,
+        bias_grad,
     )
     return (
         dq,
@@ -321,7 +337,7 @@ def _backward(ctx, dout, dlse):
         dv,
         None if w_values is None else dw,
         None,
-        None if bias is None else dbias,
+        dbias if bias_grad else None,
     ) + (None,) * len(_CONFIG)
 
 

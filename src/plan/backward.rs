@@ -351,16 +351,11 @@ pub fn plan_fast_backward<'a, T: Real>(
                 } else {
                     kx * ky * (1.0 + 4.0 * U)
                 };
-                lowrank_of(prob, pos, bias.map(|b| (b, bt)), r2, route).and_then(|lr| {
-                    if lr.band.is_plain() {
-                        Ok(LowRankGrad { lr, kx, ky, mul })
-                    } else {
-                        Err(
-                            "backward: takes no bias or masking window (the Toeplitz route \
-                             applies them; the low-rank forward does)"
-                                .to_string(),
-                        )
-                    }
+                lowrank_of(prob, pos, bias.map(|b| (b, bt)), r2, route).map(|lr| LowRankGrad {
+                    lr,
+                    kx,
+                    ky,
+                    mul,
                 })
             }
             _ => Err("needs Rotary or w=None (w is a general table)".to_string()),

@@ -1,5 +1,5 @@
 use super::backward::{derivative, lowrank_backward_head};
-use super::certificate::{inverse_mass_sum, lowrank_psums};
+use super::certificate::{band_inverse_mass, inverse_mass_sum, lowrank_psums};
 use super::forward::{rotate, rotate_back};
 use super::plan::lowrank_backward_plan;
 use crate::fast::bounds::FastBounds;
@@ -282,6 +282,55 @@ fn banded_backward_matches_the_definition() {
         }
     }
     assert!(cases > 100);
+}
+
+#[test]
+fn band_inverse_mass_bounds_the_sum() {
+    for (nq, nk) in [(1, 1), (40, 40), (90, 60), (60, 90)] {
+        for c in [0i64, -13, 9, 100, -100] {
+            for causal in [false, true] {
+                for window in [None, Some((0, 0)), Some((7, 3)), Some((30, 50))] {
+                    for slope in [0.0, 0.01, 0.5, 3.0] {
+                        if window.is_none() && slope == 0.0 {
+                            continue;
+                        }
+                        let band = Band {
+                            shift: c,
+                            window,
+                            slope,
+                            min_mass: 1.0,
+                            ..Band::default()
+                        };
+                        let w = |i: usize, j: usize| {
+                            let delta = i as i64 + c - j as i64;
+                            let masked = (causal && delta < 0)
+                                || window.is_some_and(|(l, r)| delta > l || delta < -r);
+                            if masked {
+                                0.0
+                            } else {
+                                (-slope * delta.unsigned_abs() as f64).exp()
+                            }
+                        };
+                        let mass: Vec<f64> =
+                            (0..nq).map(|i| (0..nk).map(|j| w(i, j)).sum()).collect();
+                        let truth = (0..nk)
+                            .map(|j| {
+                                (0..nq)
+                                    .filter(|&i| mass[i] > 0.0)
+                                    .map(|i| w(i, j) / mass[i])
+                                    .sum::<f64>()
+                            })
+                            .fold(0.0f64, f64::max);
+                        let h = band_inverse_mass(nq, nk, &band, causal);
+                        let tag = format!("{nq} {nk} {c} {causal} {window:?} {slope}");
+                        assert!(h >= truth, "{tag}: {h} < {truth}");
+                        // tight where the window or the decay bounds it
+                        assert!(h <= 3.0 * truth + 1e-9, "{tag}: {h} vs {truth}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ use super::forward::BLOCK;
 use crate::fast::common::FastShape;
 use crate::fast::grad::Grad5;
 use crate::fast::grad_bounds::{GradBounds, PSums};
-use crate::fast::plans::{LowRank, LowRankGrad};
+use crate::fast::plans::{Band, LowRank, LowRankGrad};
 use crate::poly::{Polynomial, U};
 use ndarray::{Array2, ArrayView2};
 
@@ -86,10 +86,7 @@ pub(super) fn rounding_parts(
     let feats = feature_count(shape.d, g);
     let mut n = shape.nk as f64 + feats + (2 * g + BLOCK + shape.d + 16) as f64;
     if !lr.band.is_plain() {
-        // banded: up to five direct tiles, the block states' running sums (one product and
-        // one sum per key block), and the weights e^{-s x}: each `exp` is off by at most
-        // `(s x + 2) u` relatively, `s x <= 745` before it underflows, at most four per term
-        n += (4 * BLOCK) as f64 + 2.0 * (shape.nk as f64 / 32.0 + 2.0) + 4.0 * 747.0 + 8.0;
+        n += band_terms(shape);
     }
     let r2 = lr.r2 * (1.0 + 1e-9);
     let (p_abs, dp_abs) = abs_evals(&poly.coeffs, r2);
@@ -97,6 +94,110 @@ pub(super) fn rounding_parts(
     let e = gamma(n) * p_abs + dp_abs * dm;
     let l = (1.0 - poly.rho) * (-r).exp();
     (e, l)
+}
+
+/// The extra rounded terms of a banded sum: up to five direct tiles, the block states' running
+/// sums (one product and one sum per block, either way), and the weights `e^{-s x}`: each `exp`
+/// is off by at most `(s x + 2) u` relatively, `s x <= 745` before it underflows, at most four
+/// per term.
+fn band_terms(shape: FastShape) -> f64 {
+    (4 * BLOCK) as f64 + 2.0 * ((shape.nq.max(shape.nk)) as f64 / 32.0 + 2.0) + 4.0 * 747.0 + 8.0
+}
+
+/// `H >= max_j Σ_{i sees j} w_ij / m_i` for a band (`w_ij = e^{-s|δ_ij|}`, `m_i = Σ_j w_ij`):
+/// [`inverse_mass_sum`]'s role when pairs weigh differently. `1/m_i` is bounded above in closed
+/// form (geometric sums); the sum over rows by two upper bounds, the smaller taken per key:
+/// the decayed sums over every row on the visible side(s) ignoring the window (running sums,
+/// no subtraction), and, with a window, the plain sum of `1/m_i` over the window's rows (prefix
+/// sums; their difference is off by at most `2γ_n` of the total, added). `O(nq + nk)`.
+pub fn band_inverse_mass(nq: usize, nk: usize, band: &Band, causal: bool) -> f64 {
+    if nq == 0 || nk == 0 {
+        return 0.0;
+    }
+    let s = band.slope;
+    let (mut lo, mut hi) = (i64::MIN / 4, i64::MAX / 4);
+    if let Some((left, right)) = band.window {
+        lo = -right;
+        hi = left;
+    }
+    if causal {
+        lo = lo.max(0);
+    }
+    let c = band.shift;
+    let (nqi, nki) = (nq as i64, nk as i64);
+    // Σ_{k=k0}^{k1} λ^k, from below
+    let geo = |k0: i64, k1: i64| -> f64 {
+        if k1 < k0 {
+            return 0.0;
+        }
+        let m = (k1 - k0 + 1) as f64;
+        if s == 0.0 {
+            m
+        } else {
+            (-s * k0 as f64).exp() * ((-s * m).exp_m1() / (-s).exp_m1())
+        }
+    };
+    let u: Vec<f64> = (0..nqi)
+        .map(|i| {
+            let (a, b) = (lo.max(i + c - (nki - 1)), hi.min(i + c));
+            if a > b {
+                return 0.0;
+            }
+            let neg = geo((-b).max(1), -a);
+            let pos = geo(a.max(0), b);
+            let m = (neg + pos) * (1.0 - 64.0 * U);
+            if m > 0.0 {
+                (1.0 / m) * (1.0 + 4.0 * U)
+            } else {
+                f64::INFINITY
+            }
+        })
+        .collect();
+    let total: f64 = u.iter().sum();
+    let n = (nq + nk) as f64;
+    let mut bound = vec![total * (1.0 + gamma(n)); nk];
+    // decayed sums over the rows, t = i + c: A_j = Σ_{t >= j} λ^{t-j} U_t, B_j = Σ_{t < j}
+    // λ^{j-t} U_t, run over the rows (x = t - c) and carried beyond them by one power of λ
+    if s > 0.0 {
+        let lam = (-s).exp() * (1.0 + 4.0 * U);
+        let pow = |k: i64| (-s * k as f64).exp() * (1.0 + 4.0 * U);
+        let mut a = vec![0.0; nq + 1];
+        for x in (0..nq).rev() {
+            a[x] = u[x] + lam * a[x + 1];
+        }
+        let mut b = vec![0.0; nq + 1];
+        for x in 1..=nq {
+            b[x] = lam * (b[x - 1] + u[x - 1]);
+        }
+        let grow = 1.0 + gamma(2.0 * n + 8.0);
+        for (j, bj) in bound.iter_mut().enumerate() {
+            let x = j as i64 - c;
+            let (past, future) = if x < 0 {
+                (pow(-x) * a[0], 0.0)
+            } else if x <= nqi {
+                (a[x as usize], b[x as usize])
+            } else {
+                (0.0, pow(x - nqi) * b[nq])
+            };
+            let h = past + if causal { 0.0 } else { future };
+            *bj = bj.min(h * grow);
+        }
+    }
+    if band.window.is_some() {
+        let mut pre = vec![0.0; nq + 1];
+        for i in 0..nq {
+            pre[i + 1] = pre[i] + u[i];
+        }
+        let slack = 2.0 * gamma(n) * total;
+        for (j, bj) in bound.iter_mut().enumerate() {
+            // rows with lo <= i + c - j <= hi
+            let r0 = (j as i64 + lo - c).clamp(0, nqi) as usize;
+            let r1 = (j as i64 + hi - c + 1).clamp(0, nqi) as usize;
+            let h = if r1 > r0 { pre[r1] - pre[r0] } else { 0.0 };
+            *bj = bj.min(h * (1.0 + gamma(n)) + slack);
+        }
+    }
+    bound.iter().fold(0.0f64, |m, &b| m.max(b)) * (1.0 + 1e-12) + 4.0 * U
 }
 
 /// The rounding share of the certificate for `poly` (see the module docs); `inf` when the
@@ -263,7 +364,11 @@ pub fn lowrank_grad_rounding(
     }
     let g = poly.degree;
     let feats = feature_count(d, g);
-    let n = (nq + nk + 2 * g + 2 * BLOCK + d + dv + 32) as f64 + feats;
+    let mut n = (nq + nk + 2 * g + 2 * BLOCK + d + dv + 32) as f64 + feats;
+    let band = &lg.lr.band;
+    if !band.is_plain() {
+        n += 2.0 * band_terms(shape);
+    }
     let eta = 2.0 * U * (lg.lr.psi_max + 8.0);
     let r2 = lg.lr.r2.max(lg.kx * lg.ky) * (1.0 + 1e-9);
     let grow = (1.0 + eta) * (1.0 + eta);
@@ -284,7 +389,11 @@ pub fn lowrank_grad_rounding(
     let ab = (d1 * (2.0 * v + eo) * (1.0 + gdv) + lm) * (1.0 + el);
     let da = 1.01 * (2.0 * d1 * v * el + d1 * eo + gdv * d1 * (v + eo) + lm * el);
     let per = (gn * ab * p1 + da * p1 + (2.0 * d1 * v + lm) * (p2 * dm + p1 * eta)) / l;
-    let h = inverse_mass_sum(nq, nk, lg.lr.causal_shift);
+    let h = if band.is_plain() {
+        inverse_mass_sum(nq, nk, lg.lr.causal_shift)
+    } else {
+        band_inverse_mass(nq, nk, band, lg.lr.causal_shift.is_some())
+    };
     let (kx, ky) = (lg.kx * (1.0 + eta), lg.ky * (1.0 + eta));
     let sq2 = std::f64::consts::SQRT_2;
     let dx_err = per * ky;

@@ -43,7 +43,8 @@ mod forward_tests;
 
 pub use backward::lowrank_backward_head;
 pub use certificate::{
-    feature_count, inverse_mass_sum, lowrank_grad_rounding, lowrank_psums, rounding_error,
+    band_inverse_mass, feature_count, inverse_mass_sum, lowrank_grad_rounding, lowrank_psums,
+    rounding_error,
 };
 pub use forward::{forward_block, lowrank_head, rotate, rotate_back, BLOCK};
 pub use plan::{block_rows, cert_of, lowrank_backward_plan, lowrank_plan};

@@ -51,7 +51,8 @@ pub fn lowrank_plan(
         let rounding = rounding_error(&poly, shape, r, &lr, v);
         let certified = approximation + rounding;
         if certified <= eps {
-            let (flops, working_bytes) = lowrank_cost(shape, &lr, feats as usize, degree);
+            let blk = forward_block(feats, shape.d, degree, shape.dv);
+            let (flops, working_bytes) = lowrank_cost(shape, &lr, feats as usize, degree, blk);
             if working_bytes > limits.max_working_bytes {
                 return Ok(Verdict::Reject {
                     why: format!(
@@ -124,13 +125,23 @@ fn tail_error(band: &Band, shape: FastShape, r: f64, rho: f64, v: f64) -> (f64, 
     (2.0 * t * v / (l - t), t / (l - t))
 }
 
-/// Predicted flops and working bytes of the low-rank forward with `feats` features.
-fn lowrank_cost(shape: FastShape, lr: &LowRank, feats: usize, degree: usize) -> (f64, usize) {
+fn r_us_of(feats: f64) -> usize {
+    feats.min(1e15) as usize
+}
+
+/// Predicted flops and working bytes of the low-rank forward with `feats` features and query
+/// blocks of `blk` rows.
+fn lowrank_cost(
+    shape: FastShape,
+    lr: &LowRank,
+    feats: usize,
+    degree: usize,
+    blk: usize,
+) -> (f64, usize) {
     let (nq, nk, d, dv) = (shape.nq, shape.nk, shape.d, shape.dv);
     let rows = BLOCK.min(nq.max(1));
     let cols = dv + 1;
     let (f, c) = (feats as f64, cols as f64);
-    let blk = forward_block(f, d, degree, dv);
     let tile = 2.0 * d as f64 + 2.0 * degree as f64 + 2.0 * c;
     if lr.band.is_plain() {
         // features (q and k), the state and its products, the diagonal blocks
@@ -193,7 +204,14 @@ fn plan_for(
     let FastShape { nq, nk, d, dv } = shape;
     let feats = feature_count(d, poly.degree);
     let rho_d = derivative_rho(&poly.coeffs, req.bounds.r);
-    let (approx, mag) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
+    // a band's weights e^{-s|δ|} are within e^{±η} of e^{b(δ)}: p and p' times them are within
+    // (1 + ρ) e^η - 1 of exp times e^b; the tail's share of any row moves a gradient by at most
+    // 4 times its relative mass (the first order of renormalising P)
+    let band = lg.lr.band;
+    let widen = |rho: f64| (1.0 + rho) * band.bias_eta.exp() - 1.0;
+    let (approx, mag) = approximation_errors(widen(poly.rho), widen(rho_d), &req.grad, &req.psums);
+    let (_, tail_rel) = tail_error(&band, shape, req.bounds.r, poly.rho, req.bounds.v_max);
+    let approx = approx.zip(mag, |a, m| a + 4.0 * tail_rel * m);
     let rounding =
         lowrank_grad_rounding(poly, shape, req.bounds.r, req.bounds.v_max, &req.grad, &lg);
     let want = Want::default();
@@ -209,12 +227,22 @@ fn plan_for(
     // pass 1: features, Φq S, z = a S^T, reverse sweep, the key state; pass 2: features again,
     // the row state T, Φk T, T b, reverse sweep
     let mut flops = r * (nqf + nkf) * (6.0 * cols + 12.0);
+    let mut working_bytes_band = None;
     if lg.lr.causal_shift.is_some() {
         let blk = block_rows(feats, d, poly.degree, dv) as f64;
         flops += (nqf + nkf) * blk * (4.0 * d as f64 + 2.0 * g + 4.0 * cols + 10.0);
     }
     let rows = BLOCK.min(nq.max(nk).max(1));
     let r_us = feats.min(1e15) as usize;
+    if !band.is_plain() {
+        // pass 1 is the banded forward plus the same products again for the gradients;
+        // pass 2 the banded forward over the transposed band, twice
+        let blk = block_rows(feats, d, poly.degree, dv);
+        let (fwd_flops, states) = lowrank_cost(shape, &lg.lr, r_us_of(feats), poly.degree, blk);
+        flops = 2.5 * fwd_flops;
+        let inputs = 8 * (nq + nk) * (2 * d + dv + 2) + 8 * nq * (dv + 1);
+        working_bytes_band = Some(states.saturating_add(inputs));
+    }
     let working_bytes = 8usize.saturating_mul(
         (nq + nk)
             .saturating_mul(2 * d + dv + 2)
@@ -228,6 +256,7 @@ fn plan_for(
                     .saturating_mul(MAX_CHUNKS),
             ),
     );
+    let working_bytes = working_bytes_band.unwrap_or(working_bytes);
     BackwardPlan {
         shape,
         bounds: req.bounds,
