@@ -48,14 +48,14 @@ def errors(got, ref) -> dict:
     return out
 
 
-def native_certificate(q, k, v, w, dout, eps, **kw) -> dict:
+def native_certificate(q, k, v, w, dout, eps, bias_grad=True, **kw) -> dict:
     """The per-gradient certified bounds of the run (sums over heads), via the native binding."""
     call = prepare(q, k, v, w, full_dense_support=True, **kw)
     b, hq, hk, nq, nk, d, dv = call.shape
     dout4 = np.ascontiguousarray(dout.reshape(b, hq, nq, dv), dtype=call.dtype)
     res = native.fast_backward(
         call.q4, call.k4, call.v4, dout4, **call.native_args(), eps=eps,
-        want_dw=call.values is not None, want_dbias=call.bias is not None,
+        want_dw=call.values is not None, want_dbias=bias_grad and call.bias is not None,
         max_terms=1_000_000, max_degree=40, memory_limit=8 << 30, run=True, num_threads=None,
     )  # fmt: skip
     return res[7]
@@ -161,7 +161,7 @@ def test_float32_eps_below_rounding_is_refused_or_met():
         assert max(errors(got, ref).values()) <= 1e-8
 
 
-def _fixed_polynomial(q, k, v, w, dout, degree=6, dlse=None, **kw):
+def _fixed_polynomial(q, k, v, w, dout, degree=6, dlse=None, bias_grad=True, **kw):
     """Gradients and approximate forward with a fixed Taylor polynomial (test hook)."""
     call = prepare(q, k, v, w, full_dense_support=True, **kw)
     b, hq, hk, nq, nk, d, dv = call.shape
@@ -169,7 +169,7 @@ def _fixed_polynomial(q, k, v, w, dout, degree=6, dlse=None, **kw):
     res = native.fast_backward(
         call.q4, call.k4, call.v4, np.ascontiguousarray(dout.reshape(b, hq, nq, dv)),
         **call.native_args(), eps=1e6, want_dw=call.values is not None,
-        want_dbias=call.bias is not None, max_terms=1_000_000, max_degree=40,
+        want_dbias=bias_grad and call.bias is not None, max_terms=1_000_000, max_degree=40,
         memory_limit=8 << 30, run=True, num_threads=None, poly=("taylor", degree, 2.0),
         dlse=g3,
     )  # fmt: skip
@@ -426,9 +426,14 @@ def test_lowrank_backward_path_choice():
         return fastrope.plan(q, q, v, w, 1e-3, method="fast", backward=True, **kw).details["path"]
 
     assert path(rot) == path(rot, causal=True) == path(None) == "lowrank"
-    assert path(rot, window=(None, None)) == "lowrank"
-    assert path(rot, window=(8, 0)) == "toeplitz"
-    assert path(rot, bias=fastrope.alibi(1, 64)) == "toeplitz"
+    assert path(rot, window=(None, None)) == path(rot, window=(8, 0)) == "lowrank"
+    # an ALiBi bias: low-rank when no dbias is asked for (the route computes none)
+    alibi = fastrope.alibi(1, 64)
+    assert path(rot, bias=alibi) == "toeplitz"
+    assert path(rot, bias=alibi, bias_grad=False) == path(None, bias=alibi, bias_grad=False)
+    assert path(rot, bias=alibi, bias_grad=False, window=(9, 2)) == "lowrank"
+    t5 = rng.uniform(-1, 0, (1, 127))
+    assert path(rot, bias=t5, bias_grad=False) == "toeplitz"
     assert path(fastrope.BlockW(np.tile(np.eye(2), (127, 2, 1, 1)))) == "toeplitz"
 
 
@@ -442,3 +447,132 @@ def test_lowrank_backward_plans_long_small_heads_in_little_memory():
     arrays = 8 * n * (2 * d + 2 * d + 4 * dv)  # q, k, dq, dk; v, dout, out, dv
     assert p.working_set_bytes - arrays < 256 * 2**20
     assert p.fast_seconds * 50 < p.exact_seconds
+
+
+# --- the low-rank backward with a band: windows and ALiBi --------------------------------------
+
+
+BAND_CASES = [
+    # w, lead_q, group, n_q, n_k, d, d_v, slopes (None: no bias), kw
+    (fastrope.Rotary(), (2,), 1, 300, 300, 2, 3, "std", dict(causal=True)),
+    (fastrope.Rotary(), (2,), 1, 170, 230, 4, 3, "std", dict()),
+    (None, (2,), 1, 150, 150, 3, 2, [0.3, 0.01], dict(causal=True, q_offset=4)),
+    (fastrope.Rotary(), (1,), 1, 290, 290, 2, 4, None, dict(causal=True, window=(60, 0))),
+    (fastrope.Rotary(), (1,), 1, 200, 260, 2, 3, None, dict(window=(40, 70), k_offset=5)),
+    (fastrope.Rotary(), (2, 4), 2, 120, 140, 4, 2, "std", dict(window=(33, 9), causal=True)),
+    (fastrope.Rotary(), (4,), 4, 90, 120, 2, 3, [2.0], dict(causal=True, q_offset=-6)),  # empty rows
+]  # fmt: skip
+
+
+def _band_inputs(case, dtype, seed=300):
+    w, lead, group, nq, nk, d, dv, slopes, kw = BAND_CASES[case]
+    rng = np.random.default_rng(seed + case)
+    lead_k = lead[:-1] + (lead[-1] // group,)
+    q = unit_rows(rng, lead + (nq,), d, 2.0).astype(dtype)
+    k = unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
+    v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
+    dout = rng.uniform(-1, 1, lead + (nq, dv)).astype(dtype)
+    kw = dict(kw)
+    if slopes is not None:
+        heads = lead[-1]
+        L = nq + nk + abs(kw.get("q_offset", 0) - kw.get("k_offset", 0))
+        kw["bias"] = fastrope.alibi(heads if slopes == "std" else np.resize(slopes, heads), L)
+    return w, q, k, v, dout, kw
+
+
+@pytest.mark.parametrize("case", range(len(BAND_CASES)))
+@pytest.mark.parametrize("eps", (1e-2, 1e-4))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_banded_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
+    w, q, k, v, dout, kw = _band_inputs(case, dtype)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, bias_grad=False, **kw)
+    assert p.details["path"] == "lowrank", p
+    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", bias_grad=False, **kw)
+    assert got.dbias is None and got.dq.dtype == dtype
+    ref = reference.attention_grad(q, k, v, w, dout, **kw)
+    err = errors(got, ref._replace(dbias=None))
+    info = native_certificate(q, k, v, w, dout, eps, bias_grad=False, **kw)
+    assert info["path"] == "lowrank"
+    cert = info["certified_run"]
+    for name, e in err.items():
+        assert e <= cert[name] <= eps, (name, e, cert)
+    if kw.get("q_offset", 0) < 0:
+        assert not got.dq[..., : -kw["q_offset"], :].any()  # rows that see no key
+
+
+def test_banded_lowrank_backward_adversarial_aligned_inputs():
+    """Every score at +R (q = k aligned, angles ~ 0), v and dout of one sign pattern, under
+    ALiBi and a window: the bound's worst case, within eps."""
+    rng = np.random.default_rng(8)
+    n, d = 240, 4
+    base = rng.standard_normal(d)
+    base *= 2.0 / np.linalg.norm(base)
+    q = np.tile(base, (n, 1))
+    w = fastrope.Rotary(base=1e9)
+    v = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
+    dout = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
+    for kw in (dict(bias=fastrope.alibi([0.05], n)[0]), dict(window=(50, 7)),
+               dict(bias=fastrope.alibi([0.5], n)[0], window=(30, 30))):  # fmt: skip
+        for causal in (False, True):
+            for eps in (1e-2, 1e-4):
+                p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal,
+                                  bias_grad=False, **kw)  # fmt: skip
+                assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
+                got = fastrope.attention_grad(q, q, v, w, dout, eps, method="fast",
+                                              causal=causal, bias_grad=False, **kw)  # fmt: skip
+                ref = reference.attention_grad(q, q, v, w, dout, causal=causal, **kw)
+                assert max(errors(got, ref._replace(dbias=None)).values()) <= eps
+
+
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_banded_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
+    """Central differences of the approximate forward (a fixed Taylor polynomial) under ALiBi and
+    a window match the banded low-rank backward, with offsets, GQA and a cotangent for lse."""
+    rng = np.random.default_rng(22)
+    nq, nk, d, dv = 13, 11, 4, 2
+    q, k = bounded(rng, (2, nq, d), 0.6), bounded(rng, (1, nk, d), 0.6)
+    v, dout = rng.standard_normal((1, nk, dv)), rng.uniform(-1, 1, (2, nq, dv))
+    dlse = 2.0 * rng.standard_normal((2, nq)) if with_dlse else None
+    w = fastrope.Rotary(base=50.0)
+    kw = dict(q_offset=3, k_offset=1, window=(6, 2), bias=fastrope.alibi([0.4, 0.1], 20))
+    (dq, dk, dv_, _, _, out, lse, info), _ = _fixed_polynomial(
+        q, k, v, w, dout, dlse=dlse, bias_grad=False, **kw
+    )
+    assert info["path"] == "lowrank" and info["degree"] == 6 and info["poly_kind"] == "taylor"
+
+    def loss(q_, k_, v_):
+        res, _ = _fixed_polynomial(q_, k_, v_, w, dout, bias_grad=False, **kw)
+        total = float((res[5].reshape(dout.shape) * dout).sum())
+        if dlse is not None:
+            total += float((res[6].reshape(dlse.shape) * dlse).sum())
+        return total
+
+    h = 1e-6
+
+    def fd(x, idx, make):
+        a, b = x.copy(), x.copy()
+        a[idx] += h
+        b[idx] -= h
+        return (loss(*make(a)) - loss(*make(b))) / (2 * h)
+
+    def close(x, y, what):
+        assert abs(x - y) <= 1e-6 * (1 + abs(y)), (what, x, y)
+
+    for idx in [(0, 0, 0), (1, 5, 3), (0, 12, 1)]:
+        close(fd(q, idx, lambda a: (a, k, v)), dq.reshape(q.shape)[idx], "dq")
+    for idx in [(0, 0, 1), (0, 7, 0), (0, 10, 3)]:
+        close(fd(k, idx, lambda a: (q, a, v)), dk.reshape(k.shape)[idx], "dk")
+    for idx in [(0, 2, 0), (0, 10, 1)]:
+        close(fd(v, idx, lambda a: (q, k, a)), dv_.reshape(v.shape)[idx], "dv")
+
+
+def test_banded_lowrank_and_toeplitz_backward_agree():
+    rng = np.random.default_rng(4)
+    q, k = unit_rows(rng, (2, 150), 4), unit_rows(rng, (2, 150), 4)
+    v, dout = rng.uniform(-1, 1, (2, 150, 3)), rng.uniform(-1, 1, (2, 150, 3))
+    w = fastrope.Rotary()
+    kw = dict(causal=True, window=(40, 0), bias=fastrope.alibi(2, 150), bias_grad=False)
+    a = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="lowrank", **kw)
+    b = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="toeplitz", **kw)
+    for x, y in zip(a[:3], b[:3]):
+        assert np.abs(x - y).max() <= 2e-6

@@ -388,3 +388,29 @@ def test_numpy_api_points_torch_users_to_the_adapter():
     for x in (t, t.requires_grad_(), t.to(torch.bfloat16)):
         with pytest.raises(TypeError, match="q: got a torch.Tensor.*fastrope.torch.attention"):
             fastrope.attention(x, np.zeros((2, 4, 8)), np.zeros((2, 4, 8)), None)
+
+
+@pytest.mark.parametrize("bias_grad", [False, True])
+def test_fixed_alibi_bias_keeps_the_fast_backward_low_rank(rng, bias_grad):
+    """A bias tensor without requires_grad (ALiBi's fixed slopes) asks for no dbias, so
+    method="fast" differentiates on the low-rank route; with requires_grad, dbias is computed
+    (by a route that gives it) and matches the exact gradient."""
+    n, d, dv, eps = 200, 4, 3, 1e-3
+    q, k = rng.uniform(-0.5, 0.5, (2, n, d)), rng.uniform(-0.5, 0.5, (2, n, d))
+    v, dout = rng.uniform(-1, 1, (2, n, dv)), rng.uniform(-1, 1, (2, n, dv))
+    w, bias = fastrope.Rotary(), fastrope.alibi(2, n)
+    kw = dict(causal=True, window=(64, 0))
+    ref = fastrope.attention_grad(q, k, v, w, dout, bias=bias, **kw)
+    assert fastrope.plan(q, k, v, w, eps, method="fast", backward=True, bias=bias,
+                         bias_grad=bias_grad, **kw).details["path"] == (  # fmt: skip
+        "toeplitz" if bias_grad else "lowrank"
+    )
+    tq, tk, tv, tb = _t(q, True), _t(k, True), _t(v, True), _t(bias, bias_grad)
+    out = ft.attention(tq, tk, tv, w, eps, method="fast", bias=tb, **kw)
+    out.backward(_t(dout))
+    for name, t, r in (("dq", tq, ref.dq), ("dk", tk, ref.dk), ("dv", tv, ref.dv)):
+        assert np.abs(t.grad.numpy() - r).max() <= eps, name
+    if bias_grad:
+        assert np.abs(tb.grad.numpy() - ref.dbias).max() <= eps
+    else:
+        assert tb.grad is None

@@ -137,8 +137,9 @@ def attention(
             per document) place its first query and key, so RoPE, masks and biases apply per
             document.  No work or memory is spent on pairs across documents.
         route: the fast method's route: ``"auto"`` (the cheaper of those that certify),
-            ``"toeplitz"`` (any ``w``, bias and mask) or ``"lowrank"`` (Rotary or ``w=None``
-            without a bias or masking window).  ``None``: ``FASTROPE_FAST_PATH`` from the
+            ``"toeplitz"`` (any ``w``, bias and mask) or ``"lowrank"`` (Rotary or ``w=None``,
+            any mask and window, no bias or an ALiBi one: ``bias(δ) = -s|δ|``, as
+            :func:`alibi` builds).  ``None``: ``FASTROPE_FAST_PATH`` from the
             environment if set, else ``"auto"``.  :func:`plan` lists the routes refused and why.
 
     Returns:
@@ -244,8 +245,8 @@ def attention_grad(
     recomputing them.  ``dlse``, shape ``(..., n_q)``, is a cotangent for ``lse`` (the gradient
     of a loss that also uses ``lse``, e.g. a merge of sequence shards by
     :func:`merge_partials`).  With ``d lse_i / d A_ij = 1 / l_i`` it joins ``dS`` as above; the
-    fast backward takes it on its low-rank path (:class:`Rotary` or ``w=None`` without a bias or
-    a masking window), elsewhere a nonzero ``dlse`` runs the exact backward
+    fast backward takes it on its low-rank path (:class:`Rotary` or ``w=None``, no bias or an
+    ALiBi one with ``bias_grad=False``), elsewhere a nonzero ``dlse`` runs the exact backward
     (``method="fast"`` raises :class:`ApproximationError`).
     Returns :class:`Gradients` ``(dq, dk, dv, dw, dbias)``: ``dw`` in the stored
     layout of ``w`` (``None`` for :class:`Rotary`), ``dbias`` shaped like ``bias`` (or ``None``).

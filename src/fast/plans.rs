@@ -43,8 +43,8 @@ pub struct FastPlan {
     /// data-dependent rounding bound before any FFT runs.
     pub certified_error: f64,
     pub certified_lse_error: f64,
-    /// A plan for the low-rank path ([`super::lowrank`]: Rotary without window or bias) rather
-    /// than Toeplitz products.
+    /// A plan for the low-rank path ([`super::lowrank`]: Rotary or `w=None`, any mask and
+    /// window, no bias or an ALiBi one) rather than Toeplitz products.
     pub lowrank: Option<LowRank>,
 }
 

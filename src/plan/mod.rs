@@ -11,7 +11,7 @@
 //! Routes (docs/DESIGN.md §5, §6):
 //! * `toeplitz`: the polynomial expanded into rescaled Toeplitz matrices, applied with FFTs;
 //!   any `w`, bias and mask.
-//! * `lowrank`: Rotary / `w=None` only, without a bias or a window that masks anything: rotate
+//! * `lowrank`: Rotary / `w=None` only, any mask and window, no bias or an ALiBi one: rotate
 //!   by absolute position, then monomial features and running states (no FFT).
 //!
 //! [`Route`] lets a caller restrict the choice (the Python `route=` argument); `Auto` takes the

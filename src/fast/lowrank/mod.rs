@@ -14,7 +14,16 @@
 //! mask the query rows run in blocks: keys visible to every row of a block enter through a
 //! running state `S = Σ_j Φk(y_j)ᵀ [v_j, 1]` (`r x (d_v + 1)`), the few partially visible keys
 //! through `p(M)` itself. Memory is `O(block r + r d_v)` besides the outputs: no kernel spectra.
-//! Windows and biases (and general `W`) keep the Toeplitz path ([`crate::fast::toeplitz`]).
+//! General `W` and biases other than ALiBi keep the Toeplitz path ([`crate::fast::toeplitz`]).
+//!
+//! # Windows and ALiBi
+//!
+//! A window and an ALiBi decay `e^{-s|δ|}` ([`crate::fast::Band`]) go through block states
+//! aligned to the query blocks, decayed and summed over the keys a block sees in full, and
+//! `p(M)` weighted by the decay on the tiles it sees in part (`band.rs`, `band_backward.rs`;
+//! docs/DESIGN.md §7.3). The certificate below holds with the count of visible keys replaced
+//! by each row's total weight `Σ_j e^{-s|δ_ij|}`, `ρ` by `(1+ρ)e^η - 1` for a table `η` off the
+//! ALiBi form, and a tail term for the pairs past `s|δ| = 64`.
 //!
 //! # Certificate
 //!
