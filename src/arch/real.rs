@@ -12,6 +12,8 @@ pub trait Real: Float + Debug + Default + Send + Sync + Sum + 'static {
 
     fn of(x: f64) -> Self;
     fn f64(self) -> f64;
+    /// `x` as float64: a view of the same memory for `f64`, a converted copy otherwise.
+    fn cow_f64(x: ndarray::ArrayView2<'_, Self>) -> ndarray::CowArray<'_, f64, ndarray::Ix2>;
     /// `e^x`, vectorisable (see [`crate::arch::simd`]); exactly 0 for `-inf`.
     fn exp_lane(self) -> Self;
 
@@ -45,6 +47,9 @@ pub trait Real: Float + Debug + Default + Send + Sync + Sum + 'static {
 
 impl Real for f32 {
     const NAME: &'static str = "float32";
+    fn cow_f64(x: ndarray::ArrayView2<'_, f32>) -> ndarray::CowArray<'_, f64, ndarray::Ix2> {
+        x.mapv(|v| v as f64).into()
+    }
     #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
@@ -83,6 +88,9 @@ impl Real for f32 {
 
 impl Real for f64 {
     const NAME: &'static str = "float64";
+    fn cow_f64(x: ndarray::ArrayView2<'_, f64>) -> ndarray::CowArray<'_, f64, ndarray::Ix2> {
+        x.into()
+    }
     #[inline(always)]
     fn of(x: f64) -> Self {
         x

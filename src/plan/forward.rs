@@ -81,8 +81,13 @@ pub(crate) fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
     logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
 }
 
-pub(crate) fn head_f64<T: Real>(x: &ArrayView4<'_, T>, b: usize, h: usize) -> Array2<f64> {
-    x.slice(ndarray::s![b, h, .., ..]).mapv(|v| v.f64())
+/// Head `(b, h)` of `x` as float64 (a view for float64 inputs: no copy).
+pub(crate) fn head_f64<'a, T: Real>(
+    x: &'a ArrayView4<'_, T>,
+    b: usize,
+    h: usize,
+) -> ndarray::CowArray<'a, f64, ndarray::Ix2> {
+    T::cow_f64(x.slice(ndarray::s![b, h, .., ..]))
 }
 
 pub(crate) fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {

@@ -229,7 +229,11 @@ fn banded_backward_matches_the_definition() {
                     if window.is_none() && slope == 0.0 {
                         continue;
                     }
-                    let (req, mut lg) = request(shape, causal.then_some(c));
+                    let (mut req, mut lg) = request(shape, causal.then_some(c));
+                    // rows far from every key (offsets of 250 at slope 0.9) put nearly all their
+                    // weight on one key, so its gradient's rounding bound is large (H ~ n_q): a
+                    // looser budget keeps every case plannable; the kernel is checked at 1e-11
+                    req.eps = Grad5::splat(1e-3);
                     lg.lr.band = Band {
                         shift: c,
                         window,

@@ -226,24 +226,25 @@ pub fn lowrank_head(
             ctl,
         )?
     };
-    let mut out = Array2::<f64>::zeros((nq, dv));
+    // out = numerators / denominators, in place (no second n x dv array)
+    let mut acc = acc;
     let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
     let sees = row_sees(&lr.band, lr.causal_shift, nk);
-    for i in 0..nq {
+    for (i, mut row) in acc.outer_iter_mut().enumerate() {
         if !sees(i) {
+            row.fill(0.0);
             continue;
         }
-        let den = acc[[i, dv]];
+        let den = row[dv];
         if den.is_nan() || den <= 0.0 {
             return Err(Error::Approximation(format!(
                 "fast method (low-rank): a denominator came out {den:e}; its certificate failed"
             )));
         }
-        for c in 0..dv {
-            out[[i, c]] = acc[[i, c]] / den;
-        }
+        row.iter_mut().take(dv).for_each(|x| *x /= den);
         lse[i] = den.ln();
     }
+    let out = acc.slice_move(s![.., ..dv]);
     Ok(FastOutput {
         out,
         lse,
