@@ -133,7 +133,7 @@ pub(crate) fn band_of<T: Real>(
         let form = -s * delta.unsigned_abs() as f64;
         if s * (delta.unsigned_abs() as f64) <= TAIL_FROM {
             let dev = (value - form).abs();
-            if !(dev <= eta) {
+            if dev.is_nan() || dev > eta {
                 // NaN lands here too, and stays the worst
                 eta = if dev.is_nan() { f64::INFINITY } else { dev };
                 worst = delta;
@@ -143,20 +143,20 @@ pub(crate) fn band_of<T: Real>(
             tail_b = tail_b.max(value);
         }
     }
-    if !(eta <= MAX_ETA) {
+    if eta.is_nan() || eta > MAX_ETA {
         return Err(format!(
             "takes a bias only of the ALiBi form b(δ) = -s|δ| (with s = {s:e} from the δ nearest 0, the \
              table is off by {eta:.3e} at δ = {worst}; the Toeplitz route applies it)"
         ));
     }
-    if tail && !(tail_b <= -TAIL_FROM + 1.0) {
+    if tail && (tail_b.is_nan() || tail_b > -TAIL_FROM + 1.0) {
         return Err(format!(
             "takes a bias only of the ALiBi form b(δ) = -s|δ| (with s = {s:e}, the table rises \
              to {tail_b:e} where -s|δ| < -{TAIL_FROM}; the Toeplitz route applies it)"
         ));
     }
     let min_mass = (-s * vis.farthest() as f64).exp();
-    if !(min_mass >= 1e-250) {
+    if min_mass.is_nan() || min_mass < 1e-250 {
         return Err(format!(
             "takes no ALiBi bias that leaves a row's whole weight below 1e-250 (slope {s:e}, a \
              row {} positions from its nearest key; the Toeplitz route applies it)",

@@ -314,6 +314,7 @@ pub(crate) struct BandStates {
 
 impl BandStates {
     /// The states of the columns `y` (features weighted or not) with values `vals`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         geo: Geometry,
         slope: f64,

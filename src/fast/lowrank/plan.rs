@@ -119,7 +119,7 @@ fn tail_error(band: &Band, shape: FastShape, r: f64, rho: f64, v: f64) -> (f64, 
     }
     let t = shape.nk as f64 * (2.0 + rho) * r.exp() * band.tail_weight;
     let l = (-r - band.bias_eta).exp() * band.min_mass;
-    if !(l > t) {
+    if l.is_nan() || t.is_nan() || l <= t {
         return (f64::INFINITY, f64::INFINITY);
     }
     (2.0 * t * v / (l - t), t / (l - t))
