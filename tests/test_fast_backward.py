@@ -460,7 +460,8 @@ BAND_CASES = [
     (fastrope.Rotary(), (1,), 1, 290, 290, 2, 4, None, dict(causal=True, window=(60, 0))),
     (fastrope.Rotary(), (1,), 1, 200, 260, 2, 3, None, dict(window=(40, 70), k_offset=5)),
     (fastrope.Rotary(), (2, 4), 2, 120, 140, 4, 2, "std", dict(window=(33, 9), causal=True)),
-    (fastrope.Rotary(), (4,), 4, 90, 120, 2, 3, [2.0], dict(causal=True, q_offset=-6)),  # empty rows
+    # rows that see no key
+    (fastrope.Rotary(), (4,), 4, 90, 120, 2, 3, [2.0], dict(causal=True, q_offset=-6)),
 ]  # fmt: skip
 
 

@@ -401,8 +401,9 @@ def test_fixed_alibi_bias_keeps_the_fast_backward_low_rank(rng, bias_grad):
     w, bias = fastrope.Rotary(), fastrope.alibi(2, n)
     kw = dict(causal=True, window=(64, 0))
     ref = fastrope.attention_grad(q, k, v, w, dout, bias=bias, **kw)
-    assert fastrope.plan(q, k, v, w, eps, method="fast", backward=True, bias=bias,
-                         bias_grad=bias_grad, **kw).details["path"] == (  # fmt: skip
+    assert fastrope.plan(
+        q, k, v, w, eps, method="fast", backward=True, bias=bias, bias_grad=bias_grad, **kw
+    ).details["path"] == (  # fmt: skip
         "toeplitz" if bias_grad else "lowrank"
     )
     tq, tk, tv, tb = _t(q, True), _t(k, True), _t(v, True), _t(bias, bias_grad)
