@@ -103,6 +103,22 @@ fn refused_list<'py>(py: Python<'py>, refused: &[Refusal]) -> PyResult<Bound<'py
     PyList::new(py, refused.iter().map(|r| (r.route, r.reason.as_str())))
 }
 
+/// The low-rank route's band as the plan shows it: `{"slope", "window", "bias_deviation"}`
+/// (None off the low-rank route or without a window or ALiBi bias).
+fn band_dict<'py>(
+    py: Python<'py>,
+    band: Option<crate::fast::Band>,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(b) = band.filter(|b| !b.is_plain()) else {
+        return Ok(None);
+    };
+    let d = PyDict::new(py);
+    d.set_item("slope", b.slope)?;
+    d.set_item("window", b.window)?;
+    d.set_item("bias_deviation", b.bias_eta)?;
+    Ok(Some(d))
+}
+
 fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("refused", refused_list(py, &call.refused)?)?;
@@ -138,6 +154,7 @@ fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDic
     d.set_item("n_pairs", p.counts.n_pairs)?;
     d.set_item("fft_len", p.fft_len)?;
     d.set_item("column_tile", p.column_tile)?;
+    d.set_item("band", band_dict(py, p.lowrank.map(|l| l.band))?)?;
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;
     d.set_item("flops", call.flops)?;
@@ -335,6 +352,7 @@ fn backward_plan_dict<'py>(
     d.set_item("n_pairs", p.counts.n_pairs)?;
     d.set_item("fft_len", p.fft_len)?;
     d.set_item("column_tile", p.column_tile)?;
+    d.set_item("band", band_dict(py, p.lowrank.map(|l| l.lr.band))?)?;
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;
     d.set_item("flops", call.flops)?;
