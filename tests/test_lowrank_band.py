@@ -191,25 +191,36 @@ ADVERSARIAL_CASES = [
 ]
 
 
+def aligned_inputs(seed, scores, dtype, n=150, d=4):
+    """q_i = a_i x, k_j = b_j x with |x|² / sqrt(d) = R = 2: every score a_i b_j R.  ``"±R"``:
+    a, b = ±1 (the bound's extreme); ``"spread"``: a = ±1 and b on a grid of [-1, 1], so that a
+    row's scores cover [-R, R], where the polynomial's error peaks.  (Equal k rows would make a
+    row's scores equal, and the polynomial would cancel in the normalisation.)"""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(d)
+    x *= np.sqrt(2.0 * np.sqrt(d)) / np.linalg.norm(x)
+    a = np.where(rng.uniform(size=(2, n, 1)) < 0.5, -1.0, 1.0)
+    if scores == "±R":
+        b = np.where(rng.uniform(size=(2, n, 1)) < 0.5, -1.0, 1.0)
+    else:
+        b = rng.permuted(np.broadcast_to(np.linspace(-1, 1, n)[:, None], (2, n, 1)), axis=1)
+    return (a * x).astype(dtype), (b * x).astype(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("eps", EPS)
+@pytest.mark.parametrize("scores", ["±R", "spread"])
 @pytest.mark.parametrize("form", list(W_FORMS))
 @pytest.mark.parametrize("case", range(len(ADVERSARIAL_CASES)))
-def test_adversarial_aligned_inputs(case, form, eps, dtype):
-    """q = ±k = ±x with |x|² scale = R (and Rotary with angles ~ 0): every score at ±R, the
-    bound's worst case; v the worst sign pattern.  Still within the certified error."""
+def test_adversarial_aligned_inputs(case, form, scores, eps, dtype):
+    """Scores at ±R (Rotary with angles ~ 0, or w=None) or spread over [-R, R], v the worst
+    sign pattern: still within the certified error."""
     kw = ADVERSARIAL_CASES[case]
-    rng = np.random.default_rng(case)
-    n, d = 150, 4
-    x = rng.standard_normal(d)
-    x *= np.sqrt(2.0 * np.sqrt(d)) / np.linalg.norm(x)  # scale 1/sqrt(d): R = 2
-    signs = np.where(rng.uniform(size=(2, n, 1)) < 0.5, -1.0, 1.0)
-    q = (signs * x).astype(dtype)
-    k = np.broadcast_to(x, (2, n, d)).astype(dtype)
+    q, k = aligned_inputs(case, scores, dtype)
     w = fastrope.Rotary(base=1e9) if form == "rotary" else None
-    p = lowrank_plan(q, k, k[..., :1], w, eps, **kw)
-    assert p.bound_r >= 1.99, p.bound_r
     v = worst_sign_v(q, k, w, eps, **kw)
+    p = lowrank_plan(q, k, v, w, eps, **kw)
+    assert p.bound_r >= 1.99, p.bound_r
     _, _, err = check_lowrank(q, k, v, w, eps, **kw)
     assert err > 0
 
