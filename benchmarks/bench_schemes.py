@@ -18,10 +18,12 @@ Every measurement runs in its own subprocess: inputs are built, then the call is
 median of 3 calls below 2 s, else one call) and the peak resident memory of the whole process
 (``VmHWM`` from ``/proc/self/status``, inputs included) is read after it.  The fast method runs
 on the route its planner picks (``route`` column).  The exact method is measured while its
-``c n^2`` curve through the measured points of the same configuration predicts at most
-``--exact-max-seconds``; beyond, its time is that fitted ``c n^2`` (least squares of
-``log t - 2 log n`` over the measured points with n >= 2^14, or all of them if fewer than two)
-and marked ``fit``.  ``max err`` is ``max|fast - exact|`` over every row where the exact method
+curve ``c pairs(n)`` through the measured points of the same configuration predicts at most
+``--exact-max-seconds``; beyond, its time is that fitted curve (least squares of
+``log t - log pairs(n)`` over the measured points with n >= 2^14, or all of them if fewer than
+two), marked ``fit``.  ``pairs(n)`` is the number of visible (query, key) pairs, what the exact
+method's time is proportional to: ``n(n+1)/2`` causal (an ``n^2`` fit), ``~n (w+1)`` with a
+window ``(w, 0)``.  ``max err`` is ``max|fast - exact|`` over every row where the exact method
 was measured, else over ``--subset-rows`` rows (the first and last 4 and random others) whose
 exact values come from single-row exact calls with ``q_offset = row`` (marked ``rows``).
 
@@ -216,13 +218,42 @@ def run_worker(spec: dict, timeout: float = 1800.0) -> dict:
 # the grid
 
 
-def n2_fit(points: list) -> float | None:
-    """``c`` of ``t = c n^2`` by least squares in log space (n >= 2^14 when two such exist)."""
+def visible_pairs(n: int, window) -> int:
+    """(query, key) pairs a causal call visits: n(n+1)/2, or with a window (w, 0) n(w+1) less
+    the first rows' missing keys.  The exact method's time is proportional to it."""
+    if window is None or window >= n - 1:
+        return n * (n + 1) // 2
+    return (window + 1) * (window + 2) // 2 + (n - window - 1) * (window + 1)
+
+
+def pairs_fit(points: list, window) -> float | None:
+    """``c`` of ``t = c pairs(n)`` (``c n^2 / 2`` without a window) by least squares in log
+    space, over the points with n >= 2^14 when two such exist."""
     big = [(n, t) for n, t in points if n >= 1 << 14]
     use = big if len(big) >= 2 else points
     if not use:
         return None
-    return float(np.exp(np.mean([math.log(t) - 2 * math.log(n) for n, t in use])))
+    logs = [math.log(t) - math.log(visible_pairs(n, window)) for n, t in use]
+    return float(np.exp(np.mean(logs)))
+
+
+def scheme_window(scheme: str, a) -> int | None:
+    return a["window"] if scheme.endswith("+window") else None
+
+
+def refit_exact(rows: list, a: dict) -> None:
+    """Set every row's ``exact_seconds``: measured, else the fit of its configuration's
+    measured points."""
+    for key in {(r["scheme"], r["d"]) for r in rows}:
+        mine = [r for r in rows if (r["scheme"], r["d"]) == key]
+        pts = [(r["n"], r["exact"]["median"]) for r in mine if "median" in r.get("exact", {})]
+        c = pairs_fit(pts, scheme_window(key[0], a))
+        for r in mine:
+            if "median" in r.get("exact", {}):
+                r["exact_seconds"], r["exact_kind"] = r["exact"]["median"], "measured"
+            elif c is not None:
+                r["exact_seconds"] = c * visible_pairs(r["n"], scheme_window(key[0], a))
+                r["exact_kind"] = "fit"
 
 
 def run_grid(a) -> list:
@@ -244,18 +275,20 @@ def run_grid(a) -> list:
                     rows.append(row)
                     C.log(f"{scheme} d={d} n=2^{e}: {row['skipped']}")
                     continue
-                c = n2_fit(exact_pts)
+                win = scheme_window(scheme, vars(a))
+                c = pairs_fit(exact_pts, win)
                 exact_path = os.path.join(tmp, f"exact_{scheme}_{d}_{e}.npy")
-                if c is None or c * n * n <= a.exact_max_seconds:
+                if c is None or c * visible_pairs(n, win) <= a.exact_max_seconds:
                     ex = run_worker(dict(base, method="exact", save=exact_path))
                     row["exact"] = ex
                     if "median" in ex:
                         exact_pts.append((n, ex["median"]))
                         row["exact_seconds"], row["exact_kind"] = ex["median"], "measured"
                 if "exact_seconds" not in row:
-                    c = n2_fit(exact_pts)
+                    c = pairs_fit(exact_pts, win)
                     if c is not None:
-                        row["exact_seconds"], row["exact_kind"] = c * n * n, "fit"
+                        row["exact_seconds"] = c * visible_pairs(n, win)
+                        row["exact_kind"] = "fit"
                 spec = dict(base, method="fast", max_seconds=a.fast_max_seconds,
                             calib=float(np.median(calib)) if calib else 1.0,
                             exact_path=exact_path)  # fmt: skip
@@ -274,7 +307,7 @@ def run_grid(a) -> list:
 # output
 
 HEADER = ["scheme", "d", "n", "route", "fast (s)", "exact (s)", "ratio", "peak RSS (GiB)",
-          "max err", "eps"]  # fmt: skip
+          "max err", "certified", "eps"]  # fmt: skip
 
 
 def cells(row: dict, eps: float) -> list:
@@ -283,7 +316,7 @@ def cells(row: dict, eps: float) -> list:
     if "median" not in fa:
         why = row.get("skipped") or fa.get("skipped", "-")
         return [row["scheme"], str(row["d"]), f"2^{e}", fa.get("route") or "-",
-                "skipped: " + why[:90], "-", "-", "-", "-", f"{eps:g}"]  # fmt: skip
+                "skipped: " + why[:90], "-", "-", "-", "-", "-", f"{eps:g}"]  # fmt: skip
     ex = row.get("exact_seconds")
     fit = row.get("exact_kind") == "fit"
     exact_s = "-" if ex is None else f"{ex:.3g}" + (" (fit)" if fit else "")
@@ -292,7 +325,7 @@ def cells(row: dict, eps: float) -> list:
     err = f"{fa['err']:.1e}" + ("" if fa.get("err_kind") == "full" else " (rows)")
     return [row["scheme"], str(row["d"]), f"2^{e}", fa["route"], f"{fa['median']:.3g}",
             exact_s, ratio, "-" if peak is None else f"{peak / GIB:.2f}", err,
-            f"{eps:g}"]  # fmt: skip
+            f"{fa['certified_error']:.1e}", f"{eps:g}"]  # fmt: skip
 
 
 def line_of(row: dict, eps: float) -> str:
@@ -318,6 +351,7 @@ def exponents(rows: list) -> list:
 def render(doc: dict) -> str:
     a = doc["args"]
     rows = doc["rows"]
+    refit_exact(rows, a)
     parts = [C.format_table(HEADER, [cells(r, a["eps"]) for r in rows], markdown=True)]
     ex = exponents(rows)
     if ex:
