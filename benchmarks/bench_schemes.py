@@ -316,7 +316,7 @@ def cells(row: dict, eps: float) -> list:
     if "median" not in fa:
         why = row.get("skipped") or fa.get("skipped", "-")
         return [row["scheme"], str(row["d"]), f"2^{e}", fa.get("route") or "-",
-                "skipped: " + why[:90], "-", "-", "-", "-", "-", f"{eps:g}"]  # fmt: skip
+                "skipped: " + why[:60], "-", "-", "-", "-", "-", f"{eps:g}"]  # fmt: skip
     ex = row.get("exact_seconds")
     fit = row.get("exact_kind") == "fit"
     exact_s = "-" if ex is None else f"{ex:.3g}" + (" (fit)" if fit else "")
