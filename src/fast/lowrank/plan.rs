@@ -48,6 +48,20 @@ pub fn lowrank_plan(
         let rho = (1.0 + poly.rho) * band.bias_eta.exp() - 1.0;
         let (tail, tail_rel) = tail_error(band, shape, r, poly.rho, v);
         let approximation = v * 2.0 * rho / (1.0 - rho) + tail;
+        // what the bias table alone costs, whatever the degree: no higher degree can help
+        let eta = band.bias_eta.exp_m1();
+        let table_floor = v * 2.0 * eta / (1.0 - eta) + tail;
+        if table_floor >= eps {
+            return Ok(Verdict::Reject {
+                why: format!(
+                    "the bias table is off the ALiBi form -s|δ| by {:.3e} (a float32 call \
+                     rounds it to float32), which alone costs {table_floor:.3e} >= eps = \
+                     {eps:.3e} at any degree",
+                    band.bias_eta
+                ),
+                hopeless: true,
+            });
+        }
         let rounding = rounding_error(&poly, shape, r, &lr, v);
         let certified = approximation + rounding;
         if certified <= eps {
