@@ -20,6 +20,7 @@ import numpy as np
 from . import _fastrope as _native
 from ._types import ApproximationError
 
+
 @dataclass(frozen=True)
 class Plan:
     """A plain-data description of what a call will do.
