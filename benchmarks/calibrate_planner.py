@@ -1,10 +1,11 @@
-"""Measure the constants of the planner's cost model (python/fastrope/_plan.py) on this machine.
+"""Measure the constants of the planner's cost model (src/plan/cost.rs) on this machine.
 
     PYTHONPATH=python python benchmarks/calibrate_planner.py
 
 Prints nanoseconds per (query, key) pair of the exact method (single thread) for a few shapes
 and the fitted ``a + b (d + d_v) + c |S|``, and the fast method's throughput in the flop model
-of ``fastrope::fast::certify``.  Update EXACT_NS_PER_PAIR / FAST_FLOPS_PER_SECOND with them.
+of ``fastrope::fast::certify``.  Update the per-pair rates (ROTARY_F32, ..., SUPPORT_F64) and
+FAST_FLOPS_PER_SECOND in src/plan/cost.rs with them.
 """
 
 from __future__ import annotations

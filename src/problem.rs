@@ -29,21 +29,6 @@ pub struct Problem {
 }
 
 impl Problem {
-    /// Flops of the exact method ignoring masks (`2 n_q n_k (d + d_v)` per head, 2.5x that for
-    /// the backward): an upper bound, for choosing how to run a call.
-    pub fn exact_flops(&self, backward: bool) -> f64 {
-        let f = 2.0
-            * (self.batch * self.hq) as f64
-            * self.nq as f64
-            * self.nk as f64
-            * (self.d + self.dv) as f64;
-        if backward {
-            2.5 * f
-        } else {
-            f
-        }
-    }
-
     pub fn validate(&self) -> Result<()> {
         if self.hk == 0 || !self.hq.is_multiple_of(self.hk) {
             return Err(Error::Value(format!(
@@ -113,25 +98,29 @@ impl Problem {
         (lo <= hi).then_some((lo, hi))
     }
 
-    /// Flops of the exact forward per the usual model: `4 n_q n_k d` per head (`2` for `Q K^T`,
-    /// `2` for `P V`, taking `d_v = d`), counting only visible pairs.
+    /// The number of visible `(query, key)` pairs of one head, in closed form.
     pub fn visible_pairs(&self) -> f64 {
-        let (nq, nk) = (self.nq as i64, self.nk as i64);
         let Some((lo, hi)) = self.visible_delta_range() else {
             return 0.0;
         };
-        // Pairs on diagonal δ: i - j = δ - c with 0 <= i < nq, 0 <= j < nk.
         let c = self.q_offset - self.k_offset;
-        let mut total = 0i128;
-        for delta in lo..=hi {
-            let t = delta - c; // i - j
-            let i_lo = t.max(0);
-            let i_hi = (nq - 1).min(nk - 1 + t);
-            if i_hi >= i_lo {
-                total += (i_hi - i_lo + 1) as i128;
-            }
+        (self.pairs_at_most(hi - c) - self.pairs_at_most(lo - c - 1)) as f64
+    }
+
+    /// `#{(i, j): 0 <= i < n_q, 0 <= j < n_k, i - j <= t}`.
+    fn pairs_at_most(&self, t: i64) -> i128 {
+        let (nq, nk, t) = (self.nq as i128, self.nk as i128, t as i128);
+        let mut total = 0;
+        let full_hi = (nq - 1).min(t); // rows i <= t see every key
+        if full_hi >= 0 {
+            total += (full_hi + 1) * nk;
         }
-        total as f64
+        let (lo, hi) = ((t + 1).max(0), (nq - 1).min(t + nk - 1)); // rows seeing keys j >= i - t
+        if hi >= lo {
+            let count = hi - lo + 1;
+            total += count * (nk + t) - (lo + hi) * count / 2;
+        }
+        total
     }
 }
 
@@ -217,5 +206,25 @@ mod tests {
         pr.window = Some((1, 0));
         assert_eq!(pr.visible_pairs(), 8.0);
         assert_eq!(pr.visible_delta_range(), Some((0, 1)));
+    }
+
+    #[test]
+    fn visible_pairs_match_a_count_of_the_kept_pairs() {
+        for (nq, nk) in [(1, 7), (5, 3), (6, 6), (4, 9)] {
+            for (qo, ko) in [(0, 0), (3, 0), (0, 4), (8, 2)] {
+                for causal in [false, true] {
+                    for window in [None, Some((2, 1)), Some((0, 0)), Some((9, 9))] {
+                        let mut pr = p(nq, nk, qo, ko);
+                        pr.causal = causal;
+                        pr.window = window;
+                        let kept = (0..nq)
+                            .flat_map(|i| (0..nk).map(move |j| (qo + i as i64) - (ko + j as i64)))
+                            .filter(|&delta| pr.keeps(delta))
+                            .count();
+                        assert_eq!(pr.visible_pairs(), kept as f64, "{pr:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ import numpy as np
 from . import _fastrope as _native
 from . import _varlen
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
-from ._plan import FAST_MAX_DEGREE, FAST_MAX_TERMS, Plan, _backward_probe, check_route, make_plan
+from ._plan import Plan, _backward_probe, check_route, make_plan
 from ._plan import kernel_eps as _kernel_eps
 from ._types import ApproximationError, Gradients
 
@@ -33,8 +33,6 @@ def _fast(
         call.v4,
         **call.native_args(),
         eps=eps,
-        max_terms=FAST_MAX_TERMS,
-        max_degree=FAST_MAX_DEGREE,
         memory_limit=limit,
         run=run,
         num_threads=threads,
@@ -432,8 +430,6 @@ def _fast_backward(
         eps=eps,
         want_dw=call.values is not None,
         want_dbias=call.want_dbias,
-        max_terms=FAST_MAX_TERMS,
-        max_degree=FAST_MAX_DEGREE,
         memory_limit=limit,
         run=True,
         num_threads=threads,
@@ -562,8 +558,6 @@ def plan(
             call.v4,
             **call.native_args(),
             eps=kernel_eps,
-            max_terms=FAST_MAX_TERMS,
-            max_degree=FAST_MAX_DEGREE,
             memory_limit=limit,
             run=False,
             num_threads=threads,

@@ -9,6 +9,8 @@ __all__ = [
     "exact_backward",
     "fast_forward",
     "fast_backward",
+    "exact_cost",
+    "choose_method",
     "default_num_threads",
     "clear_cache",
     "cache_info",
@@ -68,11 +70,11 @@ def fast_forward(
     v: np.ndarray,
     *,
     eps: float,
-    max_terms: int,
-    max_degree: int,
     memory_limit: int,
     run: bool,
     num_threads: Optional[int],
+    max_terms: int = ...,
+    max_degree: int = ...,
     bounds: Optional[Tuple[float, float]] = None,
     route: str = "auto",
     plan: Optional[PlannedCall] = None,
@@ -80,7 +82,8 @@ def fast_forward(
 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Dict[str, Any]]:
     """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``, where ``plan["handle"]``
     is the plan itself: passed back as ``plan=`` to a run with the same arguments, it is run
-    without planning again."""
+    without planning again.  ``plan["seconds"]`` is the predicted time (src/plan/cost.rs);
+    ``max_terms``/``max_degree`` default to the cost model's limits."""
 
 def fast_backward(
     q: np.ndarray,
@@ -91,11 +94,11 @@ def fast_backward(
     eps: float,
     want_dw: bool,
     want_dbias: bool,
-    max_terms: int,
-    max_degree: int,
     memory_limit: int,
     run: bool,
     num_threads: Optional[int],
+    max_terms: int = ...,
+    max_degree: int = ...,
     poly: Optional[Tuple[str, int, float]] = None,
     bounds: Optional[Tuple[float, float]] = None,
     dlse: Optional[np.ndarray] = None,
@@ -111,6 +114,22 @@ def fast_backward(
 @final
 class PlannedCall:
     """A fast plan made with ``run=False`` (opaque)."""
+
+def exact_cost(*, dtype: str, backward: bool, **call: Unpack[_Call]) -> Tuple[float, float, int]:
+    """The exact method's predicted ``(flops, seconds, working_bytes)`` (src/plan/cost.rs)."""
+
+def choose_method(
+    plan: PlannedCall,
+    *,
+    method: str,
+    eps: float,
+    certified: float,
+    exact_seconds: float,
+    memory_limit: int,
+) -> Tuple[str, str, Tuple[str, str]]:
+    """Exact or fast for a call the fast ``plan`` certifies: ``(method, why, (method not taken,
+    reason))``; ``method`` is ``"auto"`` or ``"fast"`` (a fast plan over ``memory_limit`` then
+    raises ``ApproximationError``)."""
 
 def planner_calls() -> int:
     """How many fast plans (forward or backward) this process has made."""

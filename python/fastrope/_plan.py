@@ -1,10 +1,10 @@
 """The planner: which method a call runs, what it costs, and why.
 
-The exact method's cost is ``n_q n_k`` score entries times the work per entry (``2d`` flops for
-rotary's ``Q K^T`` GEMM, ``2|S|`` for a general support, plus ``2 d_v`` for ``P V`` and the
-exponentials), counted over visible pairs only (masked tiles are skipped).  The fast method's
-cost comes from the native planner once it is available (docs/DESIGN.md §5.5).  The working set is
-predicted before anything is allocated: a call that would exceed ``memory_limit`` raises
+The cost model and the choice between the exact and the fast method are native
+(``src/plan/cost.rs``, docs/DESIGN.md §10): :func:`make_plan` asks for the exact method's
+predicted flops, seconds and working set, for the fast plan (whose dict carries its predicted
+seconds), and for the choice with its reasons, and assembles the :class:`Plan`.  The working set
+is predicted before anything is allocated: a call that would exceed ``memory_limit`` raises
 ``MemoryError`` up front.
 """
 
@@ -17,25 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from . import _fastrope as _native
 from ._types import ApproximationError
-
-# The cost model, calibrated on the reference machine (2-core AMD EPYC, AVX-512) with
-# `python benchmarks/calibrate_planner.py` (single-thread figures; see that script):
-# exact: nanoseconds per visible (query, key) pair = a + b (d + d_v) + c |S|, per dtype, with
-# c = 0 for rotary (its scores are a GEMM, counted in b).  Divided by the threads' speed-up.
-EXACT_NS_PER_PAIR = {
-    ("rotary", "float32"): (2.4, 0.035, 0.0),
-    ("rotary", "float64"): (3.3, 0.052, 0.0),
-    ("sparse", "float32"): (2.6, 0.035, 0.15),
-    ("sparse", "float64"): (3.5, 0.052, 0.27),
-}
-# Backward / forward time ratio of the exact method (recompute + 4 GEMM-shaped products).
-EXACT_BACKWARD_RATIO = 2.5
-# Throughput of the fast method in the flop model of fastrope::fast::certify (2.5 N log2 N per
-# FFT plus the frequency-domain products), 2 threads.
-FAST_FLOPS_PER_SECOND = 4e9
-# Speed-up of the exact kernels on 2 threads over 1 (parallel over (head, query block)).
-THREAD_SPEEDUP = 1.8
 
 
 @dataclass(frozen=True)
@@ -154,63 +137,9 @@ def resolve_memory_limit(memory_limit: Any) -> int:
     return int(memory_limit)
 
 
-def _pairs_at_most(nq: int, nk: int, t: int) -> int:
-    """#{(i, j): 0 <= i < nq, 0 <= j < nk, i - j <= t}, in closed form (Python ints)."""
-    total = 0
-    full_hi = min(nq - 1, t)  # rows i <= t see every key
-    if full_hi >= 0:
-        total += (full_hi + 1) * nk
-    lo, hi = max(0, t + 1), min(nq - 1, t + nk - 1)  # rows seeing keys j >= i - t
-    if hi >= lo:
-        # sum over i in [lo, hi] of (nk + t - i)
-        count = hi - lo + 1
-        total += count * (nk + t) - (lo + hi) * count // 2
-    return total
-
-
-def visible_pairs(call) -> float:
-    """Number of visible (query, key) pairs per head (O(1), no arrays)."""
-    batch, hq, hk, nq, nk, d, dv = call.shape
-    rng = call.visible_delta_range
-    if rng is None:
-        return 0.0
-    c = call.q_offset - call.k_offset
-    return float(_pairs_at_most(nq, nk, rng[1] - c) - _pairs_at_most(nq, nk, rng[0] - c - 1))
-
-
 def exact_cost(call, backward: bool) -> tuple:
-    """``(flops, seconds, working_set_bytes)`` of the exact method."""
-    batch, hq, hk, nq, nk, d, dv = call.shape
-    pairs = visible_pairs(call) * batch * hq
-    item = call.dtype.itemsize
-    if call.rotary is not None:
-        ns, per_pair, kind = 0, 2 * d + 2 * dv + 4, "rotary"
-        tables = 0
-    else:
-        ns = call.support.shape[0]
-        per_pair, kind = 4 * ns + 2 * dv + 4, "sparse"
-        n_tables = int(np.unique(call.w_index).size)
-        # Whole diagonal sequences up to 32 MiB per table, else a few tiles' worth per worker.
-        per_table = ns * (nq + nk) * item
-        tables = n_tables * (per_table if per_table <= 32 << 20 else ns * 32768 * item)
-    ratio = EXACT_BACKWARD_RATIO if backward else 1.0
-    flops = pairs * per_pair * ratio
-    a, b, c = EXACT_NS_PER_PAIR[(kind, "float32" if call.dtype == np.float32 else "float64")]
-    seconds = pairs * ratio * (a + b * (d + dv) + c * ns) * 1e-9 / THREAD_SPEEDUP
-    outputs = batch * hq * nq * (dv + 1) * item
-    keys = batch * hk * nk * d * item
-    ws = (
-        outputs
-        + keys
-        + tables
-        + (nq + nk) * 8 * (1 + (0 if call.bias is None else call.bias.shape[0]))
-    )
-    if backward:
-        grads = (batch * hq * nq * d + batch * hk * nk * (d + dv)) * item
-        ws += grads + batch * hq * nq * d * item + min(256 << 20, 4 * grads)
-        if call.values is not None:
-            ws += call.values.size * item  # dW accumulates in the output
-    return flops, seconds, int(ws)
+    """``(flops, seconds, working_set_bytes)`` of the exact method (the native cost model)."""
+    return _native.exact_cost(dtype=call.dtype.name, backward=backward, **call.native_args())
 
 
 def output_rounding(call) -> float:
@@ -227,10 +156,6 @@ def output_rounding(call) -> float:
 def kernel_eps(call, eps: float) -> float:
     """The part of ``eps`` left to the float64 fast kernel."""
     return eps - output_rounding(call)
-
-
-FAST_MAX_TERMS = 1_000_000
-FAST_MAX_DEGREE = 40
 
 
 ROUTES = ("auto", "toeplitz", "lowrank")
@@ -256,7 +181,7 @@ def _fast_fields(info: dict) -> dict:
         route=str(info["path"]),
         native=info.get("handle"),
         fast_flops=float(info["flops"]),
-        fast_seconds=float(info["flops"]) / FAST_FLOPS_PER_SECOND,
+        fast_seconds=float(info["seconds"]),
         fast_working_set_bytes=int(info["working_bytes"]),
         degree=int(info["degree"]),
         poly_kind=str(info["poly_kind"]),
@@ -315,7 +240,7 @@ def make_plan(
             )
         return exact_plan("eps = 0 asks for the exact result")
     if backward:
-        return _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_probe)
+        return _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe)
     if nq == 0 or nk == 0 or batch * hq == 0 or fast_probe is None:
         if method == "fast":
             raise ApproximationError("method='fast': an empty axis leaves nothing to approximate")
@@ -351,66 +276,32 @@ def make_plan(
             "certified_lse_error",
         )
     }
-    if fast["fast_working_set_bytes"] > limit:
-        msg = (
-            f"the fast method needs {fast['fast_working_set_bytes'] / 2**20:.1f} MiB, more than"
-            f" memory_limit = {limit / 2**20:.1f} MiB"
-        )
-        if method == "fast":
-            raise ApproximationError(f"method='fast': {msg}")
-        return exact_plan(msg, fast, _native_refused(info))
-    ratio = seconds / max(fast["fast_seconds"], 1e-12)
-    via = (
-        f", as {fast['terms']} low-rank features (RoPE scores are q'·k' after rotating by absolute"
-        " position: no Toeplitz products)"
-        if info.get("path") == "lowrank"
-        else ""
-    )
-    summary = (
-        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R]{via},"
-        f" R = {fast['bound_r']:.3g}, certifies {certified:.2g} <= eps = {eps:.2g};"
-        f" predicted fast {fast['fast_seconds']:.3g} s vs exact {seconds:.3g} s"
-    )
-    return _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info)
+    return _choose(method, eps, limit, certified, fast, details, exact, exact_plan, info)
 
 
-def _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info) -> Plan:
-    """Fast or exact, from the predicted ratio ``exact seconds / fast seconds``."""
+def _choose(method, eps, limit, certified, fast, details, exact, exact_plan, info) -> Plan:
+    """Fast or exact for a call the fast plan ``info`` certifies (the native choice)."""
     refused = _native_refused(info)
-    if method == "fast" or ratio > 1.0:
-        if method == "fast":
-            not_exact = "method='fast' was requested"
-            why = f"{not_exact}: {summary}"
-        else:
-            why = f"fast is predicted {ratio:.1f}x cheaper: {summary}"
-            not_exact = f"predicted {ratio:.1f}x slower than the fast method"
+    chosen, why, not_taken = _native.choose_method(
+        info["handle"],
+        method=method,
+        eps=eps,
+        certified=certified,
+        exact_seconds=exact["exact_seconds"],
+        memory_limit=limit,
+    )
+    if chosen == "fast":
         return Plan(
             method="fast",
             certified_error=certified,
             why=why,
             working_set_bytes=fast["fast_working_set_bytes"],
             details=details,
-            refused=(("exact", not_exact),) + refused,
+            refused=(tuple(not_taken),) + refused,
             **exact,
             **fast,
         )
-    return exact_plan(
-        f"exact is predicted {1 / ratio:.1f}x cheaper: {summary}",
-        fast,
-        refused,
-        f"predicted {1 / ratio:.1f}x slower than the exact method",
-    )
-
-
-# Throughput of the fast backward in its flop model (fastrope::fast::backward: two forward-sized
-# FFT passes, plus the diagonal correlations of dw/dbias), 2 threads.
-FAST_BACKWARD_FLOPS_PER_SECOND = 4e9
-# The low-rank backward (Rotary / w=None, no bias or masking window) in its flop model
-# (fastrope::fast::lowrank_backward: GEMMs with the feature states, reverse sweeps through the
-# monomials): 5-25 GFLOP/s per head measured on the reference machine (one thread per head),
-# plus a fixed cost per call (bounds, the certificate, Python), about 1 ms.
-FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND = 1e10
-FAST_CALL_SECONDS = 1e-3
+    return exact_plan(why, fast, refused, not_taken[1])
 
 
 def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, route="auto"):
@@ -420,8 +311,6 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, rout
     for any ``dout`` with entries at most 1.  Shape-tuple plans (``call.v_max_given``) take
     ``R`` from the forward probe, which reports the caller's ``bound_r``.
     """
-    from . import _fastrope as _native
-
     given = None
     if call.v_max_given is not None and fast_probe is not None:
         given = (float(fast_probe(1e300, 1 << 62)["bound_r"]), float(call.v_max_given))
@@ -436,8 +325,6 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, rout
             eps=kernel_eps,
             want_dw=call.values is not None,
             want_dbias=call.want_dbias,
-            max_terms=FAST_MAX_TERMS,
-            max_degree=FAST_MAX_DEGREE,
             memory_limit=limit,
             run=False,
             num_threads=threads,
@@ -450,7 +337,7 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, rout
     return probe
 
 
-def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_probe) -> Plan:
+def _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe) -> Plan:
     """The backward half of :func:`make_plan`: fast backward vs exact backward.
 
     ``fast_probe`` is the backward probe (``attention_grad`` builds one with the caller's
@@ -474,12 +361,6 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
             raise ApproximationError(f"method='fast': the fast backward: {e}") from None
         return exact_plan(f"the fast backward cannot serve this call: {e}")
     fast = _fast_fields(info)
-    if info.get("path") == "lowrank":
-        fast["fast_seconds"] = (
-            float(info["flops"]) / FAST_LOWRANK_BACKWARD_FLOPS_PER_SECOND + FAST_CALL_SECONDS
-        )
-    else:
-        fast["fast_seconds"] = float(info["flops"]) / FAST_BACKWARD_FLOPS_PER_SECOND
     # A deferred plan certifies each head from its data before its FFTs run (refusing
     # otherwise): what a result guarantees is then eps.
     certified = min(float(info["certified_error"]), eps)
@@ -502,25 +383,4 @@ def _plan_backward(call, eps, method, limit, exact, seconds, exact_plan, fast_pr
             "deferred",
         )
     }
-    if fast["fast_working_set_bytes"] > limit:
-        msg = (
-            f"the fast backward needs {fast['fast_working_set_bytes'] / 2**20:.1f} MiB, more"
-            f" than memory_limit = {limit / 2**20:.1f} MiB"
-        )
-        if method == "fast":
-            raise ApproximationError(f"method='fast': {msg}")
-        return exact_plan(msg, fast, _native_refused(info))
-    ratio = seconds / max(fast["fast_seconds"], 1e-12)
-    via = (
-        f", differentiated through {fast['terms']} low-rank features (RoPE scores are q'·k'"
-        " after rotating by absolute position: no Toeplitz products)"
-        if info.get("path") == "lowrank"
-        else ""
-    )
-    summary = (
-        f"degree-{fast['degree']} {fast['poly_kind']} polynomial on [-R, R]{via},"
-        f" R = {fast['bound_r']:.3g}, certifies every gradient to {certified:.2g} <= eps ="
-        f" {eps:.2g}; predicted fast backward {fast['fast_seconds']:.3g} s vs exact"
-        f" {seconds:.3g} s"
-    )
-    return _choose(method, ratio, summary, certified, fast, details, exact, exact_plan, info)
+    return _choose(method, eps, limit, certified, fast, details, exact, exact_plan, info)

@@ -16,10 +16,14 @@
 //!
 //! [`Route`] lets a caller restrict the choice (the Python `route=` argument); `Auto` takes the
 //! cheaper of the routes that certify.
+//!
+//! [`cost`] is the cost model: what the exact method and each fast route are predicted to take,
+//! and whether a call runs exact or fast, with the reasons.
 
 pub mod backward;
 pub mod backward_run;
 mod band;
+pub mod cost;
 pub mod forward;
 
 use crate::fast::LowRank;

@@ -4,8 +4,9 @@ use super::args::{arr4, dtype_of, position, Spec};
 use super::runtime::run;
 use crate::arch::Real;
 use crate::exact::backward::BackwardInputs;
+use crate::plan::cost;
 use numpy::{Element, IntoPyArray, PyReadonlyArray3};
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -23,18 +24,24 @@ fn forward_typed<'py, T: Real + Element>(
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let serial = crate::exact::decode::runs_serial(&sp.prob, &pos);
     let prob = &sp.prob;
-    let (out, lse) = run(py, threads, prob.exact_flops(false), serial, |ctl| {
-        crate::exact::attention_forward_checked(
-            prob,
-            &pos,
-            bias.as_ref(),
-            qv,
-            kv,
-            vv,
-            ctl,
-            check_kv,
-        )
-    })?;
+    let (out, lse) = run(
+        py,
+        threads,
+        cost::exact_flops_bound(prob, false),
+        serial,
+        |ctl| {
+            crate::exact::attention_forward_checked(
+                prob,
+                &pos,
+                bias.as_ref(),
+                qv,
+                kv,
+                vv,
+                ctl,
+                check_kv,
+            )
+        },
+    )?;
     PyTuple::new(
         py,
         [
@@ -71,9 +78,13 @@ fn backward_typed<'py, T: Real + Element>(
     };
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
     let prob = &sp.prob;
-    let g = run(py, threads, prob.exact_flops(true), false, |ctl| {
-        crate::exact::attention_backward(prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl)
-    })?;
+    let g = run(
+        py,
+        threads,
+        cost::exact_flops_bound(prob, true),
+        false,
+        |ctl| crate::exact::attention_backward(prob, &pos, bias.as_ref(), qv, kv, vv, &inp, ctl),
+    )?;
     let none = || py.None().into_bound(py);
     PyTuple::new(
         py,
@@ -132,4 +143,53 @@ pub(super) fn exact_backward<'py>(
         &sp,
         num_threads
     )
+}
+
+/// The exact method's predicted `(flops, seconds, working_bytes)` for a call with inputs of
+/// `dtype` (`"float32"` or `"float64"`), from the call description alone.
+#[pyfunction]
+#[pyo3(signature = (*, dtype, backward, **call))]
+pub(super) fn exact_cost(
+    dtype: &str,
+    backward: bool,
+    call: Option<&Bound<'_, PyDict>>,
+) -> PyResult<(f64, f64, usize)> {
+    let sp = Spec::from_kwargs(call)?;
+    let item = match dtype {
+        "float32" => 4,
+        "float64" => 8,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "dtype: expected 'float32' or 'float64', got {other:?}"
+            )))
+        }
+    };
+    let support = match sp.rotary {
+        Some(_) => None,
+        None => {
+            let mut tables = sp.w_index.clone();
+            tables.sort_unstable();
+            tables.dedup();
+            Some((sp.support.len(), tables.len()))
+        }
+    };
+    let bias_tables = match &sp.bias {
+        Some(b) => b.getattr("shape")?.get_item(0)?.extract()?,
+        None => 0,
+    };
+    let values = match &sp.values {
+        Some(x) => x.getattr("size")?.extract()?,
+        None => 0,
+    };
+    let c = cost::exact(
+        &sp.prob,
+        &cost::ExactCall {
+            support,
+            item,
+            bias_tables,
+            values,
+        },
+        backward,
+    );
+    Ok((c.flops, c.seconds, c.working_bytes))
 }

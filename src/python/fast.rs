@@ -7,6 +7,7 @@ use crate::arch::Real;
 use crate::error::Error;
 use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
 use crate::plan::backward_run::run_fast_backward;
+use crate::plan::cost::{self, FastOffer, MAX_DEGREE, MAX_TERMS};
 use crate::plan::forward::{plan_fast, plan_fast_from, run_fast, BoundsFrom, FastCall};
 use crate::plan::{Refusal, Route};
 use crate::poly::PolyKind;
@@ -98,6 +99,109 @@ fn reuse<T>(
     }
 }
 
+fn kind_name(kind: PolyKind) -> &'static str {
+    match kind {
+        PolyKind::Taylor => "taylor",
+        PolyKind::Chebyshev => "chebyshev",
+    }
+}
+
+/// What the cost model reads of a plan: its representative polynomial, route, largest bound,
+/// flops, working set and predicted seconds (`certified` left 0).
+fn offer(made: &Made) -> PyResult<FastOffer<'static>> {
+    let (backward, poly, terms, lowrank, bound_r, flops, working_bytes) = match made {
+        Made::Forward(call) => {
+            let p = call
+                .representative()
+                .ok_or_else(|| PyValueError::new_err("fast plan: no heads"))?;
+            let r = call.groups.iter().map(|g| g.plan.bounds.r);
+            let lowrank = p.lowrank.is_some();
+            (
+                false,
+                &p.poly,
+                p.counts.terms,
+                lowrank,
+                r.fold(0.0, f64::max),
+                call.flops,
+                call.working_bytes,
+            )
+        }
+        Made::Backward(call) => {
+            let p = call
+                .representative()
+                .ok_or_else(|| PyValueError::new_err("fast backward plan: no heads"))?;
+            let r = call.groups.iter().map(|g| g.plan.bounds.r);
+            let lowrank = call.groups.iter().all(|g| g.plan.lowrank.is_some());
+            (
+                true,
+                &p.poly,
+                p.counts.terms,
+                lowrank,
+                r.fold(0.0, f64::max),
+                call.flops,
+                call.working_bytes,
+            )
+        }
+    };
+    Ok(FastOffer {
+        backward,
+        seconds: cost::fast_seconds(flops, backward, lowrank),
+        working_bytes,
+        degree: poly.degree,
+        poly_kind: kind_name(poly.kind),
+        bound_r,
+        terms,
+        lowrank,
+        certified: 0.0,
+    })
+}
+
+/// Sets the figures every plan dict shares: the polynomial, route, bound, flops, working set
+/// and predicted seconds of the fast plan.
+fn set_offer(d: &Bound<'_, PyDict>, o: &FastOffer<'_>) -> PyResult<()> {
+    d.set_item("degree", o.degree)?;
+    d.set_item("poly_kind", o.poly_kind)?;
+    d.set_item("path", if o.lowrank { "lowrank" } else { "toeplitz" })?;
+    d.set_item("bound_r", o.bound_r)?;
+    d.set_item("terms", o.terms)?;
+    d.set_item("working_bytes", o.working_bytes)?;
+    d.set_item("seconds", o.seconds)
+}
+
+/// Exact or fast for a call the fast plan `plan` (a `run=False` handle) certifies:
+/// `(method, why, (method not taken, reason))`. `method` is `"auto"` or `"fast"` (forced);
+/// `certified` is what a fast result guarantees; `exact_seconds` the exact method's prediction
+/// ([`exact_cost`](super::exact::exact_cost)). A forced fast plan over `memory_limit` raises
+/// `ApproximationError`.
+#[pyfunction]
+#[pyo3(signature = (plan, *, method, eps, certified, exact_seconds, memory_limit))]
+pub(super) fn choose_method(
+    py: Python<'_>,
+    plan: &Bound<'_, PlannedCall>,
+    method: &str,
+    eps: f64,
+    certified: f64,
+    exact_seconds: f64,
+    memory_limit: usize,
+) -> PyResult<(&'static str, String, (&'static str, String))> {
+    let forced = match method {
+        "auto" => false,
+        "fast" => true,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "method: expected 'auto' or 'fast', got {other:?}"
+            )))
+        }
+    };
+    let offer = FastOffer {
+        certified,
+        ..offer(&plan.get().made)?
+    };
+    let c = cost::choose(&offer, exact_seconds, eps, memory_limit, forced)
+        .map_err(|e| to_pyerr(py, e))?;
+    Ok((c.method, c.why, c.refused))
+}
+
 /// The routes refused by a plan, as `[(route, reason), ...]`.
 fn refused_list<'py>(py: Python<'py>, refused: &[Refusal]) -> PyResult<Bound<'py, PyList>> {
     PyList::new(py, refused.iter().map(|r| (r.route, r.reason.as_str())))
@@ -119,36 +223,17 @@ fn band_dict<'py>(
     Ok(Some(d))
 }
 
-fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDict>> {
+fn plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> {
+    let Made::Forward(call) = made else {
+        return Err(PyValueError::new_err("fast plan: a backward plan"));
+    };
     let d = PyDict::new(py);
     d.set_item("refused", refused_list(py, &call.refused)?)?;
     let Some(p) = call.representative() else {
         return Err(PyValueError::new_err("fast plan: no heads"));
     };
-    d.set_item("degree", p.poly.degree)?;
-    d.set_item(
-        "path",
-        if p.lowrank.is_some() {
-            "lowrank"
-        } else {
-            "toeplitz"
-        },
-    )?;
-    d.set_item(
-        "poly_kind",
-        match p.poly.kind {
-            PolyKind::Taylor => "taylor",
-            PolyKind::Chebyshev => "chebyshev",
-        },
-    )?;
-    let r = call
-        .groups
-        .iter()
-        .map(|g| g.plan.bounds.r)
-        .fold(0.0, f64::max);
-    d.set_item("bound_r", r)?;
+    set_offer(&d, &offer(made)?)?;
     d.set_item("rho", p.poly.rho)?;
-    d.set_item("terms", p.counts.terms)?;
     d.set_item("n_alpha", p.counts.n_alpha)?;
     d.set_item("n_beta", p.counts.n_beta)?;
     d.set_item("n_pairs", p.counts.n_pairs)?;
@@ -158,7 +243,6 @@ fn plan_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Bound<'py, PyDic
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;
     d.set_item("flops", call.flops)?;
-    d.set_item("working_bytes", call.working_bytes)?;
     d.set_item("certified_error", call.certified_error)?;
     d.set_item("certified_lse_error", call.certified_lse_error)?;
     d.set_item(
@@ -255,9 +339,9 @@ fn fast_typed<'py, T: Real + Element>(
         let r = run_fast(&call, prob, &pos, bias.as_ref(), qv, kv, vv, &limits, ctl)?;
         Ok((call, Some(r)))
     })?;
-    let info = plan_dict(py, &call)?;
+    let made = Made::Forward(call);
+    let info = plan_dict(py, &made)?;
     if res.is_none() {
-        let made = Made::Forward(call);
         info.set_item("handle", Bound::new(py, PlannedCall { made, key })?)?;
     }
     let info = info.into_any();
@@ -280,7 +364,7 @@ fn fast_typed<'py, T: Real + Element>(
 /// The fast method on canonical arrays: `(out, lse, plan)`, or `(None, None, plan)` with
 /// `run=False`. Raises `ApproximationError` when `eps` cannot be certified.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, *, eps, max_terms, max_degree, memory_limit, run, num_threads, bounds=None, route="auto", plan=None, **call))]
+#[pyo3(signature = (q, k, v, *, eps, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, bounds=None, route="auto", plan=None, **call))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fast_forward<'py>(
     py: Python<'py>,
@@ -288,11 +372,11 @@ pub(super) fn fast_forward<'py>(
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
     eps: f64,
-    max_terms: usize,
-    max_degree: usize,
     memory_limit: usize,
     run: bool,
     num_threads: Option<usize>,
+    max_terms: usize,
+    max_degree: usize,
     bounds: Option<(f64, f64)>,
     route: &str,
     plan: Option<&Bound<'py, PlannedCall>>,
@@ -318,35 +402,19 @@ fn grad_dict<'py>(py: Python<'py>, g: &crate::fast::Grad5) -> PyResult<Bound<'py
     Ok(d)
 }
 
-fn backward_plan_dict<'py>(
-    py: Python<'py>,
-    call: &FastBackwardCall,
-) -> PyResult<Bound<'py, PyDict>> {
+fn backward_plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> {
+    let Made::Backward(call) = made else {
+        return Err(PyValueError::new_err("fast backward plan: a forward plan"));
+    };
     let d = PyDict::new(py);
     d.set_item("refused", refused_list(py, &call.refused)?)?;
     let Some(p) = call.representative() else {
         return Err(PyValueError::new_err("fast backward plan: no heads"));
     };
-    d.set_item("degree", p.poly.degree)?;
-    d.set_item(
-        "poly_kind",
-        match p.poly.kind {
-            PolyKind::Taylor => "taylor",
-            PolyKind::Chebyshev => "chebyshev",
-        },
-    )?;
+    set_offer(&d, &offer(made)?)?;
     d.set_item("poly_family", p.family)?;
-    let lowrank = call.groups.iter().all(|g| g.plan.lowrank.is_some());
-    d.set_item("path", if lowrank { "lowrank" } else { "toeplitz" })?;
-    let r = call
-        .groups
-        .iter()
-        .map(|g| g.plan.bounds.r)
-        .fold(0.0, f64::max);
-    d.set_item("bound_r", r)?;
     d.set_item("rho", p.poly.rho)?;
     d.set_item("rho_derivative", p.rho_d)?;
-    d.set_item("terms", p.counts.terms)?;
     d.set_item("n_alpha", p.counts.n_alpha)?;
     d.set_item("n_beta", p.counts.n_beta)?;
     d.set_item("n_pairs", p.counts.n_pairs)?;
@@ -356,7 +424,6 @@ fn backward_plan_dict<'py>(
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;
     d.set_item("flops", call.flops)?;
-    d.set_item("working_bytes", call.working_bytes)?;
     d.set_item("deferred", call.deferred)?;
     d.set_item("want_dw", call.want.dw)?;
     d.set_item("want_dbias", call.want.db)?;
@@ -462,9 +529,9 @@ fn fast_backward_typed<'py, T: Real + Element>(
         )?;
         Ok((call, Some(r)))
     })?;
-    let info = backward_plan_dict(py, &call)?;
+    let made = Made::Backward(call);
+    let info = backward_plan_dict(py, &made)?;
     if res.is_none() {
-        let made = Made::Backward(call);
         info.set_item("handle", Bound::new(py, PlannedCall { made, key })?)?;
     }
     let none = || py.None().into_bound(py);
@@ -508,7 +575,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
 /// those bounds instead of the data (`run=False` only). Raises `ApproximationError` when the
 /// gradients cannot be certified to `eps`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, dout, *, eps, want_dw, want_dbias, max_terms, max_degree, memory_limit, run, num_threads, poly=None, bounds=None, dlse=None, route="auto", plan=None, **call))]
+#[pyo3(signature = (q, k, v, dout, *, eps, want_dw, want_dbias, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, poly=None, bounds=None, dlse=None, route="auto", plan=None, **call))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fast_backward<'py>(
     py: Python<'py>,
@@ -519,11 +586,11 @@ pub(super) fn fast_backward<'py>(
     eps: f64,
     want_dw: bool,
     want_dbias: bool,
-    max_terms: usize,
-    max_degree: usize,
     memory_limit: usize,
     run: bool,
     num_threads: Option<usize>,
+    max_terms: usize,
+    max_degree: usize,
     poly: Option<(String, usize, f64)>,
     bounds: Option<(f64, f64)>,
     dlse: Option<&Bound<'py, PyAny>>,

@@ -77,7 +77,9 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     crate::fork::install();
     m.add_function(wrap_pyfunction!(exact::exact_forward, m)?)?;
     m.add_function(wrap_pyfunction!(exact::exact_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(exact::exact_cost, m)?)?;
     m.add_function(wrap_pyfunction!(fast::fast_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(fast::choose_method, m)?)?;
     m.add_function(wrap_pyfunction!(fast::fast_backward, m)?)?;
     m.add_function(wrap_pyfunction!(default_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(clear_cache, m)?)?;
