@@ -91,7 +91,7 @@ def test_opcheck(rng, kind):
     torch.library.opcheck(ft._attention_fwd, args)
     out, lse = ft._attention_fwd(*args)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    bwd = (dout, dlse, *args[:3], out.detach(), lse.detach(), *args[3:])
+    bwd = (dout, dlse, *args[:3], out.detach(), lse.detach(), *args[3:], True)  # bias_grad
     torch.library.opcheck(ft._attention_bwd, bwd, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -34,7 +34,9 @@ class Plan:
     says why it was chosen; ``refused`` lists ``(method or route, reason)`` for every
     alternative considered and not taken (``"exact"``, ``"fast"``, ``"toeplitz"``,
     ``"lowrank"``).  ``native`` is the fast plan itself (opaque): :func:`attention` and
-    :func:`attention_grad` execute it as it is, without planning again.
+    :func:`attention_grad` execute it as it is, without planning again.  On the low-rank route
+    ``details["band"]`` shows the window and the ALiBi slope read off the bias table (with the
+    table's deviation from ``-s|δ|``), or is None without either.
     """
 
     method: str
@@ -78,6 +80,17 @@ class Plan:
                 f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R],"
                 f" R = {self.bound_r:.4g}; {self.terms} low-rank features (no FFT)"
             )
+            band = self.details.get("band")
+            if band:
+                parts = []
+                if band["slope"]:
+                    parts.append(
+                        f"ALiBi slope {band['slope']:.4g} read off the bias table"
+                        f" (off -s|δ| by {band['bias_deviation']:.2g})"
+                    )
+                if band["window"] is not None:
+                    parts.append(f"window {tuple(band['window'])}")
+                lines.append("band: " + ", ".join(parts) + ", by block states")
         elif self.degree is not None:
             lines.append(
                 f"polynomial: {self.poly_kind} degree {self.degree} on [-R, R],"
@@ -274,6 +287,7 @@ def make_plan(
             "approximation_error",
             "rounding_error",
             "certified_lse_error",
+            "band",
         )
     }
     return _choose(method, eps, limit, certified, fast, details, exact, exact_plan, info)
@@ -379,6 +393,7 @@ def _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe) -> P
             "certified",
             "approximation",
             "rounding",
+            "band",
             "multiplicity",
             "deferred",
         )
