@@ -237,7 +237,8 @@ fn w_dense(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f
             let row = delta + (rows - 1) / 2;
             if (0..rows).contains(&row) {
                 for (s, &(a, b)) in sp.support.iter().enumerate() {
-                    w[[a, b]] = sp.values[[sp.index[bh], row as usize, s]];
+                    // a support entry listed twice adds (M = Σ_s w_s q_l1 k_l2)
+                    w[[a, b]] += sp.values[[sp.index[bh], row as usize, s]];
                 }
             }
         }
