@@ -1,7 +1,7 @@
 # Developer commands; `make help` lists them.
 PY ?= .venv/bin/python
 
-.PHONY: help venv develop test rust-test lint import-graph fmt bench demo ci asan miri fork-test \
+.PHONY: help venv develop test rust-test lint import-graph fmt bench demo ci asan miri fork-test fuzz \
 	hf-conformance time-exact time-fast time-fast-backward time-kernel
 
 help:  ## list the developer commands
@@ -20,7 +20,7 @@ rust-test:  ## Rust unit tests only (no Python needed)
 	cargo test --lib
 
 lint:  ## rustfmt, clippy, ruff and the Python import-cycle check
-	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings && $(PY) -m ruff check python tests benchmarks tools && $(PY) tools/py_import_graph.py && $(PY) tools/module_graph.py > /dev/null
+	cargo fmt --all -- --check && cargo clippy --lib --features python -- -D warnings -D clippy::undocumented_unsafe_blocks && $(PY) -m ruff check python tests benchmarks tools && $(PY) tools/py_import_graph.py && $(PY) tools/module_graph.py > /dev/null
 
 modules:  ## the crate's module graph; fails on an import cycle
 	$(PY) tools/module_graph.py
@@ -69,6 +69,16 @@ MIRI_TESTS ?= cache
 miri:  ## portable-path unit tests under Miri (nightly with the miri component)
 	FASTROPE_BASELINE=1 MIRIFLAGS="-Zmiri-env-forward=FASTROPE_BASELINE" \
 		cargo +nightly miri test --lib $(MIRI_TESTS)
+
+# Coverage-guided fuzzing (cargo-fuzz, nightly, AddressSanitizer) of the Rust entry points; the
+# fuzz/ crate is outside the main build. FUZZ_SECONDS per target; corpora in fuzz/corpus, crash
+# inputs kept as regressions in fuzz/regressions (replayed first).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= validate exact fast
+fuzz:  ## fuzz each target for FUZZ_SECONDS (cargo install cargo-fuzz; nightly)
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		if ls regressions/$$t/* >/dev/null 2>&1; then cargo +nightly fuzz run $$t regressions/$$t/* || exit 1; fi; \
+		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
 
 ci:  ## what CI runs, from a fresh virtualenv
 	bash .ci/run

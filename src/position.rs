@@ -131,10 +131,13 @@ fn check_covers(prob: &Problem, rows: usize, what: &str) -> Result<i64> {
 }
 
 fn check_index(index: &[usize], n_tables: usize, prob: &Problem, what: &str) -> Result<()> {
-    if index.len() != prob.batch * prob.hq || index.iter().any(|&i| i >= n_tables) {
+    // checked: `validate` may see a problem whose batch x heads overflows
+    let heads = prob.batch.checked_mul(prob.hq);
+    if heads != Some(index.len()) || index.iter().any(|&i| i >= n_tables) {
         return Err(Error::Value(format!(
-            "{what}: expected one table index < {n_tables} per (batch, head) = {}, got {} entries",
-            prob.batch * prob.hq,
+            "{what}: expected one table index < {n_tables} per (batch, head) = {}, got {} \
+             entries",
+            heads.map_or_else(|| "more than usize::MAX".into(), |h| h.to_string()),
             index.len()
         )));
     }

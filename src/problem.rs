@@ -49,6 +49,25 @@ impl Problem {
                 )));
             }
         }
+        // Kernels index diagonals by `δ(g) = c + (n_q - 1 - g)` in i64: `c` and every δ of the
+        // call must fit, and the lengths with room to spare (no array comes near 2^62 rows).
+        const MAX_LEN: usize = 1 << 62;
+        if self.nq > MAX_LEN || self.nk > MAX_LEN {
+            return Err(Error::Value(format!(
+                "q, k: expected at most 2^62 rows, got n_q = {}, n_k = {}",
+                self.nq, self.nk
+            )));
+        }
+        let c = self.q_offset as i128 - self.k_offset as i128;
+        let (first, last) = (c + self.nq as i128 - 1, c - self.nk as i128 + 1);
+        let fits = |x: i128| i64::MIN as i128 <= x && x <= i64::MAX as i128;
+        if !(fits(c) && fits(first) && fits(last)) {
+            return Err(Error::Value(format!(
+                "q_offset, k_offset: expected relative positions (q_offset + i) - (k_offset + j) \
+                 that fit in a 64-bit integer, got q_offset = {}, k_offset = {}, n_q = {}, n_k = {}",
+                self.q_offset, self.k_offset, self.nq, self.nk
+            )));
+        }
         Ok(())
     }
 
@@ -65,7 +84,8 @@ impl Problem {
     /// `δ` of diagonal `g`.
     #[inline]
     pub fn delta(&self, g: usize) -> i64 {
-        self.q_offset - self.k_offset + self.nq as i64 - 1 - g as i64
+        // grouped so that no partial sum overflows when `validate` accepted the problem
+        (self.q_offset - self.k_offset) + (self.nq as i64 - 1 - g as i64)
     }
 
     /// Whether the masks keep relative position `δ`.
@@ -85,17 +105,19 @@ impl Problem {
         if self.nq == 0 || self.nk == 0 {
             return None;
         }
-        let c = self.q_offset - self.k_offset;
-        let mut lo = c - (self.nk as i64 - 1);
-        let mut hi = c + self.nq as i64 - 1;
+        // In i128: also defined (clamped to i64) for a problem `validate` refuses.
+        let c = self.q_offset as i128 - self.k_offset as i128;
+        let mut lo = c - (self.nk as i128 - 1);
+        let mut hi = c + self.nq as i128 - 1;
         if self.causal {
             lo = lo.max(0);
         }
         if let Some((left, right)) = self.window {
-            lo = lo.max(-right);
-            hi = hi.min(left);
+            lo = lo.max(-(right as i128));
+            hi = hi.min(left as i128);
         }
-        (lo <= hi).then_some((lo, hi))
+        let clamp = |x: i128| x.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        (lo <= hi).then_some((clamp(lo), clamp(hi)))
     }
 
     /// The number of visible `(query, key)` pairs of one head, in closed form.
@@ -226,5 +248,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    // Found by the `validate` fuzz target (fuzz/): these overflowed i64/usize arithmetic.
+    #[test]
+    fn offsets_whose_deltas_overflow_are_refused() {
+        let pr = p(1, 1, i64::MAX, i64::MIN);
+        assert!(pr.validate().is_err());
+        assert_eq!(pr.visible_delta_range(), Some((i64::MAX, i64::MAX)));
+        assert!(p(2, 1, i64::MAX, 0).validate().is_err()); // δ(0) = i64::MAX + 1
+        assert!(p(1, 2, i64::MIN, 0).validate().is_err()); // δ = i64::MIN - 1
+        assert!(p(1, 1, i64::MAX, 0).validate().is_ok());
+        assert!(p(0, 1, i64::MAX, -1).validate().is_err()); // c itself overflows
+        assert!(p(usize::MAX, 1, 0, 0).validate().is_err()); // glen and `n_q as i64` overflow
+        let pr = p(1, 3, i64::MAX, 0);
+        assert_eq!((pr.delta(0), pr.delta(2)), (i64::MAX, i64::MAX - 2));
+        assert!(p(3, 3, i64::MIN / 4, i64::MAX / 4).validate().is_ok());
+        assert!(p(3, 3, i64::MIN / 2, i64::MAX / 2).validate().is_err());
+    }
+
+    #[test]
+    fn flops_of_huge_sizes_do_not_overflow() {
+        let mut pr = p(1, 1, 0, 0);
+        (pr.batch, pr.hq, pr.hk, pr.d, pr.dv) = (usize::MAX, usize::MAX, 1, usize::MAX, 1);
+        assert!(crate::plan::cost::exact_flops_bound(&pr, true) > 1e38);
     }
 }

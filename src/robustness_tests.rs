@@ -215,3 +215,35 @@ fn random_problems_never_panic() {
         "computed {computed}, fast {fast_runs}, fast backward {fast_backward_runs}"
     );
 }
+
+/// Found by the `validate` fuzz target (fuzz/): `batch * hq` overflowed in the table-index check.
+#[test]
+fn table_index_check_of_a_huge_problem_is_an_error() {
+    let prob = Problem {
+        batch: usize::MAX,
+        hq: 2,
+        hk: 1,
+        nq: 1,
+        nk: 1,
+        d: 2,
+        dv: 1,
+        scale: 1.0,
+        causal: false,
+        window: None,
+        q_offset: 0,
+        k_offset: 0,
+    };
+    let values = Array3::<f64>::zeros((1, 1, 1));
+    let sp = SparseW {
+        support: vec![(0, 0)],
+        values: values.view(),
+        index: vec![0],
+    };
+    assert!(Position::Sparse(sp).validate(&prob).is_err());
+    let bvals = Array2::<f64>::zeros((1, 1));
+    let bias = Bias {
+        values: bvals.view(),
+        index: vec![0],
+    };
+    assert!(bias.validate(&prob).is_err());
+}

@@ -110,6 +110,7 @@ where
             // SAFETY: `isa` comes from `crate::arch::simd::isa()` (or a narrower choice), which
             // detected these features on this CPU.
             Isa::Avx512 => return unsafe { run_avx512::<T, L512, K>(task) },
+            // SAFETY: as above: AVX2 and FMA were detected.
             Isa::Avx2 => return unsafe { run_avx2::<T, L256, K>(task) },
             Isa::Baseline => {}
         }

@@ -145,6 +145,7 @@ macro_rules! multiversion {
                 match isa() {
                     // SAFETY: `isa()` detected the features these versions are compiled for.
                     Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above: AVX2 and FMA were detected.
                     Isa::Avx2 => return unsafe { avx2($($arg),*) },
                     Isa::Baseline => {}
                 }

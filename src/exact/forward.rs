@@ -228,7 +228,7 @@ fn forward_block<L: Lanes>(u: Block<'_, '_, '_, '_, '_, L::E>) {
             let lf = sh
                 .needs_log_factor(i0 + r0, rows, j0, j1)
                 .then(|| sh.log_rows(bh, i0 + r0, j0));
-            // SAFETY (this block): `qb` has nbp >= r0 + mr rows of d; key panels cover
+            // SAFETY: (for this block) `qb` has nbp >= r0 + mr rows of d; key panels cover
             // j0..j0 + wp (j0 + wp <= round_up(nk, nr)); rows of `s` have ld >= wp + margins;
             // the padded log-factor covers every diagonal of the strip and `nr` more; oacc has
             // nbp rows of dvp; value column panels hold nk rows of nr.

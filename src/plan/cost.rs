@@ -141,11 +141,13 @@ fn exact_working_bytes(prob: &Problem, call: &ExactCall, backward: bool) -> usiz
 /// Flops of the exact method ignoring masks (`2 n_q n_k (d + d_v)` per head, times the backward
 /// ratio): an upper bound, for deciding how to run a call (how often to poll for signals).
 pub fn exact_flops_bound(prob: &Problem, backward: bool) -> f64 {
+    // in f64 throughout: `batch * hq` and `d + dv` may overflow usize on unvalidated calls
     let f = 2.0
-        * (prob.batch * prob.hq) as f64
+        * prob.batch as f64
+        * prob.hq as f64
         * prob.nq as f64
         * prob.nk as f64
-        * (prob.d + prob.dv) as f64;
+        * (prob.d as f64 + prob.dv as f64);
     if backward {
         EXACT_BACKWARD_RATIO * f
     } else {

@@ -270,11 +270,11 @@ fn backward_unit<L: Lanes>(u: Unit<'_, '_, '_, '_, '_, L::E>) -> UnitGrad<L::E> 
                     } else {
                         None
                     };
-                    // SAFETY: rows r0..r0+mr of the tile buffers exist (bq is a multiple of mr)
-                    // with ld >= kext + 2 nr + margins columns.
                     let Some((j0, j1)) = vis else {
                         if sparse_w.is_none() {
                             for r in 0..mr {
+                                // SAFETY: rows r0..r0+mr of the tile buffers exist (bq is a
+                                // multiple of mr) with ld >= kext + 2 nr + margins columns.
                                 unsafe {
                                     kernel::fill(pt.add((r0 + r) * ld), 0, kext, zero);
                                     kernel::fill(dst.add((r0 + r) * ld), 0, kext, zero);

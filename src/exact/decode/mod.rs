@@ -319,7 +319,7 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     let mut rowbuf = vec![zero; dp];
     let mut sc = vec![zero; rows * CHUNK];
     let (mut zk, mut zv) = (zero, zero);
-    // SAFETY (this function): row pointers come from rows `j0..j1` of a head of `k`/`v`
+    // SAFETY: (for the rest of this function) row pointers come from rows `j0..j1` of a head of `k`/`v`
     // (`visible_keys` keeps them below `n_k`) or from the chunk buffers (CHUNK rows of dp or
     // dvp); vector accesses of in-place rows stay below d (dv), which is then a multiple of W,
     // and of buffer rows below `dl <= dp` (`dvl <= dvp`); `sc` rows are CHUNK long and
