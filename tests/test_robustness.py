@@ -117,3 +117,24 @@ def test_without_check_finite_nan_propagates_but_nothing_crashes():
     assert out.shape == (4, 2)
     with pytest.raises(ValueError, match="q: expected finite"):
         fastrope.attention(q, q, q, fastrope.Rotary())
+
+
+def test_a_bias_whose_exponential_underflows_is_not_taken_for_a_mask():
+    """A finite bias of -800 on every visible δ: e^b underflows to 0, so the fast method would
+    see the rows as fully masked; it refuses (method="fast") and auto runs the exact method,
+    which matches the reference, forward and backward."""
+    rng = np.random.default_rng(0)
+    n = 64
+    q = rng.uniform(-0.5, 0.5, (n, 4))
+    v = rng.uniform(-1, 1, (n, 3))
+    bias = np.full(2 * n - 1, -800.0)
+    bias[n + 5 :] = 0.0  # δ <= -6 stays near 0: masked by causal anyway
+    w = fastrope.Rotary()
+    with pytest.raises(fastrope.ApproximationError, match="underflows"):
+        fastrope.attention(q, q, v, w, 1e-3, causal=True, bias=bias, method="fast")
+    ref = fastrope.reference.attention(q, q, v, w, causal=True, bias=bias)
+    got = fastrope.attention(q, q, v, w, 1e-3, causal=True, bias=bias)
+    assert np.all(np.isfinite(got)) and np.abs(got - ref).max() <= 1e-3
+    g = fastrope.attention_grad(q, q, v, w, v, 1e-3, causal=True, bias=bias)
+    gr = fastrope.reference.attention_grad(q, q, v, w, v, causal=True, bias=bias)
+    assert np.abs(g.dq - gr.dq).max() <= 1e-3 and np.abs(g.dv - gr.dv).max() <= 1e-3

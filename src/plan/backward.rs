@@ -22,7 +22,7 @@ use crate::fast::toeplitz::backward_plan;
 use crate::fast::{
     BackwardPlan, BackwardRequest, FastBounds, FastLimits, FastShape, Grad5, LowRankGrad, Want,
 };
-use crate::plan::forward::{factor, head_f64, max_norm, sequences, w_table};
+use crate::plan::forward::{check_underflow, factor, head_f64, max_norm, sequences, w_table};
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
 use crate::poly::WNorms;
 use crate::poly::{Polynomial, U};
@@ -219,6 +219,7 @@ pub fn plan_fast_backward<'a, T: Real>(
     for (wt, bt, heads) in groups {
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
+        check_underflow(prob, &logf, bt, &fac)?;
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
         let fstats = FactorStats::new(prob.nq, prob.nk, &fac)?;
         let want_diag = want.dw || want.db;

@@ -81,6 +81,36 @@ pub(crate) fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
     logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
 }
 
+/// Refuses a bias so negative that `e^{b(δ)}` underflows to 0 on every key some row sees (a
+/// finite `b <= -745`): the fast method would take the row for fully masked, where its softmax
+/// is well defined (the exact method subtracts the row's maximum and serves it).
+pub(crate) fn check_underflow<T: Real>(
+    prob: &Problem,
+    logf: &LogFactor<T>,
+    t: usize,
+    fac: &[f64],
+) -> Result<()> {
+    let (nq, nk) = (prob.nq, prob.nk);
+    let masses = crate::fast::bounds::row_masses(nq, nk, fac);
+    for (i, &m) in masses.iter().enumerate() {
+        // row i covers the diagonals g in [nq - 1 - i, nq - 1 - i + nk)
+        let g0 = nq - 1 - i;
+        let sees = logf.visible_prefix[g0 + nk] > logf.visible_prefix[g0];
+        if sees && m == 0.0 {
+            let low = logf.seqs[t][g0..g0 + nk]
+                .iter()
+                .map(|x| x.f64())
+                .filter(|x| x.is_finite())
+                .fold(f64::NEG_INFINITY, f64::max);
+            return Err(Error::Approximation(format!(
+                "fast method: row {i} sees keys only through a bias of at most {low:e}, where \
+                 e^bias underflows to 0; the exact method serves such rows"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Head `(b, h)` of `x` as float64 (a view for float64 inputs: no copy).
 pub(crate) fn head_f64<'a, T: Real>(
     x: &'a ArrayView4<'_, T>,
@@ -188,6 +218,7 @@ pub fn plan_fast_from<'a, T: Real>(
     for (wt, bt, heads) in groups {
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
+        check_underflow(prob, &logf, bt, &fac)?;
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
         let factor2 = match pos {
             Position::Rotary(r) => r.factor * r.factor,
