@@ -375,30 +375,7 @@ def test_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
     (dq, dk, dv_, _, _, out, lse, info), _ = _fixed_polynomial(q, k, v, w, dout, dlse=dlse, **kw)
     assert info["path"] == "lowrank" and info["degree"] == 6 and info["poly_kind"] == "taylor"
 
-    def loss(q_, k_, v_):
-        res, _ = _fixed_polynomial(q_, k_, v_, w, dout, **kw)
-        total = float((res[5].reshape(dout.shape) * dout).sum())
-        if dlse is not None:
-            total += float((res[6].reshape(dlse.shape) * dlse).sum())
-        return total
-
-    h = 1e-6
-
-    def fd(x, idx, make):
-        a, b = x.copy(), x.copy()
-        a[idx] += h
-        b[idx] -= h
-        return (loss(*make(a)) - loss(*make(b))) / (2 * h)
-
-    def close(x, y, what):
-        assert abs(x - y) <= 1e-6 * (1 + abs(y)), (what, x, y)
-
-    for idx in [(0, 0, 0), (1, 5, 3), (0, 12, 1)]:
-        close(fd(q, idx, lambda a: (a, k, v)), dq.reshape(q.shape)[idx], "dq")
-    for idx in [(0, 0, 1), (0, 7, 0), (0, 10, 3)]:
-        close(fd(k, idx, lambda a: (q, a, v)), dk.reshape(k.shape)[idx], "dk")
-    for idx in [(0, 2, 0), (0, 10, 1)]:
-        close(fd(v, idx, lambda a: (q, k, a)), dv_.reshape(v.shape)[idx], "dv")
+    _check_by_central_differences(q, k, v, w, dout, dlse, (dq, dk, dv_), kw)
 
 
 def test_lowrank_and_toeplitz_backward_agree(monkeypatch):
@@ -541,8 +518,28 @@ def test_banded_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
     )
     assert info["path"] == "lowrank" and info["degree"] == 6 and info["poly_kind"] == "taylor"
 
+    _check_by_central_differences(q, k, v, w, dout, dlse, (dq, dk, dv_), dict(kw, bias_grad=False))
+
+
+def test_banded_lowrank_and_toeplitz_backward_agree():
+    rng = np.random.default_rng(4)
+    q, k = unit_rows(rng, (2, 150), 4), unit_rows(rng, (2, 150), 4)
+    v, dout = rng.uniform(-1, 1, (2, 150, 3)), rng.uniform(-1, 1, (2, 150, 3))
+    w = fastrope.Rotary()
+    kw = dict(causal=True, window=(40, 0), bias=fastrope.alibi(2, 150), bias_grad=False)
+    a = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="lowrank", **kw)
+    b = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="toeplitz", **kw)
+    for x, y in zip(a[:3], b[:3]):
+        assert np.abs(x - y).max() <= 2e-6
+
+
+def _check_by_central_differences(q, k, v, w, dout, dlse, grads, kw):
+    """The low-rank backward's (dq, dk, dv) against central differences of the approximate
+    forward of the fixed polynomial (``sum(out * dout) + sum(lse * dlse)``) at a few entries."""
+    dq, dk, dv_ = grads
+
     def loss(q_, k_, v_):
-        res, _ = _fixed_polynomial(q_, k_, v_, w, dout, bias_grad=False, **kw)
+        res, _ = _fixed_polynomial(q_, k_, v_, w, dout, **kw)
         total = float((res[5].reshape(dout.shape) * dout).sum())
         if dlse is not None:
             total += float((res[6].reshape(dlse.shape) * dlse).sum())
@@ -565,15 +562,3 @@ def test_banded_lowrank_backward_is_the_gradient_of_its_forward(with_dlse):
         close(fd(k, idx, lambda a: (q, a, v)), dk.reshape(k.shape)[idx], "dk")
     for idx in [(0, 2, 0), (0, 10, 1)]:
         close(fd(v, idx, lambda a: (q, k, a)), dv_.reshape(v.shape)[idx], "dv")
-
-
-def test_banded_lowrank_and_toeplitz_backward_agree():
-    rng = np.random.default_rng(4)
-    q, k = unit_rows(rng, (2, 150), 4), unit_rows(rng, (2, 150), 4)
-    v, dout = rng.uniform(-1, 1, (2, 150, 3)), rng.uniform(-1, 1, (2, 150, 3))
-    w = fastrope.Rotary()
-    kw = dict(causal=True, window=(40, 0), bias=fastrope.alibi(2, 150), bias_grad=False)
-    a = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="lowrank", **kw)
-    b = fastrope.attention_grad(q, k, v, w, dout, 1e-6, method="fast", route="toeplitz", **kw)
-    for x, y in zip(a[:3], b[:3]):
-        assert np.abs(x - y).max() <= 2e-6

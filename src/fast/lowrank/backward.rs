@@ -42,6 +42,36 @@ type Pass1Rows<'a> = (
     ArrayViewMut2<'a, f64>,
 );
 
+/// Pass 1's row `i` from its sums `acc = [Ã V, l̃]`: `out_i = (Ã V)_i / l̃_i`, `a_i = [dO_i / l̃_i,
+/// (dlse_i - D_i) / l̃_i]` (`d lse_i / d Ã_ij = 1 / l̃_i`: the cotangent `g` of lse joins `-D_i`);
+/// returns `lse_i`, or an error when the denominator is not positive.
+pub(super) fn finish_row(
+    i: usize,
+    acc: ArrayView1<f64>,
+    dout: ArrayView1<f64>,
+    g: f64,
+    mut out: ArrayViewMut1<f64>,
+    mut a: ArrayViewMut1<f64>,
+) -> Result<f64> {
+    let dv = out.len();
+    let den = acc[dv];
+    if !(den.is_finite() && den > 0.0) {
+        return Err(Error::Approximation(format!(
+            "fast backward (low-rank): row {i} has denominator {den:e} despite the certificate; \
+             use the exact method"
+        )));
+    }
+    let mut dsum = 0.0;
+    for col in 0..dv {
+        let val = acc[col] / den;
+        out[col] = val;
+        dsum += dout[col] * val;
+        a[col] = dout[col] / den;
+    }
+    a[dv] = (g - dsum) / den;
+    Ok(den.ln())
+}
+
 /// `p'` evaluated by Horner.
 pub(super) fn derivative(coeffs: &[f64]) -> impl Fn(f64) -> f64 {
     let dc = derivative_coeffs(coeffs);
@@ -167,24 +197,15 @@ pub fn lowrank_backward_head(
                 if visible(i) == 0 {
                     continue; // no visible key: no gradient flows through this row
                 }
-                let den = acc[[a, dv]];
-                if !(den.is_finite() && den > 0.0) {
-                    return Err(Error::Approximation(format!(
-                        "fast backward (low-rank): row {i} has denominator {den:e} despite the \
-                         certificate; use the exact method"
-                    )));
-                }
-                let mut dsum = 0.0;
-                for col in 0..dv {
-                    let val = acc[[a, col]] / den;
-                    out[[o, col]] = val;
-                    dsum += dout[[i, col]] * val;
-                    a_ch[[o, col]] = dout[[i, col]] / den;
-                }
-                // d lse_i / d Ã_ij = 1 / l̃_i: the cotangent of lse joins -D_i
                 let g = dlse.as_ref().map_or(0.0, |g| g[i]);
-                a_ch[[o, dv]] = (g - dsum) / den;
-                lse[o] = den.ln();
+                lse[o] = finish_row(
+                    i,
+                    acc.row(a),
+                    dout.row(i),
+                    g,
+                    out.row_mut(o),
+                    a_ch.row_mut(o),
+                )?;
             }
             let ab = a_ch.slice(s![i0 - c0..i1 - c0, ..]);
             let mut coef = ab.dot(&state.t());

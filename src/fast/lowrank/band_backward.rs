@@ -10,11 +10,11 @@
 //! T_j b_j`, plus `p(M) w` and `p'(M) w` on its partial tiles. Blocks of either pass are
 //! independent (run in parallel; the same bits for any thread count).
 
-use super::backward::derivative;
+use super::backward::{derivative, finish_row};
 use super::band::{row_sees, BandStates, Geometry};
 use super::forward::{with_ones, Features};
 use super::plan::block_rows;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fast::grad::HeadGrads;
 use crate::fast::plans::{BackwardPlan, LowRank};
 use crate::problem::Control;
@@ -100,23 +100,15 @@ pub(super) fn band_backward_head(
             if !sees(i) {
                 continue; // no visible key: no gradient flows through this row
             }
-            let den = acc[[a, dv]];
-            if !(den.is_finite() && den > 0.0) {
-                return Err(Error::Approximation(format!(
-                    "fast backward (low-rank): row {i} has denominator {den:e} despite the \
-                     certificate; use the exact method"
-                )));
-            }
-            let mut dsum = 0.0;
-            for col in 0..dv {
-                let val = acc[[a, col]] / den;
-                out[[a, col]] = val;
-                dsum += dout[[i, col]] * val;
-                a_b[[a, col]] = dout[[i, col]] / den;
-            }
             let g = dlse.as_ref().map_or(0.0, |g| g[i]);
-            a_b[[a, dv]] = (g - dsum) / den;
-            lse[a] = den.ln();
+            lse[a] = finish_row(
+                i,
+                acc.row(a),
+                dout.row(i),
+                g,
+                out.row_mut(a),
+                a_b.row_mut(a),
+            )?;
         }
         let ab = a_b.view();
         let mut gx = match key_states.apply_t(&states, ab) {
