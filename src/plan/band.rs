@@ -92,6 +92,15 @@ pub(crate) fn band_of<T: Real>(
     window_masks: bool,
 ) -> Result<Band, String> {
     let vis = Visible::new(prob);
+    let reach =
+        (prob.q_offset as i128 - prob.k_offset as i128).abs() + prob.nq as i128 + prob.nk as i128;
+    if (bias.is_some() || window_masks) && reach >= 1i128 << 58 {
+        return Err(format!(
+            "takes a window or a bias only with positions within 2^58 (the offsets differ by \
+             {}; the Toeplitz route applies it)",
+            prob.q_offset as i128 - prob.k_offset as i128
+        ));
+    }
     let mut band = Band {
         shift: prob.q_offset - prob.k_offset,
         window: if window_masks { prob.window } else { None },
@@ -244,6 +253,15 @@ mod tests {
             index: vec![0],
         };
         assert!(band_of(&p, Some((&bias, 0)), false).is_err());
+    }
+
+    #[test]
+    fn offsets_near_the_i64_limits_are_refused_not_overflowed() {
+        // found by the fast fuzz target: the band's block geometry negated c = i64::MIN
+        let mut p = prob(3, 3, true, Some((1, 1)), 0);
+        p.q_offset = i64::MIN / 2;
+        p.k_offset = i64::MAX / 2;
+        assert!(band_of::<f64>(&p, None, true).unwrap_err().contains("2^58"));
     }
 
     #[test]
