@@ -28,6 +28,7 @@ pub mod plan;
 pub mod poly;
 pub mod position;
 pub mod problem;
+pub mod profile;
 pub mod toeplitz;
 
 #[cfg(feature = "python")]

@@ -8,8 +8,10 @@
 
 use crate::arch::Real;
 use crate::error::{Error, Result};
+use crate::poly::{WNorms, U};
 use crate::problem::Problem;
 use ndarray::{Array2, ArrayView2, ArrayView3};
+use rayon::prelude::*;
 
 /// Rotary position matrices: `theta` (`d/2` frequencies), attention factor `f`, and the pairs
 /// `(p_m, r_m)` rotated by `θ_m` (layout).
@@ -73,15 +75,64 @@ impl RotaryW {
         }
     }
 
+    /// The support of [`RotaryW::as_sparse`]: `(p,p), (p,r), (r,p), (r,r)` per pair.
+    pub fn support(&self) -> Vec<(usize, usize)> {
+        self.pairs
+            .iter()
+            .flat_map(|&(p, r)| [(p, p), (p, r), (r, p), (r, r)])
+            .collect()
+    }
+
+    /// The [`WNorms`] of [`RotaryW::as_sparse`] over the diagonals `factor > 0` marks, without
+    /// the table: each entry's maximum from `sin_cos` directly (the same values the table
+    /// holds), each block's norm `f²(1 + 4u)` (a rotation's, with the rounding of its entries).
+    pub fn norms(&self, prob: &Problem, factor: &[f64]) -> Result<WNorms> {
+        let glen = prob.glen();
+        if factor.len() != glen {
+            return Err(Error::Value(format!(
+                "factor: expected {glen} values, got {}",
+                factor.len()
+            )));
+        }
+        let f2 = self.factor * self.factor;
+        let chunk = glen.div_ceil(4 * rayon::current_num_threads()).max(4096);
+        let (maxima, any) = (0..glen.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let mut m = vec![0.0f64; 2 * self.theta.len()];
+                let mut any = false;
+                for g in (c * chunk..((c + 1) * chunk).min(glen)).filter(|&g| factor[g] > 0.0) {
+                    any = true;
+                    let delta = prob.delta(g) as f64;
+                    for (t, &th) in self.theta.iter().enumerate() {
+                        let (s, co) = (delta * th).sin_cos();
+                        m[2 * t] = m[2 * t].max((f2 * co).abs());
+                        m[2 * t + 1] = m[2 * t + 1].max((f2 * s).abs());
+                    }
+                }
+                (m, any)
+            })
+            .reduce(
+                || (vec![0.0; 2 * self.theta.len()], false),
+                |(mut a, x), (b, y)| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(b));
+                    (a, x || y)
+                },
+            );
+        let entry_max: Vec<f64> = maxima
+            .chunks_exact(2)
+            .flat_map(|cs| [cs[0], cs[1], cs[1], cs[0]])
+            .collect();
+        let block = if any { f2 * (1.0 + 4.0 * U) } else { 0.0 };
+        WNorms::from_maxima(prob.d, &self.support(), entry_max, |_| block)
+    }
+
     /// The same matrices as a sparse support with their diagonal sequences (for the fast
     /// method): per pair, entries `(p,p), (p,r), (r,p), (r,r)` with `f² [cos, sin, -sin, cos](δθ)`.
     pub fn as_sparse(&self, prob: &Problem) -> (Vec<(usize, usize)>, Array2<f64>) {
         let glen = prob.glen();
         let f2 = self.factor * self.factor;
-        let mut support = Vec::with_capacity(4 * self.pairs.len());
-        for &(p, r) in &self.pairs {
-            support.extend_from_slice(&[(p, p), (p, r), (r, p), (r, r)]);
-        }
+        let support = self.support();
         let mut seqs = Array2::zeros((support.len(), glen));
         for (m, &th) in self.theta.iter().enumerate() {
             for g in 0..glen {
@@ -288,6 +339,63 @@ impl<T: Real> Position<'_, T> {
         match self {
             Position::Rotary(r) => r.validate(prob.d),
             Position::Sparse(s) => s.validate(prob),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prob(nq: usize, nk: usize, d: usize, causal: bool, window: Option<(i64, i64)>) -> Problem {
+        Problem {
+            batch: 1,
+            hq: 1,
+            hk: 1,
+            nq,
+            nk,
+            d,
+            dv: 1,
+            scale: 1.0,
+            causal,
+            window,
+            q_offset: 7,
+            k_offset: 2,
+        }
+    }
+
+    #[test]
+    fn rotary_norms_match_those_of_its_table() {
+        let rot = RotaryW {
+            theta: vec![1.0, 0.1, 1e-3, 1e-4],
+            factor: 1.3,
+            pairs: vec![(0, 4), (1, 5), (2, 6), (3, 7)],
+        };
+        for (nq, nk, causal, window) in [
+            (40, 30, false, None),
+            (40, 30, true, None),
+            (9000, 8000, true, Some((50, 0))),
+            (300, 200, false, Some((3, 2))),
+            (20, 20, true, Some((-100, 100))), // nothing visible
+        ] {
+            let p = prob(nq, nk, 8, causal, window);
+            let logf = LogFactor::<f64>::new(&p, None);
+            let fac: Vec<f64> = logf.seqs[0].iter().map(|x| x.exp()).collect();
+            let (support, seqs) = rot.as_sparse(&p);
+            let table = WNorms::new(8, &support, seqs.view(), &fac).unwrap();
+            let fast = rot.norms(&p, &fac).unwrap();
+            assert_eq!(support, rot.support());
+            // the same maxima, bit for bit
+            assert_eq!(
+                fast.entry_max, table.entry_max,
+                "{nq} {nk} {causal} {window:?}"
+            );
+            assert_eq!(fast.blocks.len(), table.blocks.len());
+            for (a, b) in fast.blocks.iter().zip(&table.blocks) {
+                assert_eq!((&a.0, &a.1), (&b.0, &b.1));
+                // an upper bound within a few units of rounding
+                assert!(a.2 >= b.2 && a.2 <= b.2 * (1.0 + 8.0 * U) + f64::MIN_POSITIVE);
+            }
         }
     }
 }

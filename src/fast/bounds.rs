@@ -56,20 +56,18 @@ impl FastBounds {
 
     /// Combines a score bound and `max |v|` with the statistics of `factor` (`nq + nk - 1` long).
     pub fn from_parts(score: ScoreBound, v_max: f64, nq: usize, nk: usize, factor: &[f64]) -> Self {
-        let masses = row_masses(nq, nk, factor);
-        let min_row_mass = masses
-            .iter()
-            .copied()
-            .filter(|&m| m > 0.0)
-            .fold(f64::INFINITY, f64::min);
+        Self::with_factor(score, v_max, &FactorStats::new(nq, nk, factor))
+    }
+
+    /// [`FastBounds::from_parts`] with the factor's statistics computed once for many heads.
+    pub fn with_factor(score: ScoreBound, v_max: f64, f: &FactorStats) -> Self {
         FastBounds {
             r: score.r,
             r_abs: score.r_abs,
             v_max,
-            factor_sum: factor.iter().sum::<f64>() * (1.0 + factor.len() as f64 * U),
-            factor_norm2: factor.iter().map(|f| f * f).sum::<f64>().sqrt()
-                * (1.0 + factor.len() as f64 * U),
-            min_row_mass,
+            factor_sum: f.factor_sum,
+            factor_norm2: f.factor_norm2,
+            min_row_mass: f.min_row_mass,
         }
     }
 
@@ -98,6 +96,35 @@ impl FastBounds {
 
 pub(crate) fn max_abs<'a>(x: impl Iterator<Item = &'a f64>) -> f64 {
     x.fold(0.0f64, |m, v| m.max(v.abs()))
+}
+
+/// What a fast plan needs of a mask/bias factor (`glen` values `e^{b(δ)}`, 0 where masked):
+/// its sum and 2-norm (rounded up) and the smallest positive row mass ([`row_masses`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FactorStats {
+    pub factor_sum: f64,
+    pub factor_norm2: f64,
+    pub min_row_mass: f64,
+}
+
+impl FactorStats {
+    pub fn new(nq: usize, nk: usize, factor: &[f64]) -> Self {
+        Self::from_masses(factor, &row_masses(nq, nk, factor))
+    }
+
+    /// From the row masses already computed.
+    pub fn from_masses(factor: &[f64], masses: &[f64]) -> Self {
+        let up = 1.0 + factor.len() as f64 * U;
+        FactorStats {
+            factor_sum: factor.iter().sum::<f64>() * up,
+            factor_norm2: factor.iter().map(|f| f * f).sum::<f64>().sqrt() * up,
+            min_row_mass: masses
+                .iter()
+                .copied()
+                .filter(|&m| m > 0.0)
+                .fold(f64::INFINITY, f64::min),
+        }
+    }
 }
 
 /// Per query row, a lower bound on its mass `Σ_j factor[g(i,j)]` (row `i` reads diagonals

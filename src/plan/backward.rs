@@ -219,7 +219,12 @@ pub fn plan_fast_backward<'a, T: Real>(
     for (wt, bt, heads) in groups {
         let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
-        check_underflow(prob, &logf, bt, &fac)?;
+        check_underflow(
+            prob,
+            &logf,
+            bt,
+            &crate::fast::bounds::row_masses(prob.nq, prob.nk, &fac),
+        )?;
         let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
         let fstats = FactorStats::new(prob.nq, prob.nk, &fac)?;
         let want_diag = want.dw || want.db;

@@ -10,8 +10,9 @@
 
 use crate::arch::Real;
 use crate::error::{Error, Result};
+use crate::fast::bounds::FactorStats;
 use crate::fast::cache::{self, KernelKey};
-use crate::fast::lowrank::{lowrank_head, lowrank_plan, rotate};
+use crate::fast::lowrank::{lowrank_head_into, lowrank_plan, rotate_pair};
 use crate::fast::{
     fast_plan, FastBounds, FastKernel, FastLimits, FastPlan, FastShape, FastSpectra, LowRank,
 };
@@ -19,6 +20,7 @@ use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
 use crate::poly::{ScoreBound, WNorms};
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
+use crate::profile::{self, Phase};
 use ndarray::{Array2, Array3, Array4, ArrayView4};
 use rayon::prelude::*;
 
@@ -30,6 +32,8 @@ pub struct FastGroup {
     pub w_table: usize,
     pub bias_table: usize,
     pub plan: FastPlan,
+    /// The W norms the plan's score bounds were read from (the run checks each head with them).
+    pub norms: WNorms,
 }
 
 /// The fast method's plan for a whole call.
@@ -88,10 +92,9 @@ pub(crate) fn check_underflow<T: Real>(
     prob: &Problem,
     logf: &LogFactor<T>,
     t: usize,
-    fac: &[f64],
+    masses: &[f64],
 ) -> Result<()> {
     let (nq, nk) = (prob.nq, prob.nk);
-    let masses = crate::fast::bounds::row_masses(nq, nk, fac);
     for (i, &m) in masses.iter().enumerate() {
         // row i covers the diagonals g in [nq - 1 - i, nq - 1 - i + nk)
         let g0 = nq - 1 - i;
@@ -124,6 +127,19 @@ pub(crate) fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
     match pos {
         Position::Rotary(_) => 0,
         Position::Sparse(sp) => sp.index[bh],
+    }
+}
+
+/// `max |x|` over every entry, by chunks in parallel when `x` is contiguous (a max is exact, so
+/// the result does not depend on the chunking).
+pub(crate) fn abs_max<T: Real>(x: ndarray::ArrayView2<T>) -> f64 {
+    let fold = |m: f64, v: &T| m.max(v.f64().abs());
+    match x.as_slice() {
+        Some(xs) => xs
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().fold(0.0f64, fold))
+            .reduce(|| 0.0, f64::max),
+        None => x.iter().fold(0.0f64, fold),
     }
 }
 
@@ -186,6 +202,7 @@ pub fn plan_fast_from<'a, T: Real>(
     route: Route,
 ) -> Result<FastCall> {
     count_plan();
+    let _s = profile::span(Phase::Plan);
     prob.validate()?;
     pos.validate(prob)?;
     if let Some(b) = bias {
@@ -216,10 +233,19 @@ pub fn plan_fast_from<'a, T: Real>(
     let mut support_all = Vec::new();
     let mut refused = Vec::new();
     for (wt, bt, heads) in groups {
-        let (support, seqs) = sequences(prob, pos, wt);
         let fac = factor(&logf, bt);
-        check_underflow(prob, &logf, bt, &fac)?;
-        let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+        let masses = crate::fast::bounds::row_masses(prob.nq, prob.nk, &fac);
+        check_underflow(prob, &logf, bt, &masses)?;
+        let stats = FactorStats::from_masses(&fac, &masses);
+        // RoPE's norms need no table of W (a general W's come from its diagonals).
+        let (support, norms) = match pos {
+            Position::Rotary(rot) => (rot.support(), rot.norms(prob, &fac)?),
+            Position::Sparse(_) => {
+                let (support, seqs) = sequences(prob, pos, wt);
+                let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+                (support, norms)
+            }
+        };
         let factor2 = match pos {
             Position::Rotary(r) => r.factor * r.factor,
             Position::Sparse(_) => 0.0,
@@ -231,14 +257,10 @@ pub fn plan_fast_from<'a, T: Real>(
                     let (b, h) = (bh / prob.hq, bh % prob.hq);
                     let kvh = h / prob.group();
                     let (qh, kh) = (head_f64(q, b, h), head_f64(k, b, kvh));
-                    let vh = v.slice(ndarray::s![b, kvh, .., ..]);
-                    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.f64().abs()));
+                    let vmax = abs_max(v.slice(ndarray::s![b, kvh, .., ..]));
                     let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
                     let r2 = prob.scale.abs() * factor2 * max_norm(qh.view()) * max_norm(kh.view());
-                    (
-                        FastBounds::from_parts(score, vmax, prob.nq, prob.nk, &fac),
-                        r2,
-                    )
+                    (FastBounds::with_factor(score, vmax, &stats), r2)
                 })
                 .unzip(),
             BoundsFrom::Given { r, v_max } => {
@@ -254,9 +276,7 @@ pub fn plan_fast_from<'a, T: Real>(
                     blocks: *r,
                 };
                 (
-                    vec![FastBounds::from_parts(
-                        score, *v_max, prob.nq, prob.nk, &fac,
-                    )],
+                    vec![FastBounds::with_factor(score, *v_max, &stats)],
                     vec![*r],
                 )
             }
@@ -280,6 +300,7 @@ pub fn plan_fast_from<'a, T: Real>(
             w_table: wt,
             bias_table: bt,
             plan,
+            norms,
         });
     }
     let flops = out
@@ -450,23 +471,41 @@ pub fn run_fast<'a, T: Real>(
     let logf = LogFactor::new(prob, bias);
     for g in &call.groups {
         ctl.check()?;
-        let (support, seqs) = sequences(prob, pos, g.w_table);
-        let fac = factor(&logf, g.bias_table);
         if let (Some(lr), Position::Rotary(rot)) = (g.plan.lowrank, pos) {
-            let norms = WNorms::new(prob.d, &support, seqs.view(), &fac)?;
+            let (norms, support) = (&g.norms, &call.support);
             let c = prob.q_offset - prob.k_offset;
-            let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
+            // Each head writes its own slices of `out` and `lse` (disjoint views, in parallel).
+            let bhs = prob.batch * prob.hq;
+            let reshaped = |e| Error::Value(format!("fast output: {e}"));
+            let mut out3 = out
+                .view_mut()
+                .into_shape_with_order((bhs, nq, dv))
+                .map_err(reshaped)?;
+            let mut lse2 = lse
+                .view_mut()
+                .into_shape_with_order((bhs, nq))
+                .map_err(reshaped)?;
+            let mut views: Vec<_> = out3
+                .outer_iter_mut()
+                .zip(lse2.outer_iter_mut())
+                .map(Some)
+                .collect();
+            let jobs: Vec<_> = g
                 .heads
-                .par_iter()
-                .map(|&bh| {
+                .iter()
+                .map(|&bh| (bh, views[bh].take().expect("each head once")))
+                .collect();
+            jobs.into_par_iter()
+                .map(|(bh, (o, l))| {
                     ctl.check()?;
+                    let check = profile::span(Phase::Check);
                     let (b, h) = (bh / prob.hq, bh % prob.hq);
                     let kvh = h / prob.group();
                     let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
                     let vh = head_f64(&v, b, kvh);
                     // the plan's certificate holds for this head only within its bounds
-                    let score = norms.bound(&support, qh.view(), kh.view(), prob.scale);
-                    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                    let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
+                    let vmax = abs_max(vh.view());
                     let r2 = prob.scale.abs()
                         * rot.factor
                         * rot.factor
@@ -479,17 +518,18 @@ pub fn run_fast<'a, T: Real>(
                                 .into(),
                         ));
                     }
-                    let x = rotate(rot, qh.view(), c, prob.scale * rot.factor * rot.factor);
-                    let y = rotate(rot, kh.view(), 0, 1.0);
-                    Ok((
-                        bh,
-                        lowrank_head(&g.plan, x.view(), y.view(), vh.view(), ctl)?,
-                    ))
+                    drop(check);
+                    let (x, y) = profile::time(Phase::Rotate, || {
+                        let mul = prob.scale * rot.factor * rot.factor;
+                        rotate_pair(rot, qh.view(), kh.view(), c, mul)
+                    });
+                    lowrank_head_into(&g.plan, x.view(), y.view(), vh.view(), o, l, ctl).map(|_| ())
                 })
-                .collect();
-            scatter(prob, results, &mut out, &mut lse)?;
+                .collect::<Result<()>>()?;
             continue;
         }
+        let (support, seqs) = sequences(prob, pos, g.w_table);
+        let fac = factor(&logf, g.bias_table);
         let kernel = cached_kernel(g, prob, &support, seqs.view(), &fac, limits)?;
         let results: Vec<Result<(usize, crate::fast::FastOutput)>> = g
             .heads

@@ -5,6 +5,7 @@
 use super::U;
 use crate::error::{Error, Result};
 use ndarray::ArrayView2;
+use rayon::prelude::*;
 
 /// Bounds on the scores, from the cheapest to the sharpest form (all `>= max |M_ij|`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,23 +37,13 @@ pub struct WNorms {
     pub entry_max: Vec<f64>,
 }
 
+/// One block of a support: row coordinates, column coordinates, entries.
+type Block = (Vec<usize>, Vec<usize>, Vec<usize>);
+
 impl WNorms {
-    /// `support` entries must be `< d`; `seqs` is `|S| x glen`; `factor[g] > 0` marks the
-    /// visible diagonals (only those can reach a score that matters).
-    pub fn new(
-        d: usize,
-        support: &[(usize, usize)],
-        seqs: ArrayView2<f64>,
-        factor: &[f64],
-    ) -> Result<Self> {
-        let ns = support.len();
-        if seqs.nrows() != ns || seqs.ncols() != factor.len() {
-            return Err(Error::Value(format!(
-                "seqs: expected shape ({ns}, {}), got {:?}",
-                factor.len(),
-                seqs.shape()
-            )));
-        }
+    /// The blocks of `support` (connected components of its rows and columns): per block its
+    /// row and column coordinates and its entries (indices into `support`).
+    fn blocks_of(d: usize, support: &[(usize, usize)]) -> Result<Vec<Block>> {
         if let Some(&(a, b)) = support.iter().find(|&&(a, b)| a >= d || b >= d) {
             return Err(Error::Value(format!(
                 "support: expected entries < d = {d}, got ({a}, {b})"
@@ -72,7 +63,7 @@ impl WNorms {
             parent[ra] = rb;
         }
         let mut root_block: Vec<Option<usize>> = vec![None; 2 * d];
-        let mut members: Vec<(Vec<usize>, Vec<usize>, Vec<usize>)> = Vec::new();
+        let mut members: Vec<Block> = Vec::new();
         for (s, &(a, b)) in support.iter().enumerate() {
             let root = find(&mut parent, a);
             let id = *root_block[root].get_or_insert_with(|| {
@@ -88,32 +79,107 @@ impl WNorms {
             }
             m.2.push(s);
         }
-        let visible: Vec<usize> = (0..factor.len()).filter(|&g| factor[g] > 0.0).collect();
-        let mut entry_max = vec![0.0f64; ns];
-        for (s, em) in entry_max.iter_mut().enumerate() {
-            let row = seqs.row(s);
-            *em = visible.iter().fold(0.0f64, |m, &g| m.max(row[g].abs()));
+        Ok(members)
+    }
+
+    /// Norms from maxima computed elsewhere: `entry_max[s]` per support entry and
+    /// `block_max(entries)` for the block made of those entries (before the rounding margin).
+    pub fn from_maxima(
+        d: usize,
+        support: &[(usize, usize)],
+        entry_max: Vec<f64>,
+        block_max: impl Fn(&[usize]) -> f64,
+    ) -> Result<Self> {
+        if entry_max.len() != support.len() {
+            return Err(Error::Value(format!(
+                "entry_max: expected {} values, got {}",
+                support.len(),
+                entry_max.len()
+            )));
         }
-        let mut blocks = Vec::with_capacity(members.len());
-        for (rows, cols, entries) in members {
-            let mut best = 0.0f64;
-            let mut mat = vec![0.0; rows.len() * cols.len()];
-            for &g in &visible {
-                mat.iter_mut().for_each(|x| *x = 0.0);
-                for &s in &entries {
-                    let (a, b) = support[s];
-                    let (ia, ib) = (
-                        rows.iter().position(|&x| x == a),
-                        cols.iter().position(|&x| x == b),
-                    );
-                    if let (Some(ia), Some(ib)) = (ia, ib) {
-                        mat[ia * cols.len() + ib] += seqs[[s, g]];
+        let blocks = Self::blocks_of(d, support)?
+            .into_iter()
+            .map(|(rows, cols, entries)| {
+                let b = block_max(&entries);
+                (rows, cols, b * (1.0 + 16.0 * U))
+            })
+            .collect();
+        Ok(WNorms { blocks, entry_max })
+    }
+
+    /// `support` entries must be `< d`; `seqs` is `|S| x glen`; `factor[g] > 0` marks the
+    /// visible diagonals (only those can reach a score that matters).
+    pub fn new(
+        d: usize,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+    ) -> Result<Self> {
+        let ns = support.len();
+        if seqs.nrows() != ns || seqs.ncols() != factor.len() {
+            return Err(Error::Value(format!(
+                "seqs: expected shape ({ns}, {}), got {:?}",
+                factor.len(),
+                seqs.shape()
+            )));
+        }
+        let members = Self::blocks_of(d, support)?;
+        // Per block, each entry's place in the block matrix (hoisted out of the loop over δ).
+        let places: Vec<Vec<(usize, usize)>> = members
+            .iter()
+            .map(|(rows, cols, entries)| {
+                entries
+                    .iter()
+                    .map(|&s| {
+                        let (a, b) = support[s];
+                        let ia = rows.iter().position(|&x| x == a).unwrap_or(0);
+                        let ib = cols.iter().position(|&x| x == b).unwrap_or(0);
+                        (s, ia * cols.len() + ib)
+                    })
+                    .collect()
+            })
+            .collect();
+        // Maxima over the visible diagonals, by chunks in parallel (a max is exact, so the
+        // result does not depend on the chunking).
+        let glen = factor.len();
+        let nb = members.len();
+        let chunk = glen.div_ceil(4 * rayon::current_num_threads()).max(4096);
+        let maxima = (0..glen.div_ceil(chunk))
+            .into_par_iter()
+            .map(|c| {
+                let (g0, g1) = (c * chunk, ((c + 1) * chunk).min(glen));
+                let mut em = vec![0.0f64; ns];
+                let mut best = vec![0.0f64; nb];
+                let mut mat = Vec::new();
+                for g in (g0..g1).filter(|&g| factor[g] > 0.0) {
+                    for (s, e) in em.iter_mut().enumerate() {
+                        *e = e.max(seqs[[s, g]].abs());
+                    }
+                    for (b, ((rows, cols, _), place)) in members.iter().zip(&places).enumerate() {
+                        mat.clear();
+                        mat.resize(rows.len() * cols.len(), 0.0);
+                        for &(s, at) in place {
+                            mat[at] += seqs[[s, g]];
+                        }
+                        best[b] = best[b].max(spectral_bound(&mat, rows.len(), cols.len()));
                     }
                 }
-                best = best.max(spectral_bound(&mat, rows.len(), cols.len()));
-            }
-            blocks.push((rows, cols, best * (1.0 + 16.0 * U)));
-        }
+                (em, best)
+            })
+            .reduce(
+                || (vec![0.0; ns], vec![0.0; nb]),
+                |(mut e1, mut b1), (e2, b2)| {
+                    e1.iter_mut().zip(e2).for_each(|(a, b)| *a = a.max(b));
+                    b1.iter_mut().zip(b2).for_each(|(a, b)| *a = a.max(b));
+                    (e1, b1)
+                },
+            );
+        let (entry_max, best) = maxima;
+        let blocks = members
+            .into_iter()
+            .zip(best)
+            .map(|((rows, cols, _), b)| (rows, cols, b * (1.0 + 16.0 * U)))
+            .collect();
         Ok(WNorms { blocks, entry_max })
     }
 

@@ -66,6 +66,21 @@ fn planner_calls() -> u64 {
     crate::plan::planner_calls()
 }
 
+/// Turns the phase timers on or off (`on=None`: leaves them) and returns the totals since the
+/// last call, in seconds of thread time per phase, resetting them (`crate::profile`).
+#[pyfunction]
+#[pyo3(signature = (on=None))]
+fn profile_phases(py: Python<'_>, on: Option<bool>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, t) in crate::profile::take() {
+        d.set_item(name, t)?;
+    }
+    if let Some(on) = on {
+        crate::profile::set(on);
+    }
+    Ok(d)
+}
+
 /// Threads rayon's global pool runs (what `num_threads=None` uses).
 #[pyfunction]
 fn default_num_threads() -> usize {
@@ -87,6 +102,7 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_cache_limit, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_alloc_failure, m)?)?;
     m.add_function(wrap_pyfunction!(planner_calls, m)?)?;
+    m.add_function(wrap_pyfunction!(profile_phases, m)?)?;
     m.add_class::<fast::PlannedCall>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -2,6 +2,7 @@
 //! parent module).
 
 use super::band::{band_sums, row_sees};
+use crate::arch::Real;
 use crate::error::{Error, Result};
 use crate::fast::common::{
     chunk_len, chunk_ranges, consecutive, range_sums, scan, FastOutput, FastReport,
@@ -10,7 +11,9 @@ use crate::fast::plans::{FastPlan, LowRank};
 use crate::poly::Polynomial;
 use crate::position::RotaryW;
 use crate::problem::Control;
-use ndarray::{s, Array1, Array2, ArrayView2};
+use crate::profile::{self, Phase};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis, ShapeBuilder};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -26,20 +29,80 @@ pub fn forward_block(r: f64, d: usize, g: usize, dv: usize) -> usize {
     ((balance / 16.0).ceil() as usize * 16).clamp(32, BLOCK)
 }
 
+/// Rows per block of the low-rank forward without a mask or band (no partially visible keys):
+/// as many as keep a block of `r` features near 256 KiB, a multiple of 64 in `BLOCK..=4096`.
+pub fn unmasked_block(r: usize) -> usize {
+    ((32768 / r.max(1)) / 64 * 64).clamp(BLOCK, 4096)
+}
+
 /// `mul R(ψ_i) x_i` with `ψ_i = (start + i) θ` per pair: `x = rotate(q, c, scale f²)` and
 /// `y = rotate(k, 0, 1)` give `M_ij = x_i · y_j` (see the module docs; any sign of `scale`).
 pub fn rotate(rot: &RotaryW, x: ArrayView2<f64>, start: i64, mul: f64) -> Array2<f64> {
-    let mut out = Array2::zeros(x.raw_dim());
-    for (i, row) in x.outer_iter().enumerate() {
-        let pos = (start + i as i64) as f64;
-        for (m, &(p, r)) in rot.pairs.iter().enumerate() {
-            let (sn, cs) = (pos * rot.theta[m]).sin_cos();
-            let (a, b) = (row[p], row[r]);
-            out[[i, p]] = mul * (a * cs - b * sn);
-            out[[i, r]] = mul * (a * sn + b * cs);
+    rotate_rows(rot, &[(x, mul)], start)
+        .pop()
+        .expect("one input, one output")
+}
+
+/// [`rotate`] of `q` at positions `start + i` (times `mul_q`) and of `k` at `j`: without an
+/// offset (`start = 0`) both take each position's `sin_cos` from one evaluation.
+pub fn rotate_pair(
+    rot: &RotaryW,
+    q: ArrayView2<f64>,
+    k: ArrayView2<f64>,
+    start: i64,
+    mul_q: f64,
+) -> (Array2<f64>, Array2<f64>) {
+    let mut out = if start == 0 {
+        rotate_rows(rot, &[(q, mul_q), (k, 1.0)], 0)
+    } else {
+        let mut x = rotate_rows(rot, &[(q, mul_q)], start);
+        x.append(&mut rotate_rows(rot, &[(k, 1.0)], 0));
+        x
+    };
+    let y = out.pop().expect("two outputs");
+    (out.pop().expect("two outputs"), y)
+}
+
+/// Each `(x, mul)` rotated with row `i` at position `start + i`; the angles of a position are
+/// evaluated once for every input that has that row. Rows by chunks in parallel (each row's
+/// result depends on that row only).
+fn rotate_rows(rot: &RotaryW, inputs: &[(ArrayView2<f64>, f64)], start: i64) -> Vec<Array2<f64>> {
+    const PER: usize = 4096;
+    let mut outs: Vec<Array2<f64>> = inputs
+        .iter()
+        .map(|(x, _)| Array2::zeros(x.raw_dim()))
+        .collect();
+    let rows = inputs.iter().map(|(x, _)| x.nrows()).max().unwrap_or(0);
+    let mut jobs: Vec<Vec<Option<ArrayViewMut2<f64>>>> =
+        (0..rows.div_ceil(PER)).map(|_| Vec::new()).collect();
+    for o in outs.iter_mut() {
+        let mut chunks = o.axis_chunks_iter_mut(Axis(0), PER);
+        for job in jobs.iter_mut() {
+            job.push(chunks.next());
         }
     }
-    out
+    jobs.into_par_iter().enumerate().for_each(|(c, mut views)| {
+        let mut angles = vec![(0.0, 0.0); rot.pairs.len()];
+        for ii in 0..PER.min(rows - c * PER) {
+            let i = c * PER + ii;
+            let pos = (start + i as i64) as f64;
+            for (a, &th) in angles.iter_mut().zip(&rot.theta) {
+                *a = (pos * th).sin_cos();
+            }
+            for ((x, mul), view) in inputs.iter().zip(views.iter_mut()) {
+                let Some(view) = view.as_mut().filter(|_| i < x.nrows()) else {
+                    continue;
+                };
+                let (row, mut o) = (x.row(i), view.row_mut(ii));
+                for (&(p, r), &(sn, cs)) in rot.pairs.iter().zip(&angles) {
+                    let (a, b) = (row[p], row[r]);
+                    o[p] = mul * (a * cs - b * sn);
+                    o[r] = mul * (a * sn + b * cs);
+                }
+            }
+        }
+    });
+    outs
 }
 
 /// The transpose of [`rotate`]: `mul R(ψ_i)^T g_i` with `ψ_i = (start + i) θ` per pair (the
@@ -108,26 +171,36 @@ impl Features {
         self.steps.len()
     }
 
-    /// `rows x r` monomials of `x` (weighted for the query side).
+    /// `rows x r` monomials of `x` (weighted for the query side), in column-major order: each
+    /// monomial is one pass over the rows (`parent ∘ x_l`, vectorised), and the transposed
+    /// `r x rows` matrix the key states need is contiguous.
     pub(crate) fn fill(&self, x: ArrayView2<f64>, weighted: bool) -> Array2<f64> {
-        let r = self.len();
-        let d = x.ncols();
-        let mut f = Array2::zeros((x.nrows(), r));
-        let mut xr = vec![0.0; d];
-        let fs = f
-            .as_slice_mut()
-            .expect("a fresh array is in standard layout");
-        for (row, fr) in x.outer_iter().zip(fs.chunks_exact_mut(r.max(1))) {
-            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
-            fr[0] = 1.0;
-            for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1) {
-                fr[m] = fr[parent] * xr[l];
-            }
-            if weighted {
-                fr.iter_mut().zip(&self.weight).for_each(|(a, &w)| *a *= w);
+        let _s = profile::span(Phase::Features);
+        let (rows, d, r) = (x.nrows(), x.ncols(), self.len());
+        let mut xc = vec![0.0; d * rows];
+        for (i, row) in x.outer_iter().enumerate() {
+            for (l, &a) in row.iter().enumerate() {
+                xc[l * rows + i] = a;
             }
         }
-        f
+        let mut f = vec![0.0; r * rows];
+        f[..rows].fill(1.0);
+        for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1) {
+            // every monomial's parent comes before it
+            let (done, rest) = f.split_at_mut(m * rows);
+            let src = &done[parent * rows..(parent + 1) * rows];
+            let xl = &xc[l * rows..(l + 1) * rows];
+            rest[..rows]
+                .iter_mut()
+                .zip(src.iter().zip(xl))
+                .for_each(|(o, (&a, &b))| *o = a * b);
+        }
+        if weighted {
+            for (col, &w) in f.chunks_exact_mut(rows.max(1)).zip(&self.weight) {
+                col.iter_mut().for_each(|a| *a *= w);
+            }
+        }
+        Array2::from_shape_vec((rows, r).f(), f).expect("r x rows values")
     }
 
     /// `Σ_{i in rows} Φ(x_i) w_i^T` (`r x w.ncols()`), `blk` rows of features at a time, polling
@@ -147,6 +220,36 @@ impl Features {
             let r1 = (r0 + blk).min(rows.end);
             let f = self.fill(x.slice(s![r0..r1, ..]), weighted);
             st += &f.t().dot(&w.slice(s![r0..r1, ..]));
+        }
+        Ok(st)
+    }
+
+    /// `Σ_{i in rows} Φ(x_i) [w_i, 1]^T` (`r x (w.ncols() + 1)`, unweighted features): the key
+    /// state of the forward without a copy of `[V, 1]`.
+    pub(crate) fn state_ones(
+        &self,
+        x: ArrayView2<f64>,
+        w: ArrayView2<f64>,
+        rows: std::ops::Range<usize>,
+        blk: usize,
+        ctl: &Control,
+    ) -> Result<Array2<f64>> {
+        let dw = w.ncols();
+        let mut st = Array2::zeros((self.len(), dw + 1));
+        for r0 in rows.clone().step_by(blk.max(1)) {
+            ctl.check()?;
+            let r1 = (r0 + blk).min(rows.end);
+            let f = self.fill(x.slice(s![r0..r1, ..]), false);
+            let _s = profile::span(Phase::Gemm);
+            general_mat_mul(
+                1.0,
+                &f.t(),
+                &w.slice(s![r0..r1, ..]),
+                1.0,
+                &mut st.slice_mut(s![.., ..dw]),
+            );
+            st.column_mut(dw)
+                .zip_mut_with(&f.sum_axis(Axis(0)), |a, &b| *a += b);
         }
         Ok(st)
     }
@@ -202,19 +305,48 @@ pub fn lowrank_head(
     v: ArrayView2<f64>,
     ctl: &Control,
 ) -> Result<FastOutput> {
+    let (nq, dv) = (x.nrows(), v.ncols());
+    let mut out = Array2::<f64>::zeros((nq, dv));
+    let mut lse = Array1::<f64>::zeros(nq);
+    let report = lowrank_head_into(plan, x, y, v, out.view_mut(), lse.view_mut(), ctl)?;
+    Ok(FastOutput { out, lse, report })
+}
+
+/// [`lowrank_head`] written into `out` (`nq x dv`) and `lse` (`nq`) of the call's own dtype:
+/// each block of query rows is normalised and stored as soon as it is summed, so no `n x
+/// (dv + 1)` array of numerators is ever held.
+pub fn lowrank_head_into<T: Real>(
+    plan: &FastPlan,
+    x: ArrayView2<f64>,
+    y: ArrayView2<f64>,
+    v: ArrayView2<f64>,
+    mut out: ArrayViewMut2<T>,
+    mut lse: ArrayViewMut1<T>,
+    ctl: &Control,
+) -> Result<FastReport> {
     let lr = plan
         .lowrank
         .ok_or_else(|| Error::Value("lowrank_head: the plan is not a low-rank plan".into()))?;
     let (nq, nk, dv) = (x.nrows(), y.nrows(), v.ncols());
+    if out.dim() != (nq, dv) || lse.len() != nq {
+        return Err(Error::Value(format!(
+            "lowrank_head: expected out ({nq}, {dv}) and lse ({nq}), got {:?} and ({})",
+            out.dim(),
+            lse.len()
+        )));
+    }
     let poly = &plan.poly;
     let feats = Features::new(x.ncols(), poly);
     let r = feats.len();
-    let blk = forward_block(r as f64, x.ncols(), poly.degree, dv);
-    let vb = with_ones(v);
-    let acc = if lr.band.is_plain() {
-        running_sums(&lr, &feats, poly, blk, x, y, vb.view(), ctl)?
+    let blk = match (lr.causal_shift, lr.band.is_plain()) {
+        (None, true) => unmasked_block(r),
+        _ => forward_block(r as f64, x.ncols(), poly.degree, dv),
+    };
+    let sees = row_sees(&lr.band, lr.causal_shift, nk);
+    if lr.band.is_plain() {
+        running_sums(&lr, &feats, poly, blk, x, y, v, out, lse, &sees, ctl)?;
     } else {
-        band_sums(
+        let acc = band_sums(
             &lr.band,
             lr.causal_shift.is_some(),
             &feats,
@@ -222,17 +354,43 @@ pub fn lowrank_head(
             blk,
             x,
             y,
-            vb.view(),
+            with_ones(v).view(),
             ctl,
-        )?
-    };
-    // out = numerators / denominators, in place (no second n x dv array)
-    let mut acc = acc;
-    let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
-    let sees = row_sees(&lr.band, lr.causal_shift, nk);
-    for (i, mut row) in acc.outer_iter_mut().enumerate() {
-        if !sees(i) {
-            row.fill(0.0);
+        )?;
+        emit(acc.view(), 0, out.view_mut(), lse.view_mut(), &sees)?;
+    }
+    Ok(FastReport {
+        degree: poly.degree,
+        kind: poly.kind,
+        r: plan.bounds.r,
+        rho: poly.rho,
+        terms: plan.counts.terms,
+        n_alpha: plan.counts.n_alpha,
+        n_beta: plan.counts.n_beta,
+        n_pairs: plan.counts.n_pairs,
+        fft_len: 0,
+        certified_error: plan.certified_error,
+        approximation_error: plan.approximation_error,
+        rounding_error: plan.rounding_error,
+        certified_lse_error: plan.certified_lse_error,
+    })
+}
+
+/// Rows `i0..` of numerators and denominators `num` (`rows x (dv + 1)`) normalised into `out`
+/// and `lse`; a row that sees no key gets `out = 0`, `lse = -inf`.
+fn emit<T: Real>(
+    num: ArrayView2<f64>,
+    i0: usize,
+    mut out: ArrayViewMut2<T>,
+    mut lse: ArrayViewMut1<T>,
+    sees: &dyn Fn(usize) -> bool,
+) -> Result<()> {
+    let _s = profile::span(Phase::Output);
+    let dv = out.ncols();
+    for (a, (row, mut o)) in num.outer_iter().zip(out.outer_iter_mut()).enumerate() {
+        if !sees(i0 + a) {
+            o.fill(T::zero());
+            lse[a] = T::neg_infinity();
             continue;
         }
         let den = row[dv];
@@ -241,45 +399,33 @@ pub fn lowrank_head(
                 "fast method (low-rank): a denominator came out {den:e}; its certificate failed"
             )));
         }
-        row.iter_mut().take(dv).for_each(|x| *x /= den);
-        lse[i] = den.ln();
+        let inv = 1.0 / den;
+        o.iter_mut()
+            .zip(row.iter())
+            .for_each(|(o, &x)| *o = T::of(x * inv));
+        lse[a] = T::of(den.ln());
     }
-    let out = acc.slice_move(s![.., ..dv]);
-    Ok(FastOutput {
-        out,
-        lse,
-        report: FastReport {
-            degree: poly.degree,
-            kind: poly.kind,
-            r: plan.bounds.r,
-            rho: poly.rho,
-            terms: plan.counts.terms,
-            n_alpha: plan.counts.n_alpha,
-            n_beta: plan.counts.n_beta,
-            n_pairs: plan.counts.n_pairs,
-            fft_len: 0,
-            certified_error: plan.certified_error,
-            approximation_error: plan.approximation_error,
-            rounding_error: plan.rounding_error,
-            certified_lse_error: plan.certified_lse_error,
-        },
-    })
+    Ok(())
 }
 
-/// `Σ_{j visible} p(M_ij) [v_j, 1]` (`nq x (dv + 1)`) without a band: running states over the
-/// keys every row of a block sees, `p(M)` on the keys it sees in part (the module docs).
+/// `Σ_{j visible} p(M_ij) [v_j, 1]` without a band, normalised into `out` and `lse` block by
+/// block: running states over the keys every row of a block sees, `p(M)` on the keys it sees
+/// in part (the module docs).
 #[allow(clippy::too_many_arguments)]
-fn running_sums(
+fn running_sums<T: Real>(
     lr: &LowRank,
     feats: &Features,
     poly: &Polynomial,
     blk: usize,
     x: ArrayView2<f64>,
     y: ArrayView2<f64>,
-    vb: ArrayView2<f64>,
+    v: ArrayView2<f64>,
+    mut out: ArrayViewMut2<T>,
+    mut lse: ArrayViewMut1<T>,
+    sees: &(dyn Fn(usize) -> bool + Sync),
     ctl: &Control,
-) -> Result<Array2<f64>> {
-    let (nq, nk, cols) = (x.nrows(), y.nrows(), vb.ncols());
+) -> Result<()> {
+    let (nq, nk, cols) = (x.nrows(), y.nrows(), v.ncols() + 1);
     let r = feats.len();
     // query i sees keys j < visible(i)
     let visible = |i: usize| -> usize {
@@ -289,7 +435,7 @@ fn running_sums(
         }
     };
     let zero = Array2::<f64>::zeros((r, cols));
-    let key_state = |a: usize, b: usize| feats.state(y, vb, false, a..b, blk, ctl);
+    let key_state = |a: usize, b: usize| feats.state_ones(y, v, a..b, blk, ctl);
     // Chunks of query blocks in parallel, each from the prefix state of the keys its first
     // block sees in full (the chunking depends on the shape only: the same bits for any thread
     // count); within a chunk, blocks in order.
@@ -297,11 +443,11 @@ fn running_sums(
     let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
     let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
     let prefix = scan(pieces, &zero, false);
-    let mut acc = Array2::<f64>::zeros((nq, cols));
-    let chunk = |(c, mut acc): (usize, ndarray::ArrayViewMut2<f64>)| -> Result<()> {
+    let chunk = |(c, (mut out, mut lse)): (usize, (ArrayViewMut2<T>, ArrayViewMut1<T>))| {
         let (c0, c1) = qchunks[c];
         let mut state = prefix[c].clone();
         let mut in_state = kbounds[c];
+        let mut block = Array2::<f64>::zeros((blk, cols));
         for i0 in (c0..c1).step_by(blk) {
             ctl.check()?;
             let i1 = (i0 + blk).min(c1);
@@ -310,10 +456,14 @@ fn running_sums(
                 state += &key_state(in_state, full)?;
                 in_state = full;
             }
+            let mut num = block.slice_mut(s![..i1 - i0, ..]);
             let fq = feats.fill(x.slice(s![i0..i1, ..]), true);
-            let mut block = fq.dot(&state);
+            profile::time(Phase::Gemm, || {
+                general_mat_mul(1.0, &fq, &state, 0.0, &mut num);
+            });
             if last > full {
                 // partially visible keys: p(M) itself, masked
+                let _s = profile::span(Phase::Diagonal);
                 let m = x
                     .slice(s![i0..i1, ..])
                     .dot(&y.slice(s![full..last, ..]).t());
@@ -324,17 +474,25 @@ fn running_sums(
                         0.0
                     }
                 });
-                block += &pm.dot(&vb.slice(s![full..last, ..]));
+                let vb = with_ones(v.slice(s![full..last, ..]));
+                general_mat_mul(1.0, &pm, &vb, 1.0, &mut num);
             }
-            acc.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&block);
+            let rows = s![i0 - c0..i1 - c0, ..];
+            emit(
+                num.view(),
+                i0,
+                out.slice_mut(rows),
+                lse.slice_mut(s![i0 - c0..i1 - c0]),
+                sees,
+            )?;
         }
         Ok(())
     };
     let per = chunk_len(nq, blk);
-    let jobs: Vec<(usize, ndarray::ArrayViewMut2<f64>)> = acc
-        .axis_chunks_iter_mut(ndarray::Axis(0), per)
+    let jobs: Vec<(usize, (ArrayViewMut2<T>, ArrayViewMut1<T>))> = out
+        .axis_chunks_iter_mut(Axis(0), per)
+        .zip(lse.axis_chunks_iter_mut(Axis(0), per))
         .enumerate()
         .collect();
-    jobs.into_par_iter().map(chunk).collect::<Result<()>>()?;
-    Ok(acc)
+    jobs.into_par_iter().map(chunk).collect::<Result<()>>()
 }

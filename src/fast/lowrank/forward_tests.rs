@@ -1,5 +1,5 @@
 use super::certificate::feature_count;
-use super::forward::{lowrank_head, rotate};
+use super::forward::{lowrank_head, rotate, rotate_pair};
 use super::plan::lowrank_plan;
 use crate::fast::bounds::FastBounds;
 use crate::fast::common::{FastLimits, FastShape};
@@ -243,4 +243,72 @@ fn refusals_name_the_reason() {
     let e = lowrank_plan(shape, &bounds, lr, 1e-3, &limits).unwrap_err();
     assert!(format!("{e}").contains("features"), "{e}");
     assert!(lowrank_plan(shape, &bounds, lr, 0.0, &limits).is_err());
+}
+
+#[test]
+fn rotate_pair_is_rotate_of_each() {
+    let mut g = Lcg(11);
+    let rot = RotaryW {
+        theta: vec![0.9, 0.05, 1e-3],
+        factor: 1.0,
+        pairs: vec![(0, 3), (1, 4), (2, 5)],
+    };
+    // more rows than a chunk of the parallel rotation, q and k of different lengths
+    let (q, k) = (g.mat(9000, 6, 1.0), g.mat(5000, 6, 1.0));
+    for (start, mul) in [(0, 0.7), (13, 1.0), (-4, 2.0)] {
+        let (x, y) = rotate_pair(&rot, q.view(), k.view(), start, mul);
+        assert_eq!(x, rotate(&rot, q.view(), start, mul));
+        assert_eq!(y, rotate(&rot, k.view(), 0, 1.0));
+        let (y2, x2) = rotate_pair(&rot, k.view(), q.view(), start, mul);
+        assert_eq!(y2, rotate(&rot, k.view(), start, mul));
+        assert_eq!(x2, rotate(&rot, q.view(), 0, 1.0));
+    }
+}
+
+#[test]
+fn unmasked_head_in_several_chunks_matches_the_definition() {
+    // Enough rows for several parallel chunks of unmasked blocks.
+    let mut g = Lcg(5);
+    let rot = RotaryW {
+        theta: vec![0.9, 0.05],
+        factor: 1.0,
+        pairs: vec![(0, 2), (1, 3)],
+    };
+    let (nq, nk, d, dv, scale) = (2600, 2100, 4, 2, 0.5);
+    let (q, k, v) = (g.mat(nq, d, 0.6), g.mat(nk, d, 0.6), g.mat(nk, dv, 1.0));
+    let lr = LowRank {
+        r2: 4.0,
+        psi_max: 3000.0,
+        causal_shift: None,
+        band: Default::default(),
+    };
+    let bounds = FastBounds {
+        r: 2.0,
+        r_abs: 4.0,
+        v_max: 1.0,
+        factor_sum: 1.0,
+        factor_norm2: 1.0,
+        min_row_mass: 1.0,
+    };
+    let shape = FastShape { nq, nk, d, dv };
+    let limits = FastLimits {
+        max_degree: 12,
+        max_terms: 5000,
+        max_working_bytes: 1 << 30,
+    };
+    let plan = lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap();
+    let rows = super::forward::unmasked_block(plan.counts.terms);
+    assert!(
+        nq >= 8 * rows,
+        "{rows} rows per block: too few blocks for two chunks"
+    );
+    let (x, y) = rotate_pair(&rot, q.view(), k.view(), 0, scale);
+    let got = lowrank_head(&plan, x.view(), y.view(), v.view(), &Control::new()).unwrap();
+    let (out, lse) = naive(&rot, &plan.poly, &q, &k, &v, scale, 0, false);
+    for i in 0..nq {
+        assert!((got.lse[i] - lse[i]).abs() < 1e-11, "lse row {i}");
+        for c in 0..dv {
+            assert!((got.out[[i, c]] - out[[i, c]]).abs() < 1e-11, "out {i} {c}");
+        }
+    }
 }

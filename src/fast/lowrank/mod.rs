@@ -55,5 +55,7 @@ pub use certificate::{
     band_inverse_mass, feature_count, inverse_mass_sum, lowrank_grad_rounding, lowrank_psums,
     rounding_error,
 };
-pub use forward::{forward_block, lowrank_head, rotate, rotate_back, BLOCK};
+pub use forward::{
+    forward_block, lowrank_head, lowrank_head_into, rotate, rotate_back, rotate_pair, BLOCK,
+};
 pub use plan::{block_rows, cert_of, lowrank_backward_plan, lowrank_plan};
