@@ -279,6 +279,29 @@ def test_non_finite(name: str, bad: float, dtype) -> None:
     fastrope.attention_grad(args["q"], args["k"], args["v"], w, dout, bias=bias, check_finite=False)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ("q", "k", "v"))
+@pytest.mark.parametrize("method", ("fast", "auto"))
+def test_non_finite_on_the_fast_path(name: str, bad: float, method: str) -> None:
+    # With eps > 0 the fast method's planning probe scans k and v (natively): a bad entry in
+    # any row, the last included, is refused with the same words as the exact path.
+    rng = np.random.default_rng(3)
+    n, d = 700, 2
+    args = {
+        "q": rng.uniform(-0.5, 0.5, (2, n, d)),
+        "k": rng.uniform(-0.5, 0.5, (2, n, d)),
+        "v": rng.uniform(-1, 1, (2, n, 3)),
+    }
+    args[name][1, n - 1, 1] = bad
+    what = "NaN" if np.isnan(bad) else "Inf"
+    for causal in (False, True):
+        with pytest.raises(ValueError, match=rf"^{name}: expected finite values, got {what}"):
+            fastrope.attention(
+                args["q"], args["k"], args["v"], fastrope.Rotary(d), 1e-3,
+                method=method, causal=causal,
+            )
+
+
 def test_non_finite_check_mentions_check_finite() -> None:
     q, k, v = qkv()
     q[0, 0, 0] = np.nan

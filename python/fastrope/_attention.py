@@ -24,9 +24,11 @@ def _fast(
     threads: Optional[int],
     route: str,
     handle: Any = None,
+    check_kv: bool = False,
 ):
     """The native fast forward: with ``run=False`` its plan (a dict holding the ``handle``),
-    with ``run=True`` and that ``handle``, the plan executed as it is (no second planning)."""
+    with ``run=True`` and that ``handle``, the plan executed as it is (no second planning).
+    ``check_kv``: scan k and v for NaN/Inf natively before planning."""
     return _native.fast_forward(
         call.q4,
         call.k4,
@@ -38,6 +40,7 @@ def _fast(
         num_threads=threads,
         route=route,
         plan=handle,
+        check_kv=check_kv,
     )
 
 
@@ -49,9 +52,10 @@ def _resolve(
     backward: bool,
     threads: Optional[int],
     route: str,
+    check_kv: bool = False,
 ) -> Plan:
     def probe(kernel_eps: float, limit: int) -> dict:
-        return _fast(call, kernel_eps, limit, False, threads, route)[2]
+        return _fast(call, kernel_eps, limit, False, threads, route, check_kv=check_kv)[2]
 
     return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)
 
@@ -172,8 +176,9 @@ def attention(
     method = check_method(method)
     threads = check_threads(num_threads)
     route = check_route(route)
-    # The exact forward (what eps = 0 and method="exact" run) checks k and v natively.
-    native_kv_check = check_finite and (method == "exact" or eps == 0.0)
+    # k and v are checked natively: by the exact forward as it reads them, or by the fast
+    # method's planning probe (in parallel, before any bound is read from them).
+    native_kv_check = check_finite
     call = prepare(
         q,
         k,
@@ -188,7 +193,7 @@ def attention(
         check_finite=check_finite,
         defer_kv_check=native_kv_check,
     )
-    p = _resolve(call, eps, method, memory_limit, False, threads, route)
+    p = _resolve(call, eps, method, memory_limit, False, threads, route, native_kv_check)
     if p.method == "fast":
         try:
             kernel_eps = _kernel_eps(call, eps)

@@ -50,6 +50,11 @@ pub struct FastCall {
     pub certified_lse_error: f64,
     /// Every route considered and not taken, with the reason.
     pub refused: Vec<Refusal>,
+    /// The bounds were read from the very arrays [`run_fast`] is given (set by a caller that
+    /// guarantees it: the binding, for a plan made and run on the same arrays within one
+    /// `attention` call), so the low-rank route need not read them again. `false` from the
+    /// planner: every head is checked against the plan's bounds before it runs.
+    pub data_checked: bool,
 }
 
 impl FastCall {
@@ -328,6 +333,7 @@ pub fn plan_fast_from<'a, T: Real>(
         certified_error,
         certified_lse_error,
         refused,
+        data_checked: false,
     })
 }
 
@@ -503,20 +509,8 @@ pub fn run_fast<'a, T: Real>(
                     let kvh = h / prob.group();
                     let (qh, kh) = (head_f64(&q, b, h), head_f64(&k, b, kvh));
                     let vh = head_f64(&v, b, kvh);
-                    // the plan's certificate holds for this head only within its bounds
-                    let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
-                    let vmax = abs_max(vh.view());
-                    let r2 = prob.scale.abs()
-                        * rot.factor
-                        * rot.factor
-                        * max_norm(qh.view())
-                        * max_norm(kh.view());
-                    if score.r > g.plan.bounds.r || vmax > g.plan.bounds.v_max || r2 > lr.r2 {
-                        return Err(Error::Approximation(
-                            "fast method (low-rank): a head is outside the bounds its plan \
-                             certified"
-                                .into(),
-                        ));
+                    if !call.data_checked {
+                        head_within(&g.plan, lr.r2, norms, support, rot, prob, &qh, &kh, &vh)?;
                     }
                     drop(check);
                     let (x, y) = profile::time(Phase::Rotate, || {
@@ -546,6 +540,31 @@ pub fn run_fast<'a, T: Real>(
         scatter(prob, results, &mut out, &mut lse)?;
     }
     Ok((out, lse))
+}
+
+/// Refuses a head outside the bounds its low-rank plan certified (the certificate holds for
+/// this head only within them).
+#[allow(clippy::too_many_arguments)]
+fn head_within(
+    plan: &FastPlan,
+    r2_plan: f64,
+    norms: &WNorms,
+    support: &[(usize, usize)],
+    rot: &crate::position::RotaryW,
+    prob: &Problem,
+    qh: &ndarray::CowArray<f64, ndarray::Ix2>,
+    kh: &ndarray::CowArray<f64, ndarray::Ix2>,
+    vh: &ndarray::CowArray<f64, ndarray::Ix2>,
+) -> Result<()> {
+    let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
+    let vmax = abs_max(vh.view());
+    let r2 = prob.scale.abs() * rot.factor * rot.factor * max_norm(qh.view()) * max_norm(kh.view());
+    if score.r > plan.bounds.r || vmax > plan.bounds.v_max || r2 > r2_plan {
+        return Err(Error::Approximation(
+            "fast method (low-rank): a head is outside the bounds its plan certified".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Per-head results into the call's `(out, lse)`, or the first error.

@@ -5,6 +5,7 @@ use super::args::{arr4, dtype_of, limits, position, Spec};
 use super::runtime::{run, to_pyerr};
 use crate::arch::Real;
 use crate::error::Error;
+use crate::exact::check_rows;
 use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
 use crate::plan::backward_run::run_fast_backward;
 use crate::plan::cost::{self, FastOffer, MAX_DEGREE, MAX_TERMS};
@@ -272,6 +273,8 @@ struct FastOpts {
     given: Option<(f64, f64)>,
     threads: Option<usize>,
     route: Route,
+    /// Scan k and v for NaN and Inf before planning (the caller scanned q).
+    check_kv: bool,
 }
 
 fn fast_typed<'py, T: Real + Element>(
@@ -281,8 +284,9 @@ fn fast_typed<'py, T: Real + Element>(
     o: &FastOpts,
     planned: Option<&Bound<'py, PlannedCall>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let (eps, lim, run_it, given, threads, route) =
-        (o.eps, o.lim, o.run_it, o.given, o.threads, o.route);
+    let (eps, lim, run_it, given, threads, route, check_kv) = (
+        o.eps, o.lim, o.run_it, o.given, o.threads, o.route, o.check_kv,
+    );
     let (values, bias) = (sp.values.as_ref(), sp.bias.as_ref());
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     let key = plan_key::<T>(
@@ -320,18 +324,30 @@ fn fast_typed<'py, T: Real + Element>(
                     route,
                 )?
             }
-            (None, None) => plan_fast(
-                prob,
-                &pos,
-                bias.as_ref(),
-                qv.view(),
-                kv.view(),
-                vv.view(),
-                eps,
-                &limits,
-                nthreads,
-                route,
-            )?,
+            (None, None) => {
+                if check_kv {
+                    // The caller checked q; k and v are scanned here, in parallel, without
+                    // NumPy's boolean temporaries.
+                    check_rows("k", &kv, 0, prob.nk)?;
+                    check_rows("v", &vv, 0, prob.nk)?;
+                }
+                let mut call = plan_fast(
+                    prob,
+                    &pos,
+                    bias.as_ref(),
+                    qv.view(),
+                    kv.view(),
+                    vv.view(),
+                    eps,
+                    &limits,
+                    nthreads,
+                    route,
+                )?;
+                // Its bounds are those of these arrays, and its handle runs only on the same
+                // array objects (the key), handed back by the `attention` call that made it.
+                call.data_checked = true;
+                call
+            }
         };
         if !run_it || given.is_some() {
             return Ok((call, None));
@@ -364,7 +380,7 @@ fn fast_typed<'py, T: Real + Element>(
 /// The fast method on canonical arrays: `(out, lse, plan)`, or `(None, None, plan)` with
 /// `run=False`. Raises `ApproximationError` when `eps` cannot be certified.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, *, eps, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, bounds=None, route="auto", plan=None, **call))]
+#[pyo3(signature = (q, k, v, *, eps, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, bounds=None, route="auto", plan=None, check_kv=false, **call))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fast_forward<'py>(
     py: Python<'py>,
@@ -380,10 +396,12 @@ pub(super) fn fast_forward<'py>(
     bounds: Option<(f64, f64)>,
     route: &str,
     plan: Option<&Bound<'py, PlannedCall>>,
+    check_kv: bool,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let sp = Spec::from_kwargs(call)?;
     let opts = FastOpts {
+        check_kv,
         eps,
         lim: (max_terms, max_degree, memory_limit),
         run_it: run,
@@ -611,6 +629,7 @@ pub(super) fn fast_backward<'py>(
         given: bounds,
         threads: num_threads,
         route: Route::parse(route).map_err(|e| to_pyerr(py, e))?,
+        check_kv: false,
     };
     let poly = match poly {
         None => None,

@@ -29,6 +29,23 @@ pub fn forward_block(r: f64, d: usize, g: usize, dv: usize) -> usize {
     ((balance / 16.0).ceil() as usize * 16).clamp(32, BLOCK)
 }
 
+/// `p(x)` for each `x` of `xs`, in place: Horner's rule with the loop over the elements inside
+/// (vectorised), the same operations in the same order as [`Polynomial::eval`].
+fn horner_in_place(c: &[f64], xs: &mut [f64], m: &mut Vec<f64>) {
+    m.clear();
+    m.extend_from_slice(xs);
+    xs.fill(0.0);
+    for &ct in c.iter().rev() {
+        xs.iter_mut()
+            .zip(m.iter())
+            .for_each(|(a, &x)| *a = *a * x + ct);
+    }
+}
+
+/// Rows per sub-block of a causal block's partially visible keys: each sub-block multiplies only
+/// the keys its rows can see, so the masked half of the tile costs (almost) nothing.
+const DIAGONAL_ROWS: usize = 32;
+
 /// Rows per block of the low-rank forward without a mask or band (no partially visible keys):
 /// as many as keep a block of `r` features near 256 KiB, a multiple of 64 in `BLOCK..=4096`.
 pub fn unmasked_block(r: usize) -> usize {
@@ -234,8 +251,22 @@ impl Features {
         blk: usize,
         ctl: &Control,
     ) -> Result<Array2<f64>> {
+        let mut st = Array2::zeros((self.len(), w.ncols() + 1));
+        self.state_ones_into(&mut st, x, w, rows, blk, ctl)?;
+        Ok(st)
+    }
+
+    /// [`Features::state_ones`] added to `st`.
+    pub(crate) fn state_ones_into(
+        &self,
+        st: &mut Array2<f64>,
+        x: ArrayView2<f64>,
+        w: ArrayView2<f64>,
+        rows: std::ops::Range<usize>,
+        blk: usize,
+        ctl: &Control,
+    ) -> Result<()> {
         let dw = w.ncols();
-        let mut st = Array2::zeros((self.len(), dw + 1));
         for r0 in rows.clone().step_by(blk.max(1)) {
             ctl.check()?;
             let r1 = (r0 + blk).min(rows.end);
@@ -251,7 +282,7 @@ impl Features {
             st.column_mut(dw)
                 .zip_mut_with(&f.sum_axis(Axis(0)), |a, &b| *a += b);
         }
-        Ok(st)
+        Ok(())
     }
 
     /// Row by row, the gradient `Σ_m coef[m] ∂(x^α_m)/∂x` (`rows x d`), with `mono` the
@@ -448,12 +479,13 @@ fn running_sums<T: Real>(
         let mut state = prefix[c].clone();
         let mut in_state = kbounds[c];
         let mut block = Array2::<f64>::zeros((blk, cols));
+        let mut scratch = Vec::with_capacity(blk);
         for i0 in (c0..c1).step_by(blk) {
             ctl.check()?;
             let i1 = (i0 + blk).min(c1);
             let (full, last) = (visible(i0), visible(i1 - 1));
             if in_state < full {
-                state += &key_state(in_state, full)?;
+                feats.state_ones_into(&mut state, y, v, in_state..full, blk, ctl)?;
                 in_state = full;
             }
             let mut num = block.slice_mut(s![..i1 - i0, ..]);
@@ -462,20 +494,34 @@ fn running_sums<T: Real>(
                 general_mat_mul(1.0, &fq, &state, 0.0, &mut num);
             });
             if last > full {
-                // partially visible keys: p(M) itself, masked
+                // partially visible keys: p(M) itself on the visible pairs (a triangle)
                 let _s = profile::span(Phase::Diagonal);
-                let m = x
+                let (rows, part) = (i1 - i0, last - full);
+                let seen = |a: usize| visible(i0 + a).saturating_sub(full).min(part);
+                let mut pm = x
                     .slice(s![i0..i1, ..])
                     .dot(&y.slice(s![full..last, ..]).t());
-                let pm = Array2::from_shape_fn(m.dim(), |(a, b)| {
-                    if full + b < visible(i0 + a) {
-                        poly.eval(m[[a, b]])
-                    } else {
-                        0.0
-                    }
-                });
+                for (a, mut pr) in pm.outer_iter_mut().enumerate() {
+                    let pr = pr.as_slice_mut().expect("a fresh row-major product");
+                    let (vis, masked) = pr.split_at_mut(seen(a));
+                    horner_in_place(&poly.coeffs, vis, &mut scratch);
+                    masked.fill(0.0);
+                }
+                // rows by sub-blocks, each against the keys its last row sees (`seen` grows)
                 let vb = with_ones(v.slice(s![full..last, ..]));
-                general_mat_mul(1.0, &pm, &vb, 1.0, &mut num);
+                for s0 in (0..rows).step_by(DIAGONAL_ROWS) {
+                    let s1 = (s0 + DIAGONAL_ROWS).min(rows);
+                    let lim = seen(s1 - 1);
+                    if lim > 0 {
+                        general_mat_mul(
+                            1.0,
+                            &pm.slice(s![s0..s1, ..lim]),
+                            &vb.slice(s![..lim, ..]),
+                            1.0,
+                            &mut num.slice_mut(s![s0..s1, ..]),
+                        );
+                    }
+                }
             }
             let rows = s![i0 - c0..i1 - c0, ..];
             emit(
