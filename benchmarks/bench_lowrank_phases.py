@@ -210,7 +210,8 @@ def render(points) -> str:
         return f"{x * 1e3:.1f}"
 
     header = ["d", "n", "mask", "g, r"]
-    header += [f"{p} (floor)" for p in PHASES] + ["other", "1 thread (floor)", "2 threads (floor)", "x floor"]
+    header += [f"{p} (floor)" for p in PHASES]
+    header += ["other", "1 thread (floor)", "2 threads (floor)", "x floor"]
     rows = []
     for pt in points:
         fl = pt["floors"]

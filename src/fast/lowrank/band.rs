@@ -27,7 +27,9 @@ use super::forward::Features;
 use crate::error::{Error, Result};
 use crate::fast::plans::Band;
 use crate::problem::Control;
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use crate::profile::{self, Phase};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayView2};
 use rayon::prelude::*;
 
 /// Far beyond any `δ`: an unbounded side of the band.
@@ -503,6 +505,16 @@ impl BandStates {
             .collect()
     }
 
+    /// The columns `[lo, hi)` of a tile `[j0, j1)` that row `i` sees (relative to `j0`): those
+    /// with `lo <= δ <= hi` of the band (empty when none).
+    pub(crate) fn visible_columns(&self, i: usize, j0: usize, j1: usize) -> (usize, usize) {
+        // δ = i + c - j in [lo, hi]  <=>  j in [i + c - hi, i + c - lo]
+        let d0 = i as i64 + self.geo.c;
+        let first = (d0 - self.geo.hi).clamp(j0 as i64, j1 as i64) as usize;
+        let last = (d0 - self.geo.lo + 1).clamp(j0 as i64, j1 as i64) as usize;
+        (first - j0, last.max(first) - j0)
+    }
+
     /// `λ^|δ|` for row `i` and column `j`, 0 where the band masks the pair (partial tiles only).
     #[inline]
     pub(crate) fn weight(&self, i: usize, j: usize) -> f64 {
@@ -515,8 +527,9 @@ impl BandStates {
     }
 }
 
-/// `Σ_j w_ij p(M_ij) [v_j, 1]` (`nq x (dv + 1)`) over the visible pairs of a banded call, `w_ij
-/// = λ^|δ_ij|`; `x`, `y` rotated, `vb = [V, 1]`, query blocks of `blk` rows.
+/// `Σ_j w_ij p(M_ij) [v_j, 1]` over the visible pairs of a banded call, `w_ij = λ^|δ_ij|`,
+/// each block of `blk` query rows handed to `emit(i0, numerators)` (`rows x (dv + 1)`) as soon as
+/// it is summed; `x`, `y` rotated, `vb = [V, 1]`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn band_sums(
     band: &Band,
@@ -528,37 +541,50 @@ pub(super) fn band_sums(
     y: ArrayView2<f64>,
     vb: ArrayView2<f64>,
     ctl: &Control,
-) -> Result<Array2<f64>> {
+    emit: &(dyn Fn(usize, ArrayView2<f64>) -> Result<()> + Sync),
+) -> Result<()> {
     let (nq, nk, cols) = (x.nrows(), y.nrows(), vb.ncols());
     let geo = Geometry::new(band, causal, nq, nk, blk);
     let st = BandStates::new(geo, band.slope, blk, feats, y, false, vb, ctl)?;
-    let mut acc = Array2::<f64>::zeros((nq, cols));
-    let block = |(qb, mut out): (usize, ArrayViewMut2<f64>)| -> Result<()> {
+    let block = |qb: usize| -> Result<()> {
         ctl.check()?;
         let i0 = qb * blk;
-        let xb = x.slice(s![i0..i0 + out.nrows(), ..]);
-        let states = st.states(qb)?;
+        let rows = blk.min(nq - i0);
+        let xb = x.slice(s![i0..i0 + rows, ..]);
+        let mut out = Array2::<f64>::zeros((rows, cols));
+        let states = {
+            let _s = profile::span(Phase::Gemm);
+            st.states(qb)?
+        };
         if states.iter().any(|s| s.is_some()) {
-            if let Some(g) = st.apply(&states, &feats.fill(xb, true)) {
+            let f = feats.fill(xb, true);
+            let _s = profile::span(Phase::Gemm);
+            if let Some(g) = st.apply(&states, &f) {
                 out += &g;
             }
         }
+        let _s = profile::span(Phase::Diagonal);
+        let mut scratch = Vec::new();
         for (j0, j1) in st.tiles(qb) {
-            let m = xb.dot(&y.slice(s![j0..j1, ..]).t());
-            let w = Array2::from_shape_fn(m.dim(), |(a, jj)| {
-                let w = st.weight(i0 + a, j0 + jj);
-                if w == 0.0 {
-                    0.0
-                } else {
-                    poly.eval(m[[a, jj]]) * w
+            // p(M) times the pair's weight, row by row over the columns the band keeps
+            let mut w = xb.dot(&y.slice(s![j0..j1, ..]).t());
+            for (a, mut wr) in w.outer_iter_mut().enumerate() {
+                let wr = wr.as_slice_mut().expect("a fresh row-major product");
+                let (lo, hi) = st.visible_columns(i0 + a, j0, j1);
+                wr[..lo].fill(0.0);
+                wr[hi..].fill(0.0);
+                let kept = &mut wr[lo..hi];
+                super::forward::horner_in_place(&poly.coeffs, kept, &mut scratch);
+                for (jj, p) in (lo..hi).zip(kept.iter_mut()) {
+                    *p *= st.weight(i0 + a, j0 + jj);
                 }
-            });
-            out += &w.dot(&vb.slice(s![j0..j1, ..]));
+            }
+            general_mat_mul(1.0, &w, &vb.slice(s![j0..j1, ..]), 1.0, &mut out);
         }
-        Ok(())
+        emit(i0, out.view())
     };
-    let jobs: Vec<(usize, ArrayViewMut2<f64>)> =
-        acc.axis_chunks_iter_mut(Axis(0), blk).enumerate().collect();
-    jobs.into_par_iter().map(block).collect::<Result<()>>()?;
-    Ok(acc)
+    (0..nq.div_ceil(blk))
+        .into_par_iter()
+        .map(block)
+        .collect::<Result<()>>()
 }

@@ -31,7 +31,7 @@ pub fn forward_block(r: f64, d: usize, g: usize, dv: usize) -> usize {
 
 /// `p(x)` for each `x` of `xs`, in place: Horner's rule with the loop over the elements inside
 /// (vectorised), the same operations in the same order as [`Polynomial::eval`].
-fn horner_in_place(c: &[f64], xs: &mut [f64], m: &mut Vec<f64>) {
+pub(super) fn horner_in_place(c: &[f64], xs: &mut [f64], m: &mut Vec<f64>) {
     m.clear();
     m.extend_from_slice(xs);
     xs.fill(0.0);
@@ -377,7 +377,18 @@ pub fn lowrank_head_into<T: Real>(
     if lr.band.is_plain() {
         running_sums(&lr, &feats, poly, blk, x, y, v, out, lse, &sees, ctl)?;
     } else {
-        let acc = band_sums(
+        // Each block's rows of `out` and `lse`, taken by the one job that sums that block.
+        let views: Vec<std::sync::Mutex<Option<(ArrayViewMut2<T>, ArrayViewMut1<T>)>>> = out
+            .axis_chunks_iter_mut(Axis(0), blk)
+            .zip(lse.axis_chunks_iter_mut(Axis(0), blk))
+            .map(|v| std::sync::Mutex::new(Some(v)))
+            .collect();
+        let emit_block = |i0: usize, num: ArrayView2<f64>| -> Result<()> {
+            let taken = views[i0 / blk].lock().ok().and_then(|mut v| v.take());
+            let (o, l) = taken.ok_or_else(|| Error::Value("band_sums: a block twice".into()))?;
+            emit(num, i0, o, l, &sees)
+        };
+        band_sums(
             &lr.band,
             lr.causal_shift.is_some(),
             &feats,
@@ -387,8 +398,8 @@ pub fn lowrank_head_into<T: Real>(
             y,
             with_ones(v).view(),
             ctl,
+            &emit_block,
         )?;
-        emit(acc.view(), 0, out.view_mut(), lse.view_mut(), &sees)?;
     }
     Ok(FastReport {
         degree: poly.degree,
