@@ -63,6 +63,7 @@ impl BackwardKernel {
             let st = Stage2 {
                 e,
                 spectra: &self.s.spectra,
+                pairs: 0..e.pairs.len(),
                 xs,
                 h,
                 tile,
