@@ -4,10 +4,9 @@
 //! ([`BackwardRequest`]). How a plan is chosen is each route's business.
 
 use crate::fast::bounds::FastBounds;
-use crate::fast::common::{ExpansionCounts, FastShape};
+use crate::fast::common::{spectrum_bytes, ExpansionCounts, FastShape};
 use crate::fast::grad::{Grad5, GradCertificate, GradEps, Want, GRAD_NAMES};
 use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
-use crate::fast::toeplitz::blocks::{spectrum_blocks, BLOCK};
 use crate::poly::Polynomial;
 
 /// A certified plan for the fast method (plain data): the polynomial, the expansion's size,
@@ -79,12 +78,6 @@ impl FastPlan {
             self.kernel_bytes
         }
     }
-}
-
-/// Bytes of one kernel spectrum for an FFT of length `n`, as stored (frequency blocks of
-/// [`BLOCK`], padded).
-pub fn spectrum_bytes(n: usize) -> usize {
-    spectrum_blocks(n) * BLOCK * 16
 }
 
 /// What a low-rank plan needs beyond [`FastPlan`]: the bounds its rounding certificate used.

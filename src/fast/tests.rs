@@ -667,7 +667,7 @@ fn snapped_radius_is_a_safe_shared_interval() {
 /// columns (what the planner chooses under a tight memory limit, forced).
 fn streamed(plan: &FastPlan, chunk: usize, tile: usize) -> FastPlan {
     let mut p = plan.clone();
-    p.kernel_bytes = chunk * crate::fast::plans::spectrum_bytes(p.fft_len);
+    p.kernel_bytes = chunk * crate::fast::common::spectrum_bytes(p.fft_len);
     p.column_tile = tile;
     assert!(p.streamed() && p.pair_chunk() == chunk);
     p
@@ -675,10 +675,17 @@ fn streamed(plan: &FastPlan, chunk: usize, tile: usize) -> FastPlan {
 
 fn apply_with(o: &Owned, plan: &FastPlan) -> FastOutput {
     let p = o.prob();
-    FastKernel::new(plan, &o.support, p.seqs, &o.factor, o.scale, &FastLimits::default())
-        .unwrap()
-        .apply(p.q, p.k, p.v)
-        .unwrap()
+    FastKernel::new(
+        plan,
+        &o.support,
+        p.seqs,
+        &o.factor,
+        o.scale,
+        &FastLimits::default(),
+    )
+    .unwrap()
+    .apply(p.q, p.k, p.v)
+    .unwrap()
 }
 
 #[test]
@@ -688,7 +695,10 @@ fn streamed_spectra_agree_bitwise_with_held_ones() {
     mask(&mut o, 0, true, Some((20, 0)), 0.03);
     let plan = plan_with_degree(&o, 4);
     let np = plan.counts.n_pairs;
-    assert!(!plan.streamed() && plan.pair_chunk() == np && np > 8, "{np}");
+    assert!(
+        !plan.streamed() && plan.pair_chunk() == np && np > 8,
+        "{np}"
+    );
     let held = apply_with(&o, &plan);
     let cols = 6;
     // One pair per chunk, uneven chunks (np not a multiple), all but one pair; one column
@@ -698,11 +708,17 @@ fn streamed_spectra_agree_bitwise_with_held_ones() {
             let s = streamed(&plan, chunk, tile);
             let got = apply_with(&o, &s);
             assert!(
-                got.out.iter().zip(held.out.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.out
+                    .iter()
+                    .zip(held.out.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "chunk {chunk}, tile {tile}"
             );
             assert!(
-                got.lse.iter().zip(held.lse.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                got.lse
+                    .iter()
+                    .zip(held.lse.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "chunk {chunk}, tile {tile}"
             );
             assert_eq!(got.report.certified_error, held.report.certified_error);
@@ -741,9 +757,18 @@ fn a_tight_memory_limit_streams_the_spectra_within_it() {
     assert!(!full.streamed());
     // Lower the limit until the held spectra no longer fit with one column.
     let mut limit = full.working_bytes;
-    while fast_plan(shape, &o.support, &b, eps, &FastLimits { max_working_bytes: limit, ..lim })
-        .map(|p| !p.streamed())
-        .unwrap_or(false)
+    while fast_plan(
+        shape,
+        &o.support,
+        &b,
+        eps,
+        &FastLimits {
+            max_working_bytes: limit,
+            ..lim
+        },
+    )
+    .map(|p| !p.streamed())
+    .unwrap_or(false)
     {
         limit -= limit / 64;
     }
@@ -773,7 +798,10 @@ fn a_tight_memory_limit_streams_the_spectra_within_it() {
     };
     match fast_plan(shape, &o.support, &b, eps, &none) {
         Err(Error::Approximation(m)) => {
-            assert!(m.contains("memory limit") && m.contains("memory_limit"), "{m}")
+            assert!(
+                m.contains("memory limit") && m.contains("memory_limit"),
+                "{m}"
+            )
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

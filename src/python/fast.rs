@@ -223,6 +223,27 @@ fn band_dict<'py>(
     Ok(Some(d))
 }
 
+/// How a Toeplitz call holds its kernel spectra (None for the low-rank route): `mode` `"held"`
+/// (built once per group of heads) or `"streamed"` (rebuilt `pair_chunk` pairs at a time for
+/// every column tile of every head, as all of them do not fit `memory_limit`), with the
+/// representative group's `pair_chunk`, `n_pairs` and `column_tile` and the number of groups
+/// streamed.
+fn spectra_dict<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(p) = call.representative().filter(|p| p.lowrank.is_none()) else {
+        return Ok(None);
+    };
+    let d = PyDict::new(py);
+    d.set_item("mode", if p.streamed() { "streamed" } else { "held" })?;
+    d.set_item("pair_chunk", p.pair_chunk())?;
+    d.set_item("n_pairs", p.counts.n_pairs)?;
+    d.set_item("column_tile", p.column_tile)?;
+    d.set_item(
+        "streamed_groups",
+        call.groups.iter().filter(|g| g.plan.streamed()).count(),
+    )?;
+    Ok(Some(d))
+}
+
 fn plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> {
     let Made::Forward(call) = made else {
         return Err(PyValueError::new_err("fast plan: a backward plan"));
@@ -239,6 +260,7 @@ fn plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> 
     d.set_item("n_pairs", p.counts.n_pairs)?;
     d.set_item("fft_len", p.fft_len)?;
     d.set_item("column_tile", p.column_tile)?;
+    d.set_item("kernel_spectra", spectra_dict(py, call)?)?;
     d.set_item("band", band_dict(py, p.lowrank.map(|l| l.band))?)?;
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;

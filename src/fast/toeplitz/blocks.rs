@@ -13,15 +13,9 @@ use crate::toeplitz::C64;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Frequencies per block (one block is `2 * BLOCK` f64: real parts, then imaginary parts).
-pub const BLOCK: usize = 32;
+pub use crate::fast::common::{spectrum_blocks, BLOCK};
 pub(crate) type Block = [f64; 2 * BLOCK];
 pub(crate) const ZERO_BLOCK: Block = [0.0; 2 * BLOCK];
-
-/// Number of frequency blocks for an FFT of length `n` (`n/2 + 1` frequencies, padded).
-pub fn spectrum_blocks(n: usize) -> usize {
-    (n / 2 + 1).div_ceil(BLOCK)
-}
 
 /// Fault injection for tests: when non-zero, the allocation of [`try_filled`] that brings it
 /// to zero fails as if memory were exhausted ([`inject_alloc_failure`]). One relaxed load per

@@ -61,8 +61,10 @@ use super::blocks::{spectrum_blocks, BLOCK};
 use super::expansion::{term_count, Expansion};
 use crate::error::{Error, Result};
 use crate::fast::bounds::FastBounds;
-use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
-use crate::fast::plans::{spectrum_bytes, FastPlan};
+use crate::fast::common::{
+    fft_flops, fft_relative_error, spectrum_bytes, ExpansionCounts, FastLimits, FastShape,
+};
+use crate::fast::plans::FastPlan;
 use crate::poly::{search_degree, Family, Pick, Polynomial, Verdict, U};
 use crate::toeplitz::fft_len;
 
@@ -281,11 +283,7 @@ fn plan_unchecked(
             tile: 0,
             chunk: 1,
             flops: 0.0,
-            bytes: min_bytes.min(
-                fixed
-                    .saturating_add(per_col)
-                    .saturating_add(per_pair),
-            ),
+            bytes: min_bytes.min(fixed.saturating_add(per_col).saturating_add(per_pair)),
         }))
     } else {
         None
@@ -679,7 +677,10 @@ mod tests {
             ..FastLimits::default()
         };
         let held = plan_for_polynomial(shape, &blockw, &b, &poly, &huge).unwrap();
-        assert!(!held.streamed() && held.kernel_bytes > 16_000_000_000, "{held:?}");
+        assert!(
+            !held.streamed() && held.kernel_bytes > 16_000_000_000,
+            "{held:?}"
+        );
         let lim = FastLimits {
             max_working_bytes: 8 << 30,
             ..FastLimits::default()
@@ -694,7 +695,9 @@ mod tests {
         // Per tile every kernel FFT is redone: the per-head flops count them.
         let tiles = (shape.dv + 1).div_ceil(plan.column_tile) as f64;
         let kernel_ffts = plan.counts.n_pairs as f64 * fft_flops(plan.fft_len);
-        assert!(plan.flops - plan.kernel_flops >= held.flops - held.kernel_flops + tiles * kernel_ffts);
+        assert!(
+            plan.flops - plan.kernel_flops >= held.flops - held.kernel_flops + tiles * kernel_ffts
+        );
         // A larger limit never predicts more time.
         let more = FastLimits {
             max_working_bytes: 16 << 30,

@@ -29,9 +29,9 @@ use crate::fast::common::{FastLimits, FastOutput, FastReport, FastShape, HeadPro
 use crate::fast::plans::FastPlan;
 use crate::poly::{PolyKind, ScoreBound, WNorms, U};
 use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, ToeplitzScratch, C64};
-use std::ops::Range;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// What the kernel spectra depend on and nothing else: the polynomial's coefficients, the
