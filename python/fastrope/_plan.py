@@ -398,6 +398,7 @@ def _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe) -> P
             "groups",
             "support_size",
             "column_tile",
+            "kernel_spectra",
             "certified",
             "approximation",
             "rounding",

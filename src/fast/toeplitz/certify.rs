@@ -111,7 +111,7 @@ fn working_bytes(
 
 /// Bytes per kernel worker of a streamed plan (one per thread): the kernel and its scratch
 /// (`2 glen` reals), its spectrum (`N/2 + 1` complex) and an FFT scratch.
-fn worker_bytes(n: usize, glen: usize) -> usize {
+pub(crate) fn worker_bytes(n: usize, glen: usize) -> usize {
     16usize
         .saturating_mul(n / 2 + 1)
         .saturating_add(16usize.saturating_mul(glen))
@@ -119,36 +119,37 @@ fn worker_bytes(n: usize, glen: usize) -> usize {
 }
 
 /// How a streamed plan holds its kernel spectra: `tile` columns of `[V, 1]` at a time, `chunk`
-/// pairs' spectra at a time, predicted to cost `flops` per head beyond the cached plan's column
+/// pairs' spectra at a time, predicted to cost `flops` per head beyond the held plan's column
 /// work, in `bytes` in all.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Streaming {
-    tile: usize,
-    chunk: usize,
-    flops: f64,
-    bytes: usize,
+pub(crate) struct Streaming {
+    pub(crate) tile: usize,
+    pub(crate) chunk: usize,
+    pub(crate) flops: f64,
+    pub(crate) bytes: usize,
+}
+
+/// What a streamed layout is chosen from: `fixed` bytes, `per_col` per column of a tile,
+/// `per_pair` per pair of a chunk, `n_pairs` pairs and `cols` columns; per column tile every
+/// kernel is rebuilt (`recompute` flops), and every chunk of pairs passes once over the tile's
+/// accumulators and input spectra (`pass` flops per column).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamCost {
+    pub(crate) fixed: usize,
+    pub(crate) per_col: usize,
+    pub(crate) per_pair: usize,
+    pub(crate) n_pairs: usize,
+    pub(crate) cols: usize,
+    pub(crate) recompute: f64,
+    pub(crate) pass: f64,
 }
 
 /// The streamed layout of least predicted time within `budget`, or None when even one column
-/// and one pair exceed it (or when streaming cannot help: a single pair).
-///
-/// Per column tile every kernel is rebuilt (`recompute`: its terms and its FFT, for all pairs),
-/// and every chunk of pairs passes once over the tile's accumulators and key spectra
-/// (`4 (n_α + n_β)(N/2 + 1)` per column, counted as flops): fewer, wider tiles save kernel
-/// FFTs, larger chunks save passes, and the budget trades one against the other.
-#[allow(clippy::too_many_arguments)]
-fn stream_layout(
-    budget: usize,
-    fixed: usize,
-    per_col: usize,
-    per_pair: usize,
-    c: &ExpansionCounts,
-    n: usize,
-    cols: usize,
-    recompute: f64,
-) -> Option<Streaming> {
-    let np = c.n_pairs;
-    let pass = 4.0 * (c.n_alpha + c.n_beta) as f64 * (n / 2 + 1) as f64;
+/// and one pair exceed it (or when streaming cannot help: a single pair). Fewer, wider tiles
+/// save kernel rebuilds, larger chunks save passes, and the budget trades one against the
+/// other. Within `budget = layout.bytes` the same layout is chosen again.
+pub(crate) fn stream_layout(budget: usize, c: &StreamCost) -> Option<Streaming> {
+    let (np, cols) = (c.n_pairs, c.cols);
     let mut best: Option<Streaming> = None;
     let mut last_tile = 0;
     for tiles in 1..=cols {
@@ -158,22 +159,23 @@ fn stream_layout(
         }
         last_tile = tile;
         let Some(spare) = budget
-            .checked_sub(fixed)
-            .and_then(|b| b.checked_sub(per_col.saturating_mul(tile)))
+            .checked_sub(c.fixed)
+            .and_then(|b| b.checked_sub(c.per_col.saturating_mul(tile)))
         else {
             continue;
         };
-        let fit = (spare / per_pair.max(1)).min(np.saturating_sub(1));
+        let fit = (spare / c.per_pair.max(1)).min(np.saturating_sub(1));
         if fit == 0 {
             continue;
         }
         // Chunks evened out: the same number of passes with the least memory.
         let chunks = np.div_ceil(fit);
         let chunk = np.div_ceil(chunks);
-        let flops = cols.div_ceil(tile) as f64 * recompute + chunks as f64 * cols as f64 * pass;
-        let bytes = fixed
-            .saturating_add(per_col.saturating_mul(tile))
-            .saturating_add(per_pair.saturating_mul(chunk));
+        let flops = cols.div_ceil(tile) as f64 * c.recompute + chunks as f64 * cols as f64 * c.pass;
+        let bytes = c
+            .fixed
+            .saturating_add(c.per_col.saturating_mul(tile))
+            .saturating_add(c.per_pair.saturating_mul(chunk));
         if best.is_none_or(|b| flops < b.flops) {
             best = Some(Streaming {
                 tile,
@@ -268,16 +270,16 @@ fn plan_unchecked(
             .saturating_sub(kernel_bytes)
             .saturating_sub(per_col)
             .saturating_add(threads.saturating_mul(worker_bytes(n, glen)));
-        let layout = stream_layout(
-            limits.max_working_bytes,
+        let cost = StreamCost {
             fixed,
             per_col,
             per_pair,
-            &counts,
-            n,
+            n_pairs: counts.n_pairs,
             cols,
             recompute,
-        );
+            pass: 4.0 * (counts.n_alpha + counts.n_beta) as f64 * (n / 2 + 1) as f64,
+        };
+        let layout = stream_layout(limits.max_working_bytes, &cost);
         // Refused: report the least working set, one column and one pair.
         Some(layout.unwrap_or(Streaming {
             tile: 0,

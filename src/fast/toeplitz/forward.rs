@@ -15,8 +15,10 @@
 //! inverse-FFT each `Â_α`, multiply by `q^α` and sum over `α` in a fixed order. Stages run in
 //! parallel (rayon) over independent pieces, so results do not depend on the thread count. The
 //! kernel spectra `Ĉ_αβ` live in a [`FastKernel`], built once and reusable for every head
-//! sharing W, scale, mask/bias, shape and plan; each head is certified from its own data
-//! before any FFT ([`super::certify::data_rounding`]).
+//! sharing W, scale, mask/bias, shape and plan — or, when they do not fit the memory limit
+//! ([`FastPlan::streamed`]), are rebuilt chunk by chunk of pairs inside stage (2), for every
+//! column tile, with bitwise the same results. Each head is certified from its own data before
+//! any FFT ([`super::certify::data_rounding`]).
 
 use super::blocks::{
     scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
@@ -69,14 +71,14 @@ struct KernelSource {
 /// One thread's buffers for building kernels and their spectra: the kernel, its scratch, its
 /// spectrum and an FFT scratch.
 pub(crate) struct KernelWorker {
-    ws: ToeplitzScratch,
-    kern: Vec<f64>,
-    tmp: Vec<f64>,
-    spec: Vec<C64>,
+    pub(crate) ws: ToeplitzScratch,
+    pub(crate) kern: Vec<f64>,
+    pub(crate) tmp: Vec<f64>,
+    pub(crate) spec: Vec<C64>,
 }
 
 /// One [`KernelWorker`] per thread (`spectra`: with a spectrum buffer).
-fn kernel_workers(tp: &ToeplitzPlan, spectra: bool) -> Result<Vec<KernelWorker>> {
+pub(crate) fn kernel_workers(tp: &ToeplitzPlan, spectra: bool) -> Result<Vec<KernelWorker>> {
     let glen = tp.glen();
     let h = if spectra { tp.spectrum_len() } else { 0 };
     (0..rayon::current_num_threads().max(1))
