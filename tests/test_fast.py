@@ -321,3 +321,68 @@ def test_lowrank_planner_fits_long_small_heads_in_little_memory():
     assert p.working_set_bytes - inputs < 256 * 2**20
     assert p.fast_seconds * 50 < p.exact_seconds
     assert "low-rank features" in p.why and "low-rank features" in str(p)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel spectra streamed within memory_limit
+# ------------------------------------------------------------------------------------------
+
+
+def streaming_limit(q, k, v, w, eps, **kw):
+    """``(held plan, memory_limit)``: the plan without a tight limit, and a limit under which
+    the fast plan streams its kernel spectra (lowered from the held working set until it does)."""
+    held = fastrope.plan(q, k, v, w, eps, method="fast", memory_limit=1 << 34, **kw)
+    assert held.details["kernel_spectra"]["mode"] == "held"
+    limit = held.fast_working_set_bytes
+    while True:
+        p = fastrope.plan(q, k, v, w, eps, method="fast", memory_limit=limit, **kw)
+        if p.details["kernel_spectra"]["mode"] == "streamed":
+            return held, limit
+        limit = limit * 7 // 8
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(causal=True), dict(bias="alibi", causal=True, q_offset=5)],
+    ids=["plain", "causal", "alibi-causal-offset"],
+)
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_streamed_spectra_are_certified_and_match_the_held_ones(kw, eps):
+    rng = np.random.default_rng(31)
+    heads, nq, nk, d, dv = 2, 301, 347, 4, 5
+    L = nq + nk + 8
+    q, k = bounded(rng, (heads, nq, d), 0.6), bounded(rng, (heads, nk, d), 0.6)
+    v = rng.standard_normal((heads, nk, dv))
+    w = make_fast_w("blockw", rng, L, d)
+    kw = dict(kw)
+    if kw.get("bias") == "alibi":
+        kw["bias"] = fastrope.alibi(np.array([0.05, 0.2]), L)
+    held, limit = streaming_limit(q, k, v, w, eps, **kw)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", memory_limit=limit, **kw)
+    spectra = p.details["kernel_spectra"]
+    assert spectra["mode"] == "streamed" and 1 <= spectra["pair_chunk"] < spectra["n_pairs"]
+    assert spectra["n_pairs"] == held.n_pairs and p.degree == held.degree
+    assert p.working_set_bytes <= limit <= held.fast_working_set_bytes
+    assert "kernel spectra: streamed" in str(p) and "streamed" not in str(held)
+    # Rebuilding the spectra per column tile is predicted, and costs more than holding them.
+    assert p.fast_flops > held.fast_flops
+    out = fastrope.attention(q, k, v, w, eps, method="fast", memory_limit=limit, **kw)
+    ref = reference.attention(q, k, v, w, **kw)
+    assert np.abs(out - ref).max() <= p.certified_error <= eps
+    # The chunks continue each other's sums: bitwise the held spectra's result.
+    full = fastrope.attention(q, k, v, w, eps, method="fast", memory_limit=1 << 34, **kw)
+    assert np.array_equal(out, full)
+
+
+def test_streaming_is_refused_only_below_one_column_and_one_pair():
+    rng = np.random.default_rng(32)
+    heads, n, d, dv = 2, 600, 4, 3
+    q, k = bounded(rng, (heads, n, d), 0.6), bounded(rng, (heads, n, d), 0.6)
+    v = rng.standard_normal((heads, n, dv))
+    w = make_fast_w("blockw", rng, n + 1, d)
+    # One column of key spectra and accumulators alone exceeds 1 MiB per thread here.
+    with pytest.raises(fastrope.ApproximationError, match="memory_limit"):
+        fastrope.attention(q, k, v, w, 1e-3, method="fast", memory_limit=1 << 20, num_threads=1)
+    p = fastrope.plan(q, k, v, w, 1e-3, memory_limit=1 << 20, num_threads=1)
+    assert p.method == "exact"
+    assert any("streamed one at a time" in reason for _, reason in p.refused)

@@ -562,3 +562,49 @@ def _check_by_central_differences(q, k, v, w, dout, dlse, grads, kw):
         close(fd(k, idx, lambda a: (q, a, v)), dk.reshape(k.shape)[idx], "dk")
     for idx in [(0, 2, 0), (0, 10, 1)]:
         close(fd(v, idx, lambda a: (q, k, a)), dv_.reshape(v.shape)[idx], "dv")
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["blockw", "blockw-alibi"])
+def test_streamed_backward_spectra_are_certified_and_match_the_held_ones(bias):
+    # Under a memory_limit the held kernel spectra do not fit: the backward streams them (dw
+    # and dbias included, their correlation spectra held whole) and its gradients are bitwise
+    # those of the held spectra, within eps of the reference.
+    rng = np.random.default_rng(51)
+    heads, nq, nk, d, dv = 2, 150, 170, 4, 3
+    L = nq + nk
+    q, k = bounded(rng, (heads, nq, d), 0.5), bounded(rng, (heads, nk, d), 0.5)
+    v = rng.standard_normal((heads, nk, dv))
+    dout = rng.uniform(-1, 1, (heads, nq, dv))
+    w = make_w("blockw", rng, L, d)
+    kw = dict(causal=True)
+    if bias:
+        kw["bias"] = fastrope.alibi(np.array([0.05, 0.2]), L)
+    eps = 1e-3
+
+    def plan(limit):
+        return fastrope.plan(
+            q, k, v, w, eps, method="fast", memory_limit=limit, backward=True, **kw
+        )
+
+    held = plan(1 << 34)
+    assert held.details["kernel_spectra"]["mode"] == "held"
+    limit = held.fast_working_set_bytes
+    while plan(limit).details["kernel_spectra"]["mode"] == "held":
+        limit = limit * 7 // 8
+    p = plan(limit)
+    spectra = p.details["kernel_spectra"]
+    assert 1 <= spectra["pair_chunk"] < spectra["n_pairs"] == held.n_pairs
+    assert p.working_set_bytes <= limit and p.fast_flops > held.fast_flops
+    assert "kernel spectra: streamed" in str(p)
+    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", memory_limit=limit, **kw)
+    full = fastrope.attention_grad(
+        q, k, v, w, dout, eps, method="fast", memory_limit=1 << 34, **kw
+    )
+    for name, a, b in zip(GRADS, got, full):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert np.array_equal(a, b), name
+    assert got.dw is not None and (got.dbias is not None) == bias
+    ref = reference.attention_grad(q, k, v, w, dout, **kw)
+    for name, e in errors(got, ref).items():
+        assert e <= eps, (name, e)

@@ -241,3 +241,33 @@ def test_threads_share_the_cache_correctly():
     # Three kernels; concurrent first lookups may each build, but most calls hit.
     assert 3 <= m <= 3 * 4 and h >= 4 * rounds * 2 - 12
     assert fastrope.cache_info()["entries"] == 3
+
+
+def test_streamed_spectra_are_cached_small_and_hit():
+    # Under a memory_limit the held spectra do not fit, a call streams them: the cache keeps
+    # what a streamed kernel is rebuilt from (expansion, norms, masses, the sequences), not
+    # the spectra, and the next call with the same kernel hits it.
+    rng = np.random.default_rng(41)
+    q, k, v = unit_inputs(41, n=300)
+    w = fastrope.BlockW(rng.uniform(-0.6, 0.6, (599, 2, 2, 2)))
+    held = fast(q, k, v, w)
+    held_bytes = fastrope.cache_info()["bytes"]
+    assert fastrope.cache_info()["entries"] == 1
+    p = fastrope.plan(q, k, v, w, EPS, method="fast", memory_limit=1 << 34)
+    limit = p.fast_working_set_bytes
+    while True:
+        p = fastrope.plan(q, k, v, w, EPS, method="fast", memory_limit=limit)
+        if p.details["kernel_spectra"]["mode"] == "streamed":
+            break
+        limit = limit * 7 // 8
+    fastrope.clear_cache()
+    out = fast(q, k, v, w, memory_limit=limit)
+    info = fastrope.cache_info()
+    assert (info["entries"], info["misses"], info["hits"]) == (1, 1, 0)
+    # The sequences (8 rows of 2n - 1 diagonals) and the factor, plus small tables: far less
+    # than the spectra of every pair.
+    assert 8 * 9 * 599 < info["bytes"] < held_bytes / 4
+    again = fast(q, k, v, w, memory_limit=limit)
+    assert fastrope.cache_info()["hits"] == 1
+    assert np.array_equal(out, again) and np.array_equal(out, held)
+    assert np.abs(out - reference.attention(q, k, v, w)).max() <= EPS

@@ -97,6 +97,13 @@ class Plan:
                 f" R = {self.bound_r:.4g};"
                 f" {self.terms} terms, {self.n_alpha} α x {self.n_beta} β, {self.n_pairs} pairs"
             )
+            spectra = self.details.get("kernel_spectra")
+            if spectra and spectra["mode"] == "streamed":
+                lines.append(
+                    f"kernel spectra: streamed, {spectra['pair_chunk']} of {spectra['n_pairs']}"
+                    f" pairs at a time, rebuilt for each tile of {spectra['column_tile']}"
+                    " columns (all of them do not fit memory_limit)"
+                )
         lines.append(
             f"working set: {self.working_set_bytes / 2**20:.1f} MiB"
             f" of {self.memory_limit / 2**20:.0f} MiB"
@@ -284,6 +291,7 @@ def make_plan(
             "groups",
             "support_size",
             "column_tile",
+            "kernel_spectra",
             "approximation_error",
             "rounding_error",
             "certified_lse_error",
@@ -390,6 +398,7 @@ def _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe) -> P
             "groups",
             "support_size",
             "column_tile",
+            "kernel_spectra",
             "certified",
             "approximation",
             "rounding",

@@ -402,7 +402,7 @@ fn refusals_and_bad_input_are_errors() {
         &tiny,
         None
     ))
-    .contains("max_working_bytes"));
+    .contains("memory_limit"));
     // Scores far too wide for double precision.
     let mut wide = o.clone();
     wide.q.mapv_inplace(|x| 40.0 * x);
@@ -487,6 +487,15 @@ fn timing_backward_one_head() {
 
 /// The certified backward plan of one head (as [`fast_backward_head`] makes it).
 fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
+    backward_plan(
+        &backward_request_of(o, eps, want),
+        &FastLimits::default(),
+        None,
+    )
+    .unwrap()
+}
+
+fn backward_request_of(o: &Owned, eps: f64, want: Want) -> BackwardRequest<'_> {
     let p = o.prob();
     let (nq, nk, d, dv) = (p.nq(), p.nk(), p.d(), p.dv());
     let bounds = FastBounds::from_problem(&p).unwrap();
@@ -505,7 +514,7 @@ fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
         want.dw || want.db,
     )
     .unwrap();
-    let req = BackwardRequest {
+    BackwardRequest {
         shape: FastShape { nq, nk, d, dv },
         support: p.support,
         bounds,
@@ -516,8 +525,7 @@ fn backward_plan_of(o: &Owned, eps: f64, want: Want) -> BackwardPlan {
         want,
         out_rel: 0.0,
         heads: 1,
-    };
-    backward_plan(&req, &FastLimits::default(), None).unwrap()
+    }
 }
 
 #[test]
@@ -605,4 +613,130 @@ fn cached_backward_spectra_give_bitwise_identical_gradients() {
         }
     }
     assert_eq!(c.info().entries, 2);
+}
+
+#[test]
+fn streamed_backward_spectra_give_bitwise_identical_gradients() {
+    // A random support (uneven α and β groups), a mask and a bias, odd sizes.
+    let mut a = sparse(31, 40, 3, 3, 4, 71);
+    mask(&mut a, 0, true, Some((25, 0)), 0.04);
+    let lim = FastLimits::default();
+    let bits = |x: &Array2<f64>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for want in [
+        Want {
+            dw: false,
+            db: false,
+        },
+        ALL,
+    ] {
+        let plan = backward_plan_of(&a, 1e-3, want);
+        let np = plan.counts.n_pairs;
+        let ns = a.support.len();
+        assert!(backward_pair_chunk(&plan, ns).is_none() && np > 8, "{np}");
+        let p = a.prob();
+        let run = |plan: &BackwardPlan| {
+            let k =
+                BackwardKernel::new(plan, &a.support, p.seqs, &a.factor, a.scale, &lim).unwrap();
+            let mut acc = (want.dw || want.db).then(|| k.accumulator().unwrap());
+            let h = k
+                .apply(p.q, p.k, p.v, a.dout(), acc.as_mut(), None)
+                .unwrap();
+            let fin = acc.map(|x| k.finish(x).unwrap());
+            (k, h, fin)
+        };
+        let (held_k, g0, f0) = run(&plan);
+        let cols = 4;
+        // One pair per chunk, uneven chunks, about half the pairs (a streamed plan holds less
+        // than the held spectra, which more pairs and the kernel workers would exceed at this
+        // size); one column per tile, uneven tiles, one tile.
+        for chunk in [1, 3, np / 2 + 1] {
+            for tile in [1, 3, cols] {
+                let s = force_streaming(&plan, ns, chunk, tile);
+                let (k, g1, f1) = run(&s);
+                assert!(k.spectra().streamed());
+                for (x, y) in [
+                    (&g0.dq, &g1.dq),
+                    (&g0.dk, &g1.dk),
+                    (&g0.dv, &g1.dv),
+                    (&g0.out, &g1.out),
+                ] {
+                    assert_eq!(bits(x), bits(y), "chunk {chunk}, tile {tile}, {want:?}");
+                }
+                assert_eq!(g0.cert, g1.cert);
+                if let (Some((dw0, db0)), Some((dw1, db1))) = (&f0, &f1) {
+                    assert_eq!(bits(dw0.as_ref().unwrap()), bits(dw1.as_ref().unwrap()));
+                    assert_eq!(db0, db1);
+                }
+                // Held spectra do not serve a streamed plan, nor the reverse.
+                assert!(BackwardKernel::with_spectra(&s, held_k.spectra().clone()).is_err());
+                assert!(BackwardKernel::with_spectra(&plan, k.spectra().clone()).is_err());
+                assert!(k.spectra().bytes() < held_k.spectra().bytes());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tight_memory_limit_streams_the_backward_spectra_within_it() {
+    let mut a = rotary(200, 200, 4, 3, 0, 0.8, 72);
+    mask(&mut a, 0, true, None, 0.0);
+    let want = Want {
+        dw: false,
+        db: false,
+    };
+    let p = a.prob();
+    let eps = 1e-3;
+    let lim = FastLimits::default();
+    let held = fast_backward_head(&p, a.dout(), eps, want, &lim, None).unwrap();
+    let plan = backward_plan_of(&a, eps, want);
+    assert!(backward_pair_chunk(&plan, a.support.len()).is_none());
+    // Lower the limit until the held spectra no longer fit with one column.
+    let mut limit = plan.working_bytes;
+    let streamed = loop {
+        let tight = FastLimits {
+            max_working_bytes: limit,
+            ..lim
+        };
+        match fast_backward_head(&p, a.dout(), eps, want, &tight, None) {
+            Ok(g) => {
+                let sp = backward_plan(&backward_request_of(&a, eps, want), &tight, None).unwrap();
+                if backward_pair_chunk(&sp, a.support.len()).is_some() {
+                    assert!(sp.working_bytes <= limit && sp.poly == plan.poly);
+                    assert!(sp.flops > plan.flops && sp.kernel_flops < plan.kernel_flops);
+                    break g;
+                }
+            }
+            Err(e) => panic!("refused at {limit} bytes before streaming: {e}"),
+        }
+        limit -= limit / 32;
+    };
+    for (x, y) in [
+        (&held.dq, &streamed.dq),
+        (&held.dk, &streamed.dk),
+        (&held.dv, &streamed.dv),
+    ] {
+        assert!(x
+            .iter()
+            .zip(y.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let exact = exact_head_grad(&p, a.dout());
+    let c = streamed.report.cert.certified;
+    assert!(max_diff(streamed.dq.view(), exact.dq.view()) <= c.dq);
+    assert!(max_diff(streamed.dk.view(), exact.dk.view()) <= c.dk);
+    assert!(max_diff(streamed.dv.view(), exact.dv.view()) <= c.dv);
+    // Below one column and one pair: refused, saying what to do.
+    let none = FastLimits {
+        max_working_bytes: 4096,
+        ..lim
+    };
+    match fast_backward_head(&p, a.dout(), eps, want, &none, None) {
+        Err(crate::error::Error::Approximation(m)) => {
+            assert!(
+                m.contains("streamed one at a time") && m.contains("memory_limit"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|g| g.report)),
+    }
 }

@@ -200,6 +200,21 @@ pub struct ExpansionCounts {
     pub max_terms_per_pair: usize,
 }
 
+/// Frequencies per block of a stored spectrum (one block is `2 * BLOCK` f64: real parts, then
+/// imaginary parts; the Toeplitz route's frequency-blocked products).
+pub const BLOCK: usize = 32;
+
+/// Number of frequency blocks for an FFT of length `n` (`n/2 + 1` frequencies, padded).
+pub fn spectrum_blocks(n: usize) -> usize {
+    (n / 2 + 1).div_ceil(BLOCK)
+}
+
+/// Bytes of one kernel spectrum for an FFT of length `n`, as stored (frequency blocks of
+/// [`BLOCK`], padded).
+pub fn spectrum_bytes(n: usize) -> usize {
+    spectrum_blocks(n) * BLOCK * 16
+}
+
 /// At most this many chunks per pass (a function of the shape only: results are bitwise the same
 /// for every thread count).
 pub(crate) const MAX_CHUNKS: usize = 8;

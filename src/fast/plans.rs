@@ -4,7 +4,7 @@
 //! ([`BackwardRequest`]). How a plan is chosen is each route's business.
 
 use crate::fast::bounds::FastBounds;
-use crate::fast::common::{ExpansionCounts, FastShape};
+use crate::fast::common::{spectrum_bytes, ExpansionCounts, FastShape};
 use crate::fast::grad::{Grad5, GradCertificate, GradEps, Want, GRAD_NAMES};
 use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
 use crate::poly::Polynomial;
@@ -28,7 +28,9 @@ pub struct FastPlan {
     pub kernel_flops: f64,
     /// Peak bytes held at once, kernel spectra included.
     pub working_bytes: usize,
-    /// Bytes of the kernel spectra alone.
+    /// Bytes of the kernel spectra held at once: all `n_pairs` of them, shared by the heads of a
+    /// group, or — when they are streamed — one chunk of [`FastPlan::pair_chunk`] pairs per
+    /// running head, recomputed for every column tile.
     pub kernel_bytes: usize,
     /// The `eps` this plan was chosen for (`inf` from [`plan_for_polynomial`](crate::fast::toeplitz::plan_for_polynomial)): a kernel built
     /// from it refuses heads whose data-dependent certificate exceeds it.
@@ -46,6 +48,36 @@ pub struct FastPlan {
     /// A plan for the low-rank path ([`super::lowrank`]: Rotary or `w=None`, any mask and
     /// window, no bias or an ALiBi one) rather than Toeplitz products.
     pub lowrank: Option<LowRank>,
+}
+
+impl FastPlan {
+    /// Pairs whose kernel spectra are held at once (`kernel_bytes` over the bytes of one
+    /// spectrum): `n_pairs` when the spectra are built once and kept, fewer when they are
+    /// streamed. `n_pairs` for a low-rank plan (it has no spectra).
+    pub fn pair_chunk(&self) -> usize {
+        let n = self.counts.n_pairs;
+        if self.lowrank.is_some() {
+            return n;
+        }
+        (self.kernel_bytes / spectrum_bytes(self.fft_len)).min(n)
+    }
+
+    /// True when the kernel spectra are streamed: built in chunks of [`FastPlan::pair_chunk`]
+    /// pairs and applied chunk by chunk, for every column tile of every head, because all of
+    /// them do not fit the memory limit.
+    pub fn streamed(&self) -> bool {
+        self.lowrank.is_none() && self.pair_chunk() < self.counts.n_pairs
+    }
+
+    /// Bytes shared by every head of a group (the cached kernel spectra; 0 when streamed, each
+    /// running head then holding its own chunk).
+    pub fn shared_bytes(&self) -> usize {
+        if self.streamed() {
+            0
+        } else {
+            self.kernel_bytes
+        }
+    }
 }
 
 /// What a low-rank plan needs beyond [`FastPlan`]: the bounds its rounding certificate used.

@@ -662,3 +662,147 @@ fn snapped_radius_is_a_safe_shared_interval() {
     assert!(p1.poly.r >= 1.0 - 1e-12 && p1.certified_error <= 1e-3);
     assert!(crate::poly::certify(&p1.poly.coeffs, 1.0 - 1e-12) <= p1.poly.rho);
 }
+
+/// `plan` with its kernel spectra streamed `chunk` pairs at a time over tiles of `tile`
+/// columns (what the planner chooses under a tight memory limit, forced).
+fn streamed(plan: &FastPlan, chunk: usize, tile: usize) -> FastPlan {
+    let mut p = plan.clone();
+    p.kernel_bytes = chunk * crate::fast::common::spectrum_bytes(p.fft_len);
+    p.column_tile = tile;
+    assert!(p.streamed() && p.pair_chunk() == chunk);
+    p
+}
+
+fn apply_with(o: &Owned, plan: &FastPlan) -> FastOutput {
+    let p = o.prob();
+    FastKernel::new(
+        plan,
+        &o.support,
+        p.seqs,
+        &o.factor,
+        o.scale,
+        &FastLimits::default(),
+    )
+    .unwrap()
+    .apply(p.q, p.k, p.v)
+    .unwrap()
+}
+
+#[test]
+fn streamed_spectra_agree_bitwise_with_held_ones() {
+    // Uneven α groups (a random support), a mask and a bias, odd sizes.
+    let mut o = sparse(29, 37, 3, 5, 4, 21);
+    mask(&mut o, 0, true, Some((20, 0)), 0.03);
+    let plan = plan_with_degree(&o, 4);
+    let np = plan.counts.n_pairs;
+    assert!(
+        !plan.streamed() && plan.pair_chunk() == np && np > 8,
+        "{np}"
+    );
+    let held = apply_with(&o, &plan);
+    let cols = 6;
+    // One pair per chunk, uneven chunks (np not a multiple), all but one pair; one column
+    // tile, uneven tiles, one tile of all columns.
+    for chunk in [1, 2, 5, np - 1] {
+        for tile in [1, 4, cols] {
+            let s = streamed(&plan, chunk, tile);
+            let got = apply_with(&o, &s);
+            assert!(
+                got.out
+                    .iter()
+                    .zip(held.out.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "chunk {chunk}, tile {tile}"
+            );
+            assert!(
+                got.lse
+                    .iter()
+                    .zip(held.lse.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "chunk {chunk}, tile {tile}"
+            );
+            assert_eq!(got.report.certified_error, held.report.certified_error);
+        }
+    }
+    // Held spectra under a streamed plan (and the reverse) are refused, not misused.
+    let s = streamed(&plan, 3, 2);
+    let p = o.prob();
+    let lim = FastLimits::default();
+    let kern = FastKernel::new(&plan, &o.support, p.seqs, &o.factor, o.scale, &lim).unwrap();
+    let skern = FastKernel::new(&s, &o.support, p.seqs, &o.factor, o.scale, &lim).unwrap();
+    assert!(skern.spectra().streamed() && !kern.spectra().streamed());
+    assert!(FastKernel::with_spectra(&s, kern.spectra().clone()).is_err());
+    assert!(FastKernel::with_spectra(&plan, skern.spectra().clone()).is_err());
+    // What a streamed kernel holds is small: no spectra, the sequences it rebuilds them from.
+    assert!(skern.spectra().bytes() < kern.spectra().bytes());
+    let seqs_bytes = 8 * (o.seqs.len() + o.factor.len());
+    assert!(skern.spectra().bytes() >= seqs_bytes);
+}
+
+#[test]
+fn a_tight_memory_limit_streams_the_spectra_within_it() {
+    let mut o = rotary(300, 300, 4, 7, 0, 1.0, 22);
+    mask(&mut o, 0, true, None, 0.02);
+    let p = o.prob();
+    let b = FastBounds::from_problem(&p).unwrap();
+    let shape = FastShape {
+        nq: 300,
+        nk: 300,
+        d: 4,
+        dv: 7,
+    };
+    let eps = 1e-6;
+    let lim = FastLimits::default();
+    let full = fast_plan(shape, &o.support, &b, eps, &lim).unwrap();
+    assert!(!full.streamed());
+    // Lower the limit until the held spectra no longer fit with one column.
+    let mut limit = full.working_bytes;
+    while fast_plan(
+        shape,
+        &o.support,
+        &b,
+        eps,
+        &FastLimits {
+            max_working_bytes: limit,
+            ..lim
+        },
+    )
+    .map(|p| !p.streamed())
+    .unwrap_or(false)
+    {
+        limit -= limit / 64;
+    }
+    let tight = FastLimits {
+        max_working_bytes: limit,
+        ..lim
+    };
+    let plan = fast_plan(shape, &o.support, &b, eps, &tight).unwrap();
+    assert!(plan.streamed(), "{plan:?}");
+    assert!(plan.working_bytes <= limit && plan.pair_chunk() >= 1);
+    assert_eq!(plan.poly, full.poly);
+    // Streaming rebuilds the spectra per tile: predicted dearer per head, cheaper shared.
+    assert!(plan.flops > full.flops && plan.kernel_flops < full.kernel_flops);
+    let fast = fast_forward_head(&p, eps, &tight).unwrap();
+    let held = fast_forward_head(&p, eps, &lim).unwrap();
+    assert!(fast
+        .out
+        .iter()
+        .zip(held.out.iter())
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let err = (&fast.out - &exact_head(&p).0).fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(err <= fast.report.certified_error && fast.report.certified_error <= eps);
+    // Below even one column and one pair: refused, saying what to do.
+    let none = FastLimits {
+        max_working_bytes: 4096,
+        ..lim
+    };
+    match fast_plan(shape, &o.support, &b, eps, &none) {
+        Err(Error::Approximation(m)) => {
+            assert!(
+                m.contains("memory limit") && m.contains("memory_limit"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

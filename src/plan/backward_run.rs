@@ -9,7 +9,7 @@ use crate::fast::cache::{self, KernelKey};
 use crate::fast::grad_bounds::{approximation_errors, GradBounds};
 use crate::fast::lowrank::{lowrank_backward_head, lowrank_grad_rounding};
 use crate::fast::lowrank::{rotate, rotate_back};
-use crate::fast::toeplitz::{BackwardKernel, BackwardSpectra};
+use crate::fast::toeplitz::{backward_pair_chunk, BackwardKernel, BackwardSpectra};
 use crate::fast::FastLimits;
 use crate::fast::Grad5;
 use crate::fast::LowRankGrad;
@@ -39,15 +39,27 @@ fn cached_kernel(
     let working = group_bytes(&g.plan, g.heads.len(), threads, serial);
     let coeffs = &g.plan.poly.coeffs;
     let with_dw = g.plan.want.dw;
-    let kind = if with_dw { "backward+dw" } else { "backward" };
+    // Streamed spectra are cached under their own kind, as what they hold (no spectra).
+    let streamed = backward_pair_chunk(&g.plan, support.len()).is_some();
+    let kind = match (with_dw, streamed) {
+        (true, false) => "backward+dw",
+        (false, false) => "backward",
+        (true, true) => "backward+dw-streamed",
+        (false, true) => "backward-streamed",
+    };
     let key = KernelKey::new(
         kind, prob.nq, prob.nk, prob.d, support, prob.scale, coeffs, seqs, fac,
     );
     let cache = cache::global();
     cache.make_room(budget.saturating_sub(working), &key);
     let held = budget.saturating_sub(working - g.plan.kernel_bytes.min(working));
+    let make = if streamed {
+        BackwardSpectra::build_streamed
+    } else {
+        BackwardSpectra::build
+    };
     let spectra = cache.get_or_build(key, held, || {
-        let s = BackwardSpectra::build(
+        let s = make(
             coeffs,
             (prob.nq, prob.nk, prob.d),
             with_dw,

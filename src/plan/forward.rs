@@ -411,18 +411,20 @@ fn approximation(msg: String, e: Error) -> Error {
     }
 }
 
-/// The peak bytes of one group: its kernel spectra plus one head's working set per thread.
+/// The peak bytes of one group: its shared kernel spectra (none when streamed) plus one head's
+/// working set (with its chunk of spectra when streamed) per thread.
 fn group_bytes(plan: &FastPlan, heads: usize, threads: usize) -> usize {
-    let per_head = plan.working_bytes.saturating_sub(plan.kernel_bytes);
-    plan.kernel_bytes
-        .saturating_add(per_head.saturating_mul(threads.min(heads).max(1)))
+    let shared = plan.shared_bytes();
+    let per_head = plan.working_bytes.saturating_sub(shared);
+    shared.saturating_add(per_head.saturating_mul(threads.min(heads).max(1)))
 }
 
 /// The group's kernel: its spectra from the kernel cache ([`crate::fast::cache`]) or built
 /// (and cached), paired with the group's own plan. The call's memory budget
 /// (`max_working_bytes` per thread) bounds what the cache holds during the call: other entries
 /// are evicted until they and the group's working set fit, and a new kernel is kept only if it
-/// still fits.
+/// still fits. Streamed spectra are cached under their own kind, as what they hold (the
+/// expansion, norms, masses and the sequences they are rebuilt from), never as full spectra.
 fn cached_kernel(
     g: &FastGroup,
     prob: &Problem,
@@ -435,14 +437,25 @@ fn cached_kernel(
     let budget = limits.max_working_bytes.saturating_mul(threads);
     let working = group_bytes(&g.plan, g.heads.len(), threads);
     let coeffs = &g.plan.poly.coeffs;
+    let streamed = g.plan.streamed();
+    let kind = if streamed {
+        "forward-streamed"
+    } else {
+        "forward"
+    };
     let key = KernelKey::new(
-        "forward", prob.nq, prob.nk, prob.d, support, prob.scale, coeffs, seqs, fac,
+        kind, prob.nq, prob.nk, prob.d, support, prob.scale, coeffs, seqs, fac,
     );
     let cache = cache::global();
     cache.make_room(budget.saturating_sub(working), &key);
-    let held = budget.saturating_sub(working - g.plan.kernel_bytes.min(working));
+    let held = budget.saturating_sub(working - g.plan.shared_bytes().min(working));
+    let make = if streamed {
+        FastSpectra::build_streamed
+    } else {
+        FastSpectra::build
+    };
     let spectra = cache.get_or_build(key, held, || {
-        let s = FastSpectra::build(
+        let s = make(
             coeffs,
             (prob.nq, prob.nk, prob.d),
             support,

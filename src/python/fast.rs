@@ -6,6 +6,7 @@ use super::runtime::{run, to_pyerr};
 use crate::arch::Real;
 use crate::error::Error;
 use crate::exact::check_rows;
+use crate::fast::toeplitz::backward_pair_chunk;
 use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
 use crate::plan::backward_run::run_fast_backward;
 use crate::plan::cost::{self, FastOffer, MAX_DEGREE, MAX_TERMS};
@@ -224,6 +225,53 @@ fn band_dict<'py>(
     Ok(Some(d))
 }
 
+/// How a Toeplitz call holds its kernel spectra (None for the low-rank route): `mode` `"held"`
+/// (built once per group of heads) or `"streamed"` (rebuilt `pair_chunk` pairs at a time for
+/// every column tile of every head, as all of them do not fit `memory_limit`), with the
+/// representative group's `pair_chunk`, `n_pairs` and `column_tile` and the number of groups
+/// streamed.
+fn spectra_dict<'py>(
+    py: Python<'py>,
+    chunk: Option<usize>,
+    n_pairs: usize,
+    column_tile: usize,
+    streamed_groups: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mode", if chunk.is_some() { "streamed" } else { "held" })?;
+    d.set_item("pair_chunk", chunk.unwrap_or(n_pairs))?;
+    d.set_item("n_pairs", n_pairs)?;
+    d.set_item("column_tile", column_tile)?;
+    d.set_item("streamed_groups", streamed_groups)?;
+    Ok(d)
+}
+
+fn forward_spectra<'py>(py: Python<'py>, call: &FastCall) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(p) = call.representative().filter(|p| p.lowrank.is_none()) else {
+        return Ok(None);
+    };
+    let chunk = p.streamed().then(|| p.pair_chunk());
+    let streamed = call.groups.iter().filter(|g| g.plan.streamed()).count();
+    spectra_dict(py, chunk, p.counts.n_pairs, p.column_tile, streamed).map(Some)
+}
+
+fn backward_spectra<'py>(
+    py: Python<'py>,
+    call: &FastBackwardCall,
+) -> PyResult<Option<Bound<'py, PyDict>>> {
+    let Some(p) = call.representative().filter(|p| p.lowrank.is_none()) else {
+        return Ok(None);
+    };
+    let ns = call.support.len();
+    let chunk = backward_pair_chunk(p, ns);
+    let streamed = call
+        .groups
+        .iter()
+        .filter(|g| backward_pair_chunk(&g.plan, ns).is_some())
+        .count();
+    spectra_dict(py, chunk, p.counts.n_pairs, p.column_tile, streamed).map(Some)
+}
+
 fn plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> {
     let Made::Forward(call) = made else {
         return Err(PyValueError::new_err("fast plan: a backward plan"));
@@ -240,6 +288,7 @@ fn plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, PyDict>> 
     d.set_item("n_pairs", p.counts.n_pairs)?;
     d.set_item("fft_len", p.fft_len)?;
     d.set_item("column_tile", p.column_tile)?;
+    d.set_item("kernel_spectra", forward_spectra(py, call)?)?;
     d.set_item("band", band_dict(py, p.lowrank.map(|l| l.band))?)?;
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;
@@ -438,6 +487,7 @@ fn backward_plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, 
     d.set_item("n_pairs", p.counts.n_pairs)?;
     d.set_item("fft_len", p.fft_len)?;
     d.set_item("column_tile", p.column_tile)?;
+    d.set_item("kernel_spectra", backward_spectra(py, call)?)?;
     d.set_item("band", band_dict(py, p.lowrank.map(|l| l.lr.band))?)?;
     d.set_item("groups", call.groups.len())?;
     d.set_item("support_size", call.support.len())?;

@@ -13,15 +13,9 @@ use crate::toeplitz::C64;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Frequencies per block (one block is `2 * BLOCK` f64: real parts, then imaginary parts).
-pub const BLOCK: usize = 32;
+pub use crate::fast::common::{spectrum_blocks, BLOCK};
 pub(crate) type Block = [f64; 2 * BLOCK];
 pub(crate) const ZERO_BLOCK: Block = [0.0; 2 * BLOCK];
-
-/// Number of frequency blocks for an FFT of length `n` (`n/2 + 1` frequencies, padded).
-pub fn spectrum_blocks(n: usize) -> usize {
-    (n / 2 + 1).div_ceil(BLOCK)
-}
 
 /// Fault injection for tests: when non-zero, the allocation of [`try_filled`] that brings it
 /// to zero fails as if memory were exhausted ([`inject_alloc_failure`]). One relaxed load per
@@ -95,8 +89,11 @@ fn mac(acc: &mut Block, s: &Block, x: &Block) {
 /// What stage (2) reads and writes for one column tile.
 pub(crate) struct Stage2<'a> {
     pub(crate) e: &'a Expansion,
-    /// Kernel spectra, `[block][pair]`.
+    /// Kernel spectra of the pairs `pairs`, `[block][pair - pairs.start]`.
     pub(crate) spectra: &'a [Block],
+    /// The pairs whose spectra `spectra` holds: all of them, or one chunk when the spectra are
+    /// streamed ([`super::forward`]).
+    pub(crate) pairs: Range<usize>,
     /// Key spectra `X̂_β,c` in natural layout: spectrum `c * n_β + β`, `h` frequencies each.
     pub(crate) xs: &'a [C64],
     pub(crate) h: usize,
@@ -107,6 +104,11 @@ pub(crate) struct Stage2<'a> {
 /// Stage (2) for frequency blocks `blocks`: `Â_α,c = Σ_{pairs (α,β)} Ĉ_αβ ⊙ X̂_β,c`. Each block
 /// of the key spectra is split into real/imaginary parts in a cache-resident buffer, multiplied
 /// and accumulated there, and written to `out[c * n_α + α]` (the blocks' part of `Â_α,c`).
+///
+/// Only the pairs of `st.pairs` are applied. An `α` whose pairs begin in an earlier chunk
+/// continues from the value in `out` (the sum left there by that chunk), so applying the chunks
+/// `0..p1, p1..p2, ...` in order performs the very additions, in the same order, as applying all
+/// pairs at once: the results are bitwise the same.
 #[inline(always)]
 fn stage2_blocks(
     st: &Stage2,
@@ -116,7 +118,9 @@ fn stage2_blocks(
     al: &mut [Block],
 ) {
     let (e, tile, cb, h) = (st.e, st.tile, st.cb, st.h);
-    let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
+    let (na, nb) = (e.alphas.len(), e.betas.len());
+    let chunk = st.pairs.clone();
+    let np = chunk.len();
     let first = blocks.start * BLOCK;
     for b in blocks {
         let (lo, hi) = (b * BLOCK, ((b + 1) * BLOCK).min(h));
@@ -133,10 +137,27 @@ fn stage2_blocks(
         }
         let spec = &st.spectra[b * np..(b + 1) * np];
         for (alpha, a) in al.chunks_exact_mut(tile).enumerate().take(na) {
+            let own = e.pairs_of_alpha(alpha);
+            let (p0, p1) = (own.start.max(chunk.start), own.end.min(chunk.end));
+            // An α without pairs is written (as zero) with the first chunk.
+            if p0 >= p1 && !(own.is_empty() && chunk.start == 0) {
+                continue;
+            }
             let a = &mut a[..cb];
-            a.iter_mut().for_each(|x| *x = ZERO_BLOCK);
-            for p in e.pairs_of_alpha(alpha) {
-                let (s, beta) = (&spec[p], e.pairs[p].beta);
+            if own.start >= chunk.start {
+                a.iter_mut().for_each(|x| *x = ZERO_BLOCK);
+            } else {
+                for (c, blk) in a.iter_mut().enumerate() {
+                    *blk = ZERO_BLOCK;
+                    let src = &out[c * na + alpha][lo - first..hi - first];
+                    for (o, z) in src.iter().enumerate() {
+                        blk[o] = z.re;
+                        blk[BLOCK + o] = z.im;
+                    }
+                }
+            }
+            for p in p0..p1 {
+                let (s, beta) = (&spec[p - chunk.start], e.pairs[p].beta);
                 for (ac, x) in a.iter_mut().zip(&xl[beta * tile..beta * tile + cb]) {
                     mac(ac, s, x);
                 }

@@ -61,7 +61,9 @@ use super::blocks::{spectrum_blocks, BLOCK};
 use super::expansion::{term_count, Expansion};
 use crate::error::{Error, Result};
 use crate::fast::bounds::FastBounds;
-use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
+use crate::fast::common::{
+    fft_flops, fft_relative_error, spectrum_bytes, ExpansionCounts, FastLimits, FastShape,
+};
 use crate::fast::plans::FastPlan;
 use crate::poly::{search_degree, Family, Pick, Polynomial, Verdict, U};
 use crate::toeplitz::fft_len;
@@ -107,9 +109,88 @@ fn working_bytes(
     )
 }
 
+/// Bytes per kernel worker of a streamed plan (one per thread): the kernel and its scratch
+/// (`2 glen` reals), its spectrum (`N/2 + 1` complex) and an FFT scratch.
+pub(crate) fn worker_bytes(n: usize, glen: usize) -> usize {
+    16usize
+        .saturating_mul(n / 2 + 1)
+        .saturating_add(16usize.saturating_mul(glen))
+        .saturating_add(32usize.saturating_mul(n))
+}
+
+/// How a streamed plan holds its kernel spectra: `tile` columns of `[V, 1]` at a time, `chunk`
+/// pairs' spectra at a time, predicted to cost `flops` per head beyond the held plan's column
+/// work, in `bytes` in all.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Streaming {
+    pub(crate) tile: usize,
+    pub(crate) chunk: usize,
+    pub(crate) flops: f64,
+    pub(crate) bytes: usize,
+}
+
+/// What a streamed layout is chosen from: `fixed` bytes, `per_col` per column of a tile,
+/// `per_pair` per pair of a chunk, `n_pairs` pairs and `cols` columns; per column tile every
+/// kernel is rebuilt (`recompute` flops), and every chunk of pairs passes once over the tile's
+/// accumulators and input spectra (`pass` flops per column).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamCost {
+    pub(crate) fixed: usize,
+    pub(crate) per_col: usize,
+    pub(crate) per_pair: usize,
+    pub(crate) n_pairs: usize,
+    pub(crate) cols: usize,
+    pub(crate) recompute: f64,
+    pub(crate) pass: f64,
+}
+
+/// The streamed layout of least predicted time within `budget`, or None when even one column
+/// and one pair exceed it (or when streaming cannot help: a single pair). Fewer, wider tiles
+/// save kernel rebuilds, larger chunks save passes, and the budget trades one against the
+/// other. Within `budget = layout.bytes` the same layout is chosen again.
+pub(crate) fn stream_layout(budget: usize, c: &StreamCost) -> Option<Streaming> {
+    let (np, cols) = (c.n_pairs, c.cols);
+    let mut best: Option<Streaming> = None;
+    let mut last_tile = 0;
+    for tiles in 1..=cols {
+        let tile = cols.div_ceil(tiles);
+        if tile == last_tile {
+            continue;
+        }
+        last_tile = tile;
+        let Some(spare) = budget
+            .checked_sub(c.fixed)
+            .and_then(|b| b.checked_sub(c.per_col.saturating_mul(tile)))
+        else {
+            continue;
+        };
+        let fit = (spare / c.per_pair.max(1)).min(np.saturating_sub(1));
+        if fit == 0 {
+            continue;
+        }
+        // Chunks evened out: the same number of passes with the least memory.
+        let chunks = np.div_ceil(fit);
+        let chunk = np.div_ceil(chunks);
+        let flops = cols.div_ceil(tile) as f64 * c.recompute + chunks as f64 * cols as f64 * c.pass;
+        let bytes = c
+            .fixed
+            .saturating_add(c.per_col.saturating_mul(tile))
+            .saturating_add(c.per_pair.saturating_mul(chunk));
+        if best.is_none_or(|b| flops < b.flops) {
+            best = Some(Streaming {
+                tile,
+                chunk,
+                flops,
+                bytes,
+            });
+        }
+    }
+    best
+}
+
 /// The plan for a given polynomial: counts, cost, memory tile and certificate (no `eps` test).
-/// Refuses with `Error::Approximation` when even one column at a time exceeds
-/// `limits.max_working_bytes`.
+/// Refuses with `Error::Approximation` when even one column at a time (and, streamed, one
+/// pair's spectrum at a time) exceeds `limits.max_working_bytes`.
 pub fn plan_for_polynomial(
     shape: FastShape,
     support: &[(usize, usize)],
@@ -127,19 +208,24 @@ pub fn plan_for_polynomial(
 fn memory_refusal(plan: &FastPlan, limits: &FastLimits) -> Error {
     let c = &plan.counts;
     Error::Approximation(format!(
-        "fast method: degree {} needs at least {:.3} GB ({} kernel spectra of {} frequencies, plus {} \
-         spectra per column of [V, 1]) but the memory limit (memory_limit per thread) allows {:.3} GB",
+        "fast method: degree {} needs at least {:.3} GB ({} spectra of {} frequencies per column of \
+         [V, 1], plus the {} kernel spectra streamed one at a time) but the memory limit \
+         (memory_limit per thread) allows {:.3} GB; raise memory_limit or use the exact method",
         plan.poly.degree,
         plan.working_bytes as f64 / 1e9,
-        c.n_pairs,
-        plan.fft_len / 2 + 1,
         c.n_alpha + c.n_beta,
+        plan.fft_len / 2 + 1,
+        c.n_pairs,
         limits.max_working_bytes as f64 / 1e9
     ))
 }
 
-/// [`plan_for_polynomial`] with `column_tile = 0` (and the one-column working set) when the
-/// memory limit cannot be met.
+/// [`plan_for_polynomial`] with `column_tile = 0` (and the least working set: one column, one
+/// streamed pair) when the memory limit cannot be met.
+///
+/// The kernel spectra are cached (built once per group of heads, held whole) when they fit
+/// with at least one column; otherwise they are streamed ([`FastPlan::streamed`]) with the
+/// layout of [`stream_layout`].
 fn plan_unchecked(
     shape: FastShape,
     support: &[(usize, usize)],
@@ -165,7 +251,7 @@ fn plan_unchecked(
     // Each tile reads all kernel spectra once and writes/reads its own spectra once: tiles of
     // about kernel_bytes / per_col columns (at least 4) balance the two, and smaller buffers
     // are reused instead of faulting in gigabytes of fresh pages. Tiles are then evened out.
-    let column_tile = match limits.max_working_bytes.checked_sub(min_bytes) {
+    let cached_tile = match limits.max_working_bytes.checked_sub(min_bytes) {
         Some(spare) => {
             let fit = 1 + spare / per_col.max(1);
             let balanced = kernel_bytes.div_ceil(per_col.max(1)).max(4);
@@ -174,11 +260,46 @@ fn plan_unchecked(
         }
         None => 0,
     };
-    let (_, working) = working_bytes(&shape, ns, &counts, n, column_tile.max(1));
-
     let fft = fft_flops(n);
-    let kernel_flops =
-        counts.n_pairs as f64 * fft + counts.terms as f64 * glen as f64 * (g + 2) as f64;
+    let build = counts.terms as f64 * glen as f64 * (g + 2) as f64;
+    let recompute = counts.n_pairs as f64 * fft + build;
+    let per_pair = spectrum_bytes(n);
+    let stream = if cached_tile == 0 {
+        let threads = rayon::current_num_threads();
+        let fixed = min_bytes
+            .saturating_sub(kernel_bytes)
+            .saturating_sub(per_col)
+            .saturating_add(threads.saturating_mul(worker_bytes(n, glen)));
+        let cost = StreamCost {
+            fixed,
+            per_col,
+            per_pair,
+            n_pairs: counts.n_pairs,
+            cols,
+            recompute,
+            pass: 4.0 * (counts.n_alpha + counts.n_beta) as f64 * (n / 2 + 1) as f64,
+        };
+        let layout = stream_layout(limits.max_working_bytes, &cost);
+        // Refused: report the least working set, one column and one pair.
+        Some(layout.unwrap_or(Streaming {
+            tile: 0,
+            chunk: 1,
+            flops: 0.0,
+            bytes: min_bytes.min(fixed.saturating_add(per_col).saturating_add(per_pair)),
+        }))
+    } else {
+        None
+    };
+    let (column_tile, working, kernel_bytes, kernel_flops, stream_flops) = match stream {
+        None => {
+            let (_, working) = working_bytes(&shape, ns, &counts, n, cached_tile);
+            (cached_tile, working, kernel_bytes, recompute, 0.0)
+        }
+        // Streamed: only the norms pass (the kernels without their FFTs) is shared; every
+        // head rebuilds the spectra once per tile.
+        Some(s) => (s.tile, s.bytes, per_pair * s.chunk, build, s.flops),
+    };
+
     let (na, nb, np) = (
         counts.n_alpha as f64,
         counts.n_beta as f64,
@@ -188,7 +309,8 @@ fn plan_unchecked(
     let column_flops = (na + nb) * cols_f * fft
         + np * cols_f * (n / 2 + 1) as f64 * 8.0
         + cols_f * (2.0 * na * nq_f + nb * nk_f)
-        + (na * nq_f + nb * nk_f) * g.max(1) as f64;
+        + (na * nq_f + nb * nk_f) * g.max(1) as f64
+        + stream_flops;
 
     // The a-priori certificate (module docs).
     let rho = poly.rho;
@@ -533,5 +655,84 @@ mod tests {
         let tiled = fast_plan(shape, &ROTARY2, &b, 1e-3, &lim).unwrap();
         assert!(tiled.column_tile < full.column_tile);
         assert!(tiled.working_bytes <= lim.max_working_bytes);
+    }
+
+    #[test]
+    fn spectra_that_do_not_fit_are_streamed_within_the_limit() {
+        // BlockW at d = 4 (two 2x2 blocks), degree 5, n = 2^20: the held spectra alone take
+        // 16 GB.
+        let blockw: Vec<(usize, usize)> = [0, 2]
+            .iter()
+            .flat_map(|&o| [(o, o), (o, o + 1), (o + 1, o), (o + 1, o + 1)])
+            .collect();
+        let n = 1 << 20;
+        let shape = FastShape {
+            nq: n,
+            nk: n,
+            d: 4,
+            dv: 64,
+        };
+        let b = bounds(1.0, n, 1.0);
+        let poly = crate::poly::taylor(1.0, 5).unwrap();
+        let huge = FastLimits {
+            max_working_bytes: 1 << 46,
+            ..FastLimits::default()
+        };
+        let held = plan_for_polynomial(shape, &blockw, &b, &poly, &huge).unwrap();
+        assert!(
+            !held.streamed() && held.kernel_bytes > 16_000_000_000,
+            "{held:?}"
+        );
+        let lim = FastLimits {
+            max_working_bytes: 8 << 30,
+            ..FastLimits::default()
+        };
+        let plan = plan_for_polynomial(shape, &blockw, &b, &poly, &lim).unwrap();
+        assert!(plan.streamed(), "{plan:?}");
+        let chunk = plan.pair_chunk();
+        assert!(chunk >= 1 && chunk < plan.counts.n_pairs);
+        assert!(plan.working_bytes <= lim.max_working_bytes);
+        assert_eq!(plan.kernel_bytes, chunk * spectrum_bytes(plan.fft_len));
+        assert_eq!(plan.shared_bytes(), 0);
+        // Per tile every kernel FFT is redone: the per-head flops count them.
+        let tiles = (shape.dv + 1).div_ceil(plan.column_tile) as f64;
+        let kernel_ffts = plan.counts.n_pairs as f64 * fft_flops(plan.fft_len);
+        assert!(
+            plan.flops - plan.kernel_flops >= held.flops - held.kernel_flops + tiles * kernel_ffts
+        );
+        // A larger limit never predicts more time.
+        let more = FastLimits {
+            max_working_bytes: 16 << 30,
+            ..lim
+        };
+        let wider = plan_for_polynomial(shape, &blockw, &b, &poly, &more).unwrap();
+        assert!(wider.streamed() && wider.flops <= plan.flops);
+        // Refused only when one column and one pair do not fit; the message says so.
+        let least = plan_unchecked(
+            shape,
+            &blockw,
+            &b,
+            &poly,
+            &FastLimits {
+                max_working_bytes: 1 << 20,
+                ..lim
+            },
+        )
+        .unwrap();
+        assert_eq!(least.column_tile, 0);
+        let at_least = FastLimits {
+            max_working_bytes: least.working_bytes,
+            ..lim
+        };
+        let tightest = plan_for_polynomial(shape, &blockw, &b, &poly, &at_least).unwrap();
+        assert!(tightest.streamed() && tightest.column_tile == 1 && tightest.pair_chunk() == 1);
+        let below = FastLimits {
+            max_working_bytes: least.working_bytes - 1,
+            ..lim
+        };
+        match plan_for_polynomial(shape, &blockw, &b, &poly, &below) {
+            Err(Error::Approximation(m)) => assert!(m.contains("streamed one at a time"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }

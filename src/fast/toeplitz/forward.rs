@@ -15,8 +15,10 @@
 //! inverse-FFT each `Â_α`, multiply by `q^α` and sum over `α` in a fixed order. Stages run in
 //! parallel (rayon) over independent pieces, so results do not depend on the thread count. The
 //! kernel spectra `Ĉ_αβ` live in a [`FastKernel`], built once and reusable for every head
-//! sharing W, scale, mask/bias, shape and plan; each head is certified from its own data
-//! before any FFT ([`super::certify::data_rounding`]).
+//! sharing W, scale, mask/bias, shape and plan — or, when they do not fit the memory limit
+//! ([`FastPlan::streamed`]), are rebuilt chunk by chunk of pairs inside stage (2), for every
+//! column tile, with bitwise the same results. Each head is certified from its own data before
+//! any FFT ([`super::certify::data_rounding`]).
 
 use super::blocks::{
     scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
@@ -28,9 +30,10 @@ use crate::fast::bounds::{max_abs, row_masses, FastBounds};
 use crate::fast::common::{FastLimits, FastOutput, FastReport, FastShape, HeadProblem};
 use crate::fast::plans::FastPlan;
 use crate::poly::{PolyKind, ScoreBound, WNorms, U};
-use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
+use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, ToeplitzScratch, C64};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 /// What the kernel spectra depend on and nothing else: the polynomial's coefficients, the
@@ -42,8 +45,11 @@ pub struct FastSpectra {
     coeffs: Vec<f64>,
     toeplitz: ToeplitzPlan,
     expansion: Expansion,
-    /// `[block][pair]`, each kernel spectrum scaled by `1/N` (the inverse FFT's normalisation).
+    /// `[block][pair]`, each kernel spectrum scaled by `1/N` (the inverse FFT's normalisation);
+    /// empty when the spectra are streamed.
     spectra: Vec<Block>,
+    /// When the spectra are streamed: what every chunk of them is rebuilt from.
+    source: Option<KernelSource>,
     /// Per pair: `||C_αβ||_1`, `||C_αβ||_2` and its term mass (for the rounding certificate).
     norms: Vec<PairNorms>,
     support: Vec<(usize, usize)>,
@@ -53,6 +59,89 @@ pub struct FastSpectra {
     masses: Vec<f64>,
     /// The factor's statistics (`factor_sum`, `factor_norm2`, `min_row_mass`; the rest zero).
     stats: FastBounds,
+}
+
+/// The diagonal sequences (`|S| x glen`, row-major) and the mask/bias factor a streamed
+/// [`FastSpectra`] rebuilds its kernels from.
+struct KernelSource {
+    seqs: Vec<f64>,
+    factor: Vec<f64>,
+}
+
+/// One thread's buffers for building kernels and their spectra: the kernel, its scratch, its
+/// spectrum and an FFT scratch.
+pub(crate) struct KernelWorker {
+    pub(crate) ws: ToeplitzScratch,
+    pub(crate) kern: Vec<f64>,
+    pub(crate) tmp: Vec<f64>,
+    pub(crate) spec: Vec<C64>,
+}
+
+/// One [`KernelWorker`] per thread (`spectra`: with a spectrum buffer).
+pub(crate) fn kernel_workers(tp: &ToeplitzPlan, spectra: bool) -> Result<Vec<KernelWorker>> {
+    let glen = tp.glen();
+    let h = if spectra { tp.spectrum_len() } else { 0 };
+    (0..rayon::current_num_threads().max(1))
+        .map(|_| {
+            Ok(KernelWorker {
+                ws: tp.make_scratch(),
+                kern: try_filled(glen, 0.0, "kernel")?,
+                tmp: try_filled(glen, 0.0, "kernel scratch")?,
+                spec: try_filled(h, C64::new(0.0, 0.0), "kernel spectrum")?,
+            })
+        })
+        .collect()
+}
+
+/// The kernels `C_αβ` of the pairs `pairs` and their norms, as many pairs at a time as there
+/// are `workers`, in parallel; with `out`, also their spectra, written `[block][pair -
+/// pairs.start]` (stride `pairs.len()`). Each pair's work is the same whatever the thread count,
+/// so the results are bitwise the same for every thread count and every chunking.
+fn kernel_pass(
+    e: &Expansion,
+    tp: &ToeplitzPlan,
+    src: (&[f64], &[f64]),
+    pairs: Range<usize>,
+    mut out: Option<&mut [Block]>,
+    workers: &mut [KernelWorker],
+) -> Result<Vec<PairNorms>> {
+    let (seqs, factor) = src;
+    let glen = factor.len();
+    let stride = pairs.len();
+    let mut norms = Vec::with_capacity(stride);
+    let batch = workers.len().max(1);
+    // Summation rounding of the norms themselves, so they stay upper bounds.
+    let up = 1.0 + (glen + 2) as f64 * U;
+    let spectra = out.is_some();
+    for p0 in pairs.clone().step_by(batch) {
+        let p1 = (p0 + batch).min(pairs.end);
+        let part: Vec<Result<PairNorms>> = workers[..p1 - p0]
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, w)| {
+                let mass = e.kernel(p0 + i, seqs, factor, &mut w.kern, &mut w.tmp);
+                let l1 = w.kern.iter().map(|x| x.abs()).sum::<f64>();
+                let l2 = w.kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+                if spectra {
+                    tp.kernel_spectrum(&w.kern, &mut w.spec, &mut w.ws)?;
+                }
+                Ok([l1 * up, l2 * up, mass * up])
+            })
+            .collect();
+        for r in part {
+            norms.push(r?);
+        }
+        if let Some(blocks) = out.as_deref_mut() {
+            for (i, w) in workers[..p1 - p0].iter().enumerate() {
+                scatter(
+                    std::slice::from_ref(&w.spec),
+                    &mut blocks[p0 - pairs.start + i..],
+                    stride,
+                );
+            }
+        }
+    }
+    Ok(norms)
 }
 
 /// Checks the inputs of a kernel and returns the factor's statistics.
@@ -100,7 +189,7 @@ impl FastSpectra {
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         coeffs: &[f64],
-        (nq, nk, d): (usize, usize, usize),
+        shape: (usize, usize, usize),
         support: &[(usize, usize)],
         seqs: ArrayView2<f64>,
         factor: &[f64],
@@ -108,35 +197,78 @@ impl FastSpectra {
         max_terms: usize,
         grouped: bool,
     ) -> Result<Self> {
+        Self::build_as(
+            coeffs, shape, support, seqs, factor, scale, max_terms, grouped, false,
+        )
+    }
+
+    /// [`FastSpectra::build`] for a streamed plan ([`FastPlan::streamed`]): the expansion, the
+    /// per-pair norms (the kernels are built once, without their FFTs), the row masses and a
+    /// copy of the sequences and the factor — not the spectra, which every head rebuilds chunk
+    /// by chunk ([`FastKernel::apply`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_streamed(
+        coeffs: &[f64],
+        shape: (usize, usize, usize),
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        max_terms: usize,
+        grouped: bool,
+    ) -> Result<Self> {
+        Self::build_as(
+            coeffs, shape, support, seqs, factor, scale, max_terms, grouped, true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_as(
+        coeffs: &[f64],
+        (nq, nk, d): (usize, usize, usize),
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        max_terms: usize,
+        grouped: bool,
+        streamed: bool,
+    ) -> Result<Self> {
         let stats = factor_stats(nq, nk, seqs, factor, scale)?;
-        let glen = nq + nk - 1;
         let w_norms = WNorms::new(d, support, seqs, factor)?;
         let masses = row_masses(nq, nk, factor);
         let expansion = Expansion::build(support, d, coeffs, scale, grouped, max_terms)?;
         let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
         let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
         let seqs_c: Vec<f64> = seqs.iter().copied().collect();
-        let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
-        let mut ws = toeplitz.make_scratch();
-        let (mut kern, mut tmp) = (vec![0.0; glen], vec![0.0; glen]);
-        let mut spec = vec![C64::new(0.0, 0.0); toeplitz.spectrum_len()];
-        let mut norms = Vec::with_capacity(np);
-        for p in 0..np {
-            let mass = expansion.kernel(p, &seqs_c, factor, &mut kern, &mut tmp);
-            let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
-            let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
-            // Summation rounding of the norms themselves, so they stay upper bounds.
-            let up = 1.0 + (glen + 2) as f64 * U;
-            norms.push([l1 * up, l2 * up, mass * up]);
-            toeplitz.kernel_spectrum(&kern, &mut spec, &mut ws)?;
-            scatter(std::slice::from_ref(&spec), &mut spectra[p..], np);
-        }
+        let mut workers = kernel_workers(&toeplitz, !streamed)?;
+        let src = (seqs_c.as_slice(), factor);
+        let (spectra, norms) = if streamed {
+            let norms = kernel_pass(&expansion, &toeplitz, src, 0..np, None, &mut workers)?;
+            (Vec::new(), norms)
+        } else {
+            let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
+            let norms = kernel_pass(
+                &expansion,
+                &toeplitz,
+                src,
+                0..np,
+                Some(&mut spectra),
+                &mut workers,
+            )?;
+            (spectra, norms)
+        };
+        let source = streamed.then(|| KernelSource {
+            seqs: seqs_c,
+            factor: factor.to_vec(),
+        });
         Ok(FastSpectra {
             shape: (nq, nk, d),
             coeffs: coeffs.to_vec(),
             toeplitz,
             expansion,
             spectra,
+            source,
             norms,
             support: support.to_vec(),
             scale,
@@ -146,11 +278,22 @@ impl FastSpectra {
         })
     }
 
-    /// Bytes held (kernel spectra, norms, masses, the FFT plan's buffers, the expansion).
+    /// True when the spectra are not held but rebuilt chunk by chunk for every use.
+    pub fn streamed(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Bytes held (kernel spectra or, streamed, the sequences and factor they are rebuilt
+    /// from; norms, masses, the FFT plan's buffers, the expansion).
     pub fn bytes(&self) -> usize {
         let e = &self.expansion;
         let idx = |l: &[Vec<u16>]| l.iter().map(|m| 24 + 2 * m.len()).sum::<usize>();
+        let source = self
+            .source
+            .as_ref()
+            .map_or(0, |s| 8 * (s.seqs.len() + s.factor.len()));
         std::mem::size_of::<Block>() * self.spectra.len()
+            + source
             + 24 * self.norms.len()
             + 8 * self.masses.len()
             + 16 * self.toeplitz.fft_len()
@@ -172,8 +315,17 @@ impl FastSpectra {
 pub struct FastKernel {
     plan: FastPlan,
     spectra: Arc<FastSpectra>,
-    /// Key-spectra and accumulator buffers of finished `apply` calls, for the next ones.
-    pool: Mutex<Vec<(Vec<C64>, Vec<C64>)>>,
+    /// Buffers of finished `apply` calls, for the next ones.
+    pool: Mutex<Vec<Buffers>>,
+}
+
+/// One `apply`'s buffers: key spectra and accumulators of a column tile and, when the spectra
+/// are streamed, one chunk of kernel spectra and the kernel workers that build it.
+struct Buffers {
+    xs: Vec<C64>,
+    acc: Vec<C64>,
+    chunk: Vec<Block>,
+    workers: Vec<KernelWorker>,
 }
 
 impl FastKernel {
@@ -203,7 +355,12 @@ impl FastKernel {
         let FastShape { nq, nk, d, .. } = plan.shape;
         // The cheap checks first, so a mismatched factor is refused before any FFT.
         check_factor(plan, &factor_stats(nq, nk, seqs, factor, scale)?)?;
-        let spectra = FastSpectra::build(
+        let make = if plan.streamed() {
+            FastSpectra::build_streamed
+        } else {
+            FastSpectra::build
+        };
+        let spectra = make(
             &plan.poly.coeffs,
             (nq, nk, d),
             support,
@@ -217,8 +374,8 @@ impl FastKernel {
     }
 
     /// Pairs `plan` with spectra built for its polynomial and shape (e.g. from the cache);
-    /// refuses spectra of another polynomial or shape, or whose mask/bias factor is outside the
-    /// plan's bounds.
+    /// refuses spectra of another polynomial or shape, held where the plan streams them or
+    /// streamed where it holds them, or whose mask/bias factor is outside the plan's bounds.
     pub fn with_spectra(plan: &FastPlan, spectra: Arc<FastSpectra>) -> Result<Self> {
         let FastShape { nq, nk, d, .. } = plan.shape;
         let same_poly = spectra.coeffs.len() == plan.poly.coeffs.len()
@@ -231,6 +388,22 @@ impl FastKernel {
             return Err(Error::Value(
                 "fast kernel: spectra of another polynomial or shape than the plan's".into(),
             ));
+        }
+        if spectra.streamed() != plan.streamed() {
+            let (have, want) = if plan.streamed() {
+                ("held", "streamed")
+            } else {
+                ("streamed", "held")
+            };
+            return Err(Error::Value(format!(
+                "fast kernel: spectra {have}, but the plan has them {want}; build them with \
+                 FastSpectra::{}",
+                if plan.streamed() {
+                    "build_streamed"
+                } else {
+                    "build"
+                }
+            )));
         }
         check_factor(plan, &spectra.stats)?;
         Ok(FastKernel {
@@ -390,34 +563,53 @@ impl FastKernel {
     /// `Σ_j p(M_ij) f_ij x_j` for every column `x` of `[V, 1]`, column-major (`(dv+1) x nq`).
     ///
     /// Parallel (rayon) over `(β, column)` FFTs, frequency-block groups and columns; every
-    /// output is summed in a fixed order, so results do not depend on the thread count.
+    /// output is summed in a fixed order, so results do not depend on the thread count. With
+    /// streamed spectra, stage (2) runs once per chunk of pairs, each chunk's spectra rebuilt
+    /// just before; the chunks continue each other's sums, so the result is bitwise that of the
+    /// held spectra.
     fn numerators(&self, qa: &[f64], kb: &[f64], v: ArrayView2<f64>) -> Result<Vec<f64>> {
         let FastShape { nq, nk, dv, .. } = self.plan.shape;
         let e = &self.spectra.expansion;
-        let (na, nb) = (e.alphas.len(), e.betas.len());
+        let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
         let tp = &self.spectra.toeplitz;
         let (h, nblk) = (tp.spectrum_len(), spectrum_blocks(tp.fft_len()));
         let cols = dv + 1;
         let tile = self.plan.column_tile.clamp(1, cols);
+        let chunk = match self.spectra.source {
+            Some(_) => self.plan.pair_chunk().clamp(1, np.max(1)),
+            None => np,
+        };
         let mut xt = vec![0.0; tile * nk];
         let zero = C64::new(0.0, 0.0);
         // Spectra buffers are reused across heads (a pool, one entry per concurrent `apply`):
         // fresh gigabytes would cost page faults on every head.
         let pooled = self.pool.lock().ok().and_then(|mut p| p.pop());
-        let (mut xs, mut acc) = match pooled {
+        let mut bufs = match pooled {
             Some(bufs) => bufs,
-            None => (
-                try_filled(
+            None => Buffers {
+                xs: try_filled(
                     h.saturating_mul(nb).saturating_mul(tile),
                     zero,
                     "key spectra",
                 )?,
-                try_filled(
+                acc: try_filled(
                     h.saturating_mul(na).saturating_mul(tile),
                     zero,
                     "accumulators",
                 )?,
-            ),
+                chunk: match self.spectra.source {
+                    Some(_) => try_filled(
+                        nblk.saturating_mul(chunk),
+                        ZERO_BLOCK,
+                        "a chunk of kernel spectra",
+                    )?,
+                    None => Vec::new(),
+                },
+                workers: match self.spectra.source {
+                    Some(_) => kernel_workers(tp, true)?,
+                    None => Vec::new(),
+                },
+            },
         };
         let mut numer = try_filled(cols * nq, 0.0, "numerators")?;
         // Frequency-block groups for stage (2): a few per thread for load balance.
@@ -431,6 +623,12 @@ impl FastKernel {
                     xt[c * nk + j] = if c0 + c < dv { row[c0 + c] } else { 1.0 };
                 }
             }
+            let Buffers {
+                xs,
+                acc,
+                chunk: cbuf,
+                workers,
+            } = &mut bufs;
             // (1) X̂_β,c = FFT(k^β ∘ x_c) for the tile's columns x_c of [V, 1].
             xs[..cb * nb * h]
                 .par_chunks_mut(h)
@@ -447,31 +645,45 @@ impl FastKernel {
                         tp.forward(prod, spec, ws)
                     },
                 )?;
-            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c, by groups of frequency blocks (cache-resident).
-            let st = Stage2 {
-                e,
-                spectra: &self.spectra.spectra,
-                xs: &xs,
-                h,
-                tile,
-                cb,
-            };
-            let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
-            for spec in acc[..cb * na * h].chunks_exact_mut(h) {
-                let mut rest = spec;
-                for (g, part) in parts.iter_mut().enumerate() {
-                    let r = group(g);
-                    let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
-                    let (mine, others) = rest.split_at_mut(len);
-                    part.push(mine);
-                    rest = others;
+            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c, by groups of frequency blocks (cache-resident), for
+            // all pairs at once or chunk by chunk.
+            for p0 in (0..np.max(1)).step_by(chunk.max(1)) {
+                let pairs = p0..(p0 + chunk).min(np);
+                let spectra: &[Block] = match &self.spectra.source {
+                    Some(src) => {
+                        let blocks = &mut cbuf[..nblk * pairs.len()];
+                        let src = (src.seqs.as_slice(), src.factor.as_slice());
+                        kernel_pass(e, tp, src, pairs.clone(), Some(blocks), workers)?;
+                        blocks
+                    }
+                    None => &self.spectra.spectra,
+                };
+                let st = Stage2 {
+                    e,
+                    spectra,
+                    pairs,
+                    xs,
+                    h,
+                    tile,
+                    cb,
+                };
+                let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
+                for spec in acc[..cb * na * h].chunks_exact_mut(h) {
+                    let mut rest = spec;
+                    for (g, part) in parts.iter_mut().enumerate() {
+                        let r = group(g);
+                        let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
+                        let (mine, others) = rest.split_at_mut(len);
+                        part.push(mine);
+                        rest = others;
+                    }
                 }
+                parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
+                    let mut xl = vec![ZERO_BLOCK; nb * tile];
+                    let mut al = vec![ZERO_BLOCK; na * tile];
+                    stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
+                });
             }
-            parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
-                let mut xl = vec![ZERO_BLOCK; nb * tile];
-                let mut al = vec![ZERO_BLOCK; na * tile];
-                stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
-            });
             // (3) N[:, c] += Σ_α q^α ∘ IFFT(Â_α,c)[rows], α in order.
             numer[c0 * nq..(c0 + cb) * nq]
                 .par_chunks_mut(nq)
@@ -490,7 +702,7 @@ impl FastKernel {
                 )?;
         }
         if let Ok(mut p) = self.pool.lock() {
-            p.push((xs, acc));
+            p.push(bufs);
         }
         Ok(numer)
     }

@@ -12,7 +12,9 @@ pub mod certify;
 pub mod expansion;
 pub mod forward;
 
-pub use backward::{backward_plan, fast_backward_head, BackwardKernel, BackwardSpectra};
+pub use backward::{
+    backward_pair_chunk, backward_plan, fast_backward_head, BackwardKernel, BackwardSpectra,
+};
 pub use certify::{fast_plan, plan_for_polynomial, Certificate};
 pub use expansion::Expansion;
 pub use forward::{fast_forward_head, FastKernel, FastSpectra};

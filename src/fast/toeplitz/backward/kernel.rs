@@ -1,7 +1,7 @@
 //! [`BackwardKernel`]: one call's plan applied to each head (the two FFT passes, the
 //! correlations for dw/dbias, the per-head certificate).
 
-use super::plan::threads;
+use super::plan::{backward_pair_chunk, threads};
 use super::spectra::{
     backward_factor_stats, check_backward_factor, BackwardSpectra, CorrelationAccumulator, Minus,
 };
@@ -15,9 +15,10 @@ use crate::fast::plans::BackwardPlan;
 use crate::fast::toeplitz::backward_certify::{
     data_terms, rounding_errors, KernelNorms, MonomialNorms, RoundingTerms,
 };
-use crate::fast::toeplitz::blocks::{spectrum_blocks, try_filled, BLOCK, ZERO_BLOCK};
+use crate::fast::toeplitz::blocks::{spectrum_blocks, try_filled, Block, BLOCK, ZERO_BLOCK};
 use crate::fast::toeplitz::certify::BetaNorms;
 use crate::fast::toeplitz::expansion::Expansion;
+use crate::fast::toeplitz::forward::{kernel_workers, KernelWorker};
 use crate::poly::U;
 use crate::toeplitz::C64;
 use ndarray::{Array1, Array2, ArrayView2};
@@ -31,6 +32,16 @@ use std::sync::Arc;
 pub struct BackwardKernel {
     pub(super) plan: BackwardPlan,
     pub(super) s: Arc<BackwardSpectra>,
+    /// Pairs per chunk when the plan streams the kernel spectra.
+    pub(super) chunk: Option<usize>,
+}
+
+/// One `apply`'s buffers for streamed spectra: a chunk of kernel spectra and the workers that
+/// build it.
+pub(super) struct StreamBufs {
+    pub(super) chunk: usize,
+    pub(super) blocks: Vec<Block>,
+    pub(super) workers: Vec<KernelWorker>,
 }
 
 impl BackwardKernel {
@@ -48,7 +59,12 @@ impl BackwardKernel {
         // The cheap checks first, so a mismatched factor is refused before any FFT.
         let (stats, fstats) = backward_factor_stats(nq, nk, support, seqs, factor, scale)?;
         check_backward_factor(plan, &stats, &fstats)?;
-        let s = BackwardSpectra::build(
+        let make = if backward_pair_chunk(plan, support.len()).is_some() {
+            BackwardSpectra::build_streamed
+        } else {
+            BackwardSpectra::build
+        };
+        let s = make(
             &plan.poly.coeffs,
             (nq, nk, d),
             plan.want.dw,
@@ -62,7 +78,8 @@ impl BackwardKernel {
     }
 
     /// Pairs `plan` with spectra built for its polynomial, shape and dw-ness (e.g. from the
-    /// cache); refuses others, or a mask/bias factor outside the plan's bounds.
+    /// cache); refuses others, spectra held where the plan streams them (or the reverse), or a
+    /// mask/bias factor outside the plan's bounds.
     pub fn with_spectra(plan: &BackwardPlan, s: Arc<BackwardSpectra>) -> Result<Self> {
         let FastShape { nq, nk, d, .. } = plan.shape;
         let same_poly = s.coeffs.len() == plan.poly.coeffs.len()
@@ -77,10 +94,25 @@ impl BackwardKernel {
                     .into(),
             ));
         }
+        let chunk = backward_pair_chunk(plan, s.support.len());
+        if chunk.is_some() != s.streamed() {
+            return Err(Error::Value(format!(
+                "fast backward kernel: spectra {}, but the plan has them {}; build them with \
+                 BackwardSpectra::{}",
+                if s.streamed() { "streamed" } else { "held" },
+                if chunk.is_some() { "streamed" } else { "held" },
+                if chunk.is_some() {
+                    "build_streamed"
+                } else {
+                    "build"
+                }
+            )));
+        }
         check_backward_factor(plan, &s.stats, &s.fstats)?;
         Ok(BackwardKernel {
             plan: plan.clone(),
             s,
+            chunk,
         })
     }
 
@@ -329,8 +361,23 @@ impl BackwardKernel {
         let (na, nb) = (e.alphas.len(), e.betas.len());
         let mut na_buf = try_filled(h.saturating_mul(na).saturating_mul(tile), zero, "spectra")?;
         let mut nb_buf = try_filled(h.saturating_mul(nb).saturating_mul(tile), zero, "spectra")?;
+        let mut stream = match self.chunk {
+            Some(chunk) => {
+                let nblk = spectrum_blocks(self.s.toeplitz.fft_len());
+                Some(StreamBufs {
+                    chunk,
+                    blocks: try_filled(
+                        nblk.saturating_mul(chunk),
+                        ZERO_BLOCK,
+                        "a chunk of kernel spectra",
+                    )?,
+                    workers: kernel_workers(&self.s.toeplitz, true)?,
+                })
+            }
+            None => None,
+        };
         // Pass 1: numerators (cols x nq) and the dq products Y (cols x d x nq).
-        let (numer, y) = self.pass1(qa, kb, &bt, &mut nb_buf, &mut na_buf)?;
+        let (numer, y) = self.pass1(qa, kb, &bt, &mut nb_buf, &mut na_buf, stream.as_mut())?;
         let mut out = Array2::<f64>::zeros((nq, dv));
         let mut lse = Array1::<f64>::from_elem(nq, f64::NEG_INFINITY);
         let mut at = vec![0.0; cols * nq];
@@ -365,7 +412,16 @@ impl BackwardKernel {
         }
         drop(y);
         // Pass 2: dV (dv x nk), the dk products E (cols x d x nk), the correlations.
-        let (dvt, et) = self.pass2(qa, kb, &at, &bt, corr, &mut na_buf, &mut nb_buf)?;
+        let (dvt, et) = self.pass2(
+            qa,
+            kb,
+            &at,
+            &bt,
+            corr,
+            &mut na_buf,
+            &mut nb_buf,
+            stream.as_mut(),
+        )?;
         let mut dk = Array2::<f64>::zeros((nk, d));
         let mut dvv = Array2::<f64>::zeros((nk, dv));
         for j in 0..nk {

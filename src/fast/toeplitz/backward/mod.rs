@@ -55,7 +55,9 @@ mod spectra;
 mod stage;
 
 pub use self::kernel::BackwardKernel;
-pub use self::plan::backward_plan;
+#[cfg(test)]
+pub(crate) use self::plan::force_streaming;
+pub use self::plan::{backward_pair_chunk, backward_plan};
 pub use self::spectra::{BackwardSpectra, CorrelationAccumulator};
 
 /// What the fast backward did and what it guarantees (per head).

@@ -2,9 +2,9 @@
 //! pass 1, the forward over the columns of `[V, 1]` with the dq contractions, and pass 2, the
 //! transposed products for dk and dv (and the correlation spectra for dw/dbias).
 
-use super::kernel::BackwardKernel;
+use super::kernel::{BackwardKernel, StreamBufs};
 use super::plan::threads;
-use super::spectra::CorrelationAccumulator;
+use super::spectra::{kernel_pass, CorrelationAccumulator};
 use super::stage::{split_by_groups, stage_t_dispatch, StageT};
 use crate::error::{Error, Result};
 use crate::fast::common::FastShape;
@@ -13,8 +13,36 @@ use crate::fast::toeplitz::blocks::{
 };
 use crate::toeplitz::C64;
 use rayon::prelude::*;
+use std::ops::Range;
 
 impl BackwardKernel {
+    /// The kernel spectra of `pairs` for a block stage: the held ones (all pairs), or — with
+    /// `stream` — rebuilt into its chunk buffer.
+    fn chunk_spectra<'a>(
+        &'a self,
+        pairs: Range<usize>,
+        stream: Option<&'a mut StreamBufs>,
+        nblk: usize,
+    ) -> Result<&'a [Block]> {
+        let Some(sb) = stream else {
+            return Ok(&self.s.spectra);
+        };
+        let StreamBufs {
+            blocks, workers, ..
+        } = sb;
+        let blocks = &mut blocks[..nblk * pairs.len()];
+        let src = (self.s.seqs.as_slice(), self.s.factor.as_slice());
+        kernel_pass(
+            &self.s.terms,
+            &self.s.toeplitz,
+            src,
+            pairs,
+            Some(blocks),
+            workers,
+        )?;
+        Ok(blocks)
+    }
+
     /// Frequency-block groups for the block stages: a few per thread for load balance.
     pub(super) fn block_groups(&self) -> (usize, usize) {
         let nblk = spectrum_blocks(self.s.toeplitz.fft_len());
@@ -29,10 +57,11 @@ impl BackwardKernel {
         bt: &[f64],
         xs: &mut [C64],
         acc: &mut [C64],
+        mut stream: Option<&mut StreamBufs>,
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let FastShape { nq, nk, d, dv } = self.plan.shape;
         let e = &self.s.expansion;
-        let (na, nb) = (e.alphas.len(), e.betas.len());
+        let (na, nb, np) = (e.alphas.len(), e.betas.len(), e.pairs.len());
         let tp = &self.s.toeplitz;
         let h = tp.spectrum_len();
         let cols = dv + 1;
@@ -59,21 +88,28 @@ impl BackwardKernel {
                         tp.forward(prod, spec, ws)
                     },
                 )?;
-            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c (the forward's block stage).
-            let st = Stage2 {
-                e,
-                spectra: &self.s.spectra,
-                xs,
-                h,
-                tile,
-                cb,
-            };
-            let parts = split_by_groups(&mut acc[..cb * na * h], h, groups, nblk);
-            parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
-                let mut xl = vec![ZERO_BLOCK; nb * tile];
-                let mut al = vec![ZERO_BLOCK; na * tile];
-                stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
-            });
+            // (2) Â_α,c = Σ_β Ĉ_αβ X̂_β,c (the forward's block stage), for all pairs at once or
+            // chunk by chunk.
+            let step = stream.as_ref().map_or(np, |sb| sb.chunk).max(1);
+            for p0 in (0..np.max(1)).step_by(step) {
+                let pairs = p0..(p0 + step).min(np);
+                let spectra = self.chunk_spectra(pairs.clone(), stream.as_deref_mut(), nblk)?;
+                let st = Stage2 {
+                    e,
+                    spectra,
+                    pairs,
+                    xs,
+                    h,
+                    tile,
+                    cb,
+                };
+                let parts = split_by_groups(&mut acc[..cb * na * h], h, groups, nblk);
+                parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
+                    let mut xl = vec![ZERO_BLOCK; nb * tile];
+                    let mut al = vec![ZERO_BLOCK; na * tile];
+                    stage2_dispatch(&st, group(g), &mut out, &mut xl, &mut al);
+                });
+            }
             // (3) N_c += q^α z_α,c, Y_c,l += α_l q^{α-e_l} z_α,c, α in order.
             numer[c0 * nq..(c0 + cb) * nq]
                 .par_chunks_mut(nq)
@@ -116,6 +152,7 @@ impl BackwardKernel {
         mut corr: Option<&mut CorrelationAccumulator>,
         qs: &mut [C64],
         acc: &mut [C64],
+        mut stream: Option<&mut StreamBufs>,
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         let FastShape { nq, nk, d, dv } = self.plan.shape;
         let e = &self.s.expansion;
@@ -139,6 +176,12 @@ impl BackwardKernel {
         let mut et = try_filled(cols * d * nk, 0.0, "dk products")?;
         let (groups, nblk) = self.block_groups();
         let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+        let beta_first: Vec<usize> = self
+            .s
+            .by_beta
+            .iter()
+            .map(|ps| ps.first().copied().unwrap_or(np))
+            .collect();
         for c0 in (0..cols).step_by(tile) {
             let cb = tile.min(cols - c0);
             // (1) Q̂_α,c = conj(FFT(q^α ∘ a_c)); with correlations also X̂_β,c = FFT(k^β ∘ b_c).
@@ -176,45 +219,53 @@ impl BackwardKernel {
                         },
                     )?;
             }
-            // (2) Ŵ_β,c = Σ_α Ĉ_αβ Q̂_α,c, and Ĥ_p += Σ_c Q̂_α,c X̂_β,c, by frequency blocks.
-            let st = StageT {
-                e,
-                spectra: &self.s.spectra,
-                qs,
-                ks: if hacc { Some(&ks) } else { None },
-                h,
-                tile,
-                cb,
-            };
-            let parts = split_by_groups(&mut acc[..cb * nb * h], h, groups, nblk);
-            let hparts: Vec<Option<&mut [Block]>> = match corr.as_deref_mut() {
-                Some(c) => {
-                    let mut rest: &mut [Block] = &mut c.blocks;
-                    let mut v = Vec::with_capacity(groups);
-                    for g in 0..groups {
-                        let r = group(g);
-                        let (mine, others) = rest.split_at_mut((r.end - r.start) * np);
-                        v.push(Some(mine));
-                        rest = others;
+            // (2) Ŵ_β,c = Σ_α Ĉ_αβ Q̂_α,c, and Ĥ_p += Σ_c Q̂_α,c X̂_β,c, by frequency blocks, for
+            // all pairs at once or chunk by chunk.
+            let step = stream.as_ref().map_or(np, |sb| sb.chunk).max(1);
+            for p0 in (0..np.max(1)).step_by(step) {
+                let pairs = p0..(p0 + step).min(np);
+                let spectra = self.chunk_spectra(pairs.clone(), stream.as_deref_mut(), nblk)?;
+                let st = StageT {
+                    e,
+                    spectra,
+                    pairs,
+                    beta_first: &beta_first,
+                    qs,
+                    ks: if hacc { Some(&ks) } else { None },
+                    h,
+                    tile,
+                    cb,
+                };
+                let parts = split_by_groups(&mut acc[..cb * nb * h], h, groups, nblk);
+                let hparts: Vec<Option<&mut [Block]>> = match corr.as_deref_mut() {
+                    Some(c) => {
+                        let mut rest: &mut [Block] = &mut c.blocks;
+                        let mut v = Vec::with_capacity(groups);
+                        for g in 0..groups {
+                            let r = group(g);
+                            let (mine, others) = rest.split_at_mut((r.end - r.start) * np);
+                            v.push(Some(mine));
+                            rest = others;
+                        }
+                        v
                     }
-                    v
-                }
-                None => (0..groups).map(|_| None).collect(),
-            };
-            parts
-                .into_par_iter()
-                .zip(hparts)
-                .enumerate()
-                .for_each(|(g, (mut out, hout))| {
-                    let mut xl = vec![ZERO_BLOCK; na * tile];
-                    let mut kl = if hacc {
-                        vec![ZERO_BLOCK; nb * tile]
-                    } else {
-                        Vec::new()
-                    };
-                    let mut al = vec![ZERO_BLOCK; nb * tile];
-                    stage_t_dispatch(&st, group(g), &mut out, hout, &mut xl, &mut kl, &mut al);
-                });
+                    None => (0..groups).map(|_| None).collect(),
+                };
+                parts
+                    .into_par_iter()
+                    .zip(hparts)
+                    .enumerate()
+                    .for_each(|(g, (mut out, hout))| {
+                        let mut xl = vec![ZERO_BLOCK; na * tile];
+                        let mut kl = if hacc {
+                            vec![ZERO_BLOCK; nb * tile]
+                        } else {
+                            Vec::new()
+                        };
+                        let mut al = vec![ZERO_BLOCK; nb * tile];
+                        stage_t_dispatch(&st, group(g), &mut out, hout, &mut xl, &mut kl, &mut al);
+                    });
+            }
             // (3) w_β,c = IFFT(Ŵ_β,c) read backwards; dV_c += k^β w, E_c,l += β_l k^{β-e_l} w.
             let mut dv_parts: Vec<&mut [f64]> = dvt.chunks_mut(nk).collect();
             dv_parts.push(&mut []); // the ones column has no dV

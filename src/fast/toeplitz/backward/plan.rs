@@ -2,13 +2,15 @@
 //! working set (see the parent module for the products and `fast::grad_bounds`, `toeplitz::backward_certify` for the bounds).
 
 use crate::error::{Error, Result};
-use crate::fast::common::{fft_flops, fft_relative_error, ExpansionCounts, FastLimits, FastShape};
+use crate::fast::common::{
+    fft_flops, fft_relative_error, spectrum_bytes, ExpansionCounts, FastLimits, FastShape,
+};
 use crate::fast::grad::{Grad5, Want, GRAD_NAMES};
 use crate::fast::grad_bounds::{approximation_errors, derivative_coeffs, derivative_rho};
 use crate::fast::plans::{BackwardPlan, BackwardRequest};
 use crate::fast::toeplitz::backward_certify::{apriori_terms, rounding_errors};
 use crate::fast::toeplitz::blocks::{spectrum_blocks, BLOCK};
-use crate::fast::toeplitz::certify::snap_radius;
+use crate::fast::toeplitz::certify::{snap_radius, stream_layout, worker_bytes, StreamCost};
 use crate::fast::toeplitz::expansion::{term_count, Expansion};
 use crate::poly::{search_degree, Family, Pick, PolyKind, Polynomial, Verdict};
 use crate::toeplitz::fft_len;
@@ -50,7 +52,96 @@ pub(super) fn memory(
     (shared, kernel, fixed, per_col)
 }
 
-/// The plan for a given polynomial (no `eps` test): counts, cost, memory, certificate.
+/// The layout a streamed backward is chosen from ([`stream_layout`]): the held layout's
+/// shared buffers without the kernel spectra, the per-head buffers and one kernel worker per
+/// thread are fixed; every column tile of each pass rebuilds every kernel spectrum, and every
+/// chunk passes over the tile's accumulators and input spectra, in both passes.
+fn stream_cost(
+    shape: &FastShape,
+    ns: usize,
+    c: &ExpansionCounts,
+    n: usize,
+    want: Want,
+    degree: usize,
+) -> StreamCost {
+    let (shared, kernel, fixed, per_col) = memory(shape, ns, c, n, want);
+    let glen = shape.nq + shape.nk - 1;
+    let rebuild =
+        c.n_pairs as f64 * fft_flops(n) + c.terms as f64 * glen as f64 * (degree + 2) as f64;
+    StreamCost {
+        fixed: (shared - kernel)
+            .saturating_add(fixed)
+            .saturating_add(threads().saturating_mul(worker_bytes(n, glen))),
+        per_col,
+        per_pair: spectrum_bytes(n),
+        n_pairs: c.n_pairs,
+        cols: shape.dv + 1,
+        recompute: 2.0 * rebuild,
+        pass: 8.0 * (c.n_alpha + c.n_beta) as f64 * (n / 2 + 1) as f64,
+    }
+}
+
+/// The pair chunk of a streamed backward plan (None when its kernel spectra are held): the
+/// most pairs whose spectra fit the plan's working set beside its column tile, which is the
+/// chunk [`plan_for`] chose. `ns` is the support's size.
+pub fn backward_pair_chunk(plan: &BackwardPlan, ns: usize) -> Option<usize> {
+    if plan.lowrank.is_some() || plan.counts.n_pairs < 2 {
+        return None;
+    }
+    let (shared, _, fixed, per_col) =
+        memory(&plan.shape, ns, &plan.counts, plan.fft_len, plan.want);
+    let tile = plan.column_tile.max(1);
+    let held = shared
+        .saturating_add(fixed)
+        .saturating_add(per_col.saturating_mul(tile));
+    if plan.working_bytes >= held {
+        return None;
+    }
+    let c = stream_cost(
+        &plan.shape,
+        ns,
+        &plan.counts,
+        plan.fft_len,
+        plan.want,
+        plan.poly.degree,
+    );
+    let spare = plan
+        .working_bytes
+        .saturating_sub(c.fixed)
+        .saturating_sub(per_col.saturating_mul(tile));
+    Some((spare / c.per_pair.max(1)).clamp(1, c.n_pairs - 1))
+}
+
+/// `plan` with its kernel spectra streamed `chunk` pairs at a time over tiles of `tile` columns
+/// (the layout a tight memory limit gives, forced; tests only).
+#[cfg(test)]
+pub(crate) fn force_streaming(
+    plan: &BackwardPlan,
+    ns: usize,
+    chunk: usize,
+    tile: usize,
+) -> BackwardPlan {
+    let (shared, kernel, _, per_col) =
+        memory(&plan.shape, ns, &plan.counts, plan.fft_len, plan.want);
+    let c = stream_cost(
+        &plan.shape,
+        ns,
+        &plan.counts,
+        plan.fft_len,
+        plan.want,
+        plan.poly.degree,
+    );
+    let mut p = plan.clone();
+    p.column_tile = tile;
+    p.kernel_bytes = shared - kernel;
+    p.working_bytes = c.fixed + per_col * tile + c.per_pair * chunk;
+    assert_eq!(backward_pair_chunk(&p, ns), Some(chunk));
+    p
+}
+
+/// The plan for a given polynomial (no `eps` test): counts, cost, memory, certificate. The
+/// kernel spectra are held when they fit with one column, streamed otherwise
+/// ([`backward_pair_chunk`]).
 pub(super) fn plan_for(
     req: &BackwardRequest,
     poly: &Polynomial,
@@ -96,9 +187,10 @@ pub(super) fn plan_for(
         }
         None => 0,
     };
-    let working_bytes = shared
+    let mut working_bytes = shared
         .saturating_add(fixed)
         .saturating_add(per_col.saturating_mul(column_tile.max(1)));
+    let (mut column_tile, mut shared) = (column_tile, shared);
 
     let g = poly.degree as f64;
     let fft = fft_flops(n);
@@ -133,6 +225,27 @@ pub(super) fn plan_for(
         + (na * nqf + nb * nkf) * g.max(1.0);
     if hacc {
         head_flops += nb * cf * fft + np * cf * h * 8.0;
+    }
+    if column_tile == 0 {
+        // Streamed: the spectra's FFTs move from the shared work to every tile of every head.
+        let cost = stream_cost(&shape, ns, &counts, n, want, poly.degree);
+        shared -= kernel_bytes;
+        kernel_flops -= np * fft;
+        match stream_layout(limits.max_working_bytes, &cost) {
+            Some(l) => {
+                column_tile = l.tile;
+                working_bytes = l.bytes;
+                head_flops += l.flops;
+            }
+            // Refused: report the least working set, one column and one pair.
+            None => {
+                working_bytes = working_bytes.min(
+                    cost.fixed
+                        .saturating_add(per_col)
+                        .saturating_add(cost.per_pair),
+                )
+            }
+        }
     }
 
     let (approx, mag) = approximation_errors(poly.rho, rho_d, &req.grad, &req.psums);
@@ -198,18 +311,19 @@ pub(super) fn plan_for(
 
 pub(super) fn memory_refusal(plan: &BackwardPlan, limits: &FastLimits) -> Error {
     Error::Approximation(format!(
-        "fast backward: degree {} needs at least {:.3} GB ({} kernel spectra of {} frequencies{}, plus \
-         {} spectra per column) but max_working_bytes is {:.3} GB",
+        "fast backward: degree {} needs at least {:.3} GB ({} spectra of {} frequencies per column, \
+         plus the {} kernel spectra streamed one at a time{}) but the memory limit (memory_limit \
+         per thread) allows {:.3} GB; raise memory_limit or use the exact method",
         plan.poly.degree,
         plan.working_bytes as f64 / 1e9,
-        plan.counts.n_pairs,
+        plan.counts.n_alpha + plan.counts.n_beta,
         plan.fft_len / 2 + 1,
+        plan.counts.n_pairs,
         if plan.want.dw || plan.want.db {
-            " and as many correlation spectra"
+            ", and as many correlation spectra for dw/dbias, held whole"
         } else {
             ""
         },
-        plan.counts.n_alpha + plan.counts.n_beta,
         limits.max_working_bytes as f64 / 1e9
     ))
 }

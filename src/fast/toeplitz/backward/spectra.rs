@@ -1,7 +1,6 @@
 //! The fast backward's kernel spectra and term tables (cacheable: they depend on the inputs
 //! listed on [`BackwardSpectra`], not on a plan's bounds).
 
-use super::plan::threads;
 use crate::error::{Error, Result};
 use crate::fast::bounds::{max_abs, row_masses, FastBounds};
 use crate::fast::grad_bounds::{derivative_coeffs, FactorStats};
@@ -9,11 +8,13 @@ use crate::fast::plans::BackwardPlan;
 use crate::fast::toeplitz::blocks::{scatter, spectrum_blocks, try_filled, Block, ZERO_BLOCK};
 use crate::fast::toeplitz::certify::PairNorms;
 use crate::fast::toeplitz::expansion::Expansion;
+use crate::fast::toeplitz::forward::{kernel_workers, KernelWorker};
 use crate::poly::{WNorms, U};
-use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, C64};
+use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner};
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// The correlation spectra `Σ_heads Σ_c conj(FFT(q^α a_c)) ⊙ FFT(k^β b_c)` of every pair,
 /// `[block][pair]` like the kernel spectra; after [`BackwardKernel::finish`](super::BackwardKernel::finish) inverts them, each
@@ -39,7 +40,9 @@ pub struct BackwardSpectra {
     pub(super) dexp: Option<Expansion>,
     pub(super) terms: TermTable,
     pub(super) dterms: Option<TermTable>,
+    /// `[block][pair]`; empty when streamed.
     pub(super) spectra: Vec<Block>,
+    pub(super) streamed: bool,
     pub(super) norms: Vec<PairNorms>,
     pub(super) pair_inf: Vec<f64>,
     pub(super) by_alpha: Vec<Vec<usize>>,
@@ -205,11 +208,103 @@ impl TermTable {
     }
 }
 
+/// The kernels of the pairs `pairs` ([`TermTable::kernel`]) with their norms and largest
+/// entries, as many pairs at a time as there are `workers`, in parallel; with `out`, also their
+/// spectra, written `[block][pair - pairs.start]` (stride `pairs.len()`). Each pair's work is
+/// the same whatever the thread count and the chunking, so the results are bitwise the same.
+pub(super) fn kernel_pass(
+    terms: &TermTable,
+    tp: &ToeplitzPlan,
+    (seqs, factor): (&[f64], &[f64]),
+    pairs: Range<usize>,
+    mut out: Option<&mut [Block]>,
+    workers: &mut [KernelWorker],
+) -> Result<Vec<(PairNorms, f64)>> {
+    let glen = factor.len();
+    let up = 1.0 + (glen + 2) as f64 * U;
+    let stride = pairs.len();
+    let batch = workers.len().max(1);
+    let spectra = out.is_some();
+    let mut res = Vec::with_capacity(stride);
+    for p0 in pairs.clone().step_by(batch) {
+        let p1 = (p0 + batch).min(pairs.end);
+        let part: Vec<Result<(PairNorms, f64)>> = workers[..p1 - p0]
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, w)| {
+                let (kern, tmp) = (&mut w.kern, &mut w.tmp);
+                let mass = terms.kernel(p0 + i, seqs, glen, 0, factor, kern, tmp);
+                let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
+                let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let inf = max_abs(kern.iter());
+                if spectra {
+                    tp.kernel_spectrum(kern, &mut w.spec, &mut w.ws)?;
+                }
+                Ok(([l1 * up, l2 * up, mass * up], inf * up))
+            })
+            .collect();
+        for r in part {
+            res.push(r?);
+        }
+        if let Some(blocks) = out.as_deref_mut() {
+            for (i, w) in workers[..p1 - p0].iter().enumerate() {
+                scatter(
+                    std::slice::from_ref(&w.spec),
+                    &mut blocks[p0 - pairs.start + i..],
+                    stride,
+                );
+            }
+        }
+    }
+    Ok(res)
+}
+
 impl BackwardSpectra {
     /// Expands the polynomial `coeffs` (and, with `with_dw`, its derivative) over `support` and
     /// computes the kernel spectra for `nq x nk` heads of dimension `d`.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
+        coeffs: &[f64],
+        shape: (usize, usize, usize),
+        with_dw: bool,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        max_terms: usize,
+    ) -> Result<Self> {
+        Self::build_as(
+            coeffs, shape, with_dw, support, seqs, factor, scale, max_terms, false,
+        )
+    }
+
+    /// [`BackwardSpectra::build`] for a streamed plan
+    /// ([`backward_pair_chunk`](super::backward_pair_chunk)): everything but the kernel
+    /// spectra (the kernels are built once for their norms, without their FFTs); every head
+    /// rebuilds the spectra chunk by chunk from the sequences and the factor held here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_streamed(
+        coeffs: &[f64],
+        shape: (usize, usize, usize),
+        with_dw: bool,
+        support: &[(usize, usize)],
+        seqs: ArrayView2<f64>,
+        factor: &[f64],
+        scale: f64,
+        max_terms: usize,
+    ) -> Result<Self> {
+        Self::build_as(
+            coeffs, shape, with_dw, support, seqs, factor, scale, max_terms, true,
+        )
+    }
+
+    /// True when the kernel spectra are not held but rebuilt chunk by chunk for every use.
+    pub fn streamed(&self) -> bool {
+        self.streamed
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_as(
         coeffs: &[f64],
         (nq, nk, d): (usize, usize, usize),
         with_dw: bool,
@@ -218,6 +313,7 @@ impl BackwardSpectra {
         factor: &[f64],
         scale: f64,
         max_terms: usize,
+        streamed: bool,
     ) -> Result<Self> {
         let (stats, fstats) = backward_factor_stats(nq, nk, support, seqs, factor, scale)?;
         let glen = nq + nk - 1;
@@ -228,37 +324,26 @@ impl BackwardSpectra {
         let toeplitz = ToeplitzPlanner::new().plan(nq, nk)?;
         let (nblk, np) = (spectrum_blocks(toeplitz.fft_len()), expansion.pairs.len());
         let seqs_c: Vec<f64> = seqs.iter().copied().collect();
-        let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
         let up = 1.0 + (glen + 2) as f64 * U;
-        // Kernels and their spectra, in parallel over pairs (fixed per-pair work, so the result
-        // does not depend on the thread count); scattered into blocks in batches.
-        let mut norms = Vec::with_capacity(np);
-        let mut pair_inf = Vec::with_capacity(np);
-        let batch = 4 * threads().max(1);
-        for p0 in (0..np).step_by(batch) {
-            let p1 = (p0 + batch).min(np);
-            let part: Vec<Result<(Vec<C64>, PairNorms, f64)>> = (p0..p1)
-                .into_par_iter()
-                .map_init(
-                    || (toeplitz.make_scratch(), vec![0.0; glen], vec![0.0; glen]),
-                    |(ws, kern, tmp), p| {
-                        let mass = terms.kernel(p, &seqs_c, glen, 0, factor, kern, tmp);
-                        let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
-                        let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
-                        let inf = max_abs(kern.iter());
-                        let mut spec = vec![C64::new(0.0, 0.0); toeplitz.spectrum_len()];
-                        toeplitz.kernel_spectrum(kern, &mut spec, ws)?;
-                        Ok((spec, [l1 * up, l2 * up, mass * up], inf * up))
-                    },
-                )
-                .collect();
-            for (i, r) in part.into_iter().enumerate() {
-                let (spec, nrm, inf) = r?;
-                scatter(std::slice::from_ref(&spec), &mut spectra[p0 + i..], np);
-                norms.push(nrm);
-                pair_inf.push(inf);
-            }
-        }
+        let mut workers = kernel_workers(&toeplitz, !streamed)?;
+        let src = (seqs_c.as_slice(), factor);
+        let (spectra, part) = if streamed {
+            let part = kernel_pass(&terms, &toeplitz, src, 0..np, None, &mut workers)?;
+            (Vec::new(), part)
+        } else {
+            let mut spectra = try_filled(nblk.saturating_mul(np), ZERO_BLOCK, "kernel spectra")?;
+            let part = kernel_pass(
+                &terms,
+                &toeplitz,
+                src,
+                0..np,
+                Some(&mut spectra),
+                &mut workers,
+            )?;
+            (spectra, part)
+        };
+        drop(workers);
+        let (norms, pair_inf): (Vec<PairNorms>, Vec<f64>) = part.into_iter().unzip();
         let (na, nb) = (expansion.alphas.len(), expansion.betas.len());
         let mut by_alpha = vec![Vec::new(); na];
         let mut by_beta = vec![Vec::new(); nb];
@@ -334,6 +419,7 @@ impl BackwardSpectra {
             terms,
             dterms,
             spectra,
+            streamed,
             norms,
             pair_inf,
             by_alpha,

@@ -39,7 +39,13 @@ pub(super) fn mac(acc: &mut Block, s: &Block, x: &Block) {
 /// What the transposed block stage reads for one column tile.
 pub(super) struct StageT<'a> {
     pub(super) e: &'a Expansion,
+    /// Kernel spectra of the pairs `pairs`, `[block][pair - pairs.start]`.
     pub(super) spectra: &'a [Block],
+    /// The pairs whose spectra `spectra` holds: all, or one chunk when streamed.
+    pub(super) pairs: Range<usize>,
+    /// Per `β`, its first pair (`n_pairs` for none): a `β` begun in an earlier chunk continues
+    /// from its sum in `out`.
+    pub(super) beta_first: &'a [usize],
     /// `conj(FFT(q^α ∘ a_c))`: spectrum `c * n_α + α`.
     pub(super) qs: &'a [C64],
     /// `FFT(k^β ∘ b_c)`: spectrum `c * n_β + β` (correlations only).
@@ -60,7 +66,10 @@ pub(super) fn load(src: &[C64], blk: &mut Block) {
 /// For frequency blocks `blocks`: `Ŵ_β,c = Σ_{pairs (α,β)} Ĉ_αβ ⊙ Q̂_α,c` into
 /// `out[c * n_β + β]`, and with correlations `Ĥ_p += Σ_c Q̂_α,c ⊙ X̂_β,c` into
 /// `hout[(b - blocks.start) * n_pairs + p]`. Pairs are visited in their (α-sorted) order and
-/// scattered to their β accumulator, so the kernel spectra stream in order.
+/// scattered to their β accumulator, so the kernel spectra stream in order. Only the pairs of
+/// `st.pairs` are applied, and a `β` begun in an earlier chunk continues from `out`: chunks
+/// applied in order perform the additions of all pairs at once, in the same order (bitwise the
+/// same results).
 #[inline(always)]
 pub(super) fn stage_t_blocks(
     st: &StageT,
@@ -90,11 +99,23 @@ pub(super) fn stage_t_blocks(
                 }
             }
         }
+        let chunk = st.pairs.clone();
         al.iter_mut().for_each(|x| *x = ZERO_BLOCK);
-        let spec = &st.spectra[b * np..(b + 1) * np];
-        for (p, pr) in e.pairs.iter().enumerate() {
+        for beta in (0..nb).filter(|&beta| st.beta_first[beta] < chunk.start) {
+            for c in 0..cb {
+                let src = &out[c * nb + beta][(b - first) * BLOCK..(b - first) * BLOCK + hi - lo];
+                load(src, &mut al[beta * tile + c]);
+            }
+        }
+        let npc = chunk.len();
+        let spec = &st.spectra[b * npc..(b + 1) * npc];
+        for (p, pr) in e.pairs[chunk.clone()]
+            .iter()
+            .enumerate()
+            .map(|(i, pr)| (chunk.start + i, pr))
+        {
             let (alpha, beta) = (pr.alpha, pr.beta);
-            let s = &spec[p];
+            let s = &spec[p - chunk.start];
             let xs = &xl[alpha * tile..alpha * tile + cb];
             for (a, x) in al[beta * tile..beta * tile + cb].iter_mut().zip(xs) {
                 mac(a, s, x);
