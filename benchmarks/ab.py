@@ -6,6 +6,7 @@ alike. A case's time is the best of ``--repeat`` calls inside the process after 
 Prints per case the best time of each build over the rounds and the ratio B / A.
 
     python benchmarks/ab.py --a /path/to/old/python --b python --rounds 3
+    python benchmarks/ab.py --a /path/to/old/python --b python --cases lowrank --rounds 2
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ CASES = {
     "fast backward lowrank n=2^14 d=2": dict(
         n=1 << 14, d=2, dv=64, w="rotary", eps=1e-3, backward=True
     ),
+}
+
+# The low-rank forward's sweep (RESULTS §13): Rotary, d_v = 64, eps = 1e-3, every point of the
+# issue's grid; the slowest points (d = 8 at 2^20) are left to bench_lowrank_phases.py.
+LOWRANK = {
+    f"fast lowrank d={d} n=2^{e} {'causal' if causal else 'none'}": dict(
+        n=1 << e, d=d, dv=64, w="rotary", eps=1e-3, causal=causal
+    )
+    for d in (2, 4, 8)
+    for e in (16, 18, 20)
+    for causal in (False, True)
+    if not (d == 8 and e == 20)
 }
 
 CHILD = r"""
@@ -76,11 +89,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument(
+        "--cases",
+        choices=["default", "lowrank"],
+        default="default",
+        help="the six fixed calls, or the low-rank forward's sweep (d = 2/4/8, n = 2^16..2^20)",
+    )
     args = ap.parse_args()
-    best = {name: {"a": float("inf"), "b": float("inf")} for name in CASES}
+    cases = CASES if args.cases == "default" else LOWRANK
+    best = {name: {"a": float("inf"), "b": float("inf")} for name in cases}
     for r in range(args.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")
-        for name, case in CASES.items():
+        for name, case in cases.items():
             for which in order:
                 t = run(getattr(args, which), case, args.repeat)
                 best[name][which] = min(best[name][which], t)
