@@ -85,7 +85,8 @@ impl RotaryW {
 
     /// The [`WNorms`] of [`RotaryW::as_sparse`] over the diagonals `factor > 0` marks, without
     /// the table: each entry's maximum from `sin_cos` directly (the same values the table
-    /// holds), each block's norm `f²(1 + 4u)` (a rotation's, with the rounding of its entries).
+    /// holds; beyond [`EXACT_NORMS_UP_TO`] diagonals, `f²`, an upper bound), each block's norm
+    /// `f²(1 + 4u)` (a rotation's, with the rounding of its entries).
     pub fn norms(&self, prob: &Problem, factor: &[f64]) -> Result<WNorms> {
         let glen = prob.glen();
         if factor.len() != glen {
@@ -95,6 +96,18 @@ impl RotaryW {
             )));
         }
         let f2 = self.factor * self.factor;
+        if glen > EXACT_NORMS_UP_TO {
+            // Long tables: every entry is at most f² in size (|cos|, |sin| <= 1), the bound the
+            // maxima approach anyway once the visible δ cover a period of each angle.
+            let any = factor.iter().any(|&f| f > 0.0);
+            let (e, block) = if any {
+                (f2, f2 * (1.0 + 4.0 * U))
+            } else {
+                (0.0, 0.0)
+            };
+            let entry_max = vec![e; 4 * self.pairs.len()];
+            return WNorms::from_maxima(prob.d, &self.support(), entry_max, |_| block);
+        }
         let chunk = glen.div_ceil(4 * rayon::current_num_threads()).max(4096);
         let (maxima, any) = (0..glen.div_ceil(chunk))
             .into_par_iter()
@@ -146,6 +159,10 @@ impl RotaryW {
         (support, seqs)
     }
 }
+
+/// Diagonals up to which [`RotaryW::norms`] reads each entry's maximum exactly (a `sin_cos` per
+/// diagonal and pair); longer tables take the bound `f²`.
+pub const EXACT_NORMS_UP_TO: usize = 1 << 17;
 
 /// General position matrices: `values[w, δ + L - 1, s] = W_δ[l1_s, l2_s]` for `δ` in
 /// `[-(L-1), L-1]`; `index[b * hq + h]` says which table query head `h` of batch entry `b` uses.
@@ -396,6 +413,23 @@ mod tests {
                 // an upper bound within a few units of rounding
                 assert!(a.2 >= b.2 && a.2 <= b.2 * (1.0 + 8.0 * U) + f64::MIN_POSITIVE);
             }
+        }
+        // Past EXACT_NORMS_UP_TO diagonals: f² bounds every entry's maximum.
+        let (nq, nk) = (EXACT_NORMS_UP_TO / 2 + 10, EXACT_NORMS_UP_TO / 2);
+        let p = prob(nq, nk, 8, true, None);
+        let fac: Vec<f64> = LogFactor::<f64>::new(&p, None).seqs[0]
+            .iter()
+            .map(|x| x.exp())
+            .collect();
+        let (support, seqs) = rot.as_sparse(&p);
+        let table = WNorms::new(8, &support, seqs.view(), &fac).unwrap();
+        let long = rot.norms(&p, &fac).unwrap();
+        let f2 = rot.factor * rot.factor;
+        for (a, b) in long.entry_max.iter().zip(&table.entry_max) {
+            assert!(*a >= *b && *a == f2);
+        }
+        for (a, b) in long.blocks.iter().zip(&table.blocks) {
+            assert!(a.2 >= b.2 && a.2 <= b.2 * (1.0 + 8.0 * U));
         }
     }
 }

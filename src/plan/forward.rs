@@ -87,7 +87,7 @@ pub(crate) fn sequences<T: Real>(
 
 /// `exp(b(δ(g)))`, 0 where masked, for bias table `t`.
 pub(crate) fn factor<T: Real>(logf: &LogFactor<T>, t: usize) -> Vec<f64> {
-    logf.seqs[t].iter().map(|&x| x.f64().exp()).collect()
+    logf.seqs[t].par_iter().map(|&x| x.f64().exp()).collect()
 }
 
 /// Refuses a bias so negative that `e^{b(δ)}` underflows to 0 on every key some row sees (a
@@ -139,11 +139,21 @@ pub(crate) fn w_table<T>(pos: &Position<'_, T>, bh: usize) -> usize {
 /// the result does not depend on the chunking).
 pub(crate) fn abs_max<T: Real>(x: ndarray::ArrayView2<T>) -> f64 {
     let fold = |m: f64, v: &T| m.max(v.f64().abs());
+    // eight running maxima, so the loop vectorises
+    let lanes = |c: &[T]| {
+        let mut m = [0.0f64; 8];
+        let mut it = c.chunks_exact(8);
+        for v in it.by_ref() {
+            for (m, v) in m.iter_mut().zip(v) {
+                *m = m.max(v.f64().abs());
+            }
+        }
+        it.remainder()
+            .iter()
+            .fold(m.iter().fold(0.0f64, |a, &b| a.max(b)), fold)
+    };
     match x.as_slice() {
-        Some(xs) => xs
-            .par_chunks(1 << 15)
-            .map(|c| c.iter().fold(0.0f64, fold))
-            .reduce(|| 0.0, f64::max),
+        Some(xs) => xs.par_chunks(1 << 15).map(lanes).reduce(|| 0.0, f64::max),
         None => x.iter().fold(0.0f64, fold),
     }
 }

@@ -191,20 +191,7 @@ impl WNorms {
         k: ArrayView2<f64>,
         scale: f64,
     ) -> ScoreBound {
-        let col_max =
-            |x: &ArrayView2<f64>, l: usize| x.column(l).fold(0.0f64, |m, v| m.max(v.abs()));
-        let restricted_norm_max = |x: &ArrayView2<f64>, coords: &[usize]| {
-            x.rows().into_iter().fold(0.0f64, |m, row| {
-                m.max(coords.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt())
-            })
-        };
         let scale = scale.abs();
-        let r_abs: f64 = support
-            .iter()
-            .zip(&self.entry_max)
-            .map(|(&(a, b), &w)| col_max(&q, a) * w * col_max(&k, b))
-            .sum::<f64>()
-            * scale;
         let mut all_rows: Vec<usize> = self
             .blocks
             .iter()
@@ -217,15 +204,29 @@ impl WNorms {
             .collect();
         all_rows.sort_unstable();
         all_cols.sort_unstable();
+        // One pass over each of q and k: the column maxima and the largest norm of each row
+        // restricted to every block's coordinates (and to all of them).
+        let q_sets: Vec<&[usize]> = std::iter::once(all_rows.as_slice())
+            .chain(self.blocks.iter().map(|b| b.0.as_slice()))
+            .collect();
+        let k_sets: Vec<&[usize]> = std::iter::once(all_cols.as_slice())
+            .chain(self.blocks.iter().map(|b| b.1.as_slice()))
+            .collect();
+        let (q_col, q_norm) = row_maxima(q, &q_sets);
+        let (k_col, k_norm) = row_maxima(k, &k_sets);
+        let r_abs: f64 = support
+            .iter()
+            .zip(&self.entry_max)
+            .map(|(&(a, b), &w)| q_col[a] * w * k_col[b])
+            .sum::<f64>()
+            * scale;
         let wmax = self.blocks.iter().fold(0.0f64, |m, b| m.max(b.2));
-        let spectral =
-            scale * restricted_norm_max(&q, &all_rows) * wmax * restricted_norm_max(&k, &all_cols);
+        let spectral = scale * q_norm[0] * wmax * k_norm[0];
         let blocks: f64 = self
             .blocks
             .iter()
-            .map(|(rows, cols, w)| {
-                restricted_norm_max(&q, rows) * w * restricted_norm_max(&k, cols)
-            })
+            .enumerate()
+            .map(|(i, (_, _, w))| q_norm[i + 1] * w * k_norm[i + 1])
             .sum::<f64>()
             * scale;
         // The products and sums above round; a relative slack of 64u keeps R an upper bound.
@@ -238,6 +239,34 @@ impl WNorms {
             blocks,
         }
     }
+}
+
+/// `(max_i |x_il| per column l, max_i ||x_i[set]||_2 per set)`, by chunks of rows in parallel
+/// (maxima are exact, so the result does not depend on the chunking).
+fn row_maxima(x: ArrayView2<f64>, sets: &[&[usize]]) -> (Vec<f64>, Vec<f64>) {
+    let (n, d) = x.dim();
+    let chunk = 8192;
+    let merge = |(mut a, mut b): (Vec<f64>, Vec<f64>), (c, e): (Vec<f64>, Vec<f64>)| {
+        a.iter_mut().zip(c).for_each(|(a, c)| *a = a.max(c));
+        b.iter_mut().zip(e).for_each(|(b, e)| *b = b.max(e));
+        (a, b)
+    };
+    (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let (mut col, mut norm) = (vec![0.0f64; d], vec![0.0f64; sets.len()]);
+            for i in c * chunk..((c + 1) * chunk).min(n) {
+                let row = x.row(i);
+                for (m, v) in col.iter_mut().zip(row.iter()) {
+                    *m = m.max(v.abs());
+                }
+                for (m, set) in norm.iter_mut().zip(sets) {
+                    *m = m.max(set.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt());
+                }
+            }
+            (col, norm)
+        })
+        .reduce(|| (vec![0.0; d], vec![0.0; sets.len()]), merge)
 }
 
 /// Upper bound on the spectral norm of a row-major `m x n` block: exact for blocks up to 2x2.
