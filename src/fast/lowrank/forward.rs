@@ -42,6 +42,9 @@ pub(super) fn horner_in_place(c: &[f64], xs: &mut [f64], m: &mut Vec<f64>) {
     }
 }
 
+/// Some rows of a head's `out` and `lse`.
+type Rows<'a, T> = (ArrayViewMut2<'a, T>, ArrayViewMut1<'a, T>);
+
 /// Rows per sub-block of a causal block's partially visible keys: each sub-block multiplies only
 /// the keys its rows can see, so the masked half of the tile costs (almost) nothing.
 const DIAGONAL_ROWS: usize = 32;
@@ -378,7 +381,7 @@ pub fn lowrank_head_into<T: Real>(
         running_sums(&lr, &feats, poly, blk, x, y, v, out, lse, &sees, ctl)?;
     } else {
         // Each block's rows of `out` and `lse`, taken by the one job that sums that block.
-        let views: Vec<std::sync::Mutex<Option<(ArrayViewMut2<T>, ArrayViewMut1<T>)>>> = out
+        let views: Vec<std::sync::Mutex<Option<Rows<T>>>> = out
             .axis_chunks_iter_mut(Axis(0), blk)
             .zip(lse.axis_chunks_iter_mut(Axis(0), blk))
             .map(|v| std::sync::Mutex::new(Some(v)))
@@ -485,7 +488,7 @@ fn running_sums<T: Real>(
     let kbounds: Vec<usize> = qchunks.iter().map(|&(i0, _)| visible(i0)).collect();
     let pieces = range_sums(&consecutive(&kbounds), nk, blk, &zero, &key_state)?;
     let prefix = scan(pieces, &zero, false);
-    let chunk = |(c, (mut out, mut lse)): (usize, (ArrayViewMut2<T>, ArrayViewMut1<T>))| {
+    let chunk = |(c, (mut out, mut lse)): (usize, Rows<T>)| {
         let (c0, c1) = qchunks[c];
         let mut state = prefix[c].clone();
         let mut in_state = kbounds[c];
@@ -546,7 +549,7 @@ fn running_sums<T: Real>(
         Ok(())
     };
     let per = chunk_len(nq, blk);
-    let jobs: Vec<(usize, (ArrayViewMut2<T>, ArrayViewMut1<T>))> = out
+    let jobs: Vec<(usize, Rows<T>)> = out
         .axis_chunks_iter_mut(Axis(0), per)
         .zip(lse.axis_chunks_iter_mut(Axis(0), per))
         .enumerate()
