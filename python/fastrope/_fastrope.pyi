@@ -17,6 +17,7 @@ __all__ = [
     "set_cache_limit",
     "_inject_alloc_failure",
     "planner_calls",
+    "profile_phases",
     "PlannedCall",
     "__version__",
 ]
@@ -78,11 +79,13 @@ def fast_forward(
     bounds: Optional[Tuple[float, float]] = None,
     route: str = "auto",
     plan: Optional[PlannedCall] = None,
+    check_kv: bool = False,
     **call: Unpack[_Call],
 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Dict[str, Any]]:
     """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``, where ``plan["handle"]``
     is the plan itself: passed back as ``plan=`` to a run with the same arguments, it is run
-    without planning again.  ``plan["seconds"]`` is the predicted time (src/plan/cost.rs);
+    without planning (or reading its bounds) again.  ``check_kv``: scan k and v for NaN/Inf
+    before planning (the caller checked q).  ``plan["seconds"]`` is the predicted time (src/plan/cost.rs);
     ``max_terms``/``max_degree`` default to the cost model's limits."""
 
 def fast_backward(
@@ -133,6 +136,11 @@ def choose_method(
 
 def planner_calls() -> int:
     """How many fast plans (forward or backward) this process has made."""
+
+def profile_phases(on: Optional[bool] = None) -> Dict[str, float]:
+    """Seconds of thread time per phase of the fast calls since the last call (plan, check,
+    rotate, features, gemm, diagonal, output), resetting them; ``on`` turns the timers on or
+    off (off by default: then nothing is timed)."""
 
 def default_num_threads() -> int: ...
 def clear_cache() -> None: ...
