@@ -76,6 +76,24 @@ fn naive_band(
     (out, lse)
 }
 
+/// A plan at eps = 1e-6 for heads with `|M| <= 2` (`R_abs = 4`) and `|v| <= 1`.
+fn unit_plan(shape: FastShape, lr: LowRank) -> crate::fast::plans::FastPlan {
+    let bounds = FastBounds {
+        r: 2.0,
+        r_abs: 4.0,
+        v_max: 1.0,
+        factor_sum: 1.0,
+        factor_norm2: 1.0,
+        min_row_mass: 1.0,
+    };
+    let limits = FastLimits {
+        max_degree: 12,
+        max_terms: 5000,
+        max_working_bytes: 1 << 30,
+    };
+    lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap()
+}
+
 #[test]
 fn lowrank_head_matches_the_definition() {
     let mut g = Lcg(7);
@@ -95,21 +113,7 @@ fn lowrank_head_matches_the_definition() {
             causal_shift: causal.then_some(shift),
             band: Default::default(),
         };
-        let bounds = FastBounds {
-            r: 2.0,
-            r_abs: 4.0,
-            v_max: 1.0,
-            factor_sum: 1.0,
-            factor_norm2: 1.0,
-            min_row_mass: 1.0,
-        };
-        let shape = FastShape { nq, nk, d, dv };
-        let limits = FastLimits {
-            max_degree: 12,
-            max_terms: 5000,
-            max_working_bytes: 1 << 30,
-        };
-        let plan = lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap();
+        let plan = unit_plan(FastShape { nq, nk, d, dv }, lr);
         assert_eq!(plan.counts.terms as f64, feature_count(d, plan.poly.degree));
         let x = rotate(&rot, q.view(), shift, scale * rot.factor * rot.factor);
         let y = rotate(&rot, k.view(), 0, 1.0);
@@ -282,21 +286,7 @@ fn unmasked_head_in_several_chunks_matches_the_definition() {
         causal_shift: None,
         band: Default::default(),
     };
-    let bounds = FastBounds {
-        r: 2.0,
-        r_abs: 4.0,
-        v_max: 1.0,
-        factor_sum: 1.0,
-        factor_norm2: 1.0,
-        min_row_mass: 1.0,
-    };
-    let shape = FastShape { nq, nk, d, dv };
-    let limits = FastLimits {
-        max_degree: 12,
-        max_terms: 5000,
-        max_working_bytes: 1 << 30,
-    };
-    let plan = lowrank_plan(shape, &bounds, lr, 1e-6, &limits).unwrap();
+    let plan = unit_plan(FastShape { nq, nk, d, dv }, lr);
     let rows = super::forward::unmasked_block(plan.counts.terms);
     assert!(
         nq >= 8 * rows,
