@@ -52,6 +52,28 @@ pub(crate) fn try_filled<T: Clone>(len: usize, value: T, what: &str) -> Result<V
     Ok(v)
 }
 
+/// Splits `specs` (spectra of `h` frequencies each) into per-group pieces of frequency blocks.
+pub(crate) fn split_by_groups(
+    specs: &mut [C64],
+    h: usize,
+    groups: usize,
+    nblk: usize,
+) -> Vec<Vec<&mut [C64]>> {
+    let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
+    let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
+    for spec in specs.chunks_exact_mut(h) {
+        let mut rest = spec;
+        for (g, part) in parts.iter_mut().enumerate() {
+            let r = group(g);
+            let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
+            let (mine, others) = rest.split_at_mut(len);
+            part.push(mine);
+            rest = others;
+        }
+    }
+    parts
+}
+
 /// Writes spectra `specs[c]` (`c < cb`) into `blocks[b * stride + c]`: for each frequency
 /// block the `cb` destinations are adjacent, so the transposition touches one page per block
 /// instead of one per block and column.

@@ -21,7 +21,8 @@
 //! any FFT ([`super::certify::data_rounding`]).
 
 use super::blocks::{
-    scatter, spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, BLOCK, ZERO_BLOCK,
+    scatter, spectrum_blocks, split_by_groups, stage2_dispatch, try_filled, Block, Stage2,
+    ZERO_BLOCK,
 };
 use super::certify::{data_rounding, fast_plan, BetaNorms, Certificate, PairNorms};
 use super::expansion::Expansion;
@@ -667,17 +668,7 @@ impl FastKernel {
                     tile,
                     cb,
                 };
-                let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
-                for spec in acc[..cb * na * h].chunks_exact_mut(h) {
-                    let mut rest = spec;
-                    for (g, part) in parts.iter_mut().enumerate() {
-                        let r = group(g);
-                        let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
-                        let (mine, others) = rest.split_at_mut(len);
-                        part.push(mine);
-                        rest = others;
-                    }
-                }
+                let parts = split_by_groups(&mut acc[..cb * na * h], h, groups, nblk);
                 parts.into_par_iter().enumerate().for_each(|(g, mut out)| {
                     let mut xl = vec![ZERO_BLOCK; nb * tile];
                     let mut al = vec![ZERO_BLOCK; na * tile];

@@ -5,9 +5,10 @@
 use super::kernel::{BackwardKernel, StreamBufs};
 use super::plan::threads;
 use super::spectra::{kernel_pass, CorrelationAccumulator};
-use super::stage::{split_by_groups, stage_t_dispatch, StageT};
+use super::stage::{stage_t_dispatch, StageT};
 use crate::error::{Error, Result};
 use crate::fast::common::FastShape;
+use crate::fast::toeplitz::blocks::split_by_groups;
 use crate::fast::toeplitz::blocks::{
     spectrum_blocks, stage2_dispatch, try_filled, Block, Stage2, ZERO_BLOCK,
 };

@@ -5,28 +5,6 @@ use crate::fast::toeplitz::expansion::Expansion;
 use crate::toeplitz::C64;
 use std::ops::Range;
 
-/// Splits `specs` (spectra of `h` frequencies each) into per-group pieces of frequency blocks.
-pub(super) fn split_by_groups(
-    specs: &mut [C64],
-    h: usize,
-    groups: usize,
-    nblk: usize,
-) -> Vec<Vec<&mut [C64]>> {
-    let group = |g: usize| g * nblk / groups..(g + 1) * nblk / groups;
-    let mut parts: Vec<Vec<&mut [C64]>> = (0..groups).map(|_| Vec::new()).collect();
-    for spec in specs.chunks_exact_mut(h) {
-        let mut rest = spec;
-        for (g, part) in parts.iter_mut().enumerate() {
-            let r = group(g);
-            let len = (r.end * BLOCK).min(h) - (r.start * BLOCK).min(h);
-            let (mine, others) = rest.split_at_mut(len);
-            part.push(mine);
-            rest = others;
-        }
-    }
-    parts
-}
-
 #[inline(always)]
 pub(super) fn mac(acc: &mut Block, s: &Block, x: &Block) {
     for f in 0..BLOCK {
