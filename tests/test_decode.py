@@ -108,6 +108,62 @@ def test_non_finite_cache_entries(rng, name, bad, w):
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
 
 
+def _column_major(x):
+    """``x`` with the same values whose rows are not contiguous (the last axis strided)."""
+    return np.swapaxes(np.ascontiguousarray(np.swapaxes(x, -1, -2)), -1, -2)
+
+
+BLOCKW_ROPE = "blockw"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["k", "v"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("w", ["rotary", None, BLOCKW_ROPE])
+@pytest.mark.parametrize("layout", ["rows", "strided"])
+@pytest.mark.parametrize("zero_q", [False, True], ids=["q", "zero_q"])
+def test_non_finite_cache_entries_every_kernel_path(rng, dtype, name, bad, w, layout, zero_q):
+    """Every way the decode kernel reads keys and values (in place, rotated, transformed by 2x2
+    blocks, gathered from strided rows) reports a NaN/Inf it can see, in any lane and with any
+    query (a zero query row too, whose scores see the key only through ``0 * Inf``)."""
+    n_k, d = 200, 16
+    q, k, v = make_qkv(rng, (2, 4), 1, n_k, d, 24, dtype, group=2)
+    if zero_q:
+        q[:] = 0.0
+    if w == BLOCKW_ROPE:
+        w = fastrope.BlockW(0.5 * rng.standard_normal((2 * n_k - 1, d // 2, 2, 2)).astype(dtype))
+    elif w == "rotary":
+        w = fastrope.Rotary()
+    for lane in (0, 5, d - 1):
+        kk, vv = k.copy(), v.copy()
+        target = kk if name == "k" else vv
+        target[1, 1, 70 + lane, min(lane, target.shape[-1] - 1)] = bad
+        if layout == "strided":
+            kk, vv = _column_major(kk), _column_major(vv)
+        what = "NaN" if np.isnan(bad) else "Inf"
+        with pytest.raises(ValueError, match=rf"^{name}: expected finite values, got {what}"):
+            fastrope.attention(q, kk, vv, w, causal=True, q_offset=n_k - 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_overflowing_scores_are_not_taken_for_non_finite_inputs(rng, dtype, name):
+    """The check reads the scores and outputs, which overflow for huge finite inputs: that is
+    not reported as a NaN/Inf in ``k`` or ``v``, and the output is the reference's."""
+    n_k, d = 300, 16
+    q, k, v = make_qkv(rng, (1, 2), 1, n_k, d, 16, dtype)
+    big = 0.5 * float(np.finfo(dtype).max)
+    if name == "k":
+        k[0, 0, 10, :] = big  # its score overflows: it takes all the weight
+        out = fastrope.attention(q, k, v, None, causal=True, q_offset=n_k - 1)
+        assert np.isfinite(out[0, 1]).all()
+    else:
+        v[0, 0, 10:14, :] = big  # P V overflows where those keys carry weight
+        out = fastrope.attention(q, k, v, None, causal=True, q_offset=n_k - 1)
+        ref = fastrope.attention(q, k, v, None, causal=True, q_offset=n_k - 1, check_finite=False)
+        np.testing.assert_array_equal(out, ref)
+
+
 def test_method_fast_still_scans_every_row(rng):
     """Calls that may take the fast path keep the Python-side scan of all of k and v."""
     q, k, v = make_qkv(rng, (2,), 1, 300, 16, 16)

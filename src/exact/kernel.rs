@@ -303,6 +303,25 @@ pub unsafe fn row_max<L: Lanes>(x: *const L::E, n: usize) -> L::E {
     L::hmax(L::max(m0, m1))
 }
 
+/// Whether `x[..n]` (any `n`) holds no NaN or Inf: `x * 0` is 0 for every finite `x`.
+#[inline(always)]
+pub unsafe fn all_finite<L: Lanes>(x: *const L::E, n: usize) -> bool {
+    let (z0, zero) = (L::zero(), L::E::zero());
+    let (mut a0, mut a1) = (z0, z0);
+    let mut j = 0;
+    while j + 2 * L::W <= n {
+        a0 = L::fma(L::load(x.add(j)), z0, a0);
+        a1 = L::fma(L::load(x.add(j + L::W)), z0, a1);
+        j += 2 * L::W;
+    }
+    let mut t = L::hsum(L::add(a0, a1));
+    while j < n {
+        t = t + *x.add(j) * zero;
+        j += 1;
+    }
+    t == zero
+}
+
 /// `x = exp(x - shift)` on `x[..n]` (`n` a multiple of `W`), returning the sum.
 #[inline(always)]
 pub unsafe fn exp_shift_sum<L: Lanes>(x: *mut L::E, n: usize, shift: L::E) -> L::E {

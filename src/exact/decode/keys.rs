@@ -134,7 +134,9 @@ pub(super) struct Keys<'k, 'x, 't, T> {
 
 impl<T: Real> Keys<'_, '_, '_, T> {
     /// Keys `c0..c0 + cn` transformed into `kbuf` (rows of `dp`) with the table rows at
-    /// `tc + jj d`, `ts + jj d` (`w=None`: copied); `zkv`/`zk` take `x * 0` of every key read.
+    /// `tc + jj d`, `ts + jj d` (`w=None`: copied). A NaN or Inf lane of a key gives a NaN or
+    /// Inf lane of its transform (`x c` is NaN when `c = 0`), which the finiteness check reads
+    /// from the scores.
     ///
     /// # Safety
     /// Rows `c0..c0 + cn` exist (and `j1 <= n_k`); `kbuf` holds `cn` rows of `dp`; the tables hold
@@ -150,10 +152,8 @@ impl<T: Real> Keys<'_, '_, '_, T> {
         tc: *const T,
         ts: *const T,
         rowbuf: &mut [T],
-        zkv: &mut L::V,
-        zk: &mut T,
     ) {
-        let (d, w, z0, zero) = (self.kh.ncols(), L::W, L::zero(), T::zero());
+        let (d, w) = (self.kh.ncols(), L::W);
         let (tf, identity) = (self.tf, self.tf.identity);
         for jj in 0..cn {
             let dst = kbuf.add(jj * self.dp);
@@ -179,7 +179,6 @@ impl<T: Real> Keys<'_, '_, '_, T> {
             if tf.dist == Some(1) {
                 while p < self.vec_rot {
                     let x = L::load(src.add(p));
-                    *zkv = L::fma(x, z0, *zkv);
                     put(p, x, L::swap_pairs(x));
                     p += w;
                 }
@@ -190,14 +189,12 @@ impl<T: Real> Keys<'_, '_, '_, T> {
                     } else {
                         (L::load(src.add(p)), L::load(src.add(p - hd)))
                     };
-                    *zkv = L::fma(x, z0, *zkv);
                     put(p, x, y);
                     p += w;
                 }
             }
             for c in p..d {
                 let x = *src.add(c);
-                *zk = *zk + x * zero;
                 *dst.add(c) = if identity {
                     x
                 } else {
@@ -209,7 +206,7 @@ impl<T: Real> Keys<'_, '_, '_, T> {
 }
 
 /// Scores of query rows `g_rows` (at `qh + g dp`) against keys at `kp + jj kld`, `jj < cn`, into
-/// `sc[g CHUNK + jj]`; with `check`, the first row's pass also takes `x * 0` of every key lane.
+/// `sc[g CHUNK + jj]`.
 ///
 /// # Safety
 /// The query rows and key rows hold `dl` readable lanes (a multiple of `W`); `sc` holds the rows.
@@ -224,36 +221,18 @@ pub(super) unsafe fn score_rows<L: Lanes>(
     dl: usize,
     g_rows: std::ops::Range<usize>,
     sc: *mut L::E,
-    mut check: Option<&mut L::V>,
 ) {
     let (w, z0) = (L::W, L::zero());
-    let g_first = g_rows.start;
     for jj in 0..cn {
         let kr = kp.offset(jj as isize * kld);
         for g in g_rows.clone() {
             let qr = qh.add(g * dp);
             let (mut a0, mut a1) = (z0, z0);
             let mut p = 0;
-            match check.as_deref_mut() {
-                Some(z) if g == g_first => {
-                    while p + 2 * w <= dl {
-                        let (k0, k1) = (L::load(kr.add(p)), L::load(kr.add(p + w)));
-                        *z = L::fma(k1, z0, L::fma(k0, z0, *z));
-                        a0 = L::fma(L::load(qr.add(p)), k0, a0);
-                        a1 = L::fma(L::load(qr.add(p + w)), k1, a1);
-                        p += 2 * w;
-                    }
-                    if p < dl {
-                        *z = L::fma(L::load(kr.add(p)), z0, *z);
-                    }
-                }
-                _ => {
-                    while p + 2 * w <= dl {
-                        a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
-                        a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
-                        p += 2 * w;
-                    }
-                }
+            while p + 2 * w <= dl {
+                a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);
+                a1 = L::fma(L::load(qr.add(p + w)), L::load(kr.add(p + w)), a1);
+                p += 2 * w;
             }
             if p < dl {
                 a0 = L::fma(L::load(qr.add(p)), L::load(kr.add(p)), a0);

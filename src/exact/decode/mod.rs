@@ -318,15 +318,12 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
     };
     let mut rowbuf = vec![zero; dp];
     let mut sc = vec![zero; rows * CHUNK];
-    let (mut zk, mut zv) = (zero, zero);
     // SAFETY: (for the rest of this function) row pointers come from rows `j0..j1` of a head of `k`/`v`
     // (`visible_keys` keeps them below `n_k`) or from the chunk buffers (CHUNK rows of dp or
     // dvp); vector accesses of in-place rows stay below d (dv), which is then a multiple of W,
     // and of buffer rows below `dl <= dp` (`dvl <= dvp`); `sc` rows are CHUNK long and
     // `cnp <= CHUNK`; the query rows of a head are `rows x dp` in `qs`; table rows are d long.
     unsafe {
-        let z0 = L::zero();
-        let (mut zkv, mut zvv) = (z0, z0);
         if let (Position::Rotary(r), None, false) = (sh.pos, &tf.blocks, identity) {
             let rot = sh.rot.as_ref().expect("rotator of a rotary call");
             rot.table(
@@ -393,8 +390,6 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                                     tc.as_ptr(),
                                     ts.as_ptr(),
                                     &mut rowbuf,
-                                    &mut zkv,
-                                    &mut zk,
                                 );
                             }
                             score_rows::<L>(
@@ -406,7 +401,6 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                                 dl,
                                 g..g + 1,
                                 sc.as_mut_ptr(),
-                                None,
                             );
                         }
                     }
@@ -430,15 +424,18 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                                 tcp,
                                 tsp,
                                 &mut rowbuf,
-                                &mut zkv,
-                                &mut zk,
                             );
                             (kbuf.as_ptr(), dp as isize)
                         };
-                        // In place, the keys are checked as the scores read them.
-                        let check = (kdirect && u.check).then_some(&mut zkv);
-                        score_rows::<L>(kp, kld, cn, qh, dp, dl, 0..rows, sc.as_mut_ptr(), check);
+                        score_rows::<L>(kp, kld, cn, qh, dp, dl, 0..rows, sc.as_mut_ptr());
                     }
+                }
+                // The check of the keys reads the scores: with q finite, a NaN or Inf lane of a
+                // key (or of its transform, see `Keys::transform`) makes its scores NaN or
+                // Inf. A non-finite score from finite keys (an overflow) is told apart by a scan
+                // of the chunk's keys, made only then.
+                if u.check && !res.bad_k && !kernel::all_finite::<L>(sc.as_ptr(), cn) {
+                    res.bad_k = kh.slice(s![c0..c0 + cn, ..]).iter().any(|x| !x.is_finite());
                 }
                 // Bias and masks.
                 if lf_needed {
@@ -472,9 +469,7 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     part.m[g] = m_new;
                 }
                 // Values of the chunk: row jj at vp + jj vld (in place, or copied into vbuf).
-                // In place, the values are checked as `P V` reads them (below).
                 let vdirect = vcont && dv % w == 0;
-                let vcheck = vdirect && u.check;
                 let (vp, vld) = if vdirect {
                     (vh.as_ptr().offset(c0 as isize * vsr), vsr)
                 } else {
@@ -482,7 +477,6 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                         let dst = &mut vbuf[jj * dvp..jj * dvp + dv];
                         for (a, &x) in dst.iter_mut().zip(vh.row(c0 + jj).iter()) {
                             *a = x;
-                            zv = zv + x * zero;
                         }
                     }
                     (vbuf.as_ptr(), dvp as isize)
@@ -497,10 +491,6 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     while p < dvl {
                         let (x0, x1) = (L::load(v0.add(p)), L::load(v1.add(p)));
                         let (x2, x3) = (L::load(v2.add(p)), L::load(v3.add(p)));
-                        if vcheck {
-                            zvv =
-                                L::fma(x3, z0, L::fma(x2, z0, L::fma(x1, z0, L::fma(x0, z0, zvv))));
-                        }
                         for g in 0..rows {
                             let pr = sc.as_ptr().add(g * CHUNK + jj);
                             let o = op.add(g * dvp + p);
@@ -519,9 +509,6 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     let mut p = 0;
                     while p < dvl {
                         let x = L::load(vr.add(p));
-                        if vcheck {
-                            zvv = L::fma(x, z0, zvv);
-                        }
                         for g in 0..rows {
                             let o = op.add(g * dvp + p);
                             L::store(o, L::fma(L::splat(sc[g * CHUNK + jj]), x, L::load(o)));
@@ -531,11 +518,14 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                     jj += 1;
                 }
             }
+            // The check of the values reads the outputs: `o += p v` with `p >= 0` finite turns
+            // a NaN or Inf lane of a visible value into a NaN or Inf lane of `o` (`0 * Inf` is
+            // NaN), and rescaling keeps it. An overflow from finite values is told apart by a
+            // scan of the span's values, made only then.
+            if u.check && !res.bad_v && !kernel::all_finite::<L>(part.o.as_ptr(), rows * dvp) {
+                res.bad_v = vh.slice(s![j0..j1, ..]).iter().any(|x| !x.is_finite());
+            }
         }
-        zk = zk + L::hsum(zkv);
-        zv = zv + L::hsum(zvv);
     }
-    res.bad_k |= zk.is_nan();
-    res.bad_v |= zv.is_nan();
     res
 }
