@@ -9,6 +9,7 @@ maps results back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
@@ -171,6 +172,14 @@ def _dense_support(flat: np.ndarray, d: int, full: bool) -> tuple:
     return flat, np.stack(np.divmod(nz, d), axis=1).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=64)
+def _identity_rotary(d: int) -> tuple:
+    """``w=None`` in the rotary encoding: every frequency 0 (read-only: the tuple is shared)."""
+    theta = np.zeros(d // 2)
+    theta.flags.writeable = False
+    return (theta, 1.0, Rotary().pairs(d))
+
+
 def _pad_odd_d(q: np.ndarray, k: np.ndarray) -> tuple:
     """w=None with an odd d: one zero column on q and k (it adds nothing to any score)."""
     dtype = q.dtype
@@ -220,7 +229,7 @@ def prepare(
         if d_padded:
             q, k = _pad_odd_d(q, k)
             d += 1
-        nw = _NativeW(rotary=(np.zeros(d // 2), 1.0, Rotary().pairs(d)))
+        nw = _NativeW(rotary=_identity_rotary(d))
     else:
         max_pos = max(q_off + nq - 1, k_off + nk - 1, 0)
         nw = _encode_w(w, dtype, d, q.shape, lead_q, max_pos, rng, check_finite, full_dense_support)

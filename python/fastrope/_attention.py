@@ -9,7 +9,7 @@ import numpy as np
 from . import _fastrope as _native
 from . import _varlen
 from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
-from ._plan import Plan, _backward_probe, check_route, make_plan
+from ._plan import Plan, _backward_probe, check_route, make_plan, resolve_memory_limit
 from ._plan import kernel_eps as _kernel_eps
 from ._types import ApproximationError, Gradients
 
@@ -70,9 +70,19 @@ def _finish_forward(call: Call, out4: np.ndarray, lse3: np.ndarray):
     return out, lse
 
 
-def _forward(call: Call, threads: Optional[int], check_kv: bool = False):
+def _forward(
+    call: Call, threads: Optional[int], check_kv: bool = False, memory_limit: Optional[int] = None
+):
+    """The native exact forward; with ``memory_limit`` it raises ``MemoryError`` (before any
+    allocation) when the working set exceeds it."""
     out4, lse3 = _native.exact_forward(
-        call.q4, call.k4, call.v4, **call.native_args(), num_threads=threads, check_kv=check_kv
+        call.q4,
+        call.k4,
+        call.v4,
+        **call.native_args(),
+        num_threads=threads,
+        check_kv=check_kv,
+        memory_limit=memory_limit,
     )
     return out4, lse3
 
@@ -193,6 +203,13 @@ def attention(
         check_finite=check_finite,
         defer_kv_check=native_kv_check,
     )
+    if method == "exact" or (eps == 0.0 and method == "auto"):
+        # The exact method, as make_plan would choose it, without building a Plan: the working
+        # set is checked against memory_limit natively.
+        limit = resolve_memory_limit(memory_limit)
+        out4, lse3 = _forward(call, threads, check_kv=native_kv_check, memory_limit=limit)
+        out, lse = _finish_forward(call, out4, lse3)
+        return (out, lse) if return_lse else out
     p = _resolve(call, eps, method, memory_limit, False, threads, route, native_kv_check)
     if p.method == "fast":
         try:

@@ -10,6 +10,7 @@ __all__ = [
     "fast_forward",
     "fast_backward",
     "exact_cost",
+    "format_bytes",
     "choose_method",
     "default_num_threads",
     "clear_cache",
@@ -50,6 +51,7 @@ def exact_forward(
     *,
     num_threads: Optional[int],
     check_kv: bool = False,
+    memory_limit: Optional[int] = None,
     **call: Unpack[_Call],
 ) -> Tuple[np.ndarray, np.ndarray]: ...
 def exact_backward(
@@ -120,6 +122,9 @@ class PlannedCall:
 
 def exact_cost(*, dtype: str, backward: bool, **call: Unpack[_Call]) -> Tuple[float, float, int]:
     """The exact method's predicted ``(flops, seconds, working_bytes)`` (src/plan/cost.rs)."""
+
+def format_bytes(bytes: int) -> str:
+    """``bytes`` as messages write them: ``"512 bytes"``, ``"3.0 MiB"``, ``"2.10 GiB"``."""
 
 def choose_method(
     plan: PlannedCall,

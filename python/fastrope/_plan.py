@@ -105,8 +105,8 @@ class Plan:
                     " columns (all of them do not fit memory_limit)"
                 )
         lines.append(
-            f"working set: {self.working_set_bytes / 2**20:.1f} MiB"
-            f" of {self.memory_limit / 2**20:.0f} MiB"
+            f"working set: {_native.format_bytes(self.working_set_bytes)}"
+            f" of {_native.format_bytes(self.memory_limit)}"
         )
         lines.append(f"why: {self.why}")
         for what, reason in self.refused:
@@ -236,8 +236,8 @@ def make_plan(
     ) -> Plan:
         if ws > limit:
             raise MemoryError(
-                f"fastrope: the exact method needs a working set of {ws / 2**20:.1f} MiB, more"
-                f" than memory_limit = {limit / 2**20:.1f} MiB (shapes {call.shape})"
+                f"fastrope: the exact method needs a working set of {_native.format_bytes(ws)},"
+                f" more than memory_limit = {_native.format_bytes(limit)} (shapes {call.shape})"
             )
         fast = dict(fast or {}, native=None)  # not run: the native plan is not kept
         return Plan(

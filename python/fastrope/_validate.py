@@ -35,12 +35,16 @@ def describe(x: Any) -> str:
 
 
 def as_int(x: Any, name: str) -> int:
+    if type(x) is int:  # the common case, without the ABC checks below
+        return x
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Integral, np.integer)):
         raise TypeError(f"{name}: expected an int, got {describe(x)}")
     return int(x)
 
 
 def _is_real(x: Any) -> bool:
+    if type(x) is float or type(x) is int:  # the common cases, without the ABC checks below
+        return True
     return not isinstance(x, (bool, np.bool_)) and isinstance(x, (numbers.Real, np.floating))
 
 

@@ -89,67 +89,96 @@ pub fn attention_forward_checked<'a, T: Real>(
         decode::forward(&sh, &q, &k, &v, ctl, check_kv, &mut out, &mut lse)?;
         return Ok((out, lse));
     }
+    // A small call (`Control::serial`, see `runs_serial`) runs on the calling thread alone.
+    let serial = ctl.is_serial();
     if check_kv {
         if let Some((j0, j1)) = sh.visible_keys(0, nq, 0, prob.nk, 1) {
-            super::check_rows("k", &k, j0, j1)?;
-            super::check_rows("v", &v, j0, j1)?;
+            super::check_rows_of("k", &k, j0, j1, serial)?;
+            super::check_rows_of("v", &v, j0, j1, serial)?;
         }
     }
-    sh.pack_keys(&k);
+    sh.pack_keys_of(&k, serial);
     let nr = sh.tiles.nr;
     // The `B` operand of `P V`: each head of `v` itself when its rows are contiguous and a
     // multiple of NR long (row stride dv, tile step NR), else column panels (NR, n_k NR).
     let direct = dv % nr == 0;
-    let values: Vec<Option<Vec<T>>> = (0..prob.batch * prob.hk)
-        .into_par_iter()
-        .map(|kvh| {
-            let vh = v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
-            match vh.as_slice() {
-                Some(_) if direct => None,
-                _ => Some(column_panels(vh, nr)),
-            }
-        })
-        .collect();
+    let value_panels = |kvh: usize| {
+        let vh = v.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+        match vh.as_slice() {
+            Some(_) if direct => None,
+            _ => Some(column_panels(vh, nr)),
+        }
+    };
+    let kv_heads = 0..prob.batch * prob.hk;
+    let values: Vec<Option<Vec<T>>> = if serial {
+        kv_heads.map(value_panels).collect()
+    } else {
+        kv_heads.into_par_iter().map(value_panels).collect()
+    };
     let bq = sh.tiles.bq;
     let (Some(out_s), Some(lse_s)) = (out.as_slice_mut(), lse.as_slice_mut()) else {
         return Err(Error::Value("internal: output not contiguous".into()));
     };
-    let sh = &sh;
-    out_s
-        .par_chunks_mut(nq * dv)
-        .zip(lse_s.par_chunks_mut(nq))
+    // Units: blocks of `bq` query rows of one head, with their rows of `out` and `lse`.
+    let units: Vec<(usize, usize, &mut [T], &mut [T])> = out_s
+        .chunks_mut(nq * dv)
+        .zip(lse_s.chunks_mut(nq))
         .enumerate()
-        .for_each(|(bh, (o_head, l_head))| {
-            let kvh = sh.kv_head(bh);
-            let (vals, vrs, vstep) = match &values[kvh] {
-                Some(panels) => (&panels[..], nr, prob.nk * nr),
-                None => {
-                    let vh = v.slice_move(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
-                    (vh.to_slice().expect("contiguous"), dv, nr)
-                }
-            };
+        .flat_map(|(bh, (o_head, l_head))| {
             o_head
-                .par_chunks_mut(bq * dv)
-                .zip(l_head.par_chunks_mut(bq))
+                .chunks_mut(bq * dv)
+                .zip(l_head.chunks_mut(bq))
                 .enumerate()
-                .for_each(|(qb, (out, lse))| {
-                    let unit = Block {
-                        sh,
-                        vals,
-                        vrs,
-                        vstep,
-                        q: &q,
-                        bh,
-                        i0: qb * bq,
-                        out,
-                        lse,
-                        ctl,
-                    };
-                    T::with_lanes(sh.isa, unit)
-                });
-        });
+                .map(move |(qb, (o, l))| (bh, qb * bq, o, l))
+        })
+        .collect();
+    let sh = &sh;
+    let run_unit = |(bh, i0, out, lse): (usize, usize, &mut [T], &mut [T])| {
+        let kvh = sh.kv_head(bh);
+        let (vals, vrs, vstep) = match &values[kvh] {
+            Some(panels) => (&panels[..], nr, prob.nk * nr),
+            None => {
+                let vh = v.slice_move(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+                (vh.to_slice().expect("contiguous"), dv, nr)
+            }
+        };
+        let unit = Block {
+            sh,
+            vals,
+            vrs,
+            vstep,
+            q: &q,
+            bh,
+            i0,
+            out,
+            lse,
+            ctl,
+        };
+        T::with_lanes(sh.isa, unit)
+    };
+    if serial {
+        units.into_iter().for_each(run_unit);
+    } else {
+        units.into_par_iter().for_each(run_unit);
+    }
     ctl.check()?;
     Ok((out, lse))
+}
+
+/// Estimated flops (`cost::exact_flops_bound`) up to which a GEMM-path forward runs on the
+/// calling thread: handing a call to the pool and back costs two thread wake-ups, more than a
+/// second core saves on so little work.
+pub(crate) const SERIAL_FLOPS: f64 = 16e6;
+
+/// Whether a forward call is small enough to run on the calling thread alone: a decode call
+/// within `decode::SERIAL_BYTES`, or a GEMM-path call within [`SERIAL_FLOPS`].
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub(crate) fn runs_serial<T>(prob: &Problem, pos: &Position<'_, T>) -> bool {
+    if decode::applies(prob.nq, pos) {
+        decode::runs_serial(prob, pos)
+    } else {
+        crate::plan::cost::exact_flops_bound(prob, false) <= SERIAL_FLOPS
+    }
 }
 
 /// One query block of one head: rows `i0..i0 + lse.len()`.

@@ -196,8 +196,19 @@ pub(crate) fn check_rows<T: Real>(
     j0: usize,
     j1: usize,
 ) -> Result<()> {
+    check_rows_of(name, x, j0, j1, false)
+}
+
+/// [`check_rows`], on the calling thread alone when `serial`.
+pub(crate) fn check_rows_of<T: Real>(
+    name: &str,
+    x: &ArrayView4<'_, T>,
+    j0: usize,
+    j1: usize,
+    serial: bool,
+) -> Result<()> {
     let (batch, heads) = (x.dim().0, x.dim().1);
-    let ok = (0..batch * heads).into_par_iter().all(|bh| {
+    let finite = |bh: usize| {
         let xh = x.slice(ndarray::s![bh / heads, bh % heads, j0..j1, ..]);
         match xh.as_slice() {
             Some(xs) => xs
@@ -205,7 +216,12 @@ pub(crate) fn check_rows<T: Real>(
                 .all(|c| c.iter().fold(true, |a, v| a & v.is_finite())),
             None => xh.iter().all(|v| v.is_finite()),
         }
-    });
+    };
+    let ok = if serial {
+        (0..batch * heads).all(finite)
+    } else {
+        (0..batch * heads).into_par_iter().all(finite)
+    };
     if ok {
         Ok(())
     } else {
@@ -311,22 +327,30 @@ impl<'a, 'p, T: Real> Shared<'a, 'p, T> {
 
     /// Packs the keys for scoring (see [`Shared::keys`]).
     pub fn pack_keys(&mut self, k: &ArrayView4<'_, T>) {
+        self.pack_keys_of(k, false)
+    }
+
+    /// [`Shared::pack_keys`], on the calling thread alone when `serial`.
+    pub fn pack_keys_of(&mut self, k: &ArrayView4<'_, T>, serial: bool) {
         let prob = self.prob;
         let nr = self.tiles.nr;
         let pos = self.pos;
         let rot = &self.rot;
-        self.keys = (0..prob.batch * prob.hk)
-            .into_par_iter()
-            .map(|kvh| {
-                let kh = k.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
-                match (pos, rot) {
-                    (Position::Rotary(r), Some(rot)) => {
-                        rotated_key_panels(prob, rot, r.factor, kh, 0, nr, false).0
-                    }
-                    _ => sparse::padded_transpose(kh),
+        let pack = |kvh: usize| {
+            let kh = k.slice(ndarray::s![kvh / prob.hk, kvh % prob.hk, .., ..]);
+            match (pos, rot) {
+                (Position::Rotary(r), Some(rot)) => {
+                    rotated_key_panels(prob, rot, r.factor, kh, 0, nr, false).0
                 }
-            })
-            .collect();
+                _ => sparse::padded_transpose(kh),
+            }
+        };
+        let heads = 0..prob.batch * prob.hk;
+        self.keys = if serial {
+            heads.map(pack).collect()
+        } else {
+            heads.into_par_iter().map(pack).collect()
+        };
     }
 
     /// The whole sequences of head `bh`'s table (`seg_tiles` 0).

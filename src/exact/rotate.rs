@@ -73,6 +73,8 @@ pub(crate) struct Rotator<'r> {
     r: &'r RotaryW,
     layout: Layout,
     fine: Arc<Fine>,
+    /// Every frequency is 0 (`w=None`): a rotation is the multiplication by its `mult`.
+    identity: bool,
 }
 
 impl<'r> Rotator<'r> {
@@ -91,7 +93,13 @@ impl<'r> Rotator<'r> {
         } else {
             Layout::General
         };
-        Self { r, layout, fine }
+        let identity = r.theta.iter().all(|&t| t == 0.0);
+        Self {
+            r,
+            layout,
+            fine,
+            identity,
+        }
     }
 
     /// Rotates `n` rows of `d` elements (row `i` at `rows[i * ld..]`, position `offset + i`) and
@@ -107,6 +115,16 @@ impl<'r> Rotator<'r> {
         mult: f64,
         back: bool,
     ) {
+        if self.identity {
+            // cos 0 = 1, sin 0 = 0: `x mult`, what the general path gives for finite x.
+            if mult != 1.0 {
+                let (m, d) = (T::of(mult), 2 * self.r.pairs.len());
+                for row in rows.chunks_mut(ld).take(n) {
+                    row[..d].iter_mut().for_each(|x| *x = *x * m);
+                }
+            }
+            return;
+        }
         struct Task<'a, 'r, T> {
             rot: &'a Rotator<'r>,
             rows: &'a mut [T],
@@ -144,7 +162,7 @@ impl<'r> Rotator<'r> {
 
     /// Whether every frequency is 0 (`w=None`: the rotation is the identity).
     pub fn is_identity(&self) -> bool {
-        self.r.theta.iter().all(|&t| t == 0.0)
+        self.identity
     }
 
     /// The lane distance of the pairs: 1 for interleaved `(2m, 2m + 1)`, `d/2` for half

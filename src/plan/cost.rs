@@ -206,9 +206,9 @@ pub fn choose(
     };
     if fast.working_bytes > memory_limit {
         let msg = format!(
-            "{what} needs {:.1} MiB, more than memory_limit = {:.1} MiB",
-            mib(fast.working_bytes),
-            mib(memory_limit)
+            "{what} needs {}, more than memory_limit = {}",
+            format_bytes(fast.working_bytes),
+            format_bytes(memory_limit)
         );
         if forced {
             return Err(Error::Approximation(format!("method='fast': {msg}")));
@@ -272,8 +272,39 @@ fn summary(fast: &FastOffer<'_>, exact_seconds: f64, eps: f64) -> String {
     }
 }
 
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64
+/// `bytes` for a message: `"512 bytes"`, `"12.5 KiB"`, `"3.0 MiB"`, `"2.10 GiB"`.
+pub fn format_bytes(bytes: usize) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else if b < KIB * KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else if b < KIB * KIB * KIB {
+        format!("{:.1} MiB", b / (KIB * KIB))
+    } else {
+        format!("{:.2} GiB", b / (KIB * KIB * KIB))
+    }
+}
+
+/// The error of an exact call whose working set exceeds `memory_limit` (a `MemoryError` in
+/// Python), or `None`.
+pub fn exact_memory_refusal(prob: &Problem, working_bytes: usize, memory_limit: usize) -> Option<String> {
+    (working_bytes > memory_limit).then(|| {
+        format!(
+            "fastrope: the exact method needs a working set of {}, more than memory_limit = {} \
+             (shapes ({}, {}, {}, {}, {}, {}, {}))",
+            format_bytes(working_bytes),
+            format_bytes(memory_limit),
+            prob.batch,
+            prob.hq,
+            prob.hk,
+            prob.nq,
+            prob.nk,
+            prob.d,
+            prob.dv
+        )
+    })
 }
 
 /// `x` to `sig` significant digits in the shortest of fixed and scientific notation, trailing
@@ -429,6 +460,15 @@ mod tests {
         );
         let e = choose(&offer(1.0, 3 << 20), 10.0, 1e-3, 2 << 20, true).unwrap_err();
         assert!(matches!(e, Error::Approximation(m) if m.starts_with("method='fast': the fast")));
+    }
+
+    #[test]
+    fn bytes_are_written_in_the_unit_that_shows_them() {
+        assert_eq!(format_bytes(10), "10 bytes");
+        assert_eq!(format_bytes(1023), "1023 bytes");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(format_bytes(2254857830), "2.10 GiB");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::arch::Real;
 use crate::exact::backward::BackwardInputs;
 use crate::plan::cost;
 use numpy::{Element, IntoPyArray, PyReadonlyArray3};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
@@ -16,13 +16,20 @@ fn forward_typed<'py, T: Real + Element>(
     sp: &Spec<'py>,
     threads: Option<usize>,
     check_kv: bool,
+    memory_limit: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    if let Some(limit) = memory_limit {
+        let ws = cost_of(sp, std::mem::size_of::<T>(), false)?.working_bytes;
+        if let Some(msg) = cost::exact_memory_refusal(&sp.prob, ws, limit) {
+            return Err(PyMemoryError::new_err(msg));
+        }
+    }
     let (q, k, v) = (arr4::<T>(q, "q")?, arr4::<T>(k, "k")?, arr4::<T>(v, "v")?);
     let (values, bias_arr) = sp.tables::<T>()?;
     let pos = position(sp, values.as_ref())?;
     let bias = sp.bias_of(bias_arr.as_ref());
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let serial = crate::exact::decode::runs_serial(&sp.prob, &pos);
+    let serial = crate::exact::forward::runs_serial(&sp.prob, &pos);
     let prob = &sp.prob;
     let (out, lse) = run(
         py,
@@ -99,9 +106,11 @@ fn backward_typed<'py, T: Real + Element>(
 }
 
 /// Exact forward on canonical arrays; returns `(out, lse)`. `**call`: the call description
-/// ([`Spec`]).
+/// ([`Spec`]). With `memory_limit`, a working set above it raises `MemoryError` before anything
+/// is allocated.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, *, num_threads, check_kv=false, **call))]
+#[pyo3(signature = (q, k, v, *, num_threads, check_kv=false, memory_limit=None, **call))]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn exact_forward<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
@@ -109,10 +118,26 @@ pub(super) fn exact_forward<'py>(
     v: &Bound<'py, PyAny>,
     num_threads: Option<usize>,
     check_kv: bool,
+    memory_limit: Option<usize>,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let sp = Spec::from_kwargs(call)?;
-    dispatch!(q, forward_typed, py, [q, k, v], &sp, num_threads, check_kv)
+    dispatch!(
+        q,
+        forward_typed,
+        py,
+        [q, k, v],
+        &sp,
+        num_threads,
+        check_kv,
+        memory_limit
+    )
+}
+
+/// `bytes` as messages write them (`"512 bytes"`, `"3.0 MiB"`, `"2.10 GiB"`).
+#[pyfunction]
+pub(super) fn format_bytes(bytes: usize) -> String {
+    cost::format_bytes(bytes)
 }
 
 /// Exact backward on canonical arrays; returns `(dq, dk, dv, dw, dbias)`.
@@ -164,6 +189,13 @@ pub(super) fn exact_cost(
             )))
         }
     };
+    let c = cost_of(&sp, item, backward)?;
+    Ok((c.flops, c.seconds, c.working_bytes))
+}
+
+/// The exact method's cost model ([`cost::exact`]) for the call `sp` with elements of `item`
+/// bytes.
+fn cost_of(sp: &Spec<'_>, item: usize, backward: bool) -> PyResult<cost::Cost> {
     let support = match sp.rotary {
         Some(_) => None,
         None => {
@@ -181,7 +213,7 @@ pub(super) fn exact_cost(
         Some(x) => x.getattr("size")?.extract()?,
         None => 0,
     };
-    let c = cost::exact(
+    Ok(cost::exact(
         &sp.prob,
         &cost::ExactCall {
             support,
@@ -190,6 +222,5 @@ pub(super) fn exact_cost(
             values,
         },
         backward,
-    );
-    Ok((c.flops, c.seconds, c.working_bytes))
+    ))
 }

@@ -93,6 +93,7 @@ fn _fastrope(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exact::exact_forward, m)?)?;
     m.add_function(wrap_pyfunction!(exact::exact_backward, m)?)?;
     m.add_function(wrap_pyfunction!(exact::exact_cost, m)?)?;
+    m.add_function(wrap_pyfunction!(exact::format_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(fast::fast_forward, m)?)?;
     m.add_function(wrap_pyfunction!(fast::choose_method, m)?)?;
     m.add_function(wrap_pyfunction!(fast::fast_backward, m)?)?;
