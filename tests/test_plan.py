@@ -3,6 +3,8 @@ reason, and ``route=`` restricts the fast method's route (docs/DESIGN.md §8).""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,44 @@ def test_exact_plans_say_why_fast_was_refused():
     assert p.native is None  # an exact plan keeps no fast plan
     text = str(p)
     assert "refused fast:" in text
+
+
+def test_a_call_no_route_serves_gives_each_routes_own_reason():
+    """Standard-normal d = 8 at eps = 0.1: both routes apply and both give up; the message names
+    each route's own limit (features for low-rank, terms for Toeplitz), not one of them."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 512, 8)) for _ in range(3))
+    pattern = (
+        r"^method='fast': no fast route serves eps = 1\.000e-1: "
+        r"the low-rank route: degree \d+ needs C\(8 \+ \d+, \d+\) = [\d.e]+ features, more than"
+        r" the limit of 1000000; "
+        r"the Toeplitz route: degree \d+ would need C\(\d+, \d+\) = [\d.e]+ terms, more than"
+        r" the limit of 1000000$"
+    )
+    with pytest.raises(fastrope.ApproximationError, match=pattern):
+        fastrope.attention(q, k, v, fastrope.Rotary(), 0.1, method="fast")
+    p = fastrope.plan(q, k, v, fastrope.Rotary(), 0.1)
+    assert p.method == "exact"
+    assert "the low-rank route: degree" in p.why and "the Toeplitz route: degree" in p.why
+
+
+def test_method_fast_warns_when_it_is_predicted_far_slower_than_exact():
+    """A huge eps on a small call: the planner certifies with a degree whose features cost far
+    more than the exact method; method='fast' runs it as asked, with a warning that points at
+    the caller's line and gives both predicted times; method='auto' runs exact, silently."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 64, 8)) for _ in range(3))
+    with pytest.warns(UserWarning, match=r"method='fast': predicted .* s against the exact") as w:
+        p = fastrope.plan(q, k, v, fastrope.Rotary(), 1e6, method="fast")
+    assert w[0].filename == __file__
+    assert p.method == "fast" and p.fast_seconds > 100 * p.exact_seconds
+    assert f"degree {p.degree} ({p.terms} features)" in str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastrope.plan(q, k, v, fastrope.Rotary(), 1e6).method == "exact"
+        # a fast call that is worth it does not warn
+        q2, k2, v2, _ = _data(1, n=2**14)
+        assert fastrope.plan(q2, k2, v2, fastrope.Rotary(D), 1e-3, method="fast").method == "fast"
 
 
 def test_route_lowrank_where_it_cannot_serve():

@@ -3,6 +3,8 @@ arbitrary (often invalid) arguments, each call ending in a result or a documente
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -107,6 +109,31 @@ def test_huge_shapes_raise_memory_error_before_allocating(n):
     """Shape tuples let us ask for a working set no machine has, without allocating inputs."""
     with pytest.raises(MemoryError, match="working set"):
         fastrope.plan((8, n, 64), (8, n, 64), (8, n, 64), fastrope.Rotary(), bound_r=1.0)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact"])
+@pytest.mark.parametrize(
+    "limit, shown", [(10, "10 bytes"), (5000, "4.9 KiB"), (3 << 20, "3.0 MiB")]
+)
+def test_a_small_memory_limit_is_reported_in_a_unit_that_shows_it(rng, method, limit, shown):
+    """The exact method's refusal names both sizes legibly (not "0.0 MiB"), for an exact call
+    that plans nothing (eps = 0) and through fastrope.plan()."""
+    n = 1024 if limit > 4096 else 64
+    q, k, v = (rng.standard_normal((8, n, 64)) for _ in range(3))
+    shapes = re.escape(f"(shapes (1, 8, 8, {n}, {n}, 64, 64))")
+    pattern = rf"more than memory_limit = {re.escape(shown)} {shapes}"
+    with pytest.raises(MemoryError, match=pattern):
+        fastrope.attention(q, k, v, fastrope.Rotary(), method=method, memory_limit=limit)
+    with pytest.raises(MemoryError, match=pattern):
+        fastrope.plan(q, k, v, fastrope.Rotary(), method=method, memory_limit=limit)
+    ws = fastrope.plan(q, k, v, fastrope.Rotary()).working_set_bytes
+    assert ws > limit
+    with pytest.raises(MemoryError, match="working set of " + re.escape(fmt_bytes(ws))):
+        fastrope.attention(q, k, v, fastrope.Rotary(), method=method, memory_limit=limit)
+
+
+def fmt_bytes(b: int) -> str:
+    return fastrope._fastrope.format_bytes(b)
 
 
 def test_without_check_finite_nan_propagates_but_nothing_crashes():

@@ -87,8 +87,8 @@ def fast_forward(
     """``(out, lse, plan)``; ``(None, None, plan)`` with ``run=False``, where ``plan["handle"]``
     is the plan itself: passed back as ``plan=`` to a run with the same arguments, it is run
     without planning (or reading its bounds) again.  ``check_kv``: scan k and v for NaN/Inf
-    before planning (the caller checked q).  ``plan["seconds"]`` is the predicted time (src/plan/cost.rs);
-    ``max_terms``/``max_degree`` default to the cost model's limits."""
+    before planning (the caller checked q).  ``plan["seconds"]`` is the predicted time
+    (src/plan/cost.rs); ``max_terms``/``max_degree`` default to the cost model's limits."""
 
 def fast_backward(
     q: np.ndarray,

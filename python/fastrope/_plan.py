@@ -11,7 +11,9 @@ is predicted before anything is allocated: a call that would exceed ``memory_lim
 from __future__ import annotations
 
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -313,6 +315,8 @@ def _choose(method, eps, limit, certified, fast, details, exact, exact_plan, inf
         memory_limit=limit,
     )
     if chosen == "fast":
+        if method == "fast":
+            _warn_if_slower(fast, exact["exact_seconds"])
         return Plan(
             method="fast",
             certified_error=certified,
@@ -324,6 +328,38 @@ def _choose(method, eps, limit, certified, fast, details, exact, exact_plan, inf
             **fast,
         )
     return exact_plan(why, fast, refused, not_taken[1])
+
+
+# method='fast' warns when its predicted time is above this many times the exact method's (and
+# above SLOWER_MIN_SECONDS): a huge eps on a small call can ask for a degree whose features cost
+# seconds where the exact method takes a millisecond.
+SLOWER_WARN_RATIO = 100.0
+SLOWER_MIN_SECONDS = 0.1
+
+
+def _warn_if_slower(fast: dict, exact_seconds: float) -> None:
+    fs = fast["fast_seconds"]
+    if fs < SLOWER_MIN_SECONDS or fs < SLOWER_WARN_RATIO * exact_seconds:
+        return
+    warnings.warn(
+        f"method='fast': predicted {fs:.3g} s against the exact method's {exact_seconds:.3g} s"
+        f" ({fs / max(exact_seconds, 1e-12):.3g}x slower): the {fast['route']} route needs degree"
+        f" {fast['degree']} ({fast['terms']} {'features' if fast['route'] == 'lowrank' else 'terms'})"
+        " and"
+        f" {_native.format_bytes(fast['fast_working_set_bytes'])} for this eps; method='auto'"
+        " runs the exact method here",
+        UserWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside fastrope."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, route="auto"):

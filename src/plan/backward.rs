@@ -410,9 +410,8 @@ pub fn plan_fast_backward<'a, T: Real>(
                     t
                 }
                 Err(Error::Approximation(te)) => {
-                    return Err(Error::Approximation(format!(
-                        "{te}; the low-rank path: {le}"
-                    )))
+                    let msg = super::no_route("fast backward", eps, &le.to_string(), &te);
+                    return Err(Error::Approximation(msg));
                 }
                 Err(e) => return Err(e),
             },

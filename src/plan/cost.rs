@@ -289,7 +289,11 @@ pub fn format_bytes(bytes: usize) -> String {
 
 /// The error of an exact call whose working set exceeds `memory_limit` (a `MemoryError` in
 /// Python), or `None`.
-pub fn exact_memory_refusal(prob: &Problem, working_bytes: usize, memory_limit: usize) -> Option<String> {
+pub fn exact_memory_refusal(
+    prob: &Problem,
+    working_bytes: usize,
+    memory_limit: usize,
+) -> Option<String> {
     (working_bytes > memory_limit).then(|| {
         format!(
             "fastrope: the exact method needs a working set of {}, more than memory_limit = {} \

@@ -401,7 +401,8 @@ fn choose(
             te,
         )),
         (Some(Err(te)), Ok(Err(le))) => {
-            Err(approximation(format!("{te}; the low-rank route: {le}"), te))
+            let msg = super::no_route("fast", eps, &le.to_string(), &te.to_string());
+            Err(approximation(msg, te))
         }
         (None, Ok(Err(le))) => Err(approximation(
             format!("route='lowrank' was requested; the low-rank route: {le}"),

@@ -79,6 +79,38 @@ pub(crate) fn refuse(list: &mut Vec<Refusal>, route: &'static str, reason: Strin
     }
 }
 
+/// The refusal of a call that neither route serves: each route's own reason, without the
+/// prefix its planner gives it when it is the only one. `what`: `"fast"` or `"fast backward"`.
+pub(crate) fn no_route(what: &str, eps: f64, lowrank: &str, toeplitz: &str) -> String {
+    format!(
+        "no {what} route serves eps = {eps:.3e}: the low-rank route: {}; the Toeplitz route: {}",
+        route_reason(lowrank),
+        route_reason(toeplitz)
+    )
+}
+
+/// A planner's message without its `fast method ...: ` / `fast backward ...: ` prefix.
+fn route_reason(msg: &str) -> &str {
+    const PREFIXES: [&str; 7] = [
+        "fast method (low-rank): cannot certify eps: ",
+        "fast method (low-rank): ",
+        "fast method: ",
+        "fast backward (low-rank) cannot certify the gradients to eps: ",
+        "fast backward (low-rank): ",
+        "fast backward cannot certify the gradients to eps: ",
+        "fast backward: ",
+    ];
+    if let Some(rest) = msg.strip_prefix("fast method cannot certify eps = ") {
+        if let Some(i) = rest.find(": ") {
+            return &rest[i + 2..];
+        }
+    }
+    PREFIXES
+        .iter()
+        .find_map(|p| msg.strip_prefix(p))
+        .unwrap_or(msg)
+}
+
 static PLANNER_CALLS: AtomicU64 = AtomicU64::new(0);
 
 /// How many fast plans (forward or backward) this process has made.

@@ -193,6 +193,14 @@ fn check_threads<'a>(
     let ctl = Control::new();
     let (out, lse) =
         attention_forward(prob, pos, bias, q.view(), k.view(), v.view(), &ctl).unwrap();
+    // A small call's forward on the calling thread alone: the same units, bit for bit.
+    let serial = Control::serial();
+    let (out_s, lse_s) =
+        attention_forward(prob, pos, bias, q.view(), k.view(), v.view(), &serial).unwrap();
+    assert!(
+        out_s == out && lse_s == lse,
+        "{isa:?}: the serial forward differs"
+    );
     let nv = naive(prob, pos, bias, &q, &k, &v, &dout);
     assert!(
         max_diff(&out, &nv.out) < 1e-12,
