@@ -159,13 +159,21 @@ pub(crate) fn rotated_key_panels<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     let (nk, d) = (kh.nrows(), prob.d);
     const CHUNK: usize = 256;
-    let chunk = kernel::round_up(CHUNK, nr);
+    let chunk = kernel::round_up(CHUNK.min(nk.max(1)), nr);
     let mut kp = vec![T::zero(); nk.div_ceil(nr) * d * nr];
     let mut kc = if columns {
         vec![T::zero(); d.div_ceil(nr) * nk * nr]
     } else {
         Vec::new()
     };
+    // `w=None` (no rotation, factor 1): the keys go into the panels as they are.
+    if rot.is_identity() && factor == 1.0 {
+        key_panels_into(kh, nr, &mut kp);
+        if columns {
+            column_panels_into(kh, nr, &mut kc, nk, 0);
+        }
+        return (kp, kc);
+    }
     let mut buf = vec![T::zero(); chunk * d];
     for j0 in (0..nk).step_by(chunk) {
         let rows = chunk.min(nk - j0);
