@@ -247,3 +247,101 @@ fn table_index_check_of_a_huge_problem_is_an_error() {
     };
     assert!(bias.validate(&prob).is_err());
 }
+
+/// Found by the `fast` fuzz target (fuzz/regressions/fast/crash-5a9e7f…): a `BlockW` entry of
+/// `1e300` times subnormal keys (`1e-310`) makes a normal score of 7.4e-13, but the score bound
+/// squared the keys (`||k||_2` underflowed to 0, so `R` missed the score) and the rounding model
+/// was relative only. Now the Toeplitz route either refuses (the operands reach the subnormal
+/// range, where rounding is absolute) or its result is within its certificate; the exact method
+/// gets the reference's lse.
+#[test]
+fn subnormal_keys_times_a_huge_table_entry_are_certified_or_refused() {
+    let prob = Problem {
+        batch: 1,
+        hq: 1,
+        hk: 1,
+        nq: 1,
+        nk: 1,
+        d: 2,
+        dv: 1,
+        scale: std::f64::consts::FRAC_1_SQRT_2,
+        causal: true,
+        window: Some((14, 14)),
+        q_offset: -11,
+        k_offset: -11,
+    };
+    let q = Array4::from_shape_vec((1, 1, 1, 2), vec![0.0104, 1e-310]).unwrap();
+    let k = Array4::from_elem((1, 1, 1, 2), 1e-310);
+    let v = Array4::from_elem((1, 1, 1, 1), 1e-310);
+    let values = Array3::from_shape_vec((1, 1, 4), vec![1e-310, 1e300, 1e-310, 1e-310]).unwrap();
+    let pos = Position::Sparse(SparseW {
+        support: vec![(0, 0), (0, 1), (1, 0), (1, 1)],
+        values: values.view(),
+        index: vec![0],
+    });
+    let bvals = Array2::from_elem((1, 1), 0.904);
+    let bias = Bias {
+        values: bvals.view(),
+        index: vec![0],
+    };
+    let want = 0.904 + prob.scale * 0.0104 * 1e300 * 1e-310; // the one score, + the bias
+    let ctl = Control::new();
+    let (_, lse) =
+        attention_forward(&prob, &pos, Some(&bias), q.view(), k.view(), v.view(), &ctl).unwrap();
+    assert!(
+        (lse[[0, 0, 0]] - want).abs() < 1e-15,
+        "exact lse {}",
+        lse[[0, 0, 0]]
+    );
+    let limits = FastLimits {
+        max_degree: 24,
+        max_terms: 20_000,
+        max_working_bytes: 1 << 26,
+    };
+    let mut ran = 0;
+    for route in [Route::Auto, Route::Toeplitz, Route::LowRank] {
+        let Ok(call) = plan_fast(
+            &prob,
+            &pos,
+            Some(&bias),
+            q.view(),
+            k.view(),
+            v.view(),
+            1e-5,
+            &limits,
+            1,
+            route,
+        ) else {
+            continue;
+        };
+        match run_fast(
+            &call,
+            &prob,
+            &pos,
+            Some(&bias),
+            q.view(),
+            k.view(),
+            v.view(),
+            &limits,
+            &ctl,
+        ) {
+            Ok((_, lse)) => {
+                ran += 1;
+                let err = (lse[[0, 0, 0]] - want).abs();
+                assert!(
+                    err <= call.certified_lse_error,
+                    "{route:?}: lse off by {err:e}, certified {:e}",
+                    call.certified_lse_error
+                );
+            }
+            Err(crate::Error::Approximation(m)) => {
+                assert!(
+                    m.contains("subnormal"),
+                    "{route:?}: refused for another reason: {m}"
+                );
+            }
+            Err(e) => panic!("{route:?}: {e}"),
+        }
+    }
+    eprintln!("fast runs within their certificate: {ran}");
+}

@@ -165,3 +165,42 @@ def test_a_bias_whose_exponential_underflows_is_not_taken_for_a_mask():
     g = fastrope.attention_grad(q, q, v, w, v, 1e-3, causal=True, bias=bias)
     gr = fastrope.reference.attention_grad(q, q, v, w, v, causal=True, bias=bias)
     assert np.abs(g.dq - gr.dq).max() <= 1e-3 and np.abs(g.dv - gr.dv).max() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("w_kind", ["rotary", "block", "sparse"])
+def test_dv_zero_gives_the_lse_of_the_scores_and_its_gradients(dtype, w_kind):
+    """d_v = 0 (fuzz/regressions/exact/crash-13aaa9…): lse does not depend on v, so it is the
+    scores' own and finite, not -inf; out is empty. The backward of sum(lse * dlse) alone
+    (dout empty) matches the reference, and without dlse every gradient is zero."""
+    rng = np.random.default_rng(3)
+    nq, nk, d = 11, 13, 4
+    q = rng.uniform(-1, 1, (2, nq, d)).astype(dtype)
+    k = rng.uniform(-1, 1, (2, nk, d)).astype(dtype)
+    v = np.zeros((2, nk, 0), dtype)
+    L = max(nq, nk) + 2
+    if w_kind == "rotary":
+        w = fastrope.Rotary()
+    elif w_kind == "block":
+        w = fastrope.BlockW(rng.uniform(-0.5, 0.5, (2 * L - 1, d // 2, 2, 2)))
+    else:
+        w = fastrope.SparseW(np.array([[0, 0], [1, 3], [2, 1]]), rng.uniform(-1, 1, (2 * L - 1, 3)))
+    kw = dict(causal=True, q_offset=3)
+    out, lse = fastrope.attention(q, k, v, w, return_lse=True, **kw)
+    ref_out, ref_lse = fastrope.reference.attention(q, k, v, w, return_lse=True, **kw)
+    atol = 1e-12 if dtype == np.float64 else 1e-5
+    assert out.shape == (2, nq, 0) and lse.shape == (2, nq)
+    assert np.all(np.isfinite(lse)), lse
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=atol)
+    dout = np.zeros((2, nq, 0), dtype)
+    dlse = rng.uniform(-1, 1, (2, nq)).astype(dtype)
+    g = fastrope.attention_grad(q, k, v, w, dout, out=out, lse=lse, dlse=dlse, **kw)
+    gr = fastrope.reference.attention_grad(q, k, v, w, dout, dlse=dlse, **kw)
+    assert g.dv.shape == (2, nk, 0)
+    assert np.abs(gr.dq).max() > 1e-2  # the gradients from dlse alone are not trivial
+    for name in ("dq", "dk"):
+        np.testing.assert_allclose(getattr(g, name), getattr(gr, name), rtol=0, atol=10 * atol)
+    if gr.dw is not None:
+        np.testing.assert_allclose(g.dw, gr.dw, rtol=0, atol=10 * atol)
+    g0 = fastrope.attention_grad(q, k, v, w, dout, **kw)
+    assert not np.any(g0.dq) and not np.any(g0.dk)

@@ -2,7 +2,10 @@
 //! panic; an `Err`, or finite results within the certificate of the naive reference: forward
 //! `max |out - O| <= min(certified_error, eps)` (a deferred plan guarantees `eps`), `lse` within
 //! `certified_lse_error`, each gradient within its certified error; plus the reference's own
-//! rounding (`64 u` of what each entry sums).
+//! rounding (`64 u` of what each entry sums). Non-finite inputs (NaN, ±inf in q, k, v, dout,
+//! the tables or the scale) are only required not to panic, as in the `exact` target: the Rust
+//! API leaves the finiteness scan to its caller (the Python layer's `check_finite`), and the
+//! planners' maxima do not see a NaN.
 #![no_main]
 
 use fastrope::fast::{FastLimits, Want};
@@ -26,13 +29,17 @@ fuzz_target!(|data: &[u8]| {
     let (q, k, v) = (case.q.view(), case.k.view(), case.v.view());
     let mut bad = Vec::new();
     let mut r = None;
+    let finite = case.finite();
     // The reference's rounding, and an absolute floor for results in the subnormal range (where
     // rounding is absolute, 2^-1074 per operation, and no relative bound covers it).
     let slack = |r: &fastrope_fuzz::Reference| {
         64.0 * U * prob.d as f64 * f64::max(1.0, r.score_abs) * r.v_max + 1e-300
     };
     if let Ok(call) = plan_fast(prob, &pos, bias.as_ref(), q, k, v, case.eps, &limits, 1, route) {
-        if let Ok((out, lse)) = run_fast(&call, prob, &pos, bias.as_ref(), q, k, v, &limits, &ctl) {
+        if let Ok((out, lse)) = run_fast(&call, prob, &pos, bias.as_ref(), q, k, v, &limits, &ctl)
+            .map_err(|_| ())
+            .and_then(|r| if finite { Ok(r) } else { Err(()) })
+        {
             let rf = r.get_or_insert_with(|| reference(&case));
             let bound = call.certified_error.min(case.eps) + slack(rf);
             if !all_finite(&out) {
@@ -49,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
     ) {
         if let Ok((g, _, _, cert)) =
             run_fast_backward(&call, prob, &pos, bias.as_ref(), q, k, v, case.dout.view(), None, &limits, &ctl)
+                .map_err(|_| ())
+                .and_then(|r| if finite { Ok(r) } else { Err(()) })
         {
             let rf = r.get_or_insert_with(|| reference(&case));
             let tol = |c: f64, abs: &[f64]| {

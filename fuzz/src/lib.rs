@@ -295,7 +295,11 @@ pub fn reference(case: &Case) -> Reference {
         score_abs: 0.0,
         v_max: v.iter().fold(0.0, |m, x| m.max(x.abs())),
     };
-    let delta = |i: usize, j: usize| prob.q_offset + i as i64 - prob.k_offset - j as i64;
+    // In i128: `q_offset + i` alone may overflow where the relative position (which
+    // `Problem::validate` keeps within i64) does not.
+    let delta = |i: usize, j: usize| {
+        (prob.q_offset as i128 + i as i128 - prob.k_offset as i128 - j as i128) as i64
+    };
     let bias_row = |bi: &Bias<'_, f64>, dl: i64| (dl + (bi.values.dim().1 as i64 - 1) / 2) as usize;
     for b in 0..prob.batch {
         for h in 0..prob.hq {

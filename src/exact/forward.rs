@@ -80,7 +80,19 @@ pub fn attention_forward_checked<'a, T: Real>(
     let (nq, dv) = (prob.nq, prob.dv);
     let mut out = Array4::<T>::zeros((prob.batch, prob.hq, nq, dv));
     let mut lse = Array3::<T>::from_elem((prob.batch, prob.hq, nq), T::neg_infinity());
-    if nq == 0 || prob.nk == 0 || dv == 0 || prob.batch * prob.hq == 0 {
+    if nq == 0 || prob.nk == 0 || prob.batch * prob.hq == 0 {
+        return Ok((out, lse));
+    }
+    if dv == 0 {
+        // `lse` does not depend on `v`, but the kernels' chunks and value panels need d_v > 0:
+        // run with one column of zeros and keep only `lse` (`out` has no entries).
+        let one = Problem {
+            dv: 1,
+            ..prob.clone()
+        };
+        let zeros = Array4::<T>::zeros((prob.batch, prob.hk, prob.nk, 1));
+        let (_, lse) =
+            attention_forward_checked(&one, pos, bias, q, k, zeros.view(), ctl, check_kv)?;
         return Ok((out, lse));
     }
     let decoding = decode::applies(nq, pos);

@@ -4,7 +4,7 @@
 
 use crate::error::Result;
 use crate::fast::common::HeadProblem;
-use crate::poly::{ScoreBound, WNorms, U};
+use crate::poly::{norm2, ScoreBound, WNorms, U};
 use std::collections::VecDeque;
 
 /// Bounds read from one head (or the element-wise worst over several heads sharing a plan).
@@ -117,7 +117,7 @@ impl FactorStats {
         let up = 1.0 + factor.len() as f64 * U;
         FactorStats {
             factor_sum: factor.iter().sum::<f64>() * up,
-            factor_norm2: factor.iter().map(|f| f * f).sum::<f64>().sqrt() * up,
+            factor_norm2: norm2(factor.iter()) * up,
             min_row_mass: masses
                 .iter()
                 .copied()

@@ -65,7 +65,7 @@ use crate::error::Result;
 use crate::fast::bounds::row_masses;
 use crate::fast::common::fft_relative_error;
 use crate::fast::grad::Grad5;
-use crate::poly::{certify, WNorms, U};
+use crate::poly::{certify, norm2, WNorms, U};
 use crate::toeplitz::ToeplitzPlanner;
 use ndarray::ArrayView2;
 
@@ -122,7 +122,7 @@ impl GradBounds {
         let kmax = col_max(&k);
         let restricted = |x: &ArrayView2<f64>, coords: &[usize]| -> f64 {
             x.rows().into_iter().fold(0.0f64, |m, row| {
-                m.max(coords.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt())
+                m.max(norm2(coords.iter().map(|&l| &row[l])))
             })
         };
         let (mut rq_l, mut rk_l) = (vec![0.0f64; d], vec![0.0f64; d]);
@@ -161,14 +161,12 @@ impl GradBounds {
             .rows()
             .into_iter()
             .map(|row| {
-                row.iter()
+                let centred: Vec<f64> = row
+                    .iter()
                     .zip(hi.iter().zip(&lo))
-                    .map(|(&x, (&h, &l))| {
-                        let m = 0.5 * (h + l);
-                        (x - m) * (x - m)
-                    })
-                    .sum::<f64>()
-                    .sqrt()
+                    .map(|(&x, (&h, &l))| x - 0.5 * (h + l))
+                    .collect();
+                norm2(centred.iter())
             })
             .fold(0.0f64, f64::max);
         let (mut do_max, mut do_l1, mut gamma) = (0.0f64, 0.0f64, 0.0f64);

@@ -161,7 +161,7 @@ pub(crate) fn abs_max<T: Real>(x: ndarray::ArrayView2<T>) -> f64 {
 /// `max_i |x_i|` (2-norms of the rows).
 pub(crate) fn max_norm(x: ndarray::ArrayView2<f64>) -> f64 {
     x.outer_iter()
-        .map(|r| r.iter().map(|a| a * a).sum::<f64>().sqrt())
+        .map(|r| crate::poly::norm2(r.iter()))
         .fold(0.0, f64::max)
 }
 

@@ -17,6 +17,48 @@ mod search;
 /// Unit roundoff of f64.
 pub(crate) const U: f64 = f64::EPSILON / 2.0;
 
+/// Below this magnitude a rounded product or quotient is no longer within a relative `u` of
+/// its value: it lies in (or next to) the subnormal range, where rounding is absolute, up to
+/// half of [`ETA`]. Every bound that multiplies by `1 + k u` assumes results above it.
+pub(crate) const TINY: f64 = f64::MIN_POSITIVE * 1024.0;
+
+/// The smallest subnormal, `2^-1074`: the absolute rounding unit of the subnormal range.
+pub(crate) const ETA: f64 = 5e-324;
+
+/// `a b` rounded up for `a, b >= 0`: the plain product when it is well above the subnormal
+/// range (callers add their relative slack; bit for bit the product), else the product plus
+/// [`ETA`] (its rounding there is absolute, at most `ETA / 2`), so that a chain of such
+/// products stays an upper bound even when an intermediate result underflows.
+pub(crate) fn mul_up(a: f64, b: f64) -> f64 {
+    let p = a * b;
+    if a == 0.0 || b == 0.0 || p >= TINY || p.is_nan() {
+        p
+    } else {
+        p + ETA
+    }
+}
+
+/// `sqrt(Σ x²)` without the underflow (or overflow) of squaring: the plain sum of squares when
+/// the largest magnitude `m` is in `[2^-500, 2^500]` (bit for bit as before; squares that
+/// underflow there are below `2^-74` of `m²`, within the callers' relative slack), else
+/// `m sqrt(Σ (x/m)²)`, with `2u` more for the quotients and rounded up in the subnormal range.
+/// Callers multiply by their summation slack `1 + (n + 2) u` as before.
+pub(crate) fn norm2<'a>(xs: impl Iterator<Item = &'a f64> + Clone) -> f64 {
+    let m = xs.clone().fold(0.0f64, |m, x| m.max(x.abs()));
+    if !(m.is_finite() && m > 0.0) {
+        return if m == 0.0 {
+            0.0
+        } else {
+            xs.map(|x| x * x).sum::<f64>().sqrt()
+        };
+    }
+    if (2f64.powi(-500)..=2f64.powi(500)).contains(&m) {
+        return xs.map(|x| x * x).sum::<f64>().sqrt();
+    }
+    let s = xs.map(|x| (x / m) * (x / m)).sum::<f64>().sqrt() * (1.0 + 2.0 * U);
+    mul_up(m, s)
+}
+
 /// Highest degree we ever certify. Beyond it the expansion is astronomically large anyway, and
 /// up to it the integer coefficients of the Chebyshev polynomials `T_j` (sum of magnitudes
 /// `((1+√2)^j + (1-√2)^j)/2 < 2^53` for `j <= 40`) are exact in f64.

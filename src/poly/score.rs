@@ -2,7 +2,7 @@
 //! §5.2), computed in `O(n d + glen |S|)` without forming any score: the interval `[-R, R]` the
 //! polynomial of [`super`] must certify.
 
-use super::U;
+use super::{mul_up, norm2, ETA, TINY, U};
 use crate::error::{Error, Result};
 use ndarray::ArrayView2;
 use rayon::prelude::*;
@@ -101,7 +101,7 @@ impl WNorms {
             .into_iter()
             .map(|(rows, cols, entries)| {
                 let b = block_max(&entries);
-                (rows, cols, b * (1.0 + 16.0 * U))
+                (rows, cols, block_up(b))
             })
             .collect();
         Ok(WNorms { blocks, entry_max })
@@ -178,7 +178,7 @@ impl WNorms {
         let blocks = members
             .into_iter()
             .zip(best)
-            .map(|((rows, cols, _), b)| (rows, cols, b * (1.0 + 16.0 * U)))
+            .map(|((rows, cols, _), b)| (rows, cols, block_up(b)))
             .collect();
         Ok(WNorms { blocks, entry_max })
     }
@@ -214,21 +214,26 @@ impl WNorms {
             .collect();
         let (q_col, q_norm) = row_maxima(q, &q_sets);
         let (k_col, k_norm) = row_maxima(k, &k_sets);
-        let r_abs: f64 = support
-            .iter()
-            .zip(&self.entry_max)
-            .map(|(&(a, b), &w)| q_col[a] * w * k_col[b])
-            .sum::<f64>()
-            * scale;
+        // Products rounded up (`mul_up`) where they underflow: subnormal keys times a huge
+        // table entry make a normal score that a plain product chain rounds to 0.
+        let r_abs: f64 = mul_up(
+            support
+                .iter()
+                .zip(&self.entry_max)
+                .map(|(&(a, b), &w)| mul_up(mul_up(q_col[a], w), k_col[b]))
+                .sum::<f64>(),
+            scale,
+        );
         let wmax = self.blocks.iter().fold(0.0f64, |m, b| m.max(b.2));
-        let spectral = scale * q_norm[0] * wmax * k_norm[0];
-        let blocks: f64 = self
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, (_, _, w))| q_norm[i + 1] * w * k_norm[i + 1])
-            .sum::<f64>()
-            * scale;
+        let spectral = mul_up(mul_up(mul_up(scale, q_norm[0]), wmax), k_norm[0]);
+        let blocks: f64 = mul_up(
+            self.blocks
+                .iter()
+                .enumerate()
+                .map(|(i, (_, _, w))| mul_up(mul_up(q_norm[i + 1], *w), k_norm[i + 1]))
+                .sum::<f64>(),
+            scale,
+        );
         // The products and sums above round; a relative slack of 64u keeps R an upper bound.
         let slack = 1.0 + 64.0 * U * (support.len() as f64 + 4.0);
         let (r_abs, spectral, blocks) = (r_abs * slack, spectral * slack, blocks * slack);
@@ -261,12 +266,23 @@ fn row_maxima(x: ArrayView2<f64>, sets: &[&[usize]]) -> (Vec<f64>, Vec<f64>) {
                     *m = m.max(v.abs());
                 }
                 for (m, set) in norm.iter_mut().zip(sets) {
-                    *m = m.max(set.iter().map(|&l| row[l] * row[l]).sum::<f64>().sqrt());
+                    *m = m.max(norm2(set.iter().map(|&l| &row[l])));
                 }
             }
             (col, norm)
         })
         .reduce(|| (vec![0.0; d], vec![0.0; sets.len()]), merge)
+}
+
+/// A block norm computed in a few operations, rounded up: `16u` relative, and in the subnormal
+/// range (where those operations round absolutely) `16` units of `2^-1074` more.
+fn block_up(b: f64) -> f64 {
+    let b = b * (1.0 + 16.0 * U);
+    if b > 0.0 && b < TINY {
+        b + 16.0 * ETA
+    } else {
+        b
+    }
 }
 
 /// Upper bound on the spectral norm of a row-major `m x n` block: exact for blocks up to 2x2.
@@ -276,7 +292,7 @@ fn spectral_bound(mat: &[f64], m: usize, n: usize) -> f64 {
         let (a, b, c, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
         return 0.5 * ((a + d).hypot(c - b) + (a - d).hypot(c + b));
     }
-    let fro = mat.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let fro = norm2(mat.iter());
     let norm1 = (0..n)
         .map(|j| (0..m).map(|i| mat[i * n + j].abs()).sum::<f64>())
         .fold(0.0, f64::max);
@@ -313,6 +329,33 @@ mod tests {
     use super::*;
     use crate::test_util::rng;
     use ndarray::Array2;
+
+    /// Subnormal keys (1e-310) under a table entry of 1e300 give a normal score (1e-10 here):
+    /// the bound must dominate it, though `||k||_2` computed by squares underflows to 0.
+    #[test]
+    fn score_bound_dominates_scores_of_subnormal_keys() {
+        let support = vec![(0, 0), (0, 1), (1, 0), (1, 1)];
+        let seqs = Array2::from_shape_vec((4, 1), vec![1e-310, 1e300, 1e-310, 1e-310]).unwrap();
+        let q = Array2::from_shape_vec((1, 2), vec![1.0, 1e-310]).unwrap();
+        for kv in [1e-310, 3e-320, 1e-160] {
+            let k = Array2::from_elem((1, 2), kv);
+            let b = WNorms::new(2, &support, seqs.view(), &[1.0])
+                .unwrap()
+                .bound(&support, q.view(), k.view(), 1.0);
+            let m = 1e300 * kv; // q_0 W_01 k_1, the largest term
+            assert!(
+                b.r >= m,
+                "k = {kv:e}: R = {:e} below the score {m:e} ({b:?})",
+                b.r
+            );
+            assert!(b.spectral >= m && b.blocks >= m && b.r_abs >= m, "{b:?}");
+        }
+        // Ordinary magnitudes: bit for bit the plain formulas.
+        let x = [0.3, -1.25, 2.0];
+        assert_eq!(norm2(x.iter()), x.iter().map(|v| v * v).sum::<f64>().sqrt());
+        assert_eq!(mul_up(0.3, 1.7), 0.3 * 1.7);
+        assert!(mul_up(1e-300, 1e-10) >= 1e-310 && mul_up(1e-200, 1e-200) > 0.0);
+    }
 
     #[test]
     fn score_bound_dominates_every_score() {

@@ -229,6 +229,82 @@ fn empty_sparse_support_scores_zero() {
     check(&prob, &Position::Sparse(sp), None, 41);
 }
 
+/// `d_v = 0` (fuzz/regressions/exact/crash-13aaa9…): `lse` does not depend on `v`, so it is the
+/// scores' own (finite), not `-inf`; `out` is empty and, with no cotangent for `lse`, every
+/// gradient is zero. Rotary with GQA and a causal offset, a decode row, sparse `W` with a bias.
+#[test]
+fn dv_zero_still_gives_the_lse_of_the_scores() {
+    let mut prob = Problem {
+        dv: 0,
+        causal: true,
+        q_offset: 6,
+        ..problem(19, 23, 4, 4, 2)
+    };
+    check(&prob, &Position::Rotary(rotary(4)), None, 51);
+    prob.nq = 1; // the decode path
+    check(&prob, &Position::Rotary(rotary(4)), None, 52);
+    let prob = Problem {
+        dv: 0,
+        window: Some((7, 3)),
+        ..problem(15, 17, 3, 2, 1)
+    };
+    let mut rng = Rng(53);
+    let support = vec![(0, 0), (1, 2), (2, 1)];
+    let values = Array3::from_shape_fn((1, 2 * 17 - 1, support.len()), |_| rng.next());
+    let sp = SparseW {
+        support,
+        values: values.view(),
+        index: vec![0; 4],
+    };
+    let bvals = Array2::from_shape_fn((1, 2 * 17 - 1), |_| rng.next());
+    let bias = Bias {
+        values: bvals.view(),
+        index: vec![0; 4],
+    };
+    check(&prob, &Position::Sparse(sp), Some(&bias), 54);
+    // The same lse as a call with values, in f32 too.
+    let prob = Problem {
+        dv: 0,
+        causal: true,
+        ..problem(15, 17, 4, 2, 1)
+    };
+    let with_v = Problem {
+        dv: 2,
+        ..prob.clone()
+    };
+    let q = rng.array4((2, 2, 15, 4));
+    let k = rng.array4((2, 1, 17, 4));
+    let v = rng.array4((2, 1, 17, 2));
+    let v0 = Array4::<f64>::zeros((2, 1, 17, 0));
+    let pos = Position::Rotary(rotary(4));
+    let ctl = Control::new();
+    let (_, want) =
+        attention_forward(&with_v, &pos, None, q.view(), k.view(), v.view(), &ctl).unwrap();
+    let (out, lse) =
+        attention_forward(&prob, &pos, None, q.view(), k.view(), v0.view(), &ctl).unwrap();
+    assert_eq!(out.dim(), (2, 2, 15, 0));
+    assert!(lse.iter().all(|x| x.is_finite()), "{lse:?}");
+    assert_eq!(lse, want);
+    let f = |x: &Array4<f64>| x.mapv(|y| y as f32);
+    let pos32: Position<'_, f32> = Position::Rotary(rotary(4));
+    let (_, lse32) = attention_forward(
+        &prob,
+        &pos32,
+        None,
+        f(&q).view(),
+        f(&k).view(),
+        f(&v0).view(),
+        &ctl,
+    )
+    .unwrap();
+    for (a, b) in lse32.iter().zip(want.iter()) {
+        assert!(
+            (*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0),
+            "f32 lse {a} vs {b}"
+        );
+    }
+}
+
 /// Forward and backward throughput, float32, batch 1, 8 heads, per instruction set (run with
 /// `--ignored --nocapture`).
 #[test]

@@ -421,6 +421,57 @@ pub fn data_rounding(
     1.01 * total
 }
 
+/// The absolute rounding of the subnormal range (per unit column, next to [`data_rounding`]'s
+/// relative model): a rounded product whose result falls below `2^-1022` is off by up to
+/// `2^-1075` (not by a relative `u`), and later products can amplify that by anything up to
+/// the kernel's magnitude (a `W` entry of `1e300` times keys of `1e-310` is a normal score).
+/// With `η = 2^-1074` per operation and, for an FFT of length `N`, at most `8 η N` in 2-norm
+/// (each stage adds `2η` per entry; a stage scales the 2-norm by at most `√radix`), one entry of
+/// `z_α` is off by at most
+///
+/// ```text
+/// Σ_β  η [ ||C||_1 A_k (8 √N + g + 2) + ||k^β||_1 (g + 3 + terms + √N (8 + √N)) + 10 N ]
+/// ```
+///
+/// (monomials and `k^β ∘ x`, whose errors the kernel's row sums `||C||_1` carry; the kernel's
+/// entries and its spectrum, carried by `||y||_1`; the product of spectra and the inverse FFT),
+/// and the numerator `Σ_α q^α z_α` adds `η A_q (2g + 2) Σ_β ||C||_1 max|k^β|` for the monomials
+/// of `q` and `η (1 + n_β)` for its own products. `A_q`, `A_k` (`max(1, max |monomial|)`) bound
+/// what a monomial's later factors multiply an early underflow by. For data of ordinary
+/// magnitudes this is below `1e-300` (it does not change a certificate); it matters exactly
+/// when a huge table entry meets tiny keys or queries. A model of the computation, like
+/// [`fft_relative_error`], not a proof about rustfft's code.
+pub fn underflow_rounding(
+    e: &Expansion,
+    pair_norms: &[PairNorms],
+    q_max: &[f64],
+    k_norms: &[BetaNorms],
+    fft_len: usize,
+) -> f64 {
+    const ETA: f64 = 5e-324;
+    let (n, g) = (fft_len as f64, e.degree as f64);
+    let a_q = q_max.iter().fold(1.0f64, |m, &x| m.max(x));
+    let a_k = k_norms.iter().fold(1.0f64, |m, x| m.max(x[2]));
+    let mut total = 0.0;
+    for (alpha, qa) in q_max.iter().enumerate() {
+        let range = e.pairs_of_alpha(alpha);
+        let nb = range.len() as f64;
+        let (mut z, mut mono) = (0.0, 0.0);
+        for p in range {
+            let [c1, _, _] = pair_norms[p];
+            let [k1, _, kinf] = k_norms[e.pairs[p].beta];
+            let tp = e.terms_of_pair(p) as f64;
+            z += c1 * a_k * (8.0 * n.sqrt() + g + 2.0)
+                + k1 * (g + 3.0 + tp + n.sqrt() * (8.0 + n.sqrt()))
+                + 10.0 * n;
+            mono += c1 * kinf;
+        }
+        total += qa * z + a_q * (2.0 * g + 2.0) * mono + (1.0 + nb);
+    }
+    // In units of η (so that the sums above do not underflow themselves).
+    1.01 * total * ETA
+}
+
 /// The radius Chebyshev polynomials are built on for a score bound `r`: `r` rounded up to 7
 /// significant bits (at most 1/64 larger, exact in binary). A polynomial certified on
 /// `[-snap(r), snap(r)]` is certified on `[-r, r]`; its coefficients, and hence the kernel

@@ -24,13 +24,15 @@ use super::blocks::{
     scatter, spectrum_blocks, split_by_groups, stage2_dispatch, try_filled, Block, Stage2,
     ZERO_BLOCK,
 };
-use super::certify::{data_rounding, fast_plan, BetaNorms, Certificate, PairNorms};
+use super::certify::{
+    data_rounding, fast_plan, underflow_rounding, BetaNorms, Certificate, PairNorms,
+};
 use super::expansion::Expansion;
 use crate::error::{Error, Result};
 use crate::fast::bounds::{max_abs, row_masses, FastBounds};
 use crate::fast::common::{FastLimits, FastOutput, FastReport, FastShape, HeadProblem};
 use crate::fast::plans::FastPlan;
-use crate::poly::{PolyKind, ScoreBound, WNorms, U};
+use crate::poly::{norm2, PolyKind, ScoreBound, WNorms, U};
 use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner, ToeplitzScratch, C64};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
@@ -122,7 +124,7 @@ fn kernel_pass(
             .map(|(i, w)| {
                 let mass = e.kernel(p0 + i, seqs, factor, &mut w.kern, &mut w.tmp);
                 let l1 = w.kern.iter().map(|x| x.abs()).sum::<f64>();
-                let l2 = w.kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let l2 = norm2(w.kern.iter());
                 if spectra {
                     tp.kernel_spectrum(&w.kern, &mut w.spec, &mut w.ws)?;
                 }
@@ -479,7 +481,7 @@ impl FastKernel {
             .chunks_exact(nk)
             .map(|r| {
                 let l1 = r.iter().map(|x| x.abs()).sum::<f64>() * up;
-                let l2 = r.iter().map(|x| x * x).sum::<f64>().sqrt() * up;
+                let l2 = norm2(r.iter()) * up;
                 [l1, l2, max_abs(r.iter())]
             })
             .collect();
@@ -490,13 +492,32 @@ impl FastKernel {
             &k_norms,
             self.spectra.toeplitz.fft_len(),
         );
+        // The subnormal range's absolute rounding: per unit column, and for the numerators
+        // (columns of `v`, at most max|v|) not scaled down with max|v| below 1.
+        let e_abs = underflow_rounding(
+            e,
+            &self.spectra.norms,
+            &q_max,
+            &k_norms,
+            self.spectra.toeplitz.fft_len(),
+        );
+        let e_abs = if v_max > 0.0 {
+            e_abs / v_max.min(1.0)
+        } else {
+            e_abs
+        };
         let head_bounds = FastBounds {
             r: head.r,
             v_max,
             ..*pb
         };
-        let mut cert = Certificate::new(&head_bounds, self.plan.poly.rho, e_data);
-        if cert.certified_error.is_nan() || cert.certified_error > self.plan.certified_error {
+        let mut cert = Certificate::new(&head_bounds, self.plan.poly.rho, e_data + e_abs);
+        // The plan's a-priori certificate has no absolute term: it stands in for the head's own
+        // only when that term is within its margin (`1.01`, on an `E` at least `e_data`).
+        let negligible = e_abs <= U * e_data;
+        if negligible
+            && (cert.certified_error.is_nan() || cert.certified_error > self.plan.certified_error)
+        {
             // Both are valid bounds; keep the smaller.
             cert = Certificate {
                 approximation_error: self.plan.approximation_error,
@@ -504,6 +525,15 @@ impl FastKernel {
                 certified_error: self.plan.certified_error,
                 certified_lse_error: self.plan.certified_lse_error,
             };
+        }
+        if !negligible && !(cert.certified_error <= self.plan.eps) {
+            return Err(Error::Approximation(format!(
+                "fast method: this head's operands reach the subnormal range (a product of q, k or \
+                 W below 2.2e-308 that a larger factor makes matter), where rounding is absolute: \
+                 rounding bound {e_abs:.3e} against {e_data:.3e} for ordinary magnitudes, \
+                 certified error {:.3e} above eps = {:.3e}; use the exact method",
+                cert.certified_error, self.plan.eps
+            )));
         }
         if cert.certified_error.is_nan() || cert.certified_error > self.plan.eps {
             return Err(Error::Approximation(format!(

@@ -19,7 +19,7 @@ use crate::fast::toeplitz::blocks::{spectrum_blocks, try_filled, Block, BLOCK, Z
 use crate::fast::toeplitz::certify::BetaNorms;
 use crate::fast::toeplitz::expansion::Expansion;
 use crate::fast::toeplitz::forward::{kernel_workers, KernelWorker};
-use crate::poly::U;
+use crate::poly::{norm2, U};
 use crate::toeplitz::C64;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
@@ -216,7 +216,7 @@ impl BackwardKernel {
         let up_k = 1.0 + (nk + 2) as f64 * U;
         let norms3 = |r: &[f64], up: f64| -> BetaNorms {
             let l1 = r.iter().map(|x| x.abs()).sum::<f64>() * up;
-            let l2 = r.iter().map(|x| x * x).sum::<f64>().sqrt() * up;
+            let l2 = norm2(r.iter()) * up;
             [l1, l2, max_abs(r.iter())]
         };
         let q_norms: Vec<BetaNorms> = qa.par_chunks_exact(nq).map(|r| norms3(r, up_q)).collect();

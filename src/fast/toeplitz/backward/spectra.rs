@@ -9,7 +9,7 @@ use crate::fast::toeplitz::blocks::{scatter, spectrum_blocks, try_filled, Block,
 use crate::fast::toeplitz::certify::PairNorms;
 use crate::fast::toeplitz::expansion::Expansion;
 use crate::fast::toeplitz::forward::{kernel_workers, KernelWorker};
-use crate::poly::{WNorms, U};
+use crate::poly::{norm2, WNorms, U};
 use crate::toeplitz::{ToeplitzPlan, ToeplitzPlanner};
 use ndarray::ArrayView2;
 use rayon::prelude::*;
@@ -235,7 +235,7 @@ pub(super) fn kernel_pass(
                 let (kern, tmp) = (&mut w.kern, &mut w.tmp);
                 let mass = terms.kernel(p0 + i, seqs, glen, 0, factor, kern, tmp);
                 let l1 = kern.iter().map(|x| x.abs()).sum::<f64>();
-                let l2 = kern.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let l2 = norm2(kern.iter());
                 let inf = max_abs(kern.iter());
                 if spectra {
                     tp.kernel_spectrum(kern, &mut w.spec, &mut w.ws)?;
