@@ -341,10 +341,11 @@ def _warn_if_slower(fast: dict, exact_seconds: float) -> None:
     fs = fast["fast_seconds"]
     if fs < SLOWER_MIN_SECONDS or fs < SLOWER_WARN_RATIO * exact_seconds:
         return
+    unit = "features" if fast["route"] == "lowrank" else "terms"
     warnings.warn(
         f"method='fast': predicted {fs:.3g} s against the exact method's {exact_seconds:.3g} s"
         f" ({fs / max(exact_seconds, 1e-12):.3g}x slower): the {fast['route']} route needs degree"
-        f" {fast['degree']} ({fast['terms']} {'features' if fast['route'] == 'lowrank' else 'terms'})"
+        f" {fast['degree']} ({fast['terms']} {unit})"
         " and"
         f" {_native.format_bytes(fast['fast_working_set_bytes'])} for this eps; method='auto'"
         " runs the exact method here",

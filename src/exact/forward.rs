@@ -182,14 +182,15 @@ pub fn attention_forward_checked<'a, T: Real>(
 /// second core saves on so little work.
 pub(crate) const SERIAL_FLOPS: f64 = 16e6;
 
-/// Whether a forward call is small enough to run on the calling thread alone: a decode call
-/// within `decode::SERIAL_BYTES`, or a GEMM-path call within [`SERIAL_FLOPS`].
+/// Whether a forward call of `flops` (`plan::cost::exact_flops_bound`) is small enough to run on
+/// the calling thread alone: a decode call within `decode::SERIAL_BYTES`, or a GEMM-path call
+/// within [`SERIAL_FLOPS`].
 #[cfg_attr(not(feature = "python"), allow(dead_code))]
-pub(crate) fn runs_serial<T>(prob: &Problem, pos: &Position<'_, T>) -> bool {
+pub(crate) fn runs_serial<T>(prob: &Problem, pos: &Position<'_, T>, flops: f64) -> bool {
     if decode::applies(prob.nq, pos) {
         decode::runs_serial(prob, pos)
     } else {
-        crate::plan::cost::exact_flops_bound(prob, false) <= SERIAL_FLOPS
+        flops <= SERIAL_FLOPS
     }
 }
 

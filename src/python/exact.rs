@@ -29,26 +29,21 @@ fn forward_typed<'py, T: Real + Element>(
     let pos = position(sp, values.as_ref())?;
     let bias = sp.bias_of(bias_arr.as_ref());
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
-    let serial = crate::exact::forward::runs_serial(&sp.prob, &pos);
     let prob = &sp.prob;
-    let (out, lse) = run(
-        py,
-        threads,
-        cost::exact_flops_bound(prob, false),
-        serial,
-        |ctl| {
-            crate::exact::attention_forward_checked(
-                prob,
-                &pos,
-                bias.as_ref(),
-                qv,
-                kv,
-                vv,
-                ctl,
-                check_kv,
-            )
-        },
-    )?;
+    let flops = cost::exact_flops_bound(prob, false);
+    let serial = crate::exact::forward::runs_serial(prob, &pos, flops);
+    let (out, lse) = run(py, threads, flops, serial, |ctl| {
+        crate::exact::attention_forward_checked(
+            prob,
+            &pos,
+            bias.as_ref(),
+            qv,
+            kv,
+            vv,
+            ctl,
+            check_kv,
+        )
+    })?;
     PyTuple::new(
         py,
         [

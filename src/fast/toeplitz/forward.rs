@@ -526,7 +526,7 @@ impl FastKernel {
                 certified_lse_error: self.plan.certified_lse_error,
             };
         }
-        if !negligible && !(cert.certified_error <= self.plan.eps) {
+        if !negligible && (cert.certified_error > self.plan.eps || cert.certified_error.is_nan()) {
             return Err(Error::Approximation(format!(
                 "fast method: this head's operands reach the subnormal range (a product of q, k or \
                  W below 2.2e-308 that a larger factor makes matter), where rounding is absolute: \
