@@ -187,6 +187,7 @@ fn random_problems_never_panic() {
             None,
             None,
             1e-2,
+            crate::fast::GradContract::Absolute,
             want,
             &limits,
             2,

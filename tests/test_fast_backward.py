@@ -1,14 +1,18 @@
-"""The fast backward (issue #4): ``attention_grad(..., eps, method="fast" | "auto")``.
+"""The fast backward: ``attention_grad(..., eps, method="fast" | "auto")``.
 
-Every gradient the fast backward returns must be within ``eps`` of the exact gradient (the NumPy
-reference) on every entry, and within the per-gradient bound the native certificate states —
-for every position-matrix form, masks, biases, offsets, GQA and both dtypes.  The design is
+Every gradient ``G`` the fast backward returns must meet its contract against the exact
+gradient (the NumPy reference): ``max|G_fast - G| <= eps * S_G`` under ``grad_error="relative"``
+(``S_G``, the certified magnitude, from the native plan of the same call) and ``<= eps`` under
+``"absolute"``, and lie within the per-gradient bound the native certificate states — for every
+position-matrix form, masks, biases, offsets, GQA and both dtypes.  The design is
 "the exact gradient of the approximate forward": central finite differences of that forward (a
 fixed Taylor polynomial, so it is one smooth function) must match the returned gradients.
 Sizes stay small (n <= ~300).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from fastrope._api import prepare
 EPS = (1e-2, 1e-4, 1e-6)
 FORMS = FAST_FORMS
 GRADS = ("dq", "dk", "dv", "dw", "dbias")
+CONTRACTS = ("relative", "absolute")
 
 
 def make_w(form: str, rng, L: int, d: int, lead=(), dtype=np.float64):
@@ -48,8 +53,9 @@ def errors(got, ref) -> dict:
     return out
 
 
-def native_certificate(q, k, v, w, dout, eps, bias_grad=True, **kw) -> dict:
-    """The per-gradient certified bounds of the run (sums over heads), via the native binding."""
+def native_certificate(q, k, v, w, dout, eps, bias_grad=True, grad_error="relative", **kw):
+    """The native plan of the run (a dict): the per-gradient certified bounds of the run
+    (``certified_run``, sums over heads) and the certified magnitudes ``grad_scale``."""
     call = prepare(q, k, v, w, full_dense_support=True, **kw)
     b, hq, hk, nq, nk, d, dv = call.shape
     dout4 = np.ascontiguousarray(dout.reshape(b, hq, nq, dv), dtype=call.dtype)
@@ -57,13 +63,41 @@ def native_certificate(q, k, v, w, dout, eps, bias_grad=True, **kw) -> dict:
         call.q4, call.k4, call.v4, dout4, **call.native_args(), eps=eps,
         want_dw=call.values is not None, want_dbias=bias_grad and call.bias is not None,
         max_terms=1_000_000, max_degree=40, memory_limit=8 << 30, run=True, num_threads=None,
+        grad_error=grad_error,
     )  # fmt: skip
+    assert res[7]["grad_error"] == grad_error
     return res[7]
 
 
+def budgets(eps, info, grad_error) -> dict:
+    """What ``eps`` allows each gradient under ``grad_error`` (``info`` a native plan)."""
+    if grad_error == "absolute":
+        return {g: eps for g in GRADS}
+    return {g: eps * s for g, s in info["grad_scale"].items()}
+
+
+def assert_within_contract(err, eps, info, grad_error, check_cert=True):
+    """Each measured error within its budget, and (``check_cert``) within the run's own
+    certificate, which is within the budget."""
+    budget = budgets(eps, info, grad_error)
+    for name, e in err.items():
+        assert e <= budget[name], (name, e, budget)
+        if check_cert:
+            c = info["certified_run"][name]
+            assert e <= c <= budget[name], (name, e, c, budget)
+
+
+def assert_magnitudes_bound_the_gradients(ref, info):
+    """``S_G >= max|G|``: the scales of the relative contract bound the exact gradients."""
+    for name, g in zip(GRADS, ref):
+        if g is not None and g.size:
+            assert np.abs(g).max() <= info["grad_scale"][name] * (1 + 1e-12), name
+
+
+@pytest.mark.parametrize("grad_error", CONTRACTS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("eps", EPS)
-def test_every_gradient_within_eps_and_its_certificate(form, eps):
+def test_every_gradient_within_eps_and_its_certificate(form, eps, grad_error):
     rng = np.random.default_rng(abs(hash((form, eps))) % 2**32)
     nq, nk, d, dv = 37, 53, 2 if form == "dense" else 4, 3
     L = nq + nk
@@ -71,17 +105,15 @@ def test_every_gradient_within_eps_and_its_certificate(form, eps):
     v = rng.standard_normal((2, nk, dv))
     dout = rng.uniform(-1, 1, (2, nq, dv))
     w = make_w(form, rng, L, d)
-    got = grads_or_refusal(q, k, v, w, dout, eps)
+    got = grads_or_refusal(q, k, v, w, dout, eps, grad_error=grad_error)
     if eps >= 1e-4:
         assert got is not None, "R ~ 1 with eps >= 1e-4 must be certifiable"
     if got is None:
         return
     ref = reference.attention_grad(q, k, v, w, dout)
-    err = errors(got, ref)
-    assert max(err.values()) <= eps, err
-    cert = native_certificate(q, k, v, w, dout, eps)["certified_run"]
-    for name, e in err.items():
-        assert e <= cert[name] <= eps, (name, e, cert)
+    info = native_certificate(q, k, v, w, dout, eps, grad_error=grad_error)
+    assert_within_contract(errors(got, ref), eps, info, grad_error)
+    assert_magnitudes_bound_the_gradients(ref, info)
 
 
 CASES = {
@@ -98,10 +130,11 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("grad_error", CONTRACTS)
 @pytest.mark.parametrize("form", ["rotary", "blockw", "sparse"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("eps", EPS)
-def test_masks_bias_offsets_gqa(form, case, eps):
+def test_masks_bias_offsets_gqa(form, case, eps, grad_error):
     c = dict(CASES[case])
     rng = np.random.default_rng(abs(hash((form, case, eps))) % 2**32)
     nq, nk, d, dv = 29, 40, 4, 2
@@ -119,22 +152,24 @@ def test_masks_bias_offsets_gqa(form, case, eps):
         c["bias"] = fastrope.alibi(hq, L)
     elif kind == "random":
         c["bias"] = rng.uniform(-1.0, 0.3, lead + (2 * L - 1,))
-    got = grads_or_refusal(q, k, v, w, dout, eps, **c)
+    got = grads_or_refusal(q, k, v, w, dout, eps, grad_error=grad_error, **c)
     if eps >= 1e-4 and case != "gqa_per_head_tables":
         assert got is not None
     if got is None:
         return
     ref = reference.attention_grad(q, k, v, w, dout, **c)
-    err = errors(got, ref)
-    assert max(err.values()) <= eps, err
+    info = native_certificate(q, k, v, w, dout, eps, grad_error=grad_error, **c)
+    assert_within_contract(errors(got, ref), eps, info, grad_error)
+    assert_magnitudes_bound_the_gradients(ref, info)
     if case == "empty_rows":
         # Rows without a visible key get no gradient at all.
         assert not got.dq[:, :4].any()
 
 
+@pytest.mark.parametrize("grad_error", CONTRACTS)
 @pytest.mark.parametrize("form", ["rotary", "blockw", "dense"])
 @pytest.mark.parametrize("eps", (1e-2, 1e-4))
-def test_float32(form, eps):
+def test_float32(form, eps, grad_error):
     rng = np.random.default_rng(abs(hash((form, eps, "f32"))) % 2**32)
     nq, nk, d, dv = 33, 33, 2, 3
     f32 = np.float32
@@ -142,12 +177,13 @@ def test_float32(form, eps):
     v = rng.standard_normal((nk, dv)).astype(f32)
     dout = rng.uniform(-1, 1, (nq, dv)).astype(f32)
     w = make_w(form, rng, nq + nk, d, dtype=f32)
-    got = grads_or_refusal(q, k, v, w, dout, eps, bias=np.full(2 * (nq + nk) - 1, -0.1, f32))
+    bias = np.full(2 * (nq + nk) - 1, -0.1, f32)
+    got = grads_or_refusal(q, k, v, w, dout, eps, bias=bias, grad_error=grad_error)
     assert got is not None
     assert got.dq.dtype == f32 and got.dk.dtype == f32 and got.dv.dtype == f32
-    ref = reference.attention_grad(q, k, v, w, dout, bias=np.full(2 * (nq + nk) - 1, -0.1, f32))
-    err = errors(got, ref)
-    assert max(err.values()) <= eps, err
+    ref = reference.attention_grad(q, k, v, w, dout, bias=bias)
+    info = native_certificate(q, k, v, w, dout, eps, grad_error=grad_error, bias=bias)
+    assert_within_contract(errors(got, ref), eps, info, grad_error)
 
 
 def test_float32_eps_below_rounding_is_refused_or_met():
@@ -155,7 +191,7 @@ def test_float32_eps_below_rounding_is_refused_or_met():
     q, k = bounded(rng, (20, 2), dtype=np.float32), bounded(rng, (20, 2), dtype=np.float32)
     v = rng.standard_normal((20, 2)).astype(np.float32)
     dout = rng.uniform(-1, 1, (20, 2)).astype(np.float32)
-    got = grads_or_refusal(q, k, v, fastrope.Rotary(), dout, 1e-8)
+    got = grads_or_refusal(q, k, v, fastrope.Rotary(), dout, 1e-8, grad_error="absolute")
     if got is not None:
         ref = reference.attention_grad(q, k, v, fastrope.Rotary(), dout)
         assert max(errors(got, ref).values()) <= 1e-8
@@ -260,7 +296,8 @@ def test_planner_cost_model_and_refusals():
     assert (
         pf.method == "fast" and pf.degree >= fastrope.plan(q, k, v, w, 1e-3, method="fast").degree
     )
-    assert pf.certified_error <= 1e-3 and pf.details["certified"]["dq"] <= 1e-3
+    assert pf.certified_error <= 1e-3 and pf.details["grad_error"] == "relative"
+    assert pf.details["certified"]["dq"] <= 1e-3 * pf.details["grad_scale"]["dq"]
     g = fastrope.attention_grad(q, k, v, w, dout, 1e-3)  # auto: exact
     ref = fastrope.attention_grad(q, k, v, w, dout)
     assert np.array_equal(g.dq, ref.dq)
@@ -312,10 +349,11 @@ LOWRANK_CASES = COMMON_LOWRANK_CASES + [
 ]
 
 
+@pytest.mark.parametrize("grad_error", CONTRACTS)
 @pytest.mark.parametrize("case", range(len(LOWRANK_CASES)))
 @pytest.mark.parametrize("eps", EPS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
+def test_lowrank_backward_is_certified_against_the_reference(case, eps, dtype, grad_error):
     w, lead, group, nq, nk, d, dv, kw = LOWRANK_CASES[case]
     if dtype == np.float32:
         # float32 rounding of gradients of size ~10 is ~1e-6: below that nothing certifies
@@ -326,18 +364,18 @@ def test_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
     k = unit_rows(rng, lead_k + (nk,), d, 2.0).astype(dtype)
     v = rng.uniform(-1, 1, lead_k + (nk, dv)).astype(dtype)
     dout = rng.uniform(-1, 1, lead + (nq, dv)).astype(dtype)
-    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, **kw)
+    ge = dict(grad_error=grad_error)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, dout=dout, **ge, **kw)
     assert p.details["path"] == "lowrank", p
     assert p.details["fft_len"] == 0 and "low-rank features" in p.why
-    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", **kw)
+    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", **ge, **kw)
     assert got.dq.dtype == dtype and got.dk.dtype == dtype and got.dv.dtype == dtype
     ref = reference.attention_grad(q, k, v, w, dout, **kw)
-    err = errors(got, ref)
-    info = native_certificate(q, k, v, w, dout, eps, **kw)
+    info = native_certificate(q, k, v, w, dout, eps, **ge, **kw)
     assert info["path"] == "lowrank"
-    cert = info["certified_run"]
-    for name, e in err.items():
-        assert e <= cert[name] <= eps, (name, e, cert)
+    assert info["grad_scale"] == p.details["grad_scale"]  # plan(dout=...) reports the run's
+    assert_within_contract(errors(got, ref), eps, info, grad_error)
+    assert_magnitudes_bound_the_gradients(ref, info)
     if kw.get("q_offset", 0) < 0:
         assert not got.dq[..., : -kw["q_offset"], :].any()  # rows that see no key
 
@@ -352,13 +390,15 @@ def test_lowrank_backward_adversarial_aligned_inputs():
     w = fastrope.Rotary(base=1e9)
     v = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
     dout = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
-    for causal in (False, True):
-        for eps in (1e-2, 1e-4):
-            p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal)
-            assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
-            got = fastrope.attention_grad(q, q, v, w, dout, eps, method="fast", causal=causal)
-            ref = reference.attention_grad(q, q, v, w, dout, causal=causal)
-            assert max(errors(got, ref).values()) <= eps
+    for causal, eps, ge in itertools.product((False, True), (1e-2, 1e-4), CONTRACTS):
+        p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal)
+        assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
+        got = fastrope.attention_grad(
+            q, q, v, w, dout, eps, method="fast", causal=causal, grad_error=ge
+        )
+        ref = reference.attention_grad(q, q, v, w, dout, causal=causal)
+        info = native_certificate(q, q, v, w, dout, eps, causal=causal, grad_error=ge)
+        assert_within_contract(errors(got, ref), eps, info, ge)
 
 
 @pytest.mark.parametrize("with_dlse", [False, True])
@@ -458,22 +498,23 @@ def _band_inputs(case, dtype, seed=300):
     return w, q, k, v, dout, kw
 
 
+@pytest.mark.parametrize("grad_error", CONTRACTS)
 @pytest.mark.parametrize("case", range(len(BAND_CASES)))
 @pytest.mark.parametrize("eps", (1e-2, 1e-4))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_banded_lowrank_backward_is_certified_against_the_reference(case, eps, dtype):
+def test_banded_lowrank_backward_is_certified_against_the_reference(case, eps, dtype, grad_error):
     w, q, k, v, dout, kw = _band_inputs(case, dtype)
-    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, bias_grad=False, **kw)
+    kw = dict(kw, bias_grad=False, grad_error=grad_error)
+    p = fastrope.plan(q, k, v, w, eps, method="fast", backward=True, **kw)
     assert p.details["path"] == "lowrank", p
-    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", bias_grad=False, **kw)
+    got = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", **kw)
     assert got.dbias is None and got.dq.dtype == dtype
+    kw.pop("bias_grad"), kw.pop("grad_error")
     ref = reference.attention_grad(q, k, v, w, dout, **kw)
-    err = errors(got, ref._replace(dbias=None))
-    info = native_certificate(q, k, v, w, dout, eps, bias_grad=False, **kw)
+    info = native_certificate(q, k, v, w, dout, eps, bias_grad=False, grad_error=grad_error, **kw)
     assert info["path"] == "lowrank"
-    cert = info["certified_run"]
-    for name, e in err.items():
-        assert e <= cert[name] <= eps, (name, e, cert)
+    assert_within_contract(errors(got, ref._replace(dbias=None)), eps, info, grad_error)
+    assert_magnitudes_bound_the_gradients(ref._replace(dbias=None), info)
     if kw.get("q_offset", 0) < 0:
         assert not got.dq[..., : -kw["q_offset"], :].any()  # rows that see no key
 
@@ -491,15 +532,16 @@ def test_banded_lowrank_backward_adversarial_aligned_inputs():
     dout = np.where(rng.uniform(size=(n, 3)) < 0.5, -1.0, 1.0)
     for kw in (dict(bias=fastrope.alibi([0.05], n)[0]), dict(window=(50, 7)),
                dict(bias=fastrope.alibi([0.5], n)[0], window=(30, 30))):  # fmt: skip
-        for causal in (False, True):
-            for eps in (1e-2, 1e-4):
-                p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal,
-                                  bias_grad=False, **kw)  # fmt: skip
-                assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
-                got = fastrope.attention_grad(q, q, v, w, dout, eps, method="fast",
-                                              causal=causal, bias_grad=False, **kw)  # fmt: skip
-                ref = reference.attention_grad(q, q, v, w, dout, causal=causal, **kw)
-                assert max(errors(got, ref._replace(dbias=None)).values()) <= eps
+        for causal, eps, ge in itertools.product((False, True), (1e-2, 1e-4), CONTRACTS):
+            p = fastrope.plan(q, q, v, w, eps, method="fast", backward=True, causal=causal,
+                              bias_grad=False, **kw)  # fmt: skip
+            assert p.details["path"] == "lowrank" and p.bound_r >= 1.99
+            got = fastrope.attention_grad(q, q, v, w, dout, eps, method="fast", causal=causal,
+                                          bias_grad=False, grad_error=ge, **kw)  # fmt: skip
+            ref = reference.attention_grad(q, q, v, w, dout, causal=causal, **kw)
+            info = native_certificate(q, q, v, w, dout, eps, bias_grad=False, causal=causal,
+                                      grad_error=ge, **kw)  # fmt: skip
+            assert_within_contract(errors(got, ref._replace(dbias=None)), eps, info, ge)
 
 
 @pytest.mark.parametrize("with_dlse", [False, True])
@@ -606,5 +648,66 @@ def test_streamed_backward_spectra_are_certified_and_match_the_held_ones(bias):
             assert np.array_equal(a, b), name
     assert got.dw is not None and (got.dbias is not None) == bias
     ref = reference.attention_grad(q, k, v, w, dout, **kw)
-    for name, e in errors(got, ref).items():
-        assert e <= eps, (name, e)
+    info = native_certificate(q, k, v, w, dout, eps, **kw)
+    assert_within_contract(errors(got, ref), eps, info, "relative", check_cert=False)
+
+
+# --- the gradient contract: relative (default) or absolute -------------------------------------
+
+
+def test_relative_contract_does_not_change_when_dout_is_rescaled():
+    """A loss scale (or a mean over a batch) rescales dout and every gradient by the same factor:
+    the relative plan keeps its degree and certificate, and its gradients scale exactly; the
+    absolute plan drops to degree 0 for a tiny dout, whose gradients are then all error."""
+    rng = np.random.default_rng(61)
+    q, k = bounded(rng, (2, 300, 4), 0.5), bounded(rng, (2, 300, 4), 0.5)
+    v = rng.standard_normal((2, 300, 8))
+    dout = rng.uniform(-1, 1, (2, 300, 8))
+    w, kw = fastrope.Rotary(), dict(causal=True, method="fast")
+    base = fastrope.plan(q, k, v, w, 1e-3, backward=True, dout=dout, **kw)
+    g1 = fastrope.attention_grad(q, k, v, w, dout, 1e-3, **kw)
+    ref1 = reference.attention_grad(q, k, v, w, dout, causal=True)
+    for c in (2.0**-30, 2.0**20):  # powers of two: dout * c is exact
+        p = fastrope.plan(q, k, v, w, 1e-3, backward=True, dout=dout * c, **kw)
+        assert (p.degree, p.poly_kind) == (base.degree, base.poly_kind)
+        assert p.certified_error == pytest.approx(base.certified_error, rel=1e-9)
+        for g in ("dq", "dk", "dv"):
+            assert p.details["grad_scale"][g] == pytest.approx(
+                c * base.details["grad_scale"][g], rel=1e-9
+            )
+        gc = fastrope.attention_grad(q, k, v, w, dout * c, 1e-3, **kw)
+        for a, b, r in zip(gc[:3], g1[:3], ref1[:3]):
+            assert np.allclose(a, c * b, rtol=1e-12, atol=0)
+            assert np.abs(a - c * r).max() <= 1e-3 * c * np.abs(r).max()
+    tiny = fastrope.plan(
+        q, k, v, w, 1e-3, backward=True, dout=dout * 2.0**-30, grad_error="absolute", **kw
+    )
+    assert tiny.degree < base.degree
+
+
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_relative_backward_is_within_one_degree_of_the_forward(d):
+    # Shape-only plans at n = 2^16, R = 1, eps = 1e-3, causal, d_v = 64: the absolute contract
+    # pays for d_v (its bound sums |dout_ic| range(v_c) over the 64 columns), the relative one
+    # does not.
+    n, w = 1 << 16, fastrope.Rotary()
+    shapes = ((1, n, d), (1, n, d), (1, n, 64))
+    kw = dict(causal=True, bound_r=1.0, dtype=np.float64, method="fast")
+    fwd = fastrope.plan(*shapes, w, 1e-3, **kw)
+    rel = fastrope.plan(*shapes, w, 1e-3, backward=True, **kw)
+    ab = fastrope.plan(*shapes, w, 1e-3, backward=True, grad_error="absolute", **kw)
+    assert rel.details["grad_error"] == "relative" and ab.details["grad_error"] == "absolute"
+    assert rel.degree <= fwd.degree + 1 < ab.degree
+    assert "relative" in str(rel) and "absolute" in str(ab)
+
+
+def test_grad_error_is_validated():
+    rng = np.random.default_rng(62)
+    q, k, v = bounded(rng, (16, 2)), bounded(rng, (16, 2)), rng.standard_normal((16, 2))
+    w = fastrope.Rotary()
+    with pytest.raises(ValueError, match="grad_error: expected 'relative'"):
+        fastrope.attention_grad(q, k, v, w, v, 1e-3, grad_error="rel")
+    with pytest.raises(ValueError, match="grad_error"):
+        fastrope.plan(q, k, v, w, 1e-3, backward=True, grad_error=None)
+    with pytest.raises(ValueError, match="dout: only with backward=True"):
+        fastrope.plan(q, k, v, w, 1e-3, dout=v)

@@ -157,6 +157,20 @@ def test_fast_method_through_the_adapter(rng):
     assert np.abs(ref - fastrope.attention(q, k, v, w, causal=True)).max() <= 1e-3
 
 
+@pytest.mark.parametrize("grad_error", ["relative", "absolute"])
+def test_grad_error_reaches_the_fast_backward(rng, grad_error):
+    q, k, v = make_qkv(rng, (2, 4), 24, 24, 4, 4, group=2)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    dout = rng.standard_normal((2, 4, 24, 4))
+    w, kw = fastrope.Rotary(), dict(method="fast", causal=True, grad_error=grad_error)
+    g = jax.jit(jax.grad(lambda q: jnp.sum(fj.attention(q, k, v, w, 1e-3, **kw) * dout)))(q)
+    want = fastrope.attention_grad(q, k, v, w, dout, 1e-3, **kw)
+    assert_close(np.asarray(g), want.dq, 1e-12, "dq")
+    with pytest.raises(ValueError, match="grad_error"):
+        fj.attention(q, k, v, w, 1e-3, grad_error="abs")
+
+
 def test_w_none_with_a_bias_under_jit_and_grad(rng):
     """w=None (W_δ = I, positions only through a T5-style bias): jit + grad against the
     reference gradients, through out and lse."""

@@ -41,14 +41,16 @@ def test_a_fast_forward_plans_once(route):
     assert np.max(np.abs(out - ref)) <= 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:method='fast'")  # the Toeplitz route is predicted slower
 @pytest.mark.parametrize("route", ["auto", "toeplitz"])
 def test_a_fast_backward_plans_once(route):
     q, k, v, dout = _data(1)
     w = fastrope.Rotary(D)
     made, g = _plans_made(
         lambda: fastrope.attention_grad(
-            q, k, v, w, dout, 1e-3, causal=True, method="fast", route=route
-        )
+            q, k, v, w, dout, 1e-3, causal=True, method="fast", route=route,
+            grad_error="absolute",
+        )  # fmt: skip
     )
     assert made == 1
     exact = fastrope.attention_grad(q, k, v, w, dout, causal=True, method="exact")

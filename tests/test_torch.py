@@ -75,6 +75,7 @@ def _fwd_args(q, k, v, w, bias=None, **kw):
     cfg = dict(
         eps=0.0, scale=math.nan, causal=False, window=None, q_offset=0, k_offset=0,
         method="auto", memory_limit=None, check_finite=True, num_threads=None,
+        grad_error="relative",
     )  # fmt: skip
     cfg.update(kw)
     return (q, k, v, values, support, bias, kind, spec, *cfg.values())
@@ -333,9 +334,11 @@ def test_fast_method_through_the_adapter(rng):
     assert np.abs(ref - exact).max() <= eps
     dout = rng.standard_normal(out.shape)
     g = fastrope.attention_grad(q, k, v, w, dout, causal=True)
+    method = "fast"
     try:
         fastrope.plan(q, k, v, w, eps, method="fast", causal=True, backward=True)
     except fastrope.ApproximationError as refusal:
+        method = "auto"
         with pytest.raises(fastrope.ApproximationError, match="method='fast'"):
             out.backward(_t(dout))
         assert "method='fast'" in str(refusal)
@@ -343,8 +346,32 @@ def test_fast_method_through_the_adapter(rng):
         out = ft.attention(tq, tk, tv, w, eps, method="auto", causal=True)
         assert np.abs(out.detach().numpy() - exact).max() <= eps
     out.backward(_t(dout))
-    for name, a, b in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), g):
-        assert np.abs(a.numpy() - b).max() <= eps, name
+    # the adapter's gradients are the NumPy API's, within eps times each gradient's certified
+    # magnitude (the default relative contract)
+    mine = fastrope.attention_grad(q, k, v, w, dout, eps, method=method, causal=True)
+    p = fastrope.plan(q, k, v, w, eps, method=method, causal=True, backward=True, dout=dout)
+    for name, a, b, c in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), g, mine):
+        np.testing.assert_array_equal(a.numpy(), c)
+        if p.method == "fast":
+            assert np.abs(a.numpy() - b).max() <= eps * p.details["grad_scale"][name], name
+        else:
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_error", ["relative", "absolute"])
+def test_grad_error_reaches_the_fast_backward(rng, grad_error):
+    q, k, v = _fast_problem(rng)
+    w, eps = fastrope.Rotary(), 1e-3
+    dout = rng.standard_normal(q.shape[:-1] + (v.shape[-1],))
+    tq = _t(q, True)
+    out = ft.attention(tq, _t(k), _t(v), w, eps, method="fast", grad_error=grad_error)
+    out.backward(_t(dout))
+    want = fastrope.attention_grad(q, k, v, w, dout, eps, method="fast", grad_error=grad_error)
+    np.testing.assert_array_equal(tq.grad.numpy(), want.dq)
+    m = ft.RopeAttention(causal=False, eps=eps, grad_error=grad_error)
+    assert m.grad_error == grad_error
+    with pytest.raises(ValueError, match="grad_error"):
+        ft.attention(tq, _t(k), _t(v), w, eps, grad_error="relatve")
 
 
 def test_w_none_equals_sdpa_forward_and_backward(rng):

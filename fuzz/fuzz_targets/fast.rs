@@ -8,7 +8,7 @@
 //! planners' maxima do not see a NaN.
 #![no_main]
 
-use fastrope::fast::{FastLimits, Want};
+use fastrope::fast::{FastLimits, GradContract, Want};
 use fastrope::plan::backward::{plan_fast_backward, want_for};
 use fastrope::plan::backward_run::run_fast_backward;
 use fastrope::plan::forward::{plan_fast, run_fast};
@@ -52,7 +52,8 @@ fuzz_target!(|data: &[u8]| {
     let want: Want = want_for(&pos, bias.as_ref(), true, true);
     let dout = Some(case.dout.view());
     if let Ok(call) = plan_fast_backward(
-        prob, &pos, bias.as_ref(), q, k, v, dout, None, None, case.eps, want, &limits, 1, None, route,
+        prob, &pos, bias.as_ref(), q, k, v, dout, None, None, case.eps, GradContract::Relative, want,
+        &limits, 1, None, route,
     ) {
         if let Ok((g, _, _, cert)) =
             run_fast_backward(&call, prob, &pos, bias.as_ref(), q, k, v, case.dout.view(), None, &limits, &ctl)

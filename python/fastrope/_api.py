@@ -24,6 +24,7 @@ from ._validate import (  # noqa: F401  (re-exported: _attention imports these f
     check_causal,
     check_cover,
     check_eps,
+    check_grad_error,
     check_method,
     check_offsets,
     check_one_dtype,
@@ -70,6 +71,7 @@ class Call:
     d_padded: bool = False
     v_max_given: Optional[float] = None  # plan() on shape tuples: the caller's bound on |v|
     bias_grad: bool = True  # attention_grad(bias_grad=False): no dbias asked for
+    grad_error: str = "relative"  # what the fast backward's eps bounds (check_grad_error)
 
     @property
     def want_dbias(self) -> bool:

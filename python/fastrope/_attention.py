@@ -8,7 +8,15 @@ import numpy as np
 
 from . import _fastrope as _native
 from . import _varlen
-from ._api import Call, check_eps, check_method, check_threads, prepare, restore_dw
+from ._api import (
+    Call,
+    check_eps,
+    check_grad_error,
+    check_method,
+    check_threads,
+    prepare,
+    restore_dw,
+)
 from ._plan import Plan, _backward_probe, check_route, make_plan, resolve_memory_limit
 from ._plan import kernel_eps as _kernel_eps
 from ._types import ApproximationError, Gradients
@@ -252,6 +260,7 @@ def attention_grad(
     cu_seqlens_k: Any = None,
     route: Optional[str] = None,
     bias_grad: bool = True,
+    grad_error: str = "relative",
 ) -> Gradients:
     """Gradients of ``sum(attention(q, k, v, w, ...) * dout)`` (``+ sum(lse * dlse)``).
 
@@ -273,7 +282,18 @@ def attention_grad(
     With ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents) ``dw`` and ``dbias`` are summed
     over the documents.  ``bias_grad=False`` skips ``dbias`` (returned as ``None``): for a
     fixed bias such as ALiBi's, which lets the fast backward take its low-rank route (the
-    route computes no bias gradient).  Other arguments as in :func:`attention`.
+    route computes no bias gradient).
+
+    ``grad_error`` says what ``eps`` bounds in the fast backward.  ``"relative"`` (the
+    default): each gradient ``G`` (``dq``, ``dk``, ``dv``, ``dw``, ``dbias``) satisfies
+    ``max|G_fast - G| <= eps * S_G``, where ``S_G >= max|G|`` is a bound on the gradient's
+    magnitude certified from this call's data (with ``Γ = max_i min(Σ_c |dout_ic| range(v_c),
+    2 |dout_i| max_j |v_j - mid(v)|) + max|dlse|`` and the column sums ``colP`` of ``P``:
+    ``S_dq = Γ scale max|W_δ k_j|``, ``S_dk = Γ scale max|W_δ^T q_i| colP``, ``S_dv =
+    max|dout| colP``).  It is unchanged when ``dout`` is rescaled and does not grow with
+    ``d_v``; :func:`plan` with ``backward=True, dout=...`` reports ``S_G``
+    (``details["grad_scale"]``).  ``"absolute"``: every entry within ``eps`` of the exact
+    gradient, ``max|G_fast - G| <= eps``.  Other arguments as in :func:`attention`.
     """
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         q, k, v, dout, out = _varlen.arrays(
@@ -307,9 +327,11 @@ def attention_grad(
                 num_threads=num_threads,
                 route=route,
                 bias_grad=bias_grad,
+                grad_error=grad_error,
             )
         )
     eps = check_eps(eps)
+    grad_error = check_grad_error(grad_error)
     method = check_method(method)
     threads = check_threads(num_threads)
     route = check_route(route)
@@ -328,6 +350,7 @@ def attention_grad(
         full_dense_support=True,
     )
     call.bias_grad = bool(bias_grad)
+    call.grad_error = grad_error
     batch, hq, hk, nq, nk, d, dv = call.shape
     out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
     dout_a = _like(dout, "dout", out_shape, call.dtype, check_finite)
@@ -458,6 +481,7 @@ def _fast_backward(
         dlse=dlse3,
         route=route,
         plan=handle,
+        grad_error=call.grad_error,
     )
     return res[:5]
 
@@ -530,14 +554,19 @@ def plan(
     dtype: Any = np.float32,
     route: Optional[str] = None,
     bias_grad: bool = True,
+    grad_error: str = "relative",
+    dout: Any = None,
 ) -> Plan:
     """What :func:`attention` (or, with ``backward=True``, :func:`attention_grad`) would do.
 
     ``q``, ``k``, ``v`` are arrays (the bounds ``R >= max|M_ij|`` and ``max|v|`` are read from
     them, as a call would) or shape tuples such as ``(8, 65536, 4)``: then ``bound_r`` (the
     largest ``|M_ij|`` to certify) and ``v_max`` give the bounds and ``dtype`` the input dtype,
-    and the plan is a prediction for any inputs within them.  ``bias_grad`` as in
-    :func:`attention_grad` (with ``backward=True``).
+    and the plan is a prediction for any inputs within them.  ``bias_grad`` and ``grad_error``
+    as in :func:`attention_grad` (with ``backward=True``); ``dout`` (with ``backward=True`` and
+    arrays) plans the backward for that ``dout`` (and ``details["grad_scale"]`` gives the
+    magnitudes ``S_G`` the relative contract refers to), otherwise for any ``dout`` with
+    entries at most 1.
 
     Returns a :class:`Plan`: the method and the fast route, its predicted cost and working set,
     the polynomial degree and certified error when the fast method is considered, ``why``, and
@@ -547,7 +576,10 @@ def plan(
     method = check_method(method)
     threads = check_threads(num_threads)
     route = check_route(route)
+    grad_error = check_grad_error(grad_error)
     stand_ins = _shape_arrays(q, k, v, dtype)
+    if dout is not None and (stand_ins is not None or not backward):
+        raise ValueError("dout: only with backward=True and arrays for q, k, v")
     given = None
     if stand_ins is not None:
         q, k, v = stand_ins
@@ -572,6 +604,7 @@ def plan(
     if given is not None:
         call.v_max_given = given[1]
     call.bias_grad = bool(bias_grad)
+    call.grad_error = grad_error
 
     def probe(kernel_eps: float, limit: int) -> dict:
         return _native.fast_forward(
@@ -588,4 +621,12 @@ def plan(
         )[2]
 
     probe.route = route
+    if dout is not None:
+        batch, hq, hk, nq, nk, d, dv = call.shape
+        out_shape = call.lead_q + (nq, 0 if call.dv_padded else dv)
+        dout4 = _like(dout, "dout", out_shape, call.dtype, check_finite)
+        if call.dv_padded:
+            dout4 = np.zeros((batch, hq, nq, 1), call.dtype)
+        dout4 = np.ascontiguousarray(dout4.reshape(batch, hq, nq, dout4.shape[-1]))
+        probe = _backward_probe(call, None, dout4, threads, None, route)
     return make_plan(call, eps, method, memory_limit, backward=backward, fast_probe=probe)

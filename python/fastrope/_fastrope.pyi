@@ -109,11 +109,14 @@ def fast_backward(
     dlse: Optional[np.ndarray] = None,
     route: str = "auto",
     plan: Optional[PlannedCall] = None,
+    grad_error: str = "relative",
     **call: Unpack[_Call],
 ) -> Tuple[Any, ...]:
     """``(dq, dk, dv, dw, dbias, out, lse, plan)``; ``None`` for the arrays with ``run=False``.
 
     ``dlse`` (``(batch, hq, nq)``): a cotangent for ``lse``, taken by the low-rank path only.
+    ``grad_error``: ``"relative"`` (each gradient's error at most ``eps`` times its certified
+    magnitude ``plan["grad_scale"]``) or ``"absolute"`` (at most ``eps``).
     """
 
 @final

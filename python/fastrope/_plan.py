@@ -106,6 +106,20 @@ class Plan:
                     f" pairs at a time, rebuilt for each tile of {spectra['column_tile']}"
                     " columns (all of them do not fit memory_limit)"
                 )
+        scale = self.details.get("grad_scale")
+        if self.degree is not None and scale is not None:
+            named = ", ".join(
+                f"{g} {scale[g]:.3g}" for g in ("dq", "dk", "dv", "dw", "dbias") if scale[g]
+            )
+            if self.details.get("grad_error") == "relative":
+                lines.append(
+                    f"gradients: max|G_fast - G| <= eps * S_G (relative), certified magnitudes"
+                    f" S_G >= max|G|: {named}"
+                )
+            else:
+                lines.append(
+                    f"gradients: max|G_fast - G| <= eps (absolute); magnitudes S_G: {named}"
+                )
         lines.append(
             f"working set: {_native.format_bytes(self.working_set_bytes)}"
             f" of {_native.format_bytes(self.memory_limit)}"
@@ -390,6 +404,7 @@ def _backward_probe(call, fast_probe, dout4=None, threads=None, dlse3=None, rout
             bounds=given,
             dlse=dlse3,
             route=route,
+            grad_error=call.grad_error,
         )[7]
 
     probe.backward = True
@@ -442,6 +457,8 @@ def _plan_backward(call, eps, method, limit, exact, exact_plan, fast_probe) -> P
             "band",
             "multiplicity",
             "deferred",
+            "grad_error",
+            "grad_scale",
         )
     }
     return _choose(method, eps, limit, certified, fast, details, exact, exact_plan, info)

@@ -91,6 +91,19 @@ def check_method(method: Any) -> str:
     return method
 
 
+GRAD_ERRORS = ("relative", "absolute")
+
+
+def check_grad_error(grad_error: Any) -> str:
+    """``grad_error=``: what the fast backward's ``eps`` bounds (see :func:`attention_grad`)."""
+    if not isinstance(grad_error, str) or grad_error not in GRAD_ERRORS:
+        raise ValueError(
+            f"grad_error: expected 'relative' (each gradient's error at most eps times its"
+            f" certified magnitude) or 'absolute' (every entry within eps), got {grad_error!r}"
+        )
+    return grad_error
+
+
 @functools.lru_cache(maxsize=1)
 def _cores() -> int:
     """``os.cpu_count()``, read once (15 us a call, a tenth of a small call's overhead)."""

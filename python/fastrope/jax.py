@@ -31,7 +31,15 @@ import fastrope
 from . import _varlen
 from ._merge import grad_with_lse_cotangent
 from ._position import Rotary, SparseW
-from ._validate import WParts, check_eps, check_method, check_one_dtype, join_w, split_w
+from ._validate import (
+    WParts,
+    check_eps,
+    check_grad_error,
+    check_method,
+    check_one_dtype,
+    join_w,
+    split_w,
+)
 from .integrations import validate_shapes
 
 __all__ = ["attention"]
@@ -61,6 +69,7 @@ class _Config:
     memory_limit: Optional[int]
     check_finite: bool
     num_threads: Optional[int]
+    grad_error: str = "relative"
 
     def w(self, values: Optional[np.ndarray]):
         sup = None
@@ -125,6 +134,7 @@ def _backward_host(cfg: _Config, q, k, v, wv, bias, out, lse, dout, dlse):
         out=np.asarray(out),
         lse=np.asarray(lse),
         bias=bias,
+        grad_error=cfg.grad_error,
         **cfg.kw(),
     )
     return g.dq, g.dk, g.dv, _unalign(g.dw, wv_shape), _unalign(g.dbias, b_shape)
@@ -210,6 +220,7 @@ def attention(
     num_threads: Optional[int] = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
+    grad_error: str = "relative",
 ):
     """:func:`fastrope.attention` on JAX arrays, differentiable, usable under jit and vmap.
 
@@ -227,6 +238,9 @@ def attention(
         cu_seqlens_q, cu_seqlens_k: packed documents, as in :func:`fastrope.attention`
             (concrete int arrays or lists, not traced values): one call per document, the
             results concatenated.
+        grad_error: what ``eps`` bounds in the fast backward, as in
+            :func:`fastrope.attention_grad`: ``"relative"`` (each gradient within ``eps`` times
+            its certified magnitude) or ``"absolute"``.
 
     Returns:
         ``out`` ``(..., n_q, d_v)`` in q's dtype, and ``lse`` ``(..., n_q)`` with
@@ -255,6 +269,7 @@ def attention(
             memory_limit=memory_limit,
             check_finite=check_finite,
             num_threads=num_threads,
+            grad_error=grad_error,
         )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -314,6 +329,7 @@ def attention(
         memory_limit=memory_limit,
         check_finite=bool(check_finite),
         num_threads=num_threads,
+        grad_error=check_grad_error(grad_error),
         **cfg_kw,
     )
     out, lse = _attention(cfg, q, k, v, wv, bias)

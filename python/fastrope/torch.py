@@ -42,6 +42,7 @@ from ._validate import UNBOUNDED as _UNBOUNDED
 from ._validate import (
     WParts,
     check_eps,
+    check_grad_error,
     check_method,
     check_one_dtype,
     join_w,
@@ -166,7 +167,9 @@ def _forward_impl(
     memory_limit: Optional[int],
     check_finite: bool,
     num_threads: Optional[int],
+    grad_error: str,
 ) -> tuple[Tensor, Tensor]:
+    """The forward op; ``grad_error`` is unused here and carried to the backward's config."""
     _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
     w = _decode_w(w_kind, w_spec, _np(w_values), _np(w_support))
     out, lse = fastrope.attention(
@@ -202,7 +205,7 @@ def _plain_call(*tensors: Optional[Tensor]) -> bool:
 @_attention_fwd.register_fake
 def _attention_fwd_fake(
     q, k, v, w_values, w_support, bias, w_kind, w_spec, eps, scale, causal, window, q_offset,
-    k_offset, method, memory_limit, check_finite, num_threads,
+    k_offset, method, memory_limit, check_finite, num_threads, grad_error,
 ):  # fmt: skip
     if _static_shapes(q, k, v, w_values, bias) and isinstance(q_offset + k_offset, int):
         support = None
@@ -245,6 +248,7 @@ def _attention_bwd(
     memory_limit: Optional[int],
     check_finite: bool,
     num_threads: Optional[int],
+    grad_error: str,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
@@ -264,6 +268,7 @@ def _attention_bwd(
         memory_limit=memory_limit,
         num_threads=num_threads,
         bias_grad=bias_grad,
+        grad_error=grad_error,
         **_kw(scale, causal, window, q_offset, k_offset, check_finite),
     )
     return (
@@ -302,6 +307,7 @@ _CONFIG = (
     "memory_limit",
     "check_finite",
     "num_threads",
+    "grad_error",
 )
 
 
@@ -378,6 +384,7 @@ def attention(
     num_threads: Optional[int] = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
+    grad_error: str = "relative",
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`fastrope.attention` on CPU tensors, differentiable, usable under ``torch.compile``.
 
@@ -402,6 +409,9 @@ def attention(
         cu_seqlens_q, cu_seqlens_k: packed documents, as in :func:`fastrope.attention`
             (concrete int arrays or lists, not traced values): one call per document, the
             results concatenated.
+        grad_error: what ``eps`` bounds in the fast backward, as in
+            :func:`fastrope.attention_grad`: ``"relative"`` (each gradient within ``eps`` times
+            its certified magnitude) or ``"absolute"``.
 
     Returns:
         ``out`` ``(..., n_q, d_v)`` in q's dtype, and with ``return_lse=True`` also ``lse``
@@ -430,6 +440,7 @@ def attention(
             memory_limit=memory_limit,
             check_finite=check_finite,
             num_threads=num_threads,
+            grad_error=grad_error,
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -445,6 +456,7 @@ def attention(
     _check_cpu(q=q, k=k, v=v, w_values=w_values, bias=bias)
     eps = check_eps(eps)
     method = check_method(method)
+    grad_error = check_grad_error(grad_error)
     in_dtype = q.dtype
     dtype = torch.float32 if in_dtype in _LOW_PRECISION else in_dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -476,6 +488,7 @@ def attention(
         memory_limit,
         check_finite,
         num_threads,
+        grad_error,
     )
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
@@ -659,6 +672,7 @@ class RopeAttention(nn.Module):
         eps: float = 0.0,
         method: str = "auto",
         num_threads: Optional[int] = None,
+        grad_error: str = "relative",
     ) -> None:
         super().__init__()
         if w == "rotary":
@@ -685,6 +699,7 @@ class RopeAttention(nn.Module):
             raise ValueError(f"w: expected fastrope.Rotary, 'rotary' or 'block', got {w!r}")
         self.causal, self.window, self.scale = causal, window, scale
         self.eps, self.method, self.num_threads = eps, method, num_threads
+        self.grad_error = check_grad_error(grad_error)
 
     @property
     def w(self) -> Union[Rotary, BlockW]:
@@ -727,6 +742,7 @@ class RopeAttention(nn.Module):
             k_offset=k_offset,
             method=self.method,
             num_threads=self.num_threads,
+            grad_error=self.grad_error,
         )
 
     def extra_repr(self) -> str:

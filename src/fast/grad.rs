@@ -18,6 +18,57 @@ pub struct Grad5 {
 /// Per-head error budgets of the gradients (`eps` divided by how many heads add into each).
 pub type GradEps = Grad5;
 
+/// What the fast backward's `eps` bounds.
+///
+/// * `Relative` (the default): every gradient's max-norm error is at most `eps` times its
+///   certified magnitude, `max |G̃ - G| <= eps · S_G` with `S_G >= max |G|` computed from the
+///   call's data ([`crate::fast::grad_bounds::magnitudes`]). It does not change when `dout` is
+///   rescaled (a loss scale, a mean over a batch) and does not grow with `d_v`.
+/// * `Absolute`: every gradient entry within `eps` of the true gradient, `max |G̃ - G| <= eps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GradContract {
+    #[default]
+    Relative,
+    Absolute,
+}
+
+impl GradContract {
+    /// `"relative"` or `"absolute"`.
+    pub fn parse(s: &str) -> Option<GradContract> {
+        match s {
+            "relative" => Some(GradContract::Relative),
+            "absolute" => Some(GradContract::Absolute),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            GradContract::Relative => "relative",
+            GradContract::Absolute => "absolute",
+        }
+    }
+    /// The per-head budgets of one group of heads: `eps / m` (absolute), or `eps` times the
+    /// group's magnitudes `scale` (relative: the call's scale of a gradient that `m` heads add
+    /// into is `m` times the largest group's, and so is its error bound). A zero magnitude (the
+    /// gradient is exactly zero, e.g. `dout = 0`) leaves the least positive budget: only a
+    /// certificate of exactly zero meets it; a magnitude that is not finite leaves none (the
+    /// call is refused rather than certified against an infinite budget).
+    pub fn budgets(self, eps: f64, multiplicity: Grad5, scale: Grad5) -> GradEps {
+        match self {
+            GradContract::Absolute => Grad5::splat(eps).zip(multiplicity, |e, m| e / m),
+            GradContract::Relative => scale.zip(scale, |s, _| {
+                if !(eps > 0.0 && s.is_finite()) {
+                    0.0
+                } else if s > 0.0 {
+                    eps * s
+                } else {
+                    f64::MIN_POSITIVE
+                }
+            }),
+        }
+    }
+}
+
 /// Which of the optional gradients are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Want {
@@ -104,4 +155,43 @@ pub struct HeadGrads {
     pub out: Array2<f64>,
     pub lse: Array1<f64>,
     pub cert: GradCertificate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_of_each_contract() {
+        let m = Grad5 {
+            dq: 1.0,
+            dk: 4.0,
+            dv: 4.0,
+            dw: 2.0,
+            db: 1.0,
+        };
+        let s = Grad5 {
+            dq: 8.0,
+            dk: 0.0,
+            dv: f64::INFINITY,
+            dw: f64::NAN,
+            db: 0.5,
+        };
+        let abs = GradContract::Absolute.budgets(1e-3, m, s);
+        assert_eq!(abs.to_array(), [1e-3, 2.5e-4, 2.5e-4, 5e-4, 1e-3]);
+        let rel = GradContract::Relative.budgets(1e-3, m, s);
+        // eps times the magnitude; a zero magnitude leaves only an exactly zero certificate;
+        // a magnitude that is not finite leaves no budget at all
+        assert_eq!(rel.to_array(), [8e-3, f64::MIN_POSITIVE, 0.0, 0.0, 5e-4]);
+        assert_eq!(
+            GradContract::Relative.budgets(0.0, m, s).to_array(),
+            [0.0; 5],
+            "eps = 0 asks for exact gradients under either contract"
+        );
+        for c in [GradContract::Relative, GradContract::Absolute] {
+            assert_eq!(GradContract::parse(c.name()), Some(c));
+        }
+        assert_eq!(GradContract::parse("rel"), None);
+        assert_eq!(GradContract::default(), GradContract::Relative);
+    }
 }

@@ -56,9 +56,19 @@
 //! economized `p` at equal degree. In practice (R = 1, eps = 1e-3, unit-range data) the backward
 //! then needs one degree more than the forward (docs/DESIGN.md §5.6's "about 20x further").
 
+//! # What `eps` bounds
+//!
+//! Each bound above is a factor (`σ`, `κ`, `σ_b`) times a magnitude of the data, and the same
+//! magnitudes bound the true gradients themselves ([`magnitudes`]: `S_dq = Γ K_w >= max |dq|`,
+//! and so on). Under the relative contract
+//! ([`GradContract::Relative`](crate::fast::GradContract), the default) a plan's budget for `G`
+//! is `eps S_G`, which asks for `σ <= eps` whatever `d_v` or the scale of `dO`; under the
+//! absolute one the budget is `eps` itself (docs/DESIGN.md §8.2).
+//!
 //! Gradients that sum over heads (`dk`, `dv` over the query heads of a GQA group, `dw` and
-//! `dbias` over the heads sharing a table) add their heads' errors: the dispatcher gives each
-//! head `eps / multiplicity` ([`GradEps`](crate::fast::grad::GradEps)).
+//! `dbias` over the heads sharing a table) add their heads' errors: under the absolute contract
+//! the dispatcher gives each head `eps / multiplicity`
+//! ([`GradContract::budgets`](crate::fast::GradContract::budgets)).
 //!
 
 use crate::error::Result;
@@ -547,8 +557,30 @@ pub fn abs_derivative_eval(coeffs: &[f64], x: f64) -> f64 {
     d.iter().rev().fold(0.0, |acc, &c| acc * x.abs() + c.abs())
 }
 
+/// Bounds on the magnitude of each true gradient, `S_G >= max |G|`, from the bounds of the data:
+/// `|dS_ij| <= P_ij Γ_i` and the row, column and diagonal sums of `P` give
+///
+/// ```text
+/// S_dq = Γ K_w,  S_dk = Γ Q_w colP,  S_dv = max|dO| colP,  S_dw = Γ QK diagP,  S_db = Γ diagP.
+/// ```
+///
+/// They are the scales of the relative contract ([`GradContract::Relative`](crate::fast::GradContract::Relative)): the approximation
+/// errors below are these times `σ`, `σ`, `κ`, `σ`, `σ_b`, so a relative budget asks for
+/// `σ <= eps` whatever `d_v`, `dout`'s scale or the sums of `P` are.
+pub fn magnitudes(gb: &GradBounds, ps: &PSums) -> Grad5 {
+    let (cp, dp) = (ps.col, ps.diag);
+    Grad5 {
+        dq: gb.gamma * gb.kw,
+        dk: gb.gamma * gb.qw * cp,
+        dv: gb.do_max * cp,
+        dw: gb.gamma * gb.qk * dp,
+        db: gb.gamma * dp,
+    }
+}
+
 /// The approximation errors (distance of the exact gradient of the approximate forward to the
-/// true gradient), and bounds on each gradient's magnitude (for float32 output rounding).
+/// true gradient), and bounds on each approximate gradient's magnitude (for float32 output
+/// rounding).
 pub fn approximation_errors(rho: f64, rho_d: f64, gb: &GradBounds, ps: &PSums) -> (Grad5, Grad5) {
     if !(rho < 1.0 && rho_d.is_finite()) || rho.is_nan() {
         return (Grad5::splat(f64::INFINITY), Grad5::splat(f64::INFINITY));
@@ -557,21 +589,21 @@ pub fn approximation_errors(rho: f64, rho_d: f64, gb: &GradBounds, ps: &PSums) -
     let kappa_d = (rho + rho_d) / (1.0 - rho);
     let sigma = kappa_d + (1.0 + kappa_d) * kappa / 2.0;
     let sigma_b = kappa + (1.0 + kappa) * kappa / 2.0;
-    let (cp, dp) = (ps.col, ps.diag);
+    let s = magnitudes(gb, ps);
     let approx = Grad5 {
-        dq: sigma * gb.gamma * gb.kw,
-        dk: sigma * gb.gamma * gb.qw * cp,
-        dv: kappa * gb.do_max * cp,
-        dw: sigma * gb.gamma * gb.qk * dp,
-        db: sigma_b * gb.gamma * dp,
+        dq: sigma * s.dq,
+        dk: sigma * s.dk,
+        dv: kappa * s.dv,
+        dw: sigma * s.dw,
+        db: sigma_b * s.db,
     };
     let mu = (1.0 + kappa_d) * (1.0 + kappa / 2.0);
     let mag = Grad5 {
-        dq: mu * gb.gamma * gb.kw,
-        dk: mu * gb.gamma * gb.qw * cp,
-        dv: (1.0 + kappa) * gb.do_max * cp,
-        dw: mu * gb.gamma * gb.qk * dp,
-        db: (1.0 + kappa) * (1.0 + kappa / 2.0) * gb.gamma * dp,
+        dq: mu * s.dq,
+        dk: mu * s.dk,
+        dv: (1.0 + kappa) * s.dv,
+        dw: mu * s.dw,
+        db: (1.0 + kappa) * (1.0 + kappa / 2.0) * s.db,
     };
     (approx.zip(approx, |a, _| a * 1.001), mag)
 }

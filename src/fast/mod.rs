@@ -36,7 +36,7 @@ pub mod naive_backward;
 
 pub use bounds::{row_masses, FastBounds};
 pub use common::{ExpansionCounts, FastLimits, FastOutput, FastReport, FastShape, HeadProblem};
-pub use grad::{Grad5, GradCertificate, GradEps, HeadGrads, Want};
+pub use grad::{Grad5, GradCertificate, GradContract, GradEps, HeadGrads, Want};
 pub use plans::{BackwardPlan, BackwardRequest, Band, FastPlan, LowRank, LowRankGrad};
 pub use toeplitz::{
     fast_forward_head, fast_plan, plan_for_polynomial, Certificate, Expansion, FastKernel,

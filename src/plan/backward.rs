@@ -16,11 +16,12 @@
 
 use crate::arch::Real;
 use crate::error::{Error, Result};
-use crate::fast::grad_bounds::{FactorStats, GradBounds, PSums};
+use crate::fast::grad_bounds::{magnitudes, FactorStats, GradBounds, PSums};
 use crate::fast::lowrank::{lowrank_backward_plan, lowrank_psums, rotate};
 use crate::fast::toeplitz::backward_plan;
 use crate::fast::{
-    BackwardPlan, BackwardRequest, FastBounds, FastLimits, FastShape, Grad5, LowRankGrad, Want,
+    BackwardPlan, BackwardRequest, FastBounds, FastLimits, FastShape, Grad5, GradContract,
+    LowRankGrad, Want,
 };
 use crate::plan::forward::{check_underflow, factor, head_f64, max_norm, sequences, w_table};
 use crate::plan::{count_plan, lowrank_of, refuse, Refusal, Route};
@@ -55,6 +56,11 @@ pub struct FastBackwardCall {
     pub flops: f64,
     /// Peak bytes.
     pub working_bytes: usize,
+    /// What `eps` bounds: each gradient's error, or its error relative to `scale`.
+    pub contract: GradContract,
+    /// Certified bounds on each gradient's magnitude for the call (`>= max |G|`, sums over
+    /// heads): the scales of the relative contract.
+    pub scale: Grad5,
     /// The a-priori certified error of each gradient for the call (sums over heads).
     pub certified: Grad5,
     pub approximation: Grad5,
@@ -129,7 +135,8 @@ fn given_bounds(
 
 /// Certified plans for every group of heads, or the reason the fast backward cannot serve the
 /// call. `dout = None` plans for a unit `dout` (entries at most 1 in magnitude); `given =
-/// Some((r, v_max))` plans from those bounds instead of the data (a prediction).
+/// Some((r, v_max))` plans from those bounds instead of the data (a prediction). `contract`
+/// says what `eps` bounds ([`GradContract`]).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_fast_backward<'a, T: Real>(
     prob: &Problem,
@@ -142,6 +149,7 @@ pub fn plan_fast_backward<'a, T: Real>(
     dlse: Option<ArrayView3<'_, T>>,
     given: Option<(f64, f64)>,
     eps: f64,
+    contract: GradContract,
     want: Want,
     limits: &FastLimits,
     threads: usize,
@@ -197,7 +205,6 @@ pub fn plan_fast_backward<'a, T: Real>(
             _ => 1.0,
         },
     };
-    let eps_head = Grad5::splat(eps).zip(multiplicity, |e, m| e / m);
     let logf = LogFactor::new(prob, bias);
     let shape = FastShape {
         nq: prob.nq,
@@ -214,6 +221,7 @@ pub fn plan_fast_backward<'a, T: Real>(
         }
     }
     let mut out = Vec::with_capacity(groups.len());
+    let mut scale = Grad5::default();
     let mut support_all = Vec::new();
     let mut refused = Vec::new();
     for (wt, bt, heads) in groups {
@@ -335,6 +343,9 @@ pub fn plan_fast_backward<'a, T: Real>(
         let worst = bounds.iter().skip(1).fold(bounds[0], |a, b| {
             (a.0.worst(&b.0), a.1.worst(&b.1), a.2.worst(&b.2))
         });
+        let group_scale = magnitudes(&worst.1, &worst.2);
+        let eps_head = contract.budgets(eps, multiplicity, group_scale);
+        scale = scale.max(group_scale);
         // The low-rank path (Rotary / w=None without bias or masking window): its rounding
         // bound needs the largest rotated query and key norms.
         let lowrank = match pos {
@@ -465,6 +476,7 @@ pub fn plan_fast_backward<'a, T: Real>(
     let approximation = fold(&|p| p.approximation);
     let rounding = fold(&|p| p.rounding);
     let deferred = out.iter().any(|g| g.plan.deferred);
+    let scale = scale.zip(multiplicity, |s, m| s * m).masked(want);
     Ok(FastBackwardCall {
         support: support_all,
         groups: out,
@@ -472,6 +484,8 @@ pub fn plan_fast_backward<'a, T: Real>(
         multiplicity,
         flops,
         working_bytes,
+        contract,
+        scale,
         certified,
         approximation,
         rounding,

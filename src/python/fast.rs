@@ -7,6 +7,7 @@ use crate::arch::Real;
 use crate::error::Error;
 use crate::exact::check_rows;
 use crate::fast::toeplitz::backward_pair_chunk;
+use crate::fast::GradContract;
 use crate::plan::backward::{plan_fast_backward, FastBackwardCall};
 use crate::plan::backward_run::run_fast_backward;
 use crate::plan::cost::{self, FastOffer, MAX_DEGREE, MAX_TERMS};
@@ -499,7 +500,19 @@ fn backward_plan_dict<'py>(py: Python<'py>, made: &Made) -> PyResult<Bound<'py, 
     d.set_item("approximation", grad_dict(py, &call.approximation)?)?;
     d.set_item("rounding", grad_dict(py, &call.rounding)?)?;
     d.set_item("multiplicity", grad_dict(py, &call.multiplicity)?)?;
-    let ce = call.certified.to_array().into_iter().fold(0.0, f64::max);
+    d.set_item("grad_error", call.contract.name())?;
+    d.set_item("grad_scale", grad_dict(py, &call.scale)?)?;
+    // What `eps` is compared with: the largest error, or the largest error relative to its
+    // gradient's scale (an exactly zero gradient, scale 0, certified 0, counts as 0).
+    let ce = match call.contract {
+        GradContract::Absolute => call.certified.to_array().into_iter().fold(0.0, f64::max),
+        GradContract::Relative => call
+            .certified
+            .zip(call.scale, |c, s| if c == 0.0 { 0.0 } else { c / s })
+            .to_array()
+            .into_iter()
+            .fold(0.0, f64::max),
+    };
     d.set_item("certified_error", ce)?;
     Ok(d)
 }
@@ -510,7 +523,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
     [dout, dlse]: [Option<&Bound<'py, PyAny>>; 2],
     sp: &Spec<'py>,
     o: &FastOpts,
-    (want, poly): ((bool, bool), Option<crate::poly::Polynomial>),
+    (want, poly, contract): ((bool, bool), Option<crate::poly::Polynomial>, GradContract),
     planned: Option<&Bound<'py, PlannedCall>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (eps, lim, run_it, given, threads, route) =
@@ -524,7 +537,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
         route,
         nthreads,
         &[Some(q), Some(k), Some(v), dout, dlse, values, bias],
-    ) + &format!(" {want:?} {poly:?} {given:?}");
+    ) + &format!(" {want:?} {poly:?} {given:?} {contract:?}");
     let reuse = reuse(planned, &key, run_it, |m| match m {
         Made::Backward(call) => Some(call.clone()),
         Made::Forward(_) => None,
@@ -568,6 +581,7 @@ fn fast_backward_typed<'py, T: Real + Element>(
                 dlse_v.as_ref().map(|g| g.view()),
                 given,
                 eps,
+                contract,
                 want,
                 &limits,
                 nthreads,
@@ -640,10 +654,11 @@ fn fast_backward_typed<'py, T: Real + Element>(
 /// `lse` of the approximate forward the gradients belong to — or `None`s and the plan with
 /// `run=False` (then `dout` may be None: the plan assumes entries of `dout` at most 1).
 /// `poly=(kind, degree, r)` forces a polynomial (a test hook); `bounds=(r, v_max)` plans from
-/// those bounds instead of the data (`run=False` only). Raises `ApproximationError` when the
-/// gradients cannot be certified to `eps`.
+/// those bounds instead of the data (`run=False` only). `grad_error` is `"relative"` (each
+/// gradient's error at most `eps` times its certified magnitude `grad_scale`) or `"absolute"`
+/// (at most `eps`). Raises `ApproximationError` when the gradients cannot be certified to `eps`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, dout, *, eps, want_dw, want_dbias, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, poly=None, bounds=None, dlse=None, route="auto", plan=None, **call))]
+#[pyo3(signature = (q, k, v, dout, *, eps, want_dw, want_dbias, memory_limit, run, num_threads, max_terms=MAX_TERMS, max_degree=MAX_DEGREE, poly=None, bounds=None, dlse=None, route="auto", plan=None, grad_error="relative", **call))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fast_backward<'py>(
     py: Python<'py>,
@@ -664,8 +679,14 @@ pub(super) fn fast_backward<'py>(
     dlse: Option<&Bound<'py, PyAny>>,
     route: &str,
     plan: Option<&Bound<'py, PlannedCall>>,
+    grad_error: &str,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    let contract = GradContract::parse(grad_error).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "grad_error: expected 'relative' or 'absolute', got {grad_error:?}"
+        ))
+    })?;
     if run && bounds.is_some() {
         return Err(PyValueError::new_err(
             "bounds: only for plans (run=False); a computation reads its bounds from the data",
@@ -705,7 +726,7 @@ pub(super) fn fast_backward<'py>(
         [dout, dlse],
         &sp,
         &opts,
-        (want, poly),
+        (want, poly, contract),
         plan
     )
 }
