@@ -1,4 +1,5 @@
-"""Where the time of a low-rank fast forward goes: each phase against its floor.
+"""Where the time of a low-rank fast forward (or, with ``--backward``, backward) goes: each
+phase against its floor.
 
 For ``Rotary`` calls (float64, ``d_v = 64``, eps = 1e-3, q and k uniform with the certified score
 bound near R = 1), one thread: the call's wall time and its native phases from
@@ -20,8 +21,19 @@ Each phase's floor is its work at rates measured in the same run: float64 GEMM (
 The whole call's floor (two threads) is the larger of all flops at the two-thread GEMM rate and
 the bytes every call must move (read q, k, v; write out, lse) at the copy bandwidth.
 
+The backward (``attention_grad`` with a standard-normal ``dout``, the default relative gradient
+contract) runs two passes over the same features: pass 1 the forward plus ``a S^T`` and the reverse
+sweep for ``dq``, pass 2 the suffix states ``T`` of the queries, ``Φk T`` for ``dv`` and the
+sweep for ``dk``. Its floors: plan and check read q, k, v, dout; rotate also writes dq, dk;
+features ``4 n r`` (queries and keys, each twice); gemm ``12 n r (d_v + 1)`` (six products with
+the states); backprop ``8 n r`` (the two reverse sweeps, at the GEMM rate); diagonal ``n b/2
+(8 (d_v + 1) + 4 d + 8 g)`` (four products with ``[V, 1]`` or ``a`` and the two polynomials on
+both passes' triangles); output writing dq, dk and dv.
+
     PYTHONPATH=python python benchmarks/bench_lowrank_phases.py --d 2 4 8 --log2n 16 18 20 \\
         --json benchmarks/lowrank_phases.json
+    PYTHONPATH=python python benchmarks/bench_lowrank_phases.py --backward --d 2 4 8 \\
+        --log2n 16 18 --masks causal --json benchmarks/lowrank_phases_backward.json
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from _common import (  # noqa: E402
     try_torch,
 )
 
-PHASES = ("plan", "check", "rotate", "features", "gemm", "diagonal", "output")
+PHASES = ("plan", "check", "rotate", "features", "gemm", "diagonal", "backprop", "output")
 
 
 def gemm_rate(threads: int) -> float:
@@ -85,10 +97,14 @@ def copy_bandwidth() -> float:
     return 2.0 * src.nbytes / best
 
 
-def diagonal_rows(r: int, d: int, g: int, dv: int) -> int:
-    """The causal forward's rows per block (``forward_block`` in the Rust code)."""
+def diagonal_rows(r: int, d: int, g: int, dv: int, backward: bool = False) -> int:
+    """The causal forward's rows per block (``forward_block`` in the Rust code), or the
+    backward's (``block_rows``)."""
     cols = dv + 1
-    balance = 4.0 * r * cols / (d + g + cols)
+    if backward:
+        balance = r * (6.0 * cols + 12.0) / (4.0 * d + 2.0 * g + 4.0 * cols + 10.0)
+    else:
+        balance = 4.0 * r * cols / (d + g + cols)
     return min(max(math.ceil(balance / 16.0) * 16, 32), 256)
 
 
@@ -102,18 +118,34 @@ def inputs(n: int, d: int, dv: int, seed: int = 0):
     return q, k, v
 
 
-def measure(fastrope, n: int, d: int, dv: int, causal: bool, repeat: int) -> dict:
+def measure(
+    fastrope, n: int, d: int, dv: int, causal: bool, repeat: int, backward: bool = False
+) -> dict:
+    import numpy as np
+
     nat = fastrope._fastrope
     q, k, v = inputs(n, d, dv)
     w = fastrope.Rotary(d)
     kw = dict(w=w, causal=causal, method="fast", eps=1e-3)
-    p = fastrope.plan(q, k, v, **kw)
-    fastrope.attention(q, k, v, num_threads=1, **kw)  # warm-up
+    if backward:
+        dout = np.random.default_rng(1).standard_normal(q.shape[:-1] + (dv,))
+        p = fastrope.plan(q, k, v, backward=True, dout=dout, **kw)
+
+        def call(threads):
+            return fastrope.attention_grad(q, k, v, dout=dout, num_threads=threads, **kw)
+
+    else:
+        p = fastrope.plan(q, k, v, **kw)
+
+        def call(threads):
+            return fastrope.attention(q, k, v, num_threads=threads, **kw)
+
+    call(1)  # warm-up
     one = None
     for _ in range(repeat):
         nat.profile_phases(True)
         t = time.perf_counter()
-        fastrope.attention(q, k, v, num_threads=1, **kw)
+        call(1)
         t = time.perf_counter() - t
         ph = nat.profile_phases(False)
         if one is None or t < one[0]:
@@ -121,7 +153,7 @@ def measure(fastrope, n: int, d: int, dv: int, causal: bool, repeat: int) -> dic
     two = math.inf
     for _ in range(repeat):
         t = time.perf_counter()
-        fastrope.attention(q, k, v, num_threads=2, **kw)
+        call(2)
         two = min(two, time.perf_counter() - t)
     wall1, ph = one
     return {
@@ -129,6 +161,7 @@ def measure(fastrope, n: int, d: int, dv: int, causal: bool, repeat: int) -> dic
         "d": d,
         "dv": dv,
         "causal": causal,
+        "backward": backward,
         "degree": p.degree,
         "features": p.terms,
         "wall_1": wall1,
@@ -140,16 +173,19 @@ def measure(fastrope, n: int, d: int, dv: int, causal: bool, repeat: int) -> dic
 def floors(pt: dict, rate1: float, rate2: float, bw: float) -> dict:
     n, d, dv, r, g = pt["n"], pt["d"], pt["dv"], pt["features"], pt["degree"]
     cols = dv + 1
-    qkv = 8.0 * n * (2 * d + dv)
+    bwd = pt.get("backward", False)
+    qkv = 8.0 * n * (2 * d + dv + (dv if bwd else 0))
     flops = {
-        "features": 2.0 * n * r,
-        "gemm": 4.0 * n * r * cols,
+        "features": (4.0 if bwd else 2.0) * n * r,
+        "gemm": (12.0 if bwd else 4.0) * n * r * cols,
         "diagonal": 0.0,
+        "backprop": 8.0 * n * r if bwd else 0.0,
     }
     if pt["causal"]:
-        b = diagonal_rows(r, d, g, dv)
-        flops["diagonal"] = n * b / 2.0 * (2.0 * cols + 2.0 * d + 2.0 * g)
-    out_bytes = 8.0 * n * (dv + 1)
+        b = diagonal_rows(r, d, g, dv, bwd)
+        per_row = (8.0 * cols + 4.0 * d + 8.0 * g) if bwd else (2.0 * cols + 2.0 * d + 2.0 * g)
+        flops["diagonal"] = n * b / 2.0 * per_row
+    out_bytes = 8.0 * n * ((2 * d + dv) if bwd else (dv + 1))
     f1 = {
         "plan": qkv / bw,
         # a plan made from these arrays in the same call skips the scan (then only the views
@@ -159,8 +195,11 @@ def floors(pt: dict, rate1: float, rate2: float, bw: float) -> dict:
         "features": flops["features"] / rate1,
         "gemm": flops["gemm"] / rate1,
         "diagonal": flops["diagonal"] / rate1,
+        "backprop": flops["backprop"] / rate1,
         "output": out_bytes / bw,
     }
+    if bwd:
+        f1["rotate"] *= 2.0
     total2 = max(sum(flops.values()) / rate2, (qkv + out_bytes) / bw)
     return {"phases_1": f1, "total_1": sum(f1.values()), "total_2": total2}
 
@@ -174,6 +213,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--dv", type=int, default=64, help="value dimension")
     ap.add_argument("--repeat", type=int, default=3, help="calls per point (best is kept)")
+    ap.add_argument("--backward", action="store_true", help="time the fast backward instead")
     ap.add_argument("--json", help="write the measurements here")
     ap.add_argument("--from-json", help="render an earlier run's JSON, measure nothing")
     args = ap.parse_args(argv)
@@ -204,7 +244,9 @@ def main(argv=None) -> None:
     for d in args.d:
         for e in args.log2n:
             for mask in args.masks:
-                pt = measure(fastrope, 1 << e, d, args.dv, mask == "causal", args.repeat)
+                pt = measure(
+                    fastrope, 1 << e, d, args.dv, mask == "causal", args.repeat, args.backward
+                )
                 pt["floors"] = floors(pt, rate1, rate2, bw)
                 pt["load"] = loadavg()
                 points.append(pt)
@@ -238,10 +280,12 @@ def render(points) -> str:
             f"{pt['degree']}, {pt['features']}",
         ]
         for name in PHASES:
-            if name == "diagonal" and not pt["causal"]:
+            if (name == "diagonal" and not pt["causal"]) or (
+                name == "backprop" and not pt.get("backward")
+            ):
                 row.append("-")
             else:
-                row.append(f"{ms(ph[name])} ({ms(fl['phases_1'][name])})")
+                row.append(f"{ms(ph.get(name, 0.0))} ({ms(fl['phases_1'][name])})")
         row.append(ms(other))
         row.append(f"{ms(pt['wall_1'])} ({ms(fl['total_1'])})")
         row.append(f"{ms(pt['wall_2'])} ({ms(fl['total_2'])})")

@@ -17,8 +17,10 @@ MLP), RMSNorm, tied output head.  Attention variants:
   polynomial + FFT method; the head dim is 4, where it applies).  Its cost grows quickly with the
   score bound ``R``: ``--qk-norm R`` (for every run, so they stay comparable) normalises q and k
   and scales the scores by ``R``, which keeps ``|score| <= R``.  Its backward is the fast
-  backward (``attention_grad(..., eps, method="fast")``).  A run whose ``eps`` cannot be
-  certified (e.g. ``fast-rotary`` without ``--qk-norm``) stops with the reason.
+  backward (``attention_grad(..., eps, method="fast")``), whose ``eps`` bounds each gradient's
+  error relative to its certified magnitude (``--grad-error relative``, the default) or every
+  entry absolutely (``--grad-error absolute``).  A run whose ``eps`` cannot be certified (e.g.
+  ``fast-rotary`` without ``--qk-norm``) stops with the reason.
 
 The corpus (generated, deterministic): paragraphs that state facts ("the cat of nora is blue.")
 among filler sentences and later ask about one ("what color is the cat of nora? blue."), so the
@@ -108,7 +110,8 @@ def rope_interleaved(x, base: float):
 
 class Attention(nn.Module):
     def __init__(self, dim, heads, kv_heads, kind: str, max_len: int, base: float = 10000.0,
-                 qk_norm: float = 0.0, eps: float = 1e-2) -> None:  # fmt: skip
+                 qk_norm: float = 0.0, eps: float = 1e-2,
+                 grad_error: str = "relative") -> None:  # fmt: skip
         super().__init__()
         # qk_norm R > 0: unit q and k per head, scores scaled by R, so |score| <= R for Rotary
         # (the fast method's cost grows quickly with that bound)
@@ -127,7 +130,9 @@ class Attention(nn.Module):
                 scale=scale,
             )  # fmt: skip
         elif kind == "fast-rotary":
-            self.attn = ft.RopeAttention(fastrope.Rotary(base), eps=eps, method="fast", scale=scale)
+            self.attn = ft.RopeAttention(
+                fastrope.Rotary(base), eps=eps, method="fast", scale=scale, grad_error=grad_error
+            )
         elif kind != "sdpa":
             raise ValueError(f"unknown attention kind {kind!r}")
 
@@ -221,7 +226,8 @@ def train(kind: str, args, data, val, val_ids) -> dict:
     torch.manual_seed(args.seed)
     vocab = int(max(data.max(), val.max())) + 1
     model = Llama(vocab, args.dim, args.layers, args.heads, args.kv_heads, kind, args.n,
-                  base=args.base, qk_norm=args.qk_norm, eps=args.eps)  # fmt: skip
+                  base=args.base, qk_norm=args.qk_norm, eps=args.eps,
+                  grad_error=args.grad_error)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
@@ -297,7 +303,8 @@ def bench(args, data, reps: int) -> dict:
     for kind in args.runs:
         torch.manual_seed(args.seed)
         m = Llama(vocab, args.dim, args.layers, args.heads, args.kv_heads, kind, args.n,
-                  base=args.base, qk_norm=args.qk_norm, eps=args.eps)  # fmt: skip
+                  base=args.base, qk_norm=args.qk_norm, eps=args.eps,
+                  grad_error=args.grad_error)  # fmt: skip
         models[kind] = (m, torch.optim.AdamW(m.parameters(), lr=args.lr))
     rng = np.random.default_rng(args.seed)
     times = {kind: [] for kind in models}
@@ -334,6 +341,8 @@ def main(argv=None) -> int:
                    help="unit-norm q and k, scores scaled by R (|score| <= R: the fast method's"
                         " regime); 0 = off")  # fmt: skip
     p.add_argument("--eps", type=float, default=1e-2, help="eps of the fast run")
+    p.add_argument("--grad-error", choices=("relative", "absolute"), default="relative",
+                   help="what eps bounds in the fast run's backward")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

@@ -25,9 +25,11 @@ pub enum Phase {
     Diagonal,
     /// Normalisation and the write of `out` and `lse`.
     Output,
+    /// The backward's reverse sweeps through the feature maps (`J_Φᵀ` times a coefficient).
+    Backprop,
 }
 
-const PHASES: [(Phase, &str); 7] = [
+const PHASES: [(Phase, &str); 8] = [
     (Phase::Plan, "plan"),
     (Phase::Check, "check"),
     (Phase::Rotate, "rotate"),
@@ -35,10 +37,11 @@ const PHASES: [(Phase, &str); 7] = [
     (Phase::Gemm, "gemm"),
     (Phase::Diagonal, "diagonal"),
     (Phase::Output, "output"),
+    (Phase::Backprop, "backprop"),
 ];
 
 static ON: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 
 /// Turns the timers on or off (totals are kept until [`take`]).
 pub fn set(on: bool) {

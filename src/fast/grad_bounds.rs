@@ -77,7 +77,8 @@ use crate::fast::common::fft_relative_error;
 use crate::fast::grad::Grad5;
 use crate::poly::{certify, norm2, WNorms, U};
 use crate::toeplitz::ToeplitzPlanner;
-use ndarray::ArrayView2;
+use ndarray::{s, ArrayView2};
+use rayon::prelude::*;
 
 /// The data-dependent numbers of one head (or the worst over a group) that the gradient
 /// certificate needs besides [`FastBounds`](crate::fast::bounds::FastBounds). See the module docs.
@@ -152,13 +153,35 @@ impl GradBounds {
         let kw = (0..d).map(|l| rq_l[l].min(sq_l[l])).fold(0.0, f64::max);
         let qw = (0..d).map(|l| rk_l[l].min(sk_l[l])).fold(0.0, f64::max);
         let dv = v.ncols();
-        let (mut hi, mut lo) = (vec![f64::NEG_INFINITY; dv], vec![f64::INFINITY; dv]);
-        for row in v.rows() {
-            for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(row) {
-                *h = h.max(x);
-                *l = l.min(x);
-            }
-        }
+        // v and dout are the large inputs (n x dv): each is read in parallel blocks of rows,
+        // v twice (its column ranges, then the distances to their midrange), dout once.
+        const ROWS: usize = 2048;
+        let blocks = |x: &ArrayView2<'_, f64>| -> Vec<(usize, usize)> {
+            (0..x.nrows())
+                .step_by(ROWS)
+                .map(|r0| (r0, (r0 + ROWS).min(x.nrows())))
+                .collect()
+        };
+        let (hi, lo) = blocks(&v)
+            .into_par_iter()
+            .map(|(r0, r1)| {
+                let (mut hi, mut lo) = (vec![f64::NEG_INFINITY; dv], vec![f64::INFINITY; dv]);
+                for row in v.slice(s![r0..r1, ..]).rows() {
+                    for ((h, l), &x) in hi.iter_mut().zip(lo.iter_mut()).zip(row) {
+                        *h = h.max(x);
+                        *l = l.min(x);
+                    }
+                }
+                (hi, lo)
+            })
+            .reduce(
+                || (vec![f64::NEG_INFINITY; dv], vec![f64::INFINITY; dv]),
+                |(mut h1, mut l1), (h2, l2)| {
+                    h1.iter_mut().zip(h2).for_each(|(a, b)| *a = a.max(b));
+                    l1.iter_mut().zip(l2).for_each(|(a, b)| *a = a.min(b));
+                    (h1, l1)
+                },
+            );
         let range: Vec<f64> = hi
             .iter()
             .zip(&lo)
@@ -167,33 +190,51 @@ impl GradBounds {
         // |g_ij| = |dO_i·(v_j - O_i)| with O_i in the convex hull of the v_j: at most
         // Σ_c |dO_ic| range_c (a box) and at most 2 |dO_i|_2 max_j |v_j - m|_2 (a ball about the
         // midrange m); Γ takes the smaller per row.
-        let rho_v = v
-            .rows()
-            .into_iter()
-            .map(|row| {
-                let centred: Vec<f64> = row
-                    .iter()
-                    .zip(hi.iter().zip(&lo))
-                    .map(|(&x, (&h, &l))| x - 0.5 * (h + l))
-                    .collect();
-                norm2(centred.iter())
+        let mid: Vec<f64> = hi.iter().zip(&lo).map(|(&h, &l)| 0.5 * (h + l)).collect();
+        let rho_v = blocks(&v)
+            .into_par_iter()
+            .map(|(r0, r1)| {
+                let mut centred = vec![0.0f64; dv];
+                v.slice(s![r0..r1, ..])
+                    .rows()
+                    .into_iter()
+                    .map(|row| {
+                        centred
+                            .iter_mut()
+                            .zip(row.iter().zip(&mid))
+                            .for_each(|(c, (&x, &m))| *c = x - m);
+                        norm2(centred.iter())
+                    })
+                    .fold(0.0f64, f64::max)
             })
-            .fold(0.0f64, f64::max);
-        let (mut do_max, mut do_l1, mut gamma) = (0.0f64, 0.0f64, 0.0f64);
-        let mut colmax = vec![0.0f64; dv];
-        for row in dout.rows() {
-            let (mut l1, mut g, mut l2) = (0.0, 0.0, 0.0);
-            for (c, &x) in row.iter().enumerate() {
-                let a = x.abs();
-                l1 += a;
-                l2 += a * a;
-                g += a * range[c];
-                colmax[c] = colmax[c].max(a);
-            }
-            do_l1 = do_l1.max(l1);
-            gamma = gamma.max(g.min(2.0 * l2.sqrt() * rho_v));
-        }
-        colmax.iter().for_each(|&m| do_max = do_max.max(m));
+            .reduce(|| 0.0, f64::max);
+        let (do_l1, gamma, colmax) = blocks(&dout)
+            .into_par_iter()
+            .map(|(r0, r1)| {
+                let (mut do_l1, mut gamma) = (0.0f64, 0.0f64);
+                let mut colmax = vec![0.0f64; dv];
+                for row in dout.slice(s![r0..r1, ..]).rows() {
+                    let (mut l1, mut g, mut l2) = (0.0, 0.0, 0.0);
+                    for (c, &x) in row.iter().enumerate() {
+                        let a = x.abs();
+                        l1 += a;
+                        l2 += a * a;
+                        g += a * range[c];
+                        colmax[c] = colmax[c].max(a);
+                    }
+                    do_l1 = do_l1.max(l1);
+                    gamma = gamma.max(g.min(2.0 * l2.sqrt() * rho_v));
+                }
+                (do_l1, gamma, colmax)
+            })
+            .reduce(
+                || (0.0, 0.0, vec![0.0f64; dv]),
+                |(a1, g1, mut c1), (a2, g2, c2)| {
+                    c1.iter_mut().zip(c2).for_each(|(a, b)| *a = a.max(b));
+                    (a1.max(a2), g1.max(g2), c1)
+                },
+            );
+        let do_max = colmax.iter().fold(0.0f64, |m, &x| m.max(x));
         let slack = 1.0 + 64.0 * U * (support.len() + dv + 4) as f64;
         GradBounds {
             do_max,

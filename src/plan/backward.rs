@@ -67,6 +67,9 @@ pub struct FastBackwardCall {
     pub rounding: Grad5,
     /// True when some group relies on its heads' data-dependent rounding bounds.
     pub deferred: bool,
+    /// Set by the caller when the plan was made from the very arrays it runs on (a handle
+    /// keyed by them): the low-rank heads then skip the check against the plan's bounds.
+    pub data_checked: bool,
     /// Every route considered and not taken, with the reason.
     pub refused: Vec<Refusal>,
 }
@@ -157,6 +160,7 @@ pub fn plan_fast_backward<'a, T: Real>(
     route: Route,
 ) -> Result<FastBackwardCall> {
     count_plan();
+    let _s = crate::profile::span(crate::profile::Phase::Plan);
     crate::exact::forward::check_shapes(prob, &q, &k, &v)?;
     pos.validate(prob)?;
     if let Some(b) = bias {
@@ -490,6 +494,7 @@ pub fn plan_fast_backward<'a, T: Real>(
         approximation,
         rounding,
         deferred,
+        data_checked: false,
         refused,
     })
 }

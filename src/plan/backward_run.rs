@@ -17,6 +17,7 @@ use crate::plan::forward::{factor, head_f64, max_norm, sequences};
 use crate::poly::WNorms;
 use crate::position::{Bias, LogFactor, Position};
 use crate::problem::{Control, Problem};
+use crate::profile::{self, Phase};
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
 
@@ -157,6 +158,7 @@ pub fn run_fast_backward<'a, T: Real>(
                             prob,
                             [&q, &k, &v, &dout],
                             dlse.as_ref(),
+                            call.data_checked,
                             ctl,
                         )
                     })
@@ -286,7 +288,8 @@ pub fn run_fast_backward<'a, T: Real>(
 
 /// One head of a low-rank group: checks that the head is within the bounds its plan certified,
 /// rotates, runs [`lowrank_backward_head`], rotates the gradients back, and certifies the head
-/// from its own bounds (never looser than the plan's).
+/// from its own bounds (never looser than the plan's). With `data_checked` (the plan was made
+/// from these very arrays) the check is skipped and the head carries its plan's certificate.
 #[allow(clippy::too_many_arguments)]
 fn lowrank_one<T: Real>(
     g: &FastBackwardGroup,
@@ -299,30 +302,81 @@ fn lowrank_one<T: Real>(
     prob: &Problem,
     arrays: [&ArrayView4<'_, T>; 4],
     dlse: Option<&ArrayView3<'_, T>>,
+    data_checked: bool,
     ctl: &Control,
 ) -> Result<(usize, crate::fast::HeadGrads)> {
     ctl.check()?;
     let [q, k, v, dout] = arrays;
     let plan = &g.plan;
+    let check = profile::span(Phase::Check);
     let (b, h) = (bh / prob.hq, bh % prob.hq);
     let kvh = h / prob.group();
     let (qh, kh) = (head_f64(q, b, h), head_f64(k, b, kvh));
     let (vh, dh) = (head_f64(v, b, kvh), head_f64(dout, b, h));
-    let score = norms.bound(support, qh.view(), kh.view(), prob.scale);
-    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let (kx, ky) = (lg.mul * max_norm(qh.view()), max_norm(kh.view()));
     let gh: Option<ndarray::Array1<f64>> =
         dlse.map(|g| g.slice(ndarray::s![b, h, ..]).mapv(|x| x.f64()));
-    let gb = GradBounds::new(
-        norms,
-        support,
-        prob.scale,
-        qh.view(),
-        kh.view(),
+    let own = if data_checked {
+        None
+    } else {
+        Some(own_certificate(
+            g,
+            idx,
+            lg,
+            norms,
+            support,
+            prob,
+            [qh.view(), kh.view(), vh.view(), dh.view()],
+            gh.as_ref(),
+        )?)
+    };
+    drop(check);
+    let c = prob.q_offset - prob.k_offset;
+    let mul = prob.scale * rot.factor * rot.factor;
+    let (x, y) = profile::time(Phase::Rotate, || {
+        (
+            rotate(rot, qh.view(), c, mul),
+            rotate(rot, kh.view(), 0, 1.0),
+        )
+    });
+    let mut hg = lowrank_backward_head(
+        plan,
+        x.view(),
+        y.view(),
         vh.view(),
         dh.view(),
-    );
-    let gb = match &gh {
+        gh.as_ref().map(|g| g.view()),
+        ctl,
+    )?;
+    let rotate_span = profile::span(Phase::Rotate);
+    hg.dq = rotate_back(rot, hg.dq.view(), c, mul);
+    hg.dk = rotate_back(rot, hg.dk.view(), 0, 1.0);
+    drop(rotate_span);
+    hg.cert = own.unwrap_or_else(|| crate::fast::lowrank::cert_of(plan));
+    if let Some(msg) = plan.over_message(&hg.cert, "this head's") {
+        return Err(Error::Approximation(msg));
+    }
+    Ok((bh, hg))
+}
+
+/// The certificate of one head of a low-rank group from its own bounds (each part no looser
+/// than the plan's), or the refusal of a head outside the bounds its plan certified.
+#[allow(clippy::too_many_arguments)]
+fn own_certificate(
+    g: &FastBackwardGroup,
+    idx: usize,
+    lg: LowRankGrad,
+    norms: &WNorms,
+    support: &[(usize, usize)],
+    prob: &Problem,
+    [qh, kh, vh, dh]: [ndarray::ArrayView2<'_, f64>; 4],
+    gh: Option<&ndarray::Array1<f64>>,
+) -> Result<crate::fast::GradCertificate> {
+    let plan = &g.plan;
+    let score = norms.bound(support, qh, kh, prob.scale);
+    let vmax = vh.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let (kx, ky) = (lg.mul * max_norm(qh), max_norm(kh));
+    let gb = GradBounds::new(norms, support, prob.scale, qh, kh, vh, dh);
+    let gb = match gh {
         Some(g) => gb.with_dlse(g.iter().fold(0.0f64, |m, x| m.max(x.abs()))),
         None => gb,
     };
@@ -340,22 +394,6 @@ fn lowrank_one<T: Real>(
             score.r, vmax, gb.do_max, plan.bounds.r, plan.bounds.v_max, plan.grad.do_max
         )));
     }
-    let c = prob.q_offset - prob.k_offset;
-    let mul = prob.scale * rot.factor * rot.factor;
-    let x = rotate(rot, qh.view(), c, mul);
-    let y = rotate(rot, kh.view(), 0, 1.0);
-    let mut hg = lowrank_backward_head(
-        plan,
-        x.view(),
-        y.view(),
-        vh.view(),
-        dh.view(),
-        gh.as_ref().map(|g| g.view()),
-        ctl,
-    )?;
-    hg.dq = rotate_back(rot, hg.dq.view(), c, mul);
-    hg.dk = rotate_back(rot, hg.dk.view(), 0, 1.0);
-    // The head's own certificate (its bounds are within the plan's, so the plan's holds too).
     let own = LowRankGrad {
         kx,
         ky,
@@ -367,8 +405,7 @@ fn lowrank_one<T: Real>(
     };
     let (rho, rho_d) = (plan.poly.rho, plan.rho_d);
     let (approx, mag) = approximation_errors(rho, rho_d, &gb, &ps);
-    let shape = plan.shape;
-    let rounding = lowrank_grad_rounding(&plan.poly, shape, score.r, vmax, &gb, &own);
+    let rounding = lowrank_grad_rounding(&plan.poly, plan.shape, score.r, vmax, &gb, &own);
     let want = plan.want;
     let approx = approx.masked(want).zip(plan.approximation, f64::min);
     let rounding = rounding.masked(want).zip(plan.rounding, f64::min);
@@ -378,14 +415,10 @@ fn lowrank_one<T: Real>(
         .masked(want)
         .zip(plan.output, f64::min);
     let certified = approx.plus(rounding).plus(output);
-    hg.cert = crate::fast::GradCertificate {
+    Ok(crate::fast::GradCertificate {
         approximation: approx,
         rounding,
         output,
         certified,
-    };
-    if let Some(msg) = plan.over_message(&hg.cert, "this head's") {
-        return Err(Error::Approximation(msg));
-    }
-    Ok((bh, hg))
+    })
 }

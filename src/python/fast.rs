@@ -587,7 +587,13 @@ fn fast_backward_typed<'py, T: Real + Element>(
                 nthreads,
                 poly.as_ref(),
                 route,
-            )?,
+            )
+            .map(|mut c| {
+                // Bounds read from these arrays (dout included); a handle runs only on the
+                // same array objects (the key).
+                c.data_checked = given.is_none() && dv.is_some();
+                c
+            })?,
         };
         if !run_it {
             return Ok((call, None));

@@ -22,7 +22,7 @@
 //! [`super::lowrank_head`] computes (up to rounding).
 
 use super::band_backward::band_backward_head;
-use super::forward::{with_ones, Features};
+use super::forward::{horner_in_place, with_ones, Features};
 use super::plan::block_rows;
 use crate::error::{Error, Result};
 use crate::fast::common::{chunk_len, chunk_ranges, consecutive, range_sums, scan};
@@ -30,6 +30,7 @@ use crate::fast::grad::HeadGrads;
 use crate::fast::grad_bounds::derivative_coeffs;
 use crate::fast::plans::BackwardPlan;
 use crate::problem::Control;
+use crate::profile::{self, Phase};
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -70,6 +71,23 @@ pub(super) fn finish_row(
     }
     a[dv] = (g - dsum) / den;
     Ok(den.ln())
+}
+
+/// `f(M)` (coefficients `c`, by Horner: the operations of `Polynomial::eval`) on the first
+/// `seen(a)` entries of each row `a` of `m`, in place, and 0 on the rest (the pairs a causal
+/// mask hides), one vectorised pass per coefficient.
+fn eval_seen(
+    c: &[f64],
+    m: &mut Array2<f64>,
+    seen: impl Fn(usize) -> usize,
+    scratch: &mut Vec<f64>,
+) {
+    for (a, mut row) in m.outer_iter_mut().enumerate() {
+        let row = row.as_slice_mut().expect("a fresh row-major product");
+        let (vis, masked) = row.split_at_mut(seen(a).min(row.len()));
+        horner_in_place(c, vis, scratch);
+        masked.fill(0.0);
+    }
 }
 
 /// `p'` evaluated by Horner.
@@ -121,13 +139,12 @@ pub fn lowrank_backward_head(
         return band_backward_head(plan, &lg.lr, x, y, v, dout, dlse, ctl);
     }
     let poly = &plan.poly;
-    let dp = derivative(&poly.coeffs);
+    let dcoeffs = derivative_coeffs(&poly.coeffs);
     let feats = Features::new(d, poly);
     let r = feats.len();
     let blk = block_rows(r as f64, d, poly.degree, dv);
     let wv = Array1::from(feats.weight.clone());
     let cols = dv + 1;
-    let b = with_ones(v);
     let shift = lg.lr.causal_shift;
     let visible = |i: usize| -> usize {
         match shift {
@@ -135,7 +152,6 @@ pub fn lowrank_backward_head(
             Some(c) => (i as i64 + c + 1).clamp(0, nk as i64) as usize,
         }
     };
-    let sees = |i: usize, j: usize| -> bool { shift.is_none_or(|c| j as i64 <= i as i64 + c) };
 
     let first_full = |k1: usize| -> usize {
         match shift {
@@ -151,7 +167,7 @@ pub fn lowrank_backward_head(
     };
     let zero = Array2::<f64>::zeros((r, cols));
     // Σ_{j in [a, b)} Φk(y_j) b_j^T (and, in pass 2, Σ_{i in [a, b)} Φq(x_i) a_i^T)
-    let key_state = |a: usize, b_: usize| feats.state(y, b.view(), false, a..b_, blk, ctl);
+    let key_state = |a: usize, b_: usize| feats.state_ones(y, v, a..b_, blk, ctl);
 
     // Pass 1: chunks of query blocks in parallel, each from the prefix state S of the keys its
     // first block sees in full; within a chunk, blocks in order (S grows by the keys between).
@@ -167,6 +183,7 @@ pub fn lowrank_backward_head(
         let (c0, c1) = qchunks[c];
         let mut state = prefix[c].clone();
         let mut in_state = kbounds[c];
+        let mut scratch = Vec::with_capacity(blk);
         for i0 in (c0..c1).step_by(blk) {
             ctl.check()?;
             let i1 = (i0 + blk).min(c1);
@@ -177,20 +194,18 @@ pub fn lowrank_backward_head(
             }
             let xb = x.slice(s![i0..i1, ..]);
             let mono = feats.fill(xb, false);
-            let phi = &mono * &wv;
-            let mut acc = phi.dot(&state);
+            let mut acc = profile::time(Phase::Gemm, || (&mono * &wv).dot(&state));
+            // keys [full, last) are seen in part: row a sees the first seen1(a) of them
+            let seen1 = |a: usize| visible(i0 + a).saturating_sub(full).min(last - full);
             let partial = (last > full).then(|| {
+                let _s = profile::span(Phase::Diagonal);
                 let yp = y.slice(s![full..last, ..]);
                 let m = xb.dot(&yp.t());
-                let pm = Array2::from_shape_fn(m.dim(), |(a, j)| {
-                    if sees(i0 + a, full + j) {
-                        poly.eval(m[[a, j]])
-                    } else {
-                        0.0
-                    }
-                });
-                acc += &pm.dot(&b.slice(s![full..last, ..]));
-                m
+                let mut pm = m.clone();
+                eval_seen(&poly.coeffs, &mut pm, seen1, &mut scratch);
+                let bp = with_ones(v.slice(s![full..last, ..]));
+                acc += &pm.dot(&bp);
+                (m, bp)
             });
             for a in 0..i1 - i0 {
                 let (i, o) = (i0 + a, i0 + a - c0);
@@ -208,20 +223,18 @@ pub fn lowrank_backward_head(
                 )?;
             }
             let ab = a_ch.slice(s![i0 - c0..i1 - c0, ..]);
-            let mut coef = ab.dot(&state.t());
+            let mut coef = profile::time(Phase::Gemm, || ab.dot(&state.t()));
             coef *= &wv;
-            let mut gx = feats.backprop(xb, mono.view(), coef.view());
-            if let Some(m) = partial {
+            let mut gx = profile::time(Phase::Backprop, || {
+                feats.backprop(xb, mono.view(), coef.view())
+            });
+            if let Some((mut m, bp)) = partial {
+                let _s = profile::span(Phase::Diagonal);
                 let yp = y.slice(s![full..last, ..]);
-                let gm = ab.dot(&b.slice(s![full..last, ..]).t());
-                let dpm = Array2::from_shape_fn(m.dim(), |(a, j)| {
-                    if sees(i0 + a, full + j) {
-                        dp(m[[a, j]]) * gm[[a, j]]
-                    } else {
-                        0.0
-                    }
-                });
-                gx += &dpm.dot(&yp);
+                let gm = ab.dot(&bp.t());
+                eval_seen(&dcoeffs, &mut m, seen1, &mut scratch);
+                m *= &gm;
+                gx += &m.dot(&yp);
             }
             dx.slice_mut(s![i0 - c0..i1 - c0, ..]).assign(&gx);
         }
@@ -260,6 +273,7 @@ pub fn lowrank_backward_head(
     let pass2 =
         |(c, mut dy, mut dvv): (usize, ArrayViewMut2<f64>, ArrayViewMut2<f64>)| -> Result<()> {
             let (c0, c1) = kchunks[c];
+            let mut scratch = Vec::with_capacity(blk);
             let mut t = suffix[c].clone();
             let mut t_from = rbounds[c];
             let rows = c1 - c0;
@@ -273,25 +287,26 @@ pub fn lowrank_backward_head(
                     t_from = ff;
                 }
                 let yb = y.slice(s![k0..k1, ..]);
-                let bb = b.slice(s![k0..k1, ..]);
+                let bb = with_ones(v.slice(s![k0..k1, ..]));
                 let mono = feats.fill(yb, false);
-                let mut dvb = mono.dot(&t.slice(s![.., ..dv]));
-                let coef = bb.dot(&t.t());
-                let mut gy = feats.backprop(yb, mono.view(), coef.view());
+                let (mut dvb, coef) = profile::time(Phase::Gemm, || {
+                    (mono.dot(&t.slice(s![.., ..dv])), bb.dot(&t.t()))
+                });
+                let mut gy = profile::time(Phase::Backprop, || {
+                    feats.backprop(yb, mono.view(), coef.view())
+                });
                 let p0 = first_seen(k0).min(ff);
                 if ff > p0 {
+                    let _s = profile::span(Phase::Diagonal);
                     let xp = x.slice(s![p0..ff, ..]);
                     let ap = a_all.slice(s![p0..ff, ..]);
-                    let m = xp.dot(&yb.t());
-                    let gm = ap.dot(&bb.t());
-                    let mut pm = Array2::<f64>::zeros(m.dim());
-                    let mut dpm = Array2::<f64>::zeros(m.dim());
-                    for ((a, j), &mv) in m.indexed_iter() {
-                        if sees(p0 + a, k0 + j) {
-                            pm[[a, j]] = poly.eval(mv);
-                            dpm[[a, j]] = dp(mv) * gm[[a, j]];
-                        }
-                    }
+                    // query p0 + a sees the first seen2(a) keys of the block
+                    let seen2 = |a: usize| visible(p0 + a).saturating_sub(k0).min(k1 - k0);
+                    let mut pm = xp.dot(&yb.t());
+                    let mut dpm = pm.clone();
+                    eval_seen(&poly.coeffs, &mut pm, seen2, &mut scratch);
+                    eval_seen(&dcoeffs, &mut dpm, seen2, &mut scratch);
+                    dpm *= &ap.dot(&bb.t());
                     dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
                     gy += &dpm.t().dot(&xp);
                 }
