@@ -31,6 +31,7 @@ use crate::fast::grad_bounds::derivative_coeffs;
 use crate::fast::plans::BackwardPlan;
 use crate::problem::Control;
 use crate::profile::{self, Phase};
+use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
@@ -87,6 +88,75 @@ fn eval_seen(
         let (vis, masked) = row.split_at_mut(seen(a).min(row.len()));
         horner_in_place(c, vis, scratch);
         masked.fill(0.0);
+    }
+}
+
+/// Rows per sub-block of a partially visible tile: each sub-block's products run over the
+/// columns its last row sees, so the hidden half of the triangle costs (almost) nothing.
+const TRIANGLE_ROWS: usize = 32;
+
+/// The sub-blocks `(s0, s1, lim)` of a tile of `rows` rows whose row `a` sees its first
+/// `seen(a)` columns (`seen` nondecreasing): `lim = seen(s1 - 1)`, empty ones left out.
+fn sub_blocks(
+    rows: usize,
+    seen: impl Fn(usize) -> usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..rows).step_by(TRIANGLE_ROWS).filter_map(move |s0| {
+        let s1 = (s0 + TRIANGLE_ROWS).min(rows);
+        let lim = seen(s1 - 1);
+        (lim > 0).then_some((s0, s1, lim))
+    })
+}
+
+/// `c += a b` for a tile `a` that is zero beyond `seen(row)` in each row.
+fn tri_acc(
+    a: ArrayView2<f64>,
+    b: ArrayView2<f64>,
+    mut c: ArrayViewMut2<f64>,
+    seen: impl Fn(usize) -> usize,
+) {
+    for (s0, s1, lim) in sub_blocks(a.nrows(), seen) {
+        general_mat_mul(
+            1.0,
+            &a.slice(s![s0..s1, ..lim]),
+            &b.slice(s![..lim, ..]),
+            1.0,
+            &mut c.slice_mut(s![s0..s1, ..]),
+        );
+    }
+}
+
+/// `a b^T` on the entries row `i` sees (its first `seen(i)` columns, up to the sub-block's
+/// `lim`); the rest is zero or a value the caller multiplies by zero.
+fn tri_abt(a: ArrayView2<f64>, b: ArrayView2<f64>, seen: impl Fn(usize) -> usize) -> Array2<f64> {
+    let mut c = Array2::<f64>::zeros((a.nrows(), b.nrows()));
+    for (s0, s1, lim) in sub_blocks(a.nrows(), seen) {
+        general_mat_mul(
+            1.0,
+            &a.slice(s![s0..s1, ..]),
+            &b.slice(s![..lim, ..]).t(),
+            0.0,
+            &mut c.slice_mut(s![s0..s1, ..lim]),
+        );
+    }
+    c
+}
+
+/// `c += a^T b` for a tile `a` that is zero beyond `seen(row)` in each row.
+fn tri_atb(
+    a: ArrayView2<f64>,
+    b: ArrayView2<f64>,
+    mut c: ArrayViewMut2<f64>,
+    seen: impl Fn(usize) -> usize,
+) {
+    for (s0, s1, lim) in sub_blocks(a.nrows(), seen) {
+        general_mat_mul(
+            1.0,
+            &a.slice(s![s0..s1, ..lim]).t(),
+            &b.slice(s![s0..s1, ..]),
+            1.0,
+            &mut c.slice_mut(s![..lim, ..]),
+        );
     }
 }
 
@@ -204,7 +274,7 @@ pub fn lowrank_backward_head(
                 let mut pm = m.clone();
                 eval_seen(&poly.coeffs, &mut pm, seen1, &mut scratch);
                 let bp = with_ones(v.slice(s![full..last, ..]));
-                acc += &pm.dot(&bp);
+                tri_acc(pm.view(), bp.view(), acc.view_mut(), seen1);
                 (m, bp)
             });
             for a in 0..i1 - i0 {
@@ -231,7 +301,7 @@ pub fn lowrank_backward_head(
             if let Some((mut m, bp)) = partial {
                 let _s = profile::span(Phase::Diagonal);
                 let yp = y.slice(s![full..last, ..]);
-                let gm = ab.dot(&bp.t());
+                let gm = tri_abt(ab, bp.view(), seen1);
                 eval_seen(&dcoeffs, &mut m, seen1, &mut scratch);
                 m *= &gm;
                 gx += &m.dot(&yp);
@@ -306,9 +376,9 @@ pub fn lowrank_backward_head(
                     let mut dpm = pm.clone();
                     eval_seen(&poly.coeffs, &mut pm, seen2, &mut scratch);
                     eval_seen(&dcoeffs, &mut dpm, seen2, &mut scratch);
-                    dpm *= &ap.dot(&bb.t());
-                    dvb += &pm.t().dot(&ap.slice(s![.., ..dv]));
-                    gy += &dpm.t().dot(&xp);
+                    dpm *= &tri_abt(ap, bb.view(), seen2);
+                    tri_atb(pm.view(), ap.slice(s![.., ..dv]), dvb.view_mut(), seen2);
+                    tri_atb(dpm.view(), xp, gy.view_mut(), seen2);
                 }
                 dy.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&gy);
                 dvv.slice_mut(s![k0 - c0..k1 - c0, ..]).assign(&dvb);
