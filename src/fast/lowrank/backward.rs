@@ -295,9 +295,7 @@ pub fn lowrank_backward_head(
             let ab = a_ch.slice(s![i0 - c0..i1 - c0, ..]);
             let mut coef = profile::time(Phase::Gemm, || ab.dot(&state.t()));
             coef *= &wv;
-            let mut gx = profile::time(Phase::Backprop, || {
-                feats.backprop(xb, mono.view(), coef.view())
-            });
+            let mut gx = feats.backprop(xb, mono.view(), coef.view());
             if let Some((mut m, bp)) = partial {
                 let _s = profile::span(Phase::Diagonal);
                 let yp = y.slice(s![full..last, ..]);
@@ -362,9 +360,7 @@ pub fn lowrank_backward_head(
                 let (mut dvb, coef) = profile::time(Phase::Gemm, || {
                     (mono.dot(&t.slice(s![.., ..dv])), bb.dot(&t.t()))
                 });
-                let mut gy = profile::time(Phase::Backprop, || {
-                    feats.backprop(yb, mono.view(), coef.view())
-                });
+                let mut gy = feats.backprop(yb, mono.view(), coef.view());
                 let p0 = first_seen(k0).min(ff);
                 if ff > p0 {
                     let _s = profile::span(Phase::Diagonal);

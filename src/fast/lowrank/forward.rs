@@ -291,34 +291,48 @@ impl Features {
     /// Row by row, the gradient `Σ_m coef[m] ∂(x^α_m)/∂x` (`rows x d`), with `mono` the
     /// unweighted monomials of `x` ([`Features::fill`] with `weighted = false`): reverse mode
     /// through the product steps, so each entry is a sum of products `coef[m] α_l x^{α_m - e_l}`.
+    /// The adjoints are held feature by feature (column-major, as `fill` builds the monomials), so
+    /// each step is one vectorised pass over the rows.
     pub(crate) fn backprop(
         &self,
         x: ArrayView2<f64>,
         mono: ArrayView2<f64>,
         coef: ArrayView2<f64>,
     ) -> Array2<f64> {
-        let d = x.ncols();
-        let mut out = Array2::zeros(x.raw_dim());
-        let mut adj = vec![0.0; self.len()];
-        let (mut mr, mut xr, mut gr) = (vec![0.0; self.len()], vec![0.0; d], vec![0.0; d]);
-        for (i, row) in x.outer_iter().enumerate() {
-            adj.iter_mut().zip(coef.row(i)).for_each(|(a, &c)| *a = c);
-            mr.iter_mut().zip(mono.row(i)).for_each(|(a, &c)| *a = c);
-            xr.iter_mut().zip(row).for_each(|(a, &b)| *a = b);
-            gr.iter_mut().for_each(|g| *g = 0.0);
-            for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1).rev() {
-                let a = adj[m];
-                if a != 0.0 {
-                    gr[l] += a * mr[parent];
-                    adj[parent] += a * xr[l];
-                }
+        let (rows, d) = x.dim();
+        let r = self.len();
+        let _s = profile::span(Phase::Backprop);
+        let mut adj = vec![0.0f64; r * rows];
+        for (i, row) in coef.outer_iter().enumerate() {
+            for (m, &c) in row.iter().enumerate() {
+                adj[m * rows + i] = c;
             }
-            out.row_mut(i)
-                .iter_mut()
-                .zip(&gr)
-                .for_each(|(o, &g)| *o = g);
         }
-        out
+        let xc: Vec<Vec<f64>> = (0..d).map(|l| x.column(l).to_vec()).collect();
+        let mut g = vec![vec![0.0f64; rows]; d];
+        let mut owned = Vec::new();
+        for (m, &(parent, l)) in self.steps.iter().enumerate().skip(1).rev() {
+            // a monomial's parent comes before it: the parent's adjoint is still to be used
+            let (before, from_m) = adj.split_at_mut(m * rows);
+            let a = &from_m[..rows];
+            let col = mono.column(parent);
+            let mp = match col.as_slice() {
+                Some(x) => x,
+                None => {
+                    owned.clear();
+                    owned.extend(col.iter());
+                    &owned[..]
+                }
+            };
+            g[l].iter_mut()
+                .zip(a.iter().zip(mp))
+                .for_each(|(gv, (&av, &mv))| *gv += av * mv);
+            before[parent * rows..(parent + 1) * rows]
+                .iter_mut()
+                .zip(a.iter().zip(&xc[l]))
+                .for_each(|(p, (&av, &xv))| *p += av * xv);
+        }
+        Array2::from_shape_fn((rows, d), |(i, l)| g[l][i])
     }
 }
 
