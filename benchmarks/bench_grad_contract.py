@@ -107,6 +107,42 @@ def measured(fastrope, np, d: int, log2n: int, eps: float, repeat: int) -> dict:
     return row
 
 
+def render(saved: dict) -> str:
+    """Markdown tables of a run's JSON: the degrees, then one row per point and contract."""
+    lines = [
+        "| d | d_v | forward | backward, absolute | backward, relative |",
+        "|---|---|---|---|---|",
+    ]
+    for r in saved["degrees"]:
+        cells = [f"{x[0]} ({x[1]})" if isinstance(x, list) else str(x)
+                 for x in (r["forward"], r["absolute"], r["relative"])]  # fmt: skip
+        lines.append(f"| {r['d']} | {r['dv']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| d | n | contract | degree f/b | fast fwd ms | fast bwd ms | bwd / fwd | exact bwd ms"
+        " | exact / fast bwd | err / S_G (dq, dk, dv) | certified / S_G (dq, dk, dv)"
+        " | err / max|G| (dq, dk, dv) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in saved["measured"]:
+        s = r["seconds"]
+        for ge in ("relative", "absolute"):
+            g = r[ge]["grads"]
+            t = s[f"fast backward, {ge}"]
+
+            def trio(key, g=g):
+                return ", ".join(f"{g[n][key]:.1e}" for n in GRADS)
+
+            lines.append(
+                f"| {r['d']} | 2^{r['n'].bit_length() - 1} | {ge} | {r['forward_degree']}/"
+                f"{r[ge]['degree']} | {s['fast forward'] * 1e3:.0f} | {t * 1e3:.0f} |"
+                f" {t / s['fast forward']:.2f} | {s['exact backward'] * 1e3:.0f} |"
+                f" {s['exact backward'] / t:.1f}x | {trio('error_over_scale')} |"
+                f" {trio('certified_over_scale')} | {trio('error_over_max')} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--d", type=int, nargs="+", default=[2, 4, 8], help="head dims")
@@ -114,7 +150,14 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=1e-3, help="the error bound asked for")
     ap.add_argument("--repeat", type=int, default=3, help="timed calls of each (best is kept)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--from-json", help="render an earlier run's JSON as markdown, measure nothing")
     args = ap.parse_args()
+    if args.from_json:
+        import json
+
+        with open(args.from_json) as f:
+            print(render(json.load(f)))
+        return
     snap = snapshot_package()
     import numpy as np
 

@@ -239,7 +239,8 @@ impl Features {
             ctl.check()?;
             let r1 = (r0 + blk).min(rows.end);
             let f = self.fill(x.slice(s![r0..r1, ..]), weighted);
-            st += &f.t().dot(&w.slice(s![r0..r1, ..]));
+            let _s = profile::span(Phase::Gemm);
+            general_mat_mul(1.0, &f.t(), &w.slice(s![r0..r1, ..]), 1.0, &mut st);
         }
         Ok(st)
     }
@@ -299,9 +300,33 @@ impl Features {
         mono: ArrayView2<f64>,
         coef: ArrayView2<f64>,
     ) -> Array2<f64> {
+        let _s = profile::span(Phase::Backprop);
+        let (rows, d) = x.dim();
+        let mut out = Array2::zeros((rows, d));
+        // chunks of rows small enough that a chunk's adjoints (`r x chunk`) stay in cache
+        let chunk = (BACKPROP_BYTES / (8 * self.len().max(1))).clamp(8, 256);
+        for c0 in (0..rows).step_by(chunk) {
+            let c1 = (c0 + chunk).min(rows);
+            self.backprop_rows(
+                x.slice(s![c0..c1, ..]),
+                mono.slice(s![c0..c1, ..]),
+                coef.slice(s![c0..c1, ..]),
+                out.slice_mut(s![c0..c1, ..]),
+            );
+        }
+        out
+    }
+
+    /// [`Features::backprop`] of a chunk of rows, into `out` (`rows x d`).
+    fn backprop_rows(
+        &self,
+        x: ArrayView2<f64>,
+        mono: ArrayView2<f64>,
+        coef: ArrayView2<f64>,
+        mut out: ArrayViewMut2<f64>,
+    ) {
         let (rows, d) = x.dim();
         let r = self.len();
-        let _s = profile::span(Phase::Backprop);
         let mut adj = vec![0.0f64; r * rows];
         for (i, row) in coef.outer_iter().enumerate() {
             for (m, &c) in row.iter().enumerate() {
@@ -332,9 +357,18 @@ impl Features {
                 .zip(a.iter().zip(&xc[l]))
                 .for_each(|(p, (&av, &xv))| *p += av * xv);
         }
-        Array2::from_shape_fn((rows, d), |(i, l)| g[l][i])
+        for (l, gl) in g.iter().enumerate() {
+            out.column_mut(l)
+                .iter_mut()
+                .zip(gl)
+                .for_each(|(o, &v)| *o = v);
+        }
     }
 }
+
+/// Bytes of adjoints a chunk of [`Features::backprop`] keeps (`r x rows` floats): about half an
+/// L2 cache.
+const BACKPROP_BYTES: usize = 256 * 1024;
 
 /// `[V, 1]` (`nk x (dv + 1)`).
 pub(crate) fn with_ones(v: ArrayView2<f64>) -> Array2<f64> {
