@@ -22,7 +22,7 @@
 //! [`super::lowrank_head`] computes (up to rounding).
 
 use super::band_backward::band_backward_head;
-use super::forward::{horner_in_place, with_ones, Features};
+use super::forward::{horner_in_place, sub_blocks, tri_acc, with_ones, Features};
 use super::plan::block_rows;
 use crate::error::{Error, Result};
 use crate::fast::common::{chunk_len, chunk_ranges, consecutive, range_sums, scan};
@@ -88,41 +88,6 @@ fn eval_seen(
         let (vis, masked) = row.split_at_mut(seen(a).min(row.len()));
         horner_in_place(c, vis, scratch);
         masked.fill(0.0);
-    }
-}
-
-/// Rows per sub-block of a partially visible tile: each sub-block's products run over the
-/// columns its last row sees, so the hidden half of the triangle costs (almost) nothing.
-const TRIANGLE_ROWS: usize = 32;
-
-/// The sub-blocks `(s0, s1, lim)` of a tile of `rows` rows whose row `a` sees its first
-/// `seen(a)` columns (`seen` nondecreasing): `lim = seen(s1 - 1)`, empty ones left out.
-fn sub_blocks(
-    rows: usize,
-    seen: impl Fn(usize) -> usize,
-) -> impl Iterator<Item = (usize, usize, usize)> {
-    (0..rows).step_by(TRIANGLE_ROWS).filter_map(move |s0| {
-        let s1 = (s0 + TRIANGLE_ROWS).min(rows);
-        let lim = seen(s1 - 1);
-        (lim > 0).then_some((s0, s1, lim))
-    })
-}
-
-/// `c += a b` for a tile `a` that is zero beyond `seen(row)` in each row.
-fn tri_acc(
-    a: ArrayView2<f64>,
-    b: ArrayView2<f64>,
-    mut c: ArrayViewMut2<f64>,
-    seen: impl Fn(usize) -> usize,
-) {
-    for (s0, s1, lim) in sub_blocks(a.nrows(), seen) {
-        general_mat_mul(
-            1.0,
-            &a.slice(s![s0..s1, ..lim]),
-            &b.slice(s![..lim, ..]),
-            1.0,
-            &mut c.slice_mut(s![s0..s1, ..]),
-        );
     }
 }
 

@@ -49,6 +49,37 @@ type Rows<'a, T> = (ArrayViewMut2<'a, T>, ArrayViewMut1<'a, T>);
 /// the keys its rows can see, so the masked half of the tile costs (almost) nothing.
 const DIAGONAL_ROWS: usize = 32;
 
+/// The sub-blocks `(s0, s1, lim)` of a tile of `rows` rows whose row `a` sees its first
+/// `seen(a)` columns (`seen` nondecreasing): `lim = seen(s1 - 1)`, empty ones left out.
+pub(super) fn sub_blocks(
+    rows: usize,
+    seen: impl Fn(usize) -> usize,
+) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..rows).step_by(DIAGONAL_ROWS).filter_map(move |s0| {
+        let s1 = (s0 + DIAGONAL_ROWS).min(rows);
+        let lim = seen(s1 - 1);
+        (lim > 0).then_some((s0, s1, lim))
+    })
+}
+
+/// `c += a b` for a tile `a` that is zero beyond `seen(row)` in each row.
+pub(super) fn tri_acc(
+    a: ArrayView2<f64>,
+    b: ArrayView2<f64>,
+    mut c: ArrayViewMut2<f64>,
+    seen: impl Fn(usize) -> usize,
+) {
+    for (s0, s1, lim) in sub_blocks(a.nrows(), seen) {
+        general_mat_mul(
+            1.0,
+            &a.slice(s![s0..s1, ..lim]),
+            &b.slice(s![..lim, ..]),
+            1.0,
+            &mut c.slice_mut(s![s0..s1, ..]),
+        );
+    }
+}
+
 /// Rows per block of the low-rank forward without a mask or band (no partially visible keys):
 /// as many as keep a block of `r` features near 256 KiB, a multiple of 64 in `BLOCK..=4096`.
 pub fn unmasked_block(r: usize) -> usize {
@@ -558,7 +589,7 @@ fn running_sums<T: Real>(
             if last > full {
                 // partially visible keys: p(M) itself on the visible pairs (a triangle)
                 let _s = profile::span(Phase::Diagonal);
-                let (rows, part) = (i1 - i0, last - full);
+                let part = last - full;
                 let seen = |a: usize| visible(i0 + a).saturating_sub(full).min(part);
                 let mut pm = x
                     .slice(s![i0..i1, ..])
@@ -571,19 +602,7 @@ fn running_sums<T: Real>(
                 }
                 // rows by sub-blocks, each against the keys its last row sees (`seen` grows)
                 let vb = with_ones(v.slice(s![full..last, ..]));
-                for s0 in (0..rows).step_by(DIAGONAL_ROWS) {
-                    let s1 = (s0 + DIAGONAL_ROWS).min(rows);
-                    let lim = seen(s1 - 1);
-                    if lim > 0 {
-                        general_mat_mul(
-                            1.0,
-                            &pm.slice(s![s0..s1, ..lim]),
-                            &vb.slice(s![..lim, ..]),
-                            1.0,
-                            &mut num.slice_mut(s![s0..s1, ..]),
-                        );
-                    }
-                }
+                tri_acc(pm.view(), vb.view(), num.view_mut(), seen);
             }
             let rows = s![i0 - c0..i1 - c0, ..];
             emit(
