@@ -171,6 +171,27 @@ def test_grad_error_reaches_the_fast_backward(rng, grad_error):
         fj.attention(q, k, v, w, 1e-3, grad_error="abs")
 
 
+def test_a_fixed_bias_takes_the_low_rank_backward(rng):
+    """bias_grad=False: the ALiBi bias gets a zero cotangent and the fast backward its low-rank
+    route (without it the route cannot serve dbias)."""
+    q, k, v = make_qkv(rng, (2,), 40, 40, 4, 3)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    bias = fastrope.alibi(2, 40)
+    dout = rng.standard_normal((2, 40, 3))
+    w, kw = fastrope.Rotary(), dict(method="fast", causal=True)
+
+    def f(q, b):
+        return jnp.sum(fj.attention(q, k, v, w, 1e-3, bias=b, bias_grad=False, **kw) * dout)
+
+    gq, gb = jax.jit(jax.grad(f, argnums=(0, 1)))(q, bias)
+    assert not np.asarray(gb).any()
+    want = fastrope.attention_grad(q, k, v, w, dout, 1e-3, bias=bias, bias_grad=False, **kw)
+    assert_close(np.asarray(gq), want.dq, 1e-12, "dq")
+    p = fastrope.plan(q, k, v, w, 1e-3, bias=bias, bias_grad=False, backward=True, **kw)
+    assert p.details["path"] == "lowrank"
+
+
 def test_w_none_with_a_bias_under_jit_and_grad(rng):
     """w=None (W_δ = I, positions only through a T5-style bias): jit + grad against the
     reference gradients, through out and lse."""

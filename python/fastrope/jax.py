@@ -70,6 +70,7 @@ class _Config:
     check_finite: bool
     num_threads: Optional[int]
     grad_error: str = "relative"
+    bias_grad: bool = True
 
     def w(self, values: Optional[np.ndarray]):
         sup = None
@@ -135,9 +136,13 @@ def _backward_host(cfg: _Config, q, k, v, wv, bias, out, lse, dout, dlse):
         lse=np.asarray(lse),
         bias=bias,
         grad_error=cfg.grad_error,
+        bias_grad=cfg.bias_grad,
         **cfg.kw(),
     )
-    return g.dq, g.dk, g.dv, _unalign(g.dw, wv_shape), _unalign(g.dbias, b_shape)
+    dbias = g.dbias
+    if dbias is None and b_shape is not None:  # bias_grad=False: a zero cotangent for the bias
+        dbias = np.zeros(b_shape, dtype=np.asarray(q).dtype)
+    return g.dq, g.dk, g.dv, _unalign(g.dw, wv_shape), _unalign(dbias, b_shape)
 
 
 def _sds(x):
@@ -221,6 +226,7 @@ def attention(
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     grad_error: str = "relative",
+    bias_grad: bool = True,
 ):
     """:func:`fastrope.attention` on JAX arrays, differentiable, usable under jit and vmap.
 
@@ -241,6 +247,9 @@ def attention(
         grad_error: what ``eps`` bounds in the fast backward, as in
             :func:`fastrope.attention_grad`: ``"relative"`` (each gradient within ``eps`` times
             its certified magnitude) or ``"absolute"``.
+        bias_grad: ``False`` declares ``bias`` fixed (ALiBi's slopes, say): its cotangent is
+            zero and no ``dbias`` is computed, which lets the fast backward take its low-rank
+            route (JAX does not tell a custom VJP which inputs need gradients).
 
     Returns:
         ``out`` ``(..., n_q, d_v)`` in q's dtype, and ``lse`` ``(..., n_q)`` with
@@ -270,6 +279,7 @@ def attention(
             check_finite=check_finite,
             num_threads=num_threads,
             grad_error=grad_error,
+            bias_grad=bias_grad,
         )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -330,6 +340,7 @@ def attention(
         check_finite=bool(check_finite),
         num_threads=num_threads,
         grad_error=check_grad_error(grad_error),
+        bias_grad=bool(bias_grad),
         **cfg_kw,
     )
     out, lse = _attention(cfg, q, k, v, wv, bias)
