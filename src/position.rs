@@ -173,6 +173,14 @@ pub struct SparseW<'a, T> {
     pub index: Vec<usize>,
 }
 
+/// The row of a table of `rows = 2L - 1` rows (`half = L - 1`) that holds `δ`, if it has one.
+/// In i128: `δ + half` overflows i64 for a masked `δ` near the i64 limits, which a table need
+/// not cover.
+pub(crate) fn table_row(delta: i64, half: i64, rows: usize) -> Option<usize> {
+    let row = delta as i128 + half as i128;
+    (0..rows as i128).contains(&row).then_some(row as usize)
+}
+
 /// A table of values per `δ` (rows `δ + L - 1`), shared by the position matrices and the bias.
 fn half_width(rows: usize, what: &str) -> Result<i64> {
     if rows.is_multiple_of(2) {
@@ -243,11 +251,10 @@ impl<T: Real> SparseW<'_, T> {
         let half = (rows as i64 - 1) / 2;
         let mut out = vec![T::zero(); self.support.len() * glen];
         for g in 0..glen {
-            let row = prob.delta(g) + half;
-            if row < 0 || row >= rows as i64 {
+            let Some(row) = table_row(prob.delta(g), half, rows) else {
                 continue;
-            }
-            let vals = self.values.slice(ndarray::s![w, row as usize, ..]);
+            };
+            let vals = self.values.slice(ndarray::s![w, row, ..]);
             for (s, &x) in vals.iter().enumerate() {
                 out[s * glen + g] = x;
             }
