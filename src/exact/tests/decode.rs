@@ -398,3 +398,34 @@ fn decode_blockw_matches_naive_for_layouts_tables_and_masks() {
         })
     ));
 }
+
+/// A BlockW decode call whose table covers only the visible δ (fuzz/regressions/exact/
+/// crash-2081f6…): a key chunk spans the keys any row of the unit sees, so for another row a
+/// key of the chunk can lie outside the table (a δ its window drops). The table build asserted
+/// every key's row was in the table; such keys now get a zero transform, masked as before.
+#[test]
+fn decode_blockw_with_a_table_that_covers_only_the_visible_deltas() {
+    let mut rng = Rng(61);
+    let support = block_support(&[(0, 1), (2, 3)]);
+    for (nq, window, causal) in [(2, (2, 0), false), (4, (3, 1), false), (3, (5, 0), true)] {
+        let prob = Problem {
+            window: Some(window),
+            causal,
+            q_offset: 9,
+            ..problem(nq, 16, 4, 2, 1)
+        };
+        // rows 2 L - 1 with L - 1 = max(left, right): exactly the visible δ range
+        let half = window.0.max(window.1) as usize;
+        let values = Array3::from_shape_fn((1, 2 * half + 1, support.len()), |_| rng.next());
+        let sp = SparseW {
+            support: support.clone(),
+            values: values.view(),
+            index: vec![0; 4],
+        };
+        assert!(crate::exact::decode::applies(
+            nq,
+            &Position::Sparse(sp.clone())
+        ));
+        check(&prob, &Position::Sparse(sp), None, 62);
+    }
+}
