@@ -364,7 +364,8 @@ pub fn reference(case: &Case) -> Reference {
                 let di: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * r.out[[b, h, i, c]]).sum();
                 let di_abs: f64 = (0..dv).map(|c| (dout[[b, h, i, c]] * r.out[[b, h, i, c]]).abs()).sum();
                 for j in 0..nk {
-                    if p[j] == 0.0 {
+                    // masked keys by their score (p is NaN when an overflowing score made l NaN)
+                    if p[j] == 0.0 || s[[i, j]] == f64::NEG_INFINITY {
                         continue;
                     }
                     let dp: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * v[[b, kh, j, c]]).sum();
