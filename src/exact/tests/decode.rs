@@ -429,3 +429,38 @@ fn decode_blockw_with_a_table_that_covers_only_the_visible_deltas() {
         check(&prob, &Position::Sparse(sp), None, 62);
     }
 }
+
+/// BlockW decode at `q_offset = k_offset = i64::MAX` (fuzz/regressions/exact/crash-1a827c…):
+/// every relative position is small, but `q_offset + i` overflowed in the δ of a row. Only
+/// relative positions matter to a table: the result is that of offsets 0, bit for bit.
+#[test]
+fn decode_blockw_at_offsets_near_i64_max_matches_offsets_zero() {
+    let mut rng = Rng(63);
+    let support = block_support(&[(0, 1)]);
+    let values = Array3::from_shape_fn((1, 5, support.len()), |_| rng.next());
+    let sp = SparseW {
+        support,
+        values: values.view(),
+        index: vec![0],
+    };
+    let pos = Position::Sparse(sp);
+    let base = Problem {
+        batch: 1,
+        hq: 1,
+        hk: 1,
+        ..problem(2, 2, 2, 1, 1)
+    };
+    let q = rng.array4((1, 1, 2, 2));
+    let k = rng.array4((1, 1, 2, 2));
+    let v = rng.array4((1, 1, 2, 3));
+    let run = |p: &Problem| {
+        attention_forward(p, &pos, None, q.view(), k.view(), v.view(), &Control::new()).unwrap()
+    };
+    let want = run(&base);
+    let far = Problem {
+        q_offset: i64::MAX,
+        k_offset: i64::MAX,
+        ..base
+    };
+    assert_eq!(run(&far), want);
+}
