@@ -69,7 +69,8 @@ asan:  ## Rust unit tests under AddressSanitizer (nightly; target/asan)
 # results deterministic (the tests compare against std's exp/sin, which Miri otherwise perturbs
 # by a few ulp), Tree Borrows (rayon's crossbeam-epoch breaks Stacked Borrows' rules, a known
 # upstream issue), and rayon's pool threads outliving a test are not reported as leaks.
-MIRI_TESTS ?= arch:: exact::kernel::tests exact::rotate::tests exact::sparse::tests fast::cache
+MIRI_TESTS ?= arch:: exact::kernel::tests exact::rotate::tests exact::sparse::tests \
+	exact::tests::miri fast::cache
 MIRIFLAGS_ALL ?= -Zmiri-env-forward=FASTROPE_BASELINE -Zmiri-deterministic-floats \
 	-Zmiri-tree-borrows -Zmiri-ignore-leaks
 miri:  ## portable-path unit tests under Miri (nightly with the miri component)
