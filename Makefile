@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 
 .PHONY: help venv develop test rust-test lint import-graph fmt bench demo ci asan miri fork-test fuzz \
-	hf-conformance time-exact time-fast time-fast-backward time-kernel
+	fuzz-python hf-conformance time-exact time-fast time-fast-backward time-kernel
 
 help:  ## list the developer commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -56,19 +56,27 @@ time-kernel:  ## exact micro-kernel peak GFLOP/s on L1-resident operands
 fork-test:  ## the fork, fault and thread tests (each scenario under a timeout)
 	$(PY) -m pytest -q tests/test_fork.py tests/test_faults.py tests/test_concurrency.py
 
-# The sanitizers need nightly. Without the rust-src component std itself is not instrumented
-# (only this crate and its dependencies); with it, add -Zbuild-std to ASAN_CARGO_FLAGS.
-ASAN_CARGO_FLAGS ?=
+# The sanitizers need nightly. -Zbuild-std (the rust-src component) instruments std too; set
+# ASAN_CARGO_FLAGS= (empty) to instrument only this crate and its dependencies.
+ASAN_CARGO_FLAGS ?= -Zbuild-std
 asan:  ## Rust unit tests under AddressSanitizer (nightly; target/asan)
 	RUSTFLAGS=-Zsanitizer=address ASAN_OPTIONS=detect_leaks=0 CARGO_TARGET_DIR=target/asan \
 		cargo +nightly test --lib --target x86_64-unknown-linux-gnu $(ASAN_CARGO_FLAGS)
 
 # Miri runs the portable instruction-set paths (FASTROPE_BASELINE; no inline asm, no AVX) of
-# the unit tests whose names match MIRI_TESTS (small sizes: Miri is ~1000x slower).
-MIRI_TESTS ?= cache
+# the unit tests whose names match each filter in MIRI_TESTS, one run per filter (small sizes:
+# Miri is ~1000x slower; the exact::tests::miri module holds calls sized for it). Flags: float
+# results deterministic (the tests compare against std's exp/sin, which Miri otherwise perturbs
+# by a few ulp), Tree Borrows (rayon's crossbeam-epoch breaks Stacked Borrows' rules, a known
+# upstream issue), and rayon's pool threads outliving a test are not reported as leaks.
+MIRI_TESTS ?= arch:: exact::kernel::tests exact::rotate::tests exact::sparse::tests \
+	exact::tests::miri fast::cache
+MIRIFLAGS_ALL ?= -Zmiri-env-forward=FASTROPE_BASELINE -Zmiri-deterministic-floats \
+	-Zmiri-tree-borrows -Zmiri-ignore-leaks
 miri:  ## portable-path unit tests under Miri (nightly with the miri component)
-	FASTROPE_BASELINE=1 MIRIFLAGS="-Zmiri-env-forward=FASTROPE_BASELINE" \
-		cargo +nightly miri test --lib $(MIRI_TESTS)
+	for t in $(MIRI_TESTS); do \
+		FASTROPE_BASELINE=1 MIRIFLAGS="$(MIRIFLAGS_ALL)" cargo +nightly miri test --lib $$t || exit 1; \
+	done
 
 # Coverage-guided fuzzing (cargo-fuzz, nightly, AddressSanitizer) of the Rust entry points; the
 # fuzz/ crate is outside the main build. FUZZ_SECONDS per target; corpora in fuzz/corpus, crash
@@ -79,6 +87,13 @@ fuzz:  ## fuzz each target for FUZZ_SECONDS (cargo install cargo-fuzz; nightly)
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		if ls regressions/$$t/* >/dev/null 2>&1; then cargo +nightly fuzz run $$t regressions/$$t/* || exit 1; fi; \
 		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+
+# The hypothesis property tests at a fuzzing budget (the `fuzz` profile of tests/conftest.py:
+# FUZZ_EXAMPLES examples per test, no deadline); the default test run keeps the `ci` profile.
+FUZZ_EXAMPLES ?= 2000
+fuzz-python:  ## hypothesis property tests at FUZZ_EXAMPLES examples each (not in `make test`)
+	HYPOTHESIS_PROFILE=fuzz FASTROPE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q \
+		tests/test_properties.py tests/test_robustness.py -k "matches_reference or any_input"
 
 ci:  ## what CI runs, from a fresh virtualenv
 	bash .ci/run

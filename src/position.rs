@@ -48,6 +48,31 @@ impl RotaryW {
         Ok(())
     }
 
+    /// The rotation is by absolute positions: they must fit in i64 (the relative ones
+    /// [`Problem::validate`] checks may fit where `q_offset + n_q - 1` does not), and every angle
+    /// `p θ` must be finite (a frequency of 1e300 at position 2^60 is not).
+    pub fn validate_positions(&self, prob: &Problem) -> Result<()> {
+        let last = |off: i64, n: usize| off as i128 + n.saturating_sub(1) as i128;
+        let (lq, lk) = (last(prob.q_offset, prob.nq), last(prob.k_offset, prob.nk));
+        if lq > i64::MAX as i128 || lk > i64::MAX as i128 {
+            return Err(Error::Value(format!(
+                "q_offset, k_offset: rotary needs absolute positions that fit in a 64-bit \
+                 integer, got q positions up to {lq}, k positions up to {lk}"
+            )));
+        }
+        let p = [prob.q_offset as i128, lq, prob.k_offset as i128, lk]
+            .into_iter()
+            .map(|x| x.unsigned_abs() as f64)
+            .fold(0.0, f64::max);
+        let th = self.theta.iter().fold(0.0f64, |m, t| m.max(t.abs()));
+        if !(p * th).is_finite() {
+            return Err(Error::Value(format!(
+                "w: rotary angles p θ overflow (|p| up to {p:e}, |θ| up to {th:e})"
+            )));
+        }
+        Ok(())
+    }
+
     /// Rotates `rows` (`n x d`, row-major, in place) of positions `offset + i` and multiplies
     /// them by `mult`: `x_p' = x_p cos φ - x_r sin φ`, `x_r' = x_p sin φ + x_r cos φ`, `φ = p θ_m`.
     pub fn rotate<T: Real>(&self, rows: &mut [T], d: usize, offset: i64, mult: f64) {
@@ -173,6 +198,14 @@ pub struct SparseW<'a, T> {
     pub index: Vec<usize>,
 }
 
+/// The row of a table of `rows = 2L - 1` rows (`half = L - 1`) that holds `δ`, if it has one.
+/// In i128: `δ + half` overflows i64 for a masked `δ` near the i64 limits, which a table need
+/// not cover.
+pub(crate) fn table_row(delta: i64, half: i64, rows: usize) -> Option<usize> {
+    let row = delta as i128 + half as i128;
+    (0..rows as i128).contains(&row).then_some(row as usize)
+}
+
 /// A table of values per `δ` (rows `δ + L - 1`), shared by the position matrices and the bias.
 fn half_width(rows: usize, what: &str) -> Result<i64> {
     if rows.is_multiple_of(2) {
@@ -243,11 +276,10 @@ impl<T: Real> SparseW<'_, T> {
         let half = (rows as i64 - 1) / 2;
         let mut out = vec![T::zero(); self.support.len() * glen];
         for g in 0..glen {
-            let row = prob.delta(g) + half;
-            if row < 0 || row >= rows as i64 {
+            let Some(row) = table_row(prob.delta(g), half, rows) else {
                 continue;
-            }
-            let vals = self.values.slice(ndarray::s![w, row as usize, ..]);
+            };
+            let vals = self.values.slice(ndarray::s![w, row, ..]);
             for (s, &x) in vals.iter().enumerate() {
                 out[s * glen + g] = x;
             }
@@ -354,7 +386,10 @@ pub enum Position<'a, T> {
 impl<T: Real> Position<'_, T> {
     pub fn validate(&self, prob: &Problem) -> Result<()> {
         match self {
-            Position::Rotary(r) => r.validate(prob.d),
+            Position::Rotary(r) => {
+                r.validate(prob.d)?;
+                r.validate_positions(prob)
+            }
             Position::Sparse(s) => s.validate(prob),
         }
     }

@@ -346,3 +346,117 @@ fn subnormal_keys_times_a_huge_table_entry_are_certified_or_refused() {
     }
     eprintln!("fast runs within their certificate: {ran}");
 }
+
+/// Rotary rotates by absolute positions (fuzz/regressions/exact/crash-2bd331…, crash-57577f…):
+/// a call whose relative positions fit in i64 but whose absolute ones (`q_offset + n_q - 1`) do
+/// not overflowed the rotation's `offset + i`; a frequency of 1e300 at position 2^63 made every
+/// angle infinite and the scores NaN. Both are now refused with a message; `w = None` (zero
+/// frequencies) at the same offsets too, the position arithmetic being shared.
+#[test]
+fn rotary_positions_past_i64_and_infinite_angles_are_refused() {
+    use crate::position::{Position, RotaryW};
+    use crate::problem::{Control, Problem};
+    let prob = |q_offset: i64, k_offset: i64| Problem {
+        batch: 1,
+        hq: 1,
+        hk: 1,
+        nq: 3,
+        nk: 2,
+        d: 2,
+        dv: 1,
+        scale: 1.0,
+        causal: false,
+        window: None,
+        q_offset,
+        k_offset,
+    };
+    let rot = |theta: f64| RotaryW {
+        theta: vec![theta],
+        factor: 1.0,
+        pairs: vec![(0, 1)],
+    };
+    let q = ndarray::Array4::<f64>::ones((1, 1, 3, 2));
+    let k = ndarray::Array4::<f64>::ones((1, 1, 2, 2));
+    let v = ndarray::Array4::<f64>::ones((1, 1, 2, 1));
+    let run = |p: &Problem, r: RotaryW| {
+        attention_forward(
+            p,
+            &Position::Rotary(r),
+            None,
+            q.view(),
+            k.view(),
+            v.view(),
+            &Control::new(),
+        )
+    };
+    for theta in [0.0, 1.0] {
+        let p = prob(i64::MAX - 1, i64::MAX - 1);
+        p.validate().unwrap();
+        let e = run(&p, rot(theta)).unwrap_err();
+        assert!(e.to_string().contains("absolute positions"), "{e}");
+    }
+    let e = run(&prob(i64::MAX - 2, i64::MAX - 2), rot(1e300)).unwrap_err();
+    assert!(e.to_string().contains("angles"), "{e}");
+    // at the limit itself, and huge finite angles, the call runs
+    let (out, _) = run(&prob(i64::MAX - 2, i64::MAX - 1), rot(1.0)).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert!(run(&prob(1 << 40, 1 << 40), rot(1e200)).is_ok());
+}
+
+/// At huge scores the backward's recomputed `S` rounds differently from the forward's by far
+/// more than 1 (here `|S|` ~ 3e297), so `exp(S - lse)` was up to `e^709` and `dv` 1e308 where
+/// the one key has `P = 1` (fuzz/regressions/exact/crash-275f69…). The exponent is now capped
+/// at 0: `P <= 1`, as for any softmax weight.
+#[test]
+fn backward_probabilities_stay_at_most_one_at_huge_scores() {
+    use crate::arch::Isa;
+    use crate::position::{Position, RotaryW};
+    use crate::problem::{Control, Problem};
+    let prob = Problem {
+        batch: 1,
+        hq: 4,
+        hk: 2,
+        nq: 1,
+        nk: 1,
+        d: 2,
+        dv: 1,
+        scale: 1e300,
+        causal: true,
+        window: None,
+        q_offset: 10,
+        k_offset: 10,
+    };
+    let pos = Position::Rotary(RotaryW {
+        theta: vec![1.0],
+        factor: 1.0,
+        pairs: vec![(0, 1)],
+    });
+    let q = ndarray::Array4::<f64>::from_elem((1, 4, 1, 2), -0.038);
+    let k = ndarray::Array4::from_elem((1, 2, 1, 2), -0.038);
+    let v = ndarray::Array4::from_elem((1, 2, 1, 1), -0.76);
+    let dout = ndarray::Array4::from_elem((1, 4, 1, 1), -0.76);
+    let ctl = Control::new();
+    for isa in [Isa::Baseline, Isa::Avx2, Isa::Avx512] {
+        if isa > crate::arch::simd::isa() {
+            continue;
+        }
+        crate::arch::simd::with_isa(isa, || {
+            let (out, lse) =
+                attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl).unwrap();
+            let inp = BackwardInputs {
+                out: out.view(),
+                lse: lse.view(),
+                dout: dout.view(),
+                want_dw: false,
+                want_dbias: false,
+                threads: 2,
+            };
+            let g = attention_backward(&prob, &pos, None, q.view(), k.view(), v.view(), &inp, &ctl)
+                .unwrap();
+            // two query heads per kv head, P = 1 each: dv = 2 dout
+            for &x in g.dv.iter() {
+                assert!((x - 2.0 * -0.76f64).abs() < 1e-12, "{isa:?}: dv = {x}");
+            }
+        });
+    }
+}

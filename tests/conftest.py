@@ -26,12 +26,39 @@ products times ``dS``).  The observed errors are ~100x below these bounds.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 import fastrope
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: ``ci`` (the default; each property test
+# keeps its own small ``max_examples``) and ``fuzz`` (``make fuzz-python``: every property test
+# runs FASTROPE_FUZZ_EXAMPLES examples, 2000 unless set, with no deadline).
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+FUZZ_EXAMPLES = int(os.environ.get("FASTROPE_FUZZ_EXAMPLES", "2000"))
+settings.register_profile(
+    "ci",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(n: int) -> int:
+    """A property test's ``max_examples``: its own ``n`` under the ``ci`` profile, the fuzz
+    budget under ``fuzz`` (an explicit ``@settings(max_examples=...)`` overrides a profile)."""
+    return FUZZ_EXAMPLES if HYPOTHESIS_PROFILE == "fuzz" else n
 
 SEED = 20240611
 

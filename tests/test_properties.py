@@ -9,6 +9,7 @@ from conftest import (
     W_KINDS,
     check_forward,
     check_grad,
+    examples,
     make_bias,
     make_rng,
     make_w,
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 import fastrope
 
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=examples(40),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -142,7 +143,7 @@ def test_forward_matches_reference(p) -> None:
 
 
 @settings(
-    max_examples=20,
+    max_examples=examples(20),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -246,6 +246,26 @@ fn w_dense(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f
     w
 }
 
+/// `|W_δ|` for the tolerances: for rotary every entry of a pair's 2x2 block is `f²`, not
+/// `f² |cos δθ|` or `f² |sin δθ|`. The kernels rotate `q` and `k` by their absolute angles
+/// (`p θ`), whose product equals `W_δ` only up to rounding, so an entry picks up its pair
+/// partner's terms at rounding level even where `sin δθ` or `cos δθ` is 0 (δ = 0).
+fn w_abs(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f64> {
+    match pos {
+        Position::Rotary(r) => {
+            let f2 = r.factor * r.factor;
+            let mut w = Array2::zeros((d, d));
+            for &(p, q) in &r.pairs {
+                for (a, b) in [(p, p), (p, q), (q, p), (q, q)] {
+                    w[[a, b]] = f2.abs();
+                }
+            }
+            w
+        }
+        Position::Sparse(_) => w_dense(pos, bh, delta, d).mapv(f64::abs),
+    }
+}
+
 /// The reference's values and, for tolerances, the magnitude of what each entry sums
 /// (`Σ |term|`): an entry computed in floating point is within a few `u` times that of its value.
 pub struct Reference {
@@ -313,12 +333,13 @@ pub fn reference(case: &Case) -> Reference {
                         continue;
                     }
                     let w = w_dense(&pos, bh, dl, d);
+                    let wa = w_abs(&pos, bh, dl, d);
                     let (mut m, mut a) = (0.0, 0.0);
                     for x in 0..d {
                         for y in 0..d {
                             let t = q[[b, h, i, x]] * w[[x, y]] * k[[b, kh, j, y]];
                             m += t;
-                            a += t.abs();
+                            a += (q[[b, h, i, x]] * wa[[x, y]] * k[[b, kh, j, y]]).abs();
                         }
                     }
                     let bb = bias.as_ref().map_or(0.0, |bi| bi.values[[bi.index[bh], bias_row(bi, dl)]]);
@@ -343,7 +364,8 @@ pub fn reference(case: &Case) -> Reference {
                 let di: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * r.out[[b, h, i, c]]).sum();
                 let di_abs: f64 = (0..dv).map(|c| (dout[[b, h, i, c]] * r.out[[b, h, i, c]]).abs()).sum();
                 for j in 0..nk {
-                    if p[j] == 0.0 {
+                    // masked keys by their score (p is NaN when an overflowing score made l NaN)
+                    if p[j] == 0.0 || s[[i, j]] == f64::NEG_INFINITY {
                         continue;
                     }
                     let dp: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * v[[b, kh, j, c]]).sum();
@@ -356,13 +378,14 @@ pub fn reference(case: &Case) -> Reference {
                     }
                     let dl = delta(i, j);
                     let w = w_dense(&pos, bh, dl, d);
+                    let wa = w_abs(&pos, bh, dl, d);
                     let sc = prob.scale;
                     for x in 0..d {
                         for y in 0..d {
                             r.dq[[b, h, i, x]] += sc * ds * w[[x, y]] * k[[b, kh, j, y]];
                             r.dk[[b, kh, j, y]] += sc * ds * w[[x, y]] * q[[b, h, i, x]];
-                            r.dq_abs[[b, h, i, x]] += (sc * ds_abs * w[[x, y]] * k[[b, kh, j, y]]).abs();
-                            r.dk_abs[[b, kh, j, y]] += (sc * ds_abs * w[[x, y]] * q[[b, h, i, x]]).abs();
+                            r.dq_abs[[b, h, i, x]] += (sc * ds_abs * wa[[x, y]] * k[[b, kh, j, y]]).abs();
+                            r.dk_abs[[b, kh, j, y]] += (sc * ds_abs * wa[[x, y]] * q[[b, h, i, x]]).abs();
                         }
                     }
                     if let (Position::Sparse(sp), Some(dw), Some(dwa)) = (&pos, r.dw.as_mut(), r.dw_abs.as_mut()) {

@@ -250,7 +250,11 @@ impl<L: Lanes> Epilogue<L> for MaskMax<L> {
 }
 
 /// Backward probabilities: `P = exp(S + log-factor - lse)`, 0 at columns `>= w` (and on rows
-/// whose `neg_lse` is `-inf`).
+/// whose `neg_lse` is `-inf`). The exponent is capped at 0 (`P <= 1`, as a softmax weight is):
+/// the backward recomputes `S`, and at huge scores (`|S|` near 1e300) its rounding differs from
+/// the forward's by far more than 1, which made `P` up to `e^709` (fuzz/regressions/exact:
+/// `dv` of 1e307 where one key has `P = 1`). `x - max(x, 0)` keeps a NaN a NaN on every
+/// instruction set (their `min` differ on NaN operands).
 pub struct ExpShift<L: Lanes> {
     pub lf: LogRows<L::E>,
     pub w: usize,
@@ -265,7 +269,8 @@ impl<L: Lanes> Epilogue<L> for ExpShift<L> {
             Some(rows) => L::add(v, L::load(rows[r].add(col))),
             None => v,
         };
-        let p = L::exp(L::add(v, L::splat(self.neg_lse[r])));
+        let x = L::add(v, L::splat(self.neg_lse[r]));
+        let p = L::exp(L::sub(x, L::max(x, L::splat(L::E::zero()))));
         cut::<L>(p, col, self.w, L::E::zero())
     }
 }

@@ -145,21 +145,24 @@ pub(crate) fn segment<T: Real>(
     buf.resize(sp.support.len() * len, T::zero());
     let table = sp.values.index_axis(ndarray::Axis(0), t);
     let (rows, ns) = table.dim();
-    let half = (rows as i64 - 1) / 2;
+    // In i128: δ(0) may be any i64 `validate` accepts (offsets near the i64 limits), and
+    // `half + δ(0) + PAD_L` and the bounds below would overflow i64 there.
+    let half = (rows as i128 - 1) / 2;
     // Padded index x reads table row r0 - x (δ falls by one per diagonal).
-    let r0 = half + prob.delta(0) + PAD_L as i64;
-    let lo = [x_lo as i64, PAD_L as i64, r0 - rows as i64 + 1]
+    let r0 = half + prob.delta(0) as i128 + PAD_L as i128;
+    let lo = [x_lo as i128, PAD_L as i128, r0 - rows as i128 + 1]
         .into_iter()
         .max();
-    let hi = [x_hi as i64, (PAD_L + prob.glen()) as i64, r0 + 1]
+    let hi = [x_hi as i128, (PAD_L + prob.glen()) as i128, r0 + 1]
         .into_iter()
         .min();
     let (lo, hi) = (lo.unwrap_or(0), hi.unwrap_or(0));
     if lo >= hi {
         return seqs_of(buf, len, x_lo);
     }
+    // x_lo <= lo < hi <= x_hi: both fit in usize; and for x in lo..hi, r0 - x is in 0..rows.
     let (lo, hi) = (lo as usize, hi as usize);
-    let row_of = |x: usize| (r0 - x as i64) as usize;
+    let row_of = |x: usize| (r0 - x as i128) as usize;
     match table.as_slice() {
         Some(tab) => {
             // Blocks of 16 diagonals: 16 rows of the table in, 16 consecutive values per
@@ -641,6 +644,108 @@ pub(crate) fn transpose_strips_into<T: Real>(
         let (s, r) = (i / mr, i % mr);
         for (l, &v) in row[..d].iter().enumerate() {
             out[(s * d + l) * mr + r] = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exact::backward::BackwardInputs;
+    use crate::exact::{attention_backward, attention_forward};
+    use crate::position::{Bias, Position};
+    use crate::problem::Control;
+    use crate::test_util::Rng;
+    use ndarray::{Array2, Array3};
+
+    /// fuzz/regressions/exact/crash-45bf7e…: at offsets near the i64 limits every diagonal of
+    /// the call is masked (no table can cover it) and `δ(0) + half + PAD_L`, and the window
+    /// bounds after it, overflowed i64. The table window is now empty, the forward gives
+    /// fully-masked rows and the backward zero gradients; through the whole tables, the
+    /// segmented build and the decode row.
+    #[test]
+    fn offsets_near_the_i64_limits_do_not_overflow_the_table_window() {
+        let mut rng = Rng(45);
+        let support = vec![(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)];
+        let rows = 2 * 20 - 1;
+        let values = Array3::from_shape_fn((1, rows, support.len()), |_| rng.next());
+        let bvals = Array2::from_shape_fn((1, rows), |_| rng.next());
+        // δ(0) = i64::MAX - 2 (k_offset i64::MIN, as in the reproducer) and the last δ at
+        // i64::MIN; a window keeps |δ| <= 2 only, so nothing is visible.
+        for (q_offset, k_offset, nq) in [
+            (-9, i64::MIN, 7),
+            (i64::MIN + 8, 0, 7),
+            (-3, i64::MIN, 1),
+            (i64::MIN + 8, 0, 1),
+        ] {
+            let prob = Problem {
+                batch: 1,
+                hq: 2,
+                hk: 1,
+                nq,
+                nk: 9,
+                d: 3,
+                dv: 2,
+                scale: 0.5,
+                causal: false,
+                window: Some((2, 2)),
+                q_offset,
+                k_offset,
+            };
+            prob.validate().unwrap();
+            let sp = SparseW {
+                support: support.clone(),
+                values: values.view(),
+                index: vec![0; 2],
+            };
+            sp.validate(&prob).unwrap();
+            let mut buf = Vec::new();
+            let seqs = segment(&prob, &sp, 0, 0, padded(prob.glen()), &mut buf);
+            assert_eq!(seqs.stride, padded(prob.glen()));
+            assert!(buf.iter().all(|&x| x == 0.0));
+            let pos = Position::Sparse(sp);
+            let bias = Bias {
+                values: bvals.view(),
+                index: vec![0; 2],
+            };
+            let q = rng.array4((1, 2, nq, 3));
+            let k = rng.array4((1, 1, 9, 3));
+            let v = rng.array4((1, 1, 9, 2));
+            let dout = rng.array4((1, 2, nq, 2));
+            for seg in [0, 1] {
+                FORCE_SEGMENTS.with(|f| f.set(seg));
+                let ctl = Control::new();
+                let (out, lse) =
+                    attention_forward(&prob, &pos, Some(&bias), q.view(), k.view(), v.view(), &ctl)
+                        .unwrap();
+                assert!(out.iter().all(|&x| x == 0.0));
+                assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
+                let inp = BackwardInputs {
+                    out: out.view(),
+                    lse: lse.view(),
+                    dout: dout.view(),
+                    want_dw: true,
+                    want_dbias: true,
+                    threads: 2,
+                };
+                let g = attention_backward(
+                    &prob,
+                    &pos,
+                    Some(&bias),
+                    q.view(),
+                    k.view(),
+                    v.view(),
+                    &inp,
+                    &ctl,
+                )
+                .unwrap();
+                for a in [&g.dq, &g.dk, &g.dv] {
+                    assert!(a.iter().all(|&x| x == 0.0));
+                }
+                assert!(g.dw.unwrap().iter().all(|&x| x == 0.0));
+                assert!(g.dbias.unwrap().iter().all(|&x| x == 0.0));
+            }
+            FORCE_SEGMENTS.with(|f| f.set(0));
         }
     }
 }

@@ -29,7 +29,7 @@ use super::sparse::{padded, PAD_L};
 use super::Shared;
 use crate::arch::Real;
 use crate::error::{Error, Result};
-use crate::position::{Bias, Position};
+use crate::position::{table_row, Bias, Position};
 use crate::problem::{Control, Problem};
 use ndarray::{Array2, Array3, Array4, ArrayView3, ArrayView4};
 use rayon::prelude::*;
@@ -225,9 +225,8 @@ pub fn attention_backward<'a, T: Real>(
         let mut db = Array2::zeros((nb, rows));
         for (t, acc) in db_acc.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
             for (g_i, &x) in acc.iter().enumerate() {
-                let row = prob.delta(g_i) + half;
-                if (0..rows as i64).contains(&row) {
-                    db[[t, row as usize]] = T::of(x);
+                if let Some(row) = table_row(prob.delta(g_i), half, rows) {
+                    db[[t, row]] = T::of(x);
                 }
             }
         }
@@ -273,11 +272,10 @@ fn reduce_unit<T: Real>(
         let half = (rows as i64 - 1) / 2;
         for (t, buf) in &part.dw {
             for k in 0..part.glen_u {
-                let row = prob.delta(part.g0 + k) + half;
-                if !(0..rows as i64).contains(&row) {
+                let Some(row) = table_row(prob.delta(part.g0 + k), half, rows) else {
                     continue;
-                }
-                let mut dst = dw.slice_mut(ndarray::s![*t, row as usize, ..]);
+                };
+                let mut dst = dw.slice_mut(ndarray::s![*t, row, ..]);
                 for (s, o) in dst.iter_mut().enumerate().take(ns) {
                     *o = *o + buf[s * stride + PAD_L + k];
                 }

@@ -84,19 +84,27 @@ pub(super) fn block_table<T: Real>(
     s: &mut [T],
 ) {
     let (_, rows, ns) = values.dim();
-    assert!(
-        t < values.dim().0 && row0 < rows as i64 && row0 + 1 >= cn as i64 && ns == 4 * pairs.len()
-    );
+    assert!(t < values.dim().0 && ns == 4 * pairs.len());
     assert!(c.len() >= cn * d && s.len() >= cn * d);
     let st = values.strides();
     let (s1, s2) = (st[1], st[2]);
-    // SAFETY: rows `row0 - jj` (jj < cn) and entries `< 4 pairs` of table `t` exist (asserted),
-    // and the offsets use the view's own strides; `c`, `s` hold `cn d` entries.
+    // SAFETY: only rows `row0 - jj` inside `0..rows` are read (checked per key below), entries
+    // `< 4 pairs` of table `t` exist (asserted), and the offsets use the view's own strides;
+    // `c`, `s` hold `cn d` entries.
     unsafe {
         let base = values.as_ptr().offset(t as isize * st[0]);
         for jj in 0..cn {
-            let x = base.offset((row0 - jj as i64) as isize * s1);
             let (cr, sr) = (c.as_mut_ptr().add(jj * d), s.as_mut_ptr().add(jj * d));
+            // A chunk spans the keys some row of the unit sees, so a key may lie outside this
+            // row's table (a δ the masks drop for it, which the table need not cover): its
+            // transform is 0 and its score is masked by the log factor.
+            let row = row0 as i128 - jj as i128;
+            if !(0..rows as i128).contains(&row) {
+                std::ptr::write_bytes(cr, 0, d);
+                std::ptr::write_bytes(sr, 0, d);
+                continue;
+            }
+            let x = base.offset(row as isize * s1);
             let at = |e: usize| *x.offset(e as isize * s2);
             match tf.dist {
                 Some(1) if s2 == 1 => {

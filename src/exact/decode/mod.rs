@@ -368,7 +368,10 @@ fn span<L: Lanes>(u: Span<'_, '_, '_, '_, L::E>) -> UnitOut<L::E> {
                             let (hh, i) = (g / nq, g % nq);
                             let t = spw.index[b * prob.hq + hk * group + hh];
                             let half = (spw.values.dim().1 as i64 - 1) / 2;
-                            let delta0 = prob.q_offset + i as i64 - prob.k_offset - c0 as i64;
+                            // grouped so no partial sum overflows: q_offset - k_offset and
+                            // δ itself fit (`Problem::validate`), q_offset + i need not
+                            // (fuzz/regressions/exact/crash-1a827c…)
+                            let delta0 = (prob.q_offset - prob.k_offset) + (i as i64 - c0 as i64);
                             if done != Some((t, i)) {
                                 done = Some((t, i));
                                 block_table(

@@ -398,3 +398,69 @@ fn decode_blockw_matches_naive_for_layouts_tables_and_masks() {
         })
     ));
 }
+
+/// A BlockW decode call whose table covers only the visible δ (fuzz/regressions/exact/
+/// crash-2081f6…): a key chunk spans the keys any row of the unit sees, so for another row a
+/// key of the chunk can lie outside the table (a δ its window drops). The table build asserted
+/// every key's row was in the table; such keys now get a zero transform, masked as before.
+#[test]
+fn decode_blockw_with_a_table_that_covers_only_the_visible_deltas() {
+    let mut rng = Rng(61);
+    let support = block_support(&[(0, 1), (2, 3)]);
+    for (nq, window, causal) in [(2, (2, 0), false), (4, (3, 1), false), (3, (5, 0), true)] {
+        let prob = Problem {
+            window: Some(window),
+            causal,
+            q_offset: 9,
+            ..problem(nq, 16, 4, 2, 1)
+        };
+        // rows 2 L - 1 with L - 1 = max(left, right): exactly the visible δ range
+        let half = window.0.max(window.1) as usize;
+        let values = Array3::from_shape_fn((1, 2 * half + 1, support.len()), |_| rng.next());
+        let sp = SparseW {
+            support: support.clone(),
+            values: values.view(),
+            index: vec![0; 4],
+        };
+        assert!(crate::exact::decode::applies(
+            nq,
+            &Position::Sparse(sp.clone())
+        ));
+        check(&prob, &Position::Sparse(sp), None, 62);
+    }
+}
+
+/// BlockW decode at `q_offset = k_offset = i64::MAX` (fuzz/regressions/exact/crash-1a827c…):
+/// every relative position is small, but `q_offset + i` overflowed in the δ of a row. Only
+/// relative positions matter to a table: the result is that of offsets 0, bit for bit.
+#[test]
+fn decode_blockw_at_offsets_near_i64_max_matches_offsets_zero() {
+    let mut rng = Rng(63);
+    let support = block_support(&[(0, 1)]);
+    let values = Array3::from_shape_fn((1, 5, support.len()), |_| rng.next());
+    let sp = SparseW {
+        support,
+        values: values.view(),
+        index: vec![0],
+    };
+    let pos = Position::Sparse(sp);
+    let base = Problem {
+        batch: 1,
+        hq: 1,
+        hk: 1,
+        ..problem(2, 2, 2, 1, 1)
+    };
+    let q = rng.array4((1, 1, 2, 2));
+    let k = rng.array4((1, 1, 2, 2));
+    let v = rng.array4((1, 1, 2, 3));
+    let run = |p: &Problem| {
+        attention_forward(p, &pos, None, q.view(), k.view(), v.view(), &Control::new()).unwrap()
+    };
+    let want = run(&base);
+    let far = Problem {
+        q_offset: i64::MAX,
+        k_offset: i64::MAX,
+        ..base
+    };
+    assert_eq!(run(&far), want);
+}

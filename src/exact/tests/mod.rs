@@ -301,3 +301,4 @@ fn block_support(pairs: &[(usize, usize)]) -> Vec<(usize, usize)> {
 mod backward;
 mod decode;
 mod forward;
+mod miri;
