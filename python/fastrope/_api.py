@@ -175,6 +175,7 @@ def _dense_support(flat: np.ndarray, d: int, full: bool) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _identity_rotary(d: int) -> tuple:
     """``w=None`` in the rotary encoding: every frequency 0 (read-only: the tuple is shared)."""
     theta = np.zeros(d // 2)

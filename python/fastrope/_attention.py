@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -10,6 +12,7 @@ from . import _fastrope as _native
 from . import _varlen
 from ._api import (
     Call,
+    _identity_rotary,
     check_eps,
     check_grad_error,
     check_method,
@@ -19,6 +22,7 @@ from ._api import (
 )
 from ._plan import Plan, _backward_probe, check_route, make_plan, resolve_memory_limit
 from ._plan import kernel_eps as _kernel_eps
+from ._position import Rotary
 from ._types import ApproximationError, Gradients
 
 __all__ = ["attention", "attention_grad", "plan"]
@@ -92,6 +96,106 @@ def _forward(
         check_kv=check_kv,
         memory_limit=memory_limit,
     )
+    return out4, lse3
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_MAX_OFFSET = 2**52
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_rotary(base: float, layout: str, d: int) -> tuple:
+    """The native encoding of ``Rotary(base, layout)`` without scaling (shared, read-only)."""
+    w = Rotary(base, layout)
+    theta, factor = w.frequencies(d)
+    theta = np.ascontiguousarray(theta, dtype=np.float64)
+    theta.flags.writeable = False
+    return (theta, float(factor), w.pairs(d))
+
+
+def _plain_forward(q, k, v, w, scale, causal, q_offset, k_offset, check_finite, threads, limit):
+    """The exact forward of a plain call, or None when the call is not one.
+
+    A plain call (a decode step, a short prefill) has NumPy float32/float64 ``q``, ``k``, ``v``
+    of 3 or 4 dims with matching batch and grouped heads, ``w`` None (even ``d``) or an unscaled
+    :class:`Rotary`, int offsets, no bias, window or packing, and the exact method. It skips
+    :func:`prepare` (whose general checks cost about as much as a small call's kernel) and goes
+    to the native forward with the checks that native forward does not make itself (``q``'s
+    values are scanned there too). Anything else returns None, and so does any error: the
+    general path then runs and raises with its own message, so that both paths accept the
+    same calls, give the same results and raise the same errors.
+    """
+    if type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+        return None
+    dtype = q.dtype
+    nd = q.ndim
+    if (
+        (dtype != _F32 and dtype != _F64)
+        or k.dtype != dtype
+        or v.dtype != dtype
+        or not 3 <= nd <= 4
+        or k.ndim != nd
+        or v.ndim != nd
+        or type(q_offset) is not int
+        or type(k_offset) is not int
+        or not (causal is True or causal is False)
+    ):
+        return None
+    qs, ks, vs = q.shape, k.shape, v.shape
+    hq, nq, d = qs[-3:]
+    hk, nk, dk = ks[-3:]
+    if (
+        dk != d
+        or vs[:-1] != ks[:-1]
+        or (nd == 4 and ks[0] != qs[0])
+        or hk == 0
+        or hq % hk
+        or 0 in qs
+        or 0 in vs
+        or d % 2
+        or abs(q_offset) > _MAX_OFFSET
+        or abs(k_offset) > _MAX_OFFSET
+    ):
+        return None
+    if w is None:
+        rotary = _identity_rotary(d)
+    elif type(w) is Rotary and w.scaling is None:
+        rotary = _plain_rotary(w.base, w.layout, d)
+    else:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    batch = qs[0] if nd == 4 else 1
+    dv = vs[-1]
+    q4, k4, v4 = (q, k, v) if nd == 4 else (q[None], k[None], v[None])
+    try:
+        out4, lse3 = _native.exact_forward(
+            q4,
+            k4,
+            v4,
+            shape=(batch, hq, hk, nq, nk, d, dv),
+            scale=scale,
+            causal=causal,
+            window=None,
+            q_offset=q_offset,
+            k_offset=k_offset,
+            rotary=rotary,
+            support=None,
+            values=None,
+            w_index=None,
+            bias=None,
+            bias_index=None,
+            num_threads=threads,
+            check_kv=check_finite,
+            check_q=check_finite,
+            memory_limit=resolve_memory_limit(limit),
+        )
+    except (ValueError, TypeError, MemoryError):
+        return None
+    if nd == 3:
+        out4, lse3 = out4[0], lse3[0]
     return out4, lse3
 
 
@@ -194,6 +298,12 @@ def attention(
     method = check_method(method)
     threads = check_threads(num_threads)
     route = check_route(route)
+    if bias is None and window is None and (method == "exact" or (eps == 0.0 and method == "auto")):
+        res = _plain_forward(
+            q, k, v, w, scale, causal, q_offset, k_offset, check_finite, threads, memory_limit
+        )
+        if res is not None:
+            return res if return_lse else res[0]
     # k and v are checked natively: by the exact forward as it reads them, or by the fast
     # method's planning probe (in parallel, before any bound is read from them).
     native_kv_check = check_finite

@@ -51,6 +51,7 @@ def exact_forward(
     *,
     num_threads: Optional[int],
     check_kv: bool = False,
+    check_q: bool = False,
     memory_limit: Optional[int] = None,
     **call: Unpack[_Call],
 ) -> Tuple[np.ndarray, np.ndarray]: ...

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 import fastrope
 
 from . import _varlen
+from ._attention import _plain_forward, _plain_rotary
 from ._merge import check_shards, grad_with_lse_cotangent
 from ._position import BlockW, Rotary, _rotate_rows
 from ._validate import UNBOUNDED as _UNBOUNDED
@@ -45,6 +46,7 @@ from ._validate import (
     check_grad_error,
     check_method,
     check_one_dtype,
+    check_threads,
     join_w,
     split_w,
     window_pair,
@@ -54,7 +56,8 @@ from .integrations import validate_shapes
 __all__ = ["attention", "merge_partials", "RopeAttention", "KVCache", "rotary_blocks", "rotate"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_FLOATS = (torch.float32, torch.float64) + _LOW_PRECISION
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+_FLOATS = _PLAIN_DTYPES + _LOW_PRECISION
 
 
 # ------------------------------------------------------------------------------------------
@@ -442,6 +445,33 @@ def attention(
             num_threads=num_threads,
             grad_error=grad_error,
         )
+    if (
+        bias is None
+        and window is None
+        and type(q) is Tensor
+        and type(k) is Tensor
+        and type(v) is Tensor
+        and q.dtype in _PLAIN_DTYPES
+        and k.dtype == q.dtype
+        and v.dtype == q.dtype
+        and q.device.type == "cpu"
+        and k.device.type == "cpu"
+        and v.device.type == "cpu"
+        and (method == "exact" or (method == "auto" and type(eps) in (int, float) and eps == 0))
+        and _plain_call(q, k, v)
+    ):
+        # A plain call with nothing to differentiate (a generation step): straight to the NumPy
+        # API's plain path (see fastrope._attention._plain_forward), without the custom op's
+        # argument encoding. Anything that path does not take goes on below.
+        check_eps(eps)
+        check_grad_error(grad_error)
+        res = _plain_forward(
+            _np(q), _np(k), _np(v), w, scale, causal, q_offset, k_offset, check_finite,
+            check_threads(num_threads), memory_limit,
+        )  # fmt: skip
+        if res is not None:
+            out, lse = torch.from_numpy(res[0]), torch.from_numpy(res[1])
+            return (out, lse) if return_lse else out
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -565,19 +595,24 @@ def rotate(
     ``max_position`` is the largest position of the call, for ``"dynamic"`` scaling only.
     """
     d, n = x.shape[-1], x.shape[-2]
-    if _static_frequencies(w):
+    if type(w) is Rotary and w.scaling is None and d % 2 == 0:
+        theta, factor, _ = _plain_rotary(w.base, w.layout, d)
+    elif _static_frequencies(w):
         theta, factor = _frequencies(_rotary_spec(w), d)
     else:
         theta, factor = w.frequencies(d, max_position)
     ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _plain_call(x):
+        # Nothing to differentiate: the same arithmetic in NumPy (a decode step's query is one
+        # row, and a dozen torch ops on it cost more than the attention's NumPy overhead).
+        xn = x.detach().numpy()
+        c = (np.cos(ang) * factor).astype(xn.dtype)
+        s = (np.sin(ang) * factor).astype(xn.dtype)
+        return torch.from_numpy(_rotate_rows(xn, c, s, w.layout))
     # float16/bfloat16 rotate in float32 and round once (as the attention computes in float32).
     dt = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     c = torch.from_numpy(np.cos(ang) * factor).to(dt)
     s = torch.from_numpy(np.sin(ang) * factor).to(dt)
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _plain_call(x):
-        # Nothing to differentiate: the same arithmetic in NumPy (a decode step's query is one
-        # row, and a dozen torch ops on it cost more than the attention's NumPy overhead).
-        return torch.from_numpy(_rotate_rows(x.detach().numpy(), c.numpy(), s.numpy(), w.layout))
     xc = x.to(dt)
     if w.layout == "interleaved":
         xp, xr = xc[..., 0::2], xc[..., 1::2]

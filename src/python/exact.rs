@@ -15,7 +15,7 @@ fn forward_typed<'py, T: Real + Element>(
     [q, k, v]: [&Bound<'py, PyAny>; 3],
     sp: &Spec<'py>,
     threads: Option<usize>,
-    check_kv: bool,
+    [check_q, check_kv]: [bool; 2],
     memory_limit: Option<usize>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     if let Some(limit) = memory_limit {
@@ -29,6 +29,10 @@ fn forward_typed<'py, T: Real + Element>(
     let pos = position(sp, values.as_ref())?;
     let bias = sp.bias_of(bias_arr.as_ref());
     let (qv, kv, vv) = (q.as_array(), k.as_array(), v.as_array());
+    if check_q {
+        crate::exact::check_rows_of("q", &qv, 0, qv.dim().2, true)
+            .map_err(|e| super::runtime::to_pyerr(py, e))?;
+    }
     let prob = &sp.prob;
     let flops = cost::exact_flops_bound(prob, false);
     let serial = crate::exact::forward::runs_serial(prob, &pos, flops);
@@ -102,9 +106,10 @@ fn backward_typed<'py, T: Real + Element>(
 
 /// Exact forward on canonical arrays; returns `(out, lse)`. `**call`: the call description
 /// ([`Spec`]). With `memory_limit`, a working set above it raises `MemoryError` before anything
-/// is allocated.
+/// is allocated. `check_q` scans `q` for NaN/Inf (the plain-call path of `attention`, which
+/// skips the Python scan); `check_kv` scans the rows of `k` and `v` some query sees.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, *, num_threads, check_kv=false, memory_limit=None, **call))]
+#[pyo3(signature = (q, k, v, *, num_threads, check_kv=false, check_q=false, memory_limit=None, **call))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn exact_forward<'py>(
     py: Python<'py>,
@@ -113,6 +118,7 @@ pub(super) fn exact_forward<'py>(
     v: &Bound<'py, PyAny>,
     num_threads: Option<usize>,
     check_kv: bool,
+    check_q: bool,
     memory_limit: Option<usize>,
     call: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
@@ -124,7 +130,7 @@ pub(super) fn exact_forward<'py>(
         [q, k, v],
         &sp,
         num_threads,
-        check_kv,
+        [check_q, check_kv],
         memory_limit
     )
 }
