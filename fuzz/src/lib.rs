@@ -283,7 +283,20 @@ fn w_abs(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f64
             }
             w
         }
-        Position::Sparse(_) => w_dense(pos, bh, delta, d).mapv(f64::abs),
+        // A support entry listed twice: the kernels add its terms one by one (`Σ_s |w_s|`, not
+        // `|Σ_s w_s|`: 1e300 and -1e300 on one entry cancel in the table's sum but not in the
+        // products' rounding, fuzz/regressions/exact/crash-74efac…).
+        Position::Sparse(sp) => {
+            let mut w = Array2::zeros((d, d));
+            let rows = sp.values.dim().1 as i64;
+            let row = delta + (rows - 1) / 2;
+            if (0..rows).contains(&row) {
+                for (s, &(a, b)) in sp.support.iter().enumerate() {
+                    w[[a, b]] += sp.values[[sp.index[bh], row as usize, s]].abs();
+                }
+            }
+            w
+        }
     }
 }
 
