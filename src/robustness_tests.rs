@@ -29,8 +29,9 @@ impl Rng {
             _ => (self.next() % 2001) as f64 / 1000.0 - 1.0,
         }
     }
+    /// Small offsets, huge ones (rotary refuses `|p| >= 2^53`) and one in between.
     fn offset(&mut self) -> i64 {
-        [0, 3, -5, 40, i64::MAX / 4, i64::MIN / 4][self.below(6)]
+        [0, 3, -5, 40, 1 << 50, i64::MAX / 4, i64::MIN / 4][self.below(7)]
     }
 }
 
@@ -446,17 +447,29 @@ fn rotary_positions_of_2_pow_53_and_beyond_are_refused() {
         )
     };
     let m = MAX_ROTARY_POSITION;
-    for (qo, ko) in [(m - 2, 0), (0, m - 1), (-m, 3), (-m - 5, 20), (i64::MAX / 2, -11)] {
+    for (qo, ko) in [
+        (m - 2, 0),
+        (0, m - 1),
+        (-m, 3),
+        (-m - 5, 20),
+        (i64::MAX / 2, -11),
+    ] {
         let p = prob(qo, ko);
         if p.validate().is_err() {
             continue; // relative positions that do not fit in i64: refused by Problem
         }
         let e = run(&p).unwrap_err().to_string();
-        assert!(e.contains("q_offset, k_offset") && e.contains("2^53"), "{e}");
+        assert!(
+            e.contains("q_offset, k_offset") && e.contains("2^53"),
+            "{e}"
+        );
     }
     for (qo, ko) in [(m - 3, 0), (0, m - 2), (-m + 1, 3), (-m + 1, m - 2)] {
         let (out, lse) = run(&prob(qo, ko)).unwrap();
-        assert!(out.iter().chain(lse.iter()).all(|x| x.is_finite()), "{qo} {ko}");
+        assert!(
+            out.iter().chain(lse.iter()).all(|x| x.is_finite()),
+            "{qo} {ko}"
+        );
     }
 }
 

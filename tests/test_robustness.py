@@ -207,7 +207,10 @@ def test_dv_zero_gives_the_lse_of_the_scores_and_its_gradients(dtype, w_kind):
     assert not np.any(g0.dq) and not np.any(g0.dk)
 
 
-OVERFLOW = r"not finite: the scores or an intermediate of them .* overflow float(32|64) .* every input is finite; rescale q, k, v or scale"
+OVERFLOW = (
+    r"not finite: the scores or an intermediate of them .* overflow float(32|64) "
+    r".* every input is finite; rescale q, k, v or scale"
+)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

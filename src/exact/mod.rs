@@ -277,7 +277,9 @@ fn row_sees_a_key<T: Real>(sh: &Shared<'_, '_, T>, bh: usize, i: usize) -> bool 
         Some(b) => {
             let seq = sh.logf.for_head(Some(b), bh);
             let g0 = sh.prob.nq - 1 - i;
-            seq[g0 + j0..g0 + j1].iter().any(|&x| x != T::neg_infinity())
+            seq[g0 + j0..g0 + j1]
+                .iter()
+                .any(|&x| x != T::neg_infinity())
         }
     }
 }
@@ -306,7 +308,11 @@ pub(crate) fn inputs_finite<T: Real>(
             Position::Sparse(sp) => all_finite(&sp.values),
             Position::Rotary(_) => true,
         }
-        && bias.is_none_or(|b| b.values.iter().all(|&x| x.is_finite() || x == T::neg_infinity()))
+        && bias.is_none_or(|b| {
+            b.values
+                .iter()
+                .all(|&x| x.is_finite() || x == T::neg_infinity())
+        })
 }
 
 /// The forward's results against silent overflow: every `out` finite, no `lse` NaN or `+inf`,

@@ -243,7 +243,10 @@ pub fn attention_backward<'a, T: Real>(
         && finite(g.dbias.as_ref().map(|x| x.view().into_dyn()));
     if !grads_finite
         && super::inputs_finite(prob, pos, bias, &[&q, &k, &v, &inp.out, &inp.dout])
-        && inp.lse.iter().all(|&x| x.is_finite() || x == T::neg_infinity())
+        && inp
+            .lse
+            .iter()
+            .all(|&x| x.is_finite() || x == T::neg_infinity())
     {
         return Err(super::overflow_error::<T>("dq, dk, dv, dw, dbias"));
     }

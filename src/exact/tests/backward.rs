@@ -114,7 +114,8 @@ fn overflowing_gradients_are_an_error_not_nan() {
     v[[0, 0, 0, 0]] = 1e300;
     v[[0, 0, 1, 0]] = -1e300;
     let ctl = Control::new();
-    let (out, lse) = attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl).unwrap();
+    let (out, lse) =
+        attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl).unwrap();
     for (big, ok) in [(1e300, false), (1.0, true)] {
         let dout = Array4::from_elem((1, 1, 2, 1), big);
         let inp = BackwardInputs {
@@ -130,7 +131,10 @@ fn overflowing_gradients_are_an_error_not_nan() {
             Ok(g) => assert!(ok && g.dq.iter().chain(g.dk.iter()).all(|x| x.is_finite())),
             Err(e) => {
                 let e = e.to_string();
-                assert!(!ok && e.starts_with("dq, dk, dv, dw, dbias: not finite"), "{e}");
+                assert!(
+                    !ok && e.starts_with("dq, dk, dv, dw, dbias: not finite"),
+                    "{e}"
+                );
             }
         }
     }

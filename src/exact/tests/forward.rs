@@ -376,7 +376,11 @@ fn overflowing_scores_are_an_error_not_a_masked_row() {
         scale: 1e10,
         ..problem(3, 2, 2, 1, 1)
     };
-    fn run(prob: &Problem, q0: f64, bias: Option<&Bias<'_, f64>>) -> crate::Result<(Array4<f64>, ndarray::Array3<f64>)> {
+    fn run(
+        prob: &Problem,
+        q0: f64,
+        bias: Option<&Bias<'_, f64>>,
+    ) -> crate::Result<(Array4<f64>, ndarray::Array3<f64>)> {
         let pos = Position::Rotary(RotaryW {
             theta: vec![0.0],
             factor: 1.0,
@@ -386,13 +390,24 @@ fn overflowing_scores_are_an_error_not_a_masked_row() {
         q.slice_mut(ndarray::s![.., .., .., 0]).fill(q0);
         let k = Array4::from_elem((1, 1, 2, 2), 1e-300);
         let v = Array4::<f64>::ones((1, 1, 2, prob.dv));
-        attention_forward(prob, &pos, bias, q.view(), k.view(), v.view(), &Control::new())
+        attention_forward(
+            prob,
+            &pos,
+            bias,
+            q.view(),
+            k.view(),
+            v.view(),
+            &Control::new(),
+        )
     }
     for nq in [3, 1] {
         prob.nq = nq; // GEMM path, decode path
         for q0 in [1e300, -1e300] {
             let e = run(&prob, q0, None).unwrap_err().to_string();
-            assert!(e.contains("overflow float64") && e.contains("rescale"), "{e}");
+            assert!(
+                e.contains("overflow float64") && e.contains("rescale"),
+                "{e}"
+            );
         }
         // the same scores of ordinary size
         let (out, lse) = run(&prob, 1e-20, None).unwrap();
@@ -414,10 +429,7 @@ fn overflowing_scores_are_an_error_not_a_masked_row() {
         index: vec![0],
     };
     for nq in [3, 1] {
-        let p = Problem {
-            nq,
-            ..prob.clone()
-        };
+        let p = Problem { nq, ..prob.clone() };
         let (_, lse) = run(&p, 1.0, Some(&bias)).unwrap();
         assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
     }
@@ -431,9 +443,17 @@ fn overflowing_scores_are_an_error_not_a_masked_row() {
         factor: 1.0,
         pairs: vec![(0, 1)],
     });
-    let e = attention_forward(&prob, &pos32, None, q.view(), k.view(), v.view(), &Control::new())
-        .unwrap_err()
-        .to_string();
+    let e = attention_forward(
+        &prob,
+        &pos32,
+        None,
+        q.view(),
+        k.view(),
+        v.view(),
+        &Control::new(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("overflow float32"), "{e}");
 }
 
@@ -449,8 +469,16 @@ fn overflowing_weighted_values_are_an_error() {
     let q = Array4::<f64>::zeros((1, 1, 2, 2));
     let k = Array4::<f64>::zeros((1, 1, 3, 2));
     let v = Array4::from_elem((1, 1, 3, prob.dv), 1e308);
-    let e = attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &Control::new())
-        .unwrap_err()
-        .to_string();
+    let e = attention_forward(
+        &prob,
+        &pos,
+        None,
+        q.view(),
+        k.view(),
+        v.view(),
+        &Control::new(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.starts_with("out, lse: not finite"), "{e}");
 }
