@@ -434,7 +434,12 @@ pub fn reference(case: &Case) -> Reference {
                     r.out[[b, h, i, c]] = (0..nk).map(|j| p[j] * v[[b, kh, j, c]]).sum();
                 }
                 let di: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * r.out[[b, h, i, c]]).sum();
-                let di_abs: f64 = (0..dv).map(|c| (dout[[b, h, i, c]] * r.out[[b, h, i, c]]).abs()).sum();
+                // `D = Σ_c dout_c O_c` has the terms `dout_c P_j v_jc`: the kernels' `O` is off
+                // by rounding relative to `Σ_j P_j |v_jc|`, not to `|O_c|` (which cancels to 0
+                // when `P_1 v_1 = -P_2 v_2`: crash-c5f3e5…, where `dS` ~6e-21 times k = 1e300).
+                let di_abs: f64 = (0..dv)
+                    .map(|c| dout[[b, h, i, c]].abs() * (0..nk).map(|j| p[j] * v[[b, kh, j, c]].abs()).sum::<f64>())
+                    .sum();
                 for j in 0..nk {
                     // masked keys by their score (p is NaN when an overflowing score made l NaN)
                     if p[j] == 0.0 || s[[i, j]] == f64::NEG_INFINITY {
