@@ -13,6 +13,11 @@ use crate::problem::Problem;
 use ndarray::{Array2, ArrayView2, ArrayView3};
 use rayon::prelude::*;
 
+/// The bound (exclusive) on `|q_offset + i|` and `|k_offset + j|` for rotary with a non-zero
+/// frequency: `2^53`, up to which float64 represents every integer, so that each position and
+/// its neighbours get their own angle (checked by [`RotaryW::validate_positions`]).
+pub const MAX_ROTARY_POSITION: i64 = 1 << 53;
+
 /// Rotary position matrices: `theta` (`d/2` frequencies), attention factor `f`, and the pairs
 /// `(p_m, r_m)` rotated by `θ_m` (layout).
 #[derive(Clone, Debug)]
@@ -51,6 +56,8 @@ impl RotaryW {
     /// The rotation is by absolute positions: they must fit in i64 (the relative ones
     /// [`Problem::validate`] checks may fit where `q_offset + n_q - 1` does not), and every angle
     /// `p θ` must be finite (a frequency of 1e300 at position 2^60 is not).
+    /// With a non-zero frequency every absolute position must also be below
+    /// [`MAX_ROTARY_POSITION`] in magnitude.
     pub fn validate_positions(&self, prob: &Problem) -> Result<()> {
         let last = |off: i64, n: usize| off as i128 + n.saturating_sub(1) as i128;
         let (lq, lk) = (last(prob.q_offset, prob.nq), last(prob.k_offset, prob.nk));
@@ -65,6 +72,18 @@ impl RotaryW {
             .map(|x| x.unsigned_abs() as f64)
             .fold(0.0, f64::max);
         let th = self.theta.iter().fold(0.0f64, |m, t| m.max(t.abs()));
+        // Beyond 2^53 float64 no longer holds every integer: neighbouring positions share one
+        // angle and `p θ` rounds by up to `2^-53 |p| θ` radians (a radian at 2^53, θ = 1), so
+        // the rotation has no accuracy left. Zero frequencies (`w = None`) do not rotate.
+        if th > 0.0 && p >= MAX_ROTARY_POSITION as f64 {
+            return Err(Error::Value(format!(
+                "q_offset, k_offset: rotary needs absolute positions of magnitude below 2^53 = \
+                 {MAX_ROTARY_POSITION} (float64 holds every integer only up to there; beyond it \
+                 neighbouring positions get the same angle), got q positions {}..={lq}, k \
+                 positions {}..={lk}",
+                prob.q_offset, prob.k_offset
+            )));
+        }
         if !(p * th).is_finite() {
             return Err(Error::Value(format!(
                 "w: rotary angles p θ overflow (|p| up to {p:e}, |θ| up to {th:e})"

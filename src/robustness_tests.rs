@@ -29,8 +29,9 @@ impl Rng {
             _ => (self.next() % 2001) as f64 / 1000.0 - 1.0,
         }
     }
+    /// Small offsets, huge ones (rotary refuses `|p| >= 2^53`) and one in between.
     fn offset(&mut self) -> i64 {
-        [0, 3, -5, 40, i64::MAX / 4, i64::MIN / 4][self.below(6)]
+        [0, 3, -5, 40, 1 << 50, i64::MAX / 4, i64::MIN / 4][self.below(7)]
     }
 }
 
@@ -395,12 +396,81 @@ fn rotary_positions_past_i64_and_infinite_angles_are_refused() {
         let e = run(&p, rot(theta)).unwrap_err();
         assert!(e.to_string().contains("absolute positions"), "{e}");
     }
-    let e = run(&prob(i64::MAX - 2, i64::MAX - 2), rot(1e300)).unwrap_err();
+    let e = run(&prob((1 << 52) - 2, 0), rot(1e300)).unwrap_err();
     assert!(e.to_string().contains("angles"), "{e}");
-    // at the limit itself, and huge finite angles, the call runs
-    let (out, _) = run(&prob(i64::MAX - 2, i64::MAX - 1), rot(1.0)).unwrap();
+    // zero frequencies do not rotate: any position that fits in i64 runs
+    let (out, _) = run(&prob(i64::MAX - 2, i64::MAX - 1), rot(0.0)).unwrap();
     assert!(out.iter().all(|x| x.is_finite()));
     assert!(run(&prob(1 << 40, 1 << 40), rot(1e200)).is_ok());
+}
+
+/// Rotary at absolute positions of 2^53 and beyond (fuzz/regressions/exact/crash-2718964…,
+/// crash-15c8e5…, crash-3fdf28…): float64 no longer holds every integer, neighbouring positions
+/// share an angle and `p θ` rounds by a radian or more, so the results had no accuracy (`dv`
+/// -1 where the reference's is 0). A non-zero frequency at `|p| >= 2^53` is refused, naming
+/// the offsets; up to `2^53 - 1` (both signs) the call runs and stays finite.
+#[test]
+fn rotary_positions_of_2_pow_53_and_beyond_are_refused() {
+    use crate::position::{Position, RotaryW, MAX_ROTARY_POSITION};
+    use crate::problem::{Control, Problem};
+    let prob = |q_offset: i64, k_offset: i64| Problem {
+        batch: 1,
+        hq: 1,
+        hk: 1,
+        nq: 3,
+        nk: 2,
+        d: 2,
+        dv: 1,
+        scale: 1.0,
+        causal: false,
+        window: None,
+        q_offset,
+        k_offset,
+    };
+    let rot = RotaryW {
+        theta: vec![1.0],
+        factor: 1.0,
+        pairs: vec![(0, 1)],
+    };
+    let q = ndarray::Array4::<f64>::ones((1, 1, 3, 2));
+    let k = ndarray::Array4::<f64>::ones((1, 1, 2, 2));
+    let v = ndarray::Array4::<f64>::ones((1, 1, 2, 1));
+    let run = |p: &Problem| {
+        attention_forward(
+            p,
+            &Position::Rotary(rot.clone()),
+            None,
+            q.view(),
+            k.view(),
+            v.view(),
+            &Control::new(),
+        )
+    };
+    let m = MAX_ROTARY_POSITION;
+    for (qo, ko) in [
+        (m - 2, 0),
+        (0, m - 1),
+        (-m, 3),
+        (-m - 5, 20),
+        (i64::MAX / 2, -11),
+    ] {
+        let p = prob(qo, ko);
+        if p.validate().is_err() {
+            continue; // relative positions that do not fit in i64: refused by Problem
+        }
+        let e = run(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("q_offset, k_offset") && e.contains("2^53"),
+            "{e}"
+        );
+    }
+    for (qo, ko) in [(m - 3, 0), (0, m - 2), (-m + 1, 3), (-m + 1, m - 2)] {
+        let (out, lse) = run(&prob(qo, ko)).unwrap();
+        assert!(
+            out.iter().chain(lse.iter()).all(|x| x.is_finite()),
+            "{qo} {ko}"
+        );
+    }
 }
 
 /// At huge scores the backward's recomputed `S` rounds differently from the forward's by far

@@ -205,3 +205,41 @@ def test_dv_zero_gives_the_lse_of_the_scores_and_its_gradients(dtype, w_kind):
         np.testing.assert_allclose(g.dw, gr.dw, rtol=0, atol=10 * atol)
     g0 = fastrope.attention_grad(q, k, v, w, dout, **kw)
     assert not np.any(g0.dq) and not np.any(g0.dk)
+
+
+OVERFLOW = (
+    r"not finite: the scores or an intermediate of them .* overflow float(32|64) "
+    r".* every input is finite; rescale q, k, v or scale"
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("n_q", [3, 1])  # GEMM path, decode path
+def test_scores_that_overflow_an_intermediate_raise_a_clear_value_error(dtype, sign, n_q):
+    """``scale q`` overflows (1e300 * 1e10) while ``scale (q k)`` = 1e10 does not: the row came
+    back as ``lse = -inf`` / NaN, silently (fuzz regressions crash-833680..., a6874d...)."""
+    big, tiny = (1e300, 1e-300) if dtype == np.float64 else (1e30, 1e-30)
+    q = np.zeros((n_q, 2), dtype)
+    q[:, 0] = sign * big
+    k = np.full((2, 2), tiny, dtype)
+    v = np.ones((2, 2), dtype)
+    with pytest.raises(ValueError, match=OVERFLOW):
+        fastrope.attention(q, k, v, None, scale=1e10)
+    with pytest.raises(ValueError, match=OVERFLOW):
+        fastrope.attention_grad(q, k, v, None, np.ones((n_q, 2), dtype), scale=1e10)
+    # A fully masked row keeps lse = -inf, no error.
+    _, lse = fastrope.attention(q / big, k, v, None, causal=True, q_offset=-5, return_lse=True)
+    assert np.all(lse == -np.inf)
+
+
+def test_gradients_that_overflow_raise_a_clear_value_error():
+    """``dout`` = 1e300 times ``v`` = +-1e300: ``dP`` overflows and the gradients were NaN."""
+    q = np.ones((3, 2))
+    v = np.array([[1e300, 1.0], [-1e300, 1.0]])
+    out = fastrope.attention(q, q[:2], v, fastrope.Rotary())
+    assert np.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"^dq, dk, dv, dw, dbias: " + OVERFLOW):
+        fastrope.attention_grad(q, q[:2], v, fastrope.Rotary(), np.full((3, 2), 1e300))
+    grads = fastrope.attention_grad(q, q[:2], v, fastrope.Rotary(), np.ones((3, 2)))
+    assert all(np.isfinite(g).all() for g in grads[:3])

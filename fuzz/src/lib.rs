@@ -216,6 +216,27 @@ impl Case {
             && self.bias_values.as_ref().is_none_or(|b| b.iter().all(|x| !x.is_nan() && *x != f64::INFINITY))
             && self.prob.scale.is_finite()
     }
+
+    /// Some input entry (`q`, `k`, `v`, `dout`, the `w` table, a finite bias, `scale`) has
+    /// magnitude 1e100 or more: only such a call may overflow an intermediate (every other
+    /// value is at most 6 in magnitude), so only it may get the library's overflow error.
+    pub fn extreme(&self) -> bool {
+        fn big<'a>(mut a: impl Iterator<Item = &'a f64>) -> bool {
+            a.any(|x| x.is_finite() && x.abs() >= 1e100)
+        }
+        big(self.q.iter())
+            || big(self.k.iter())
+            || big(self.v.iter())
+            || big(self.dout.iter())
+            || (self.form != WForm::Rotary && big(self.w_values.iter()))
+            || self.bias_values.as_ref().is_some_and(|b| big(b.iter()))
+            || big([self.prob.scale].iter())
+    }
+}
+
+/// Whether `e` is the library's error for a result that overflowed (`exact::overflow_error`).
+pub fn is_overflow_error(e: &fastrope::Error) -> bool {
+    e.to_string().contains("not finite: the scores or an intermediate of them")
 }
 
 /// `W_δ` as a dense `d x d` matrix, straight from the definitions.
@@ -262,7 +283,20 @@ fn w_abs(pos: &Position<'_, f64>, bh: usize, delta: i64, d: usize) -> Array2<f64
             }
             w
         }
-        Position::Sparse(_) => w_dense(pos, bh, delta, d).mapv(f64::abs),
+        // A support entry listed twice: the kernels add its terms one by one (`Σ_s |w_s|`, not
+        // `|Σ_s w_s|`: 1e300 and -1e300 on one entry cancel in the table's sum but not in the
+        // products' rounding, fuzz/regressions/exact/crash-74efac…).
+        Position::Sparse(sp) => {
+            let mut w = Array2::zeros((d, d));
+            let rows = sp.values.dim().1 as i64;
+            let row = delta + (rows - 1) / 2;
+            if (0..rows).contains(&row) {
+                for (s, &(a, b)) in sp.support.iter().enumerate() {
+                    w[[a, b]] += sp.values[[sp.index[bh], row as usize, s]].abs();
+                }
+            }
+            w
+        }
     }
 }
 
@@ -281,10 +315,40 @@ pub struct Reference {
     pub dv_abs: Array4<f64>,
     pub dw_abs: Option<Array3<f64>>,
     pub db_abs: Option<Array2<f64>>,
+    /// Absolute error floors of the gradients for underflow (see [`underflow_floor`]).
+    pub dq_floor: Array4<f64>,
+    pub dk_floor: Array4<f64>,
+    pub dv_floor: Array4<f64>,
+    pub dw_floor: Option<Array3<f64>>,
+    pub db_floor: Option<Array2<f64>>,
     /// `max |scale| Σ |q_x W_xy k_y| + |b|` over the visible pairs: the scores' condition.
     pub score_abs: f64,
     /// `max |v|`.
     pub v_max: f64,
+}
+
+/// The absolute error that underflow may add to one gradient term `f_1 f_2 ... f_m`, evaluated
+/// in any grouping, when `m1` is `Π max(1, |f_i|)` over its factors and `ops` bounds the
+/// multiplications that may underflow on the way (those of the term and of what its `dS` sums).
+///
+/// Derivation: below 2^-1022 a product is rounded to a multiple of `η = 2^-1074`, an absolute
+/// error of at most `η/2` instead of `u` relative (a sum of two doubles whose exact value is
+/// subnormal is exact). The factors multiplied in after that product have magnitude at most
+/// `Π max(1, |f_i|)` (1 + O(u)) whatever the grouping, so each underflowing multiplication adds
+/// at most `η/2 · m1 (1 + O(u))`: `ops η m1` bounds them all with a factor 2 for the `O(u)`.
+/// The relative tolerances (`Σ |term|`) cannot cover this: a term ~6e-21 made of 2.5 `dS` ~
+/// 2.5e-11, `w` = 1e300 and `q` = 1e-310 loses 1e-5 relative when the kernels form `dS q`
+/// (~6e-321, 1,265 multiples of `η`) before multiplying by `w`; the reference's grouping
+/// `((sc dS) w) q` does not underflow there, and would where `w` is tiny and `q` huge
+/// (fuzz/regressions/exact/crash-6bf37e…, crash-0612c8…).
+pub fn underflow_floor(ops: usize, m1: f64) -> f64 {
+    const ETA: f64 = 4.9406564584124654e-324; // 2^-1074
+    ops as f64 * ETA * m1
+}
+
+/// `max(1, |x|)`.
+fn m1(x: f64) -> f64 {
+    x.abs().max(1.0)
 }
 
 /// Forward and backward of every head from the definition (softmax with the row maximum taken
@@ -312,6 +376,11 @@ pub fn reference(case: &Case) -> Reference {
         dv_abs: Array4::zeros(v.dim()),
         dw_abs: sparse_dims.map(Array3::zeros),
         db_abs: bias.as_ref().map(|b| Array2::zeros(b.values.dim())),
+        dq_floor: Array4::zeros(q.dim()),
+        dk_floor: Array4::zeros(k.dim()),
+        dv_floor: Array4::zeros(v.dim()),
+        dw_floor: sparse_dims.map(Array3::zeros),
+        db_floor: bias.as_ref().map(|b| Array2::zeros(b.values.dim())),
         score_abs: 0.0,
         v_max: v.iter().fold(0.0, |m, x| m.max(x.abs())),
     };
@@ -345,7 +414,10 @@ pub fn reference(case: &Case) -> Reference {
                     let bb = bias.as_ref().map_or(0.0, |bi| bi.values[[bi.index[bh], bias_row(bi, dl)]]);
                     s[[i, j]] = prob.scale * m + bb;
                     if bb.is_finite() {
-                        r.score_abs = r.score_abs.max(prob.scale.abs() * a + bb.abs());
+                        let sa = prob.scale.abs() * a + bb.abs();
+                        // The reference's own sum overflows (scale 0 times an infinite sum is
+                        // NaN, which `max` would skip): no relative tolerance exists.
+                        r.score_abs = if a.is_finite() && !sa.is_nan() { r.score_abs.max(sa) } else { f64::INFINITY };
                     }
                 }
             }
@@ -362,7 +434,12 @@ pub fn reference(case: &Case) -> Reference {
                     r.out[[b, h, i, c]] = (0..nk).map(|j| p[j] * v[[b, kh, j, c]]).sum();
                 }
                 let di: f64 = (0..dv).map(|c| dout[[b, h, i, c]] * r.out[[b, h, i, c]]).sum();
-                let di_abs: f64 = (0..dv).map(|c| (dout[[b, h, i, c]] * r.out[[b, h, i, c]]).abs()).sum();
+                // `D = Σ_c dout_c O_c` has the terms `dout_c P_j v_jc`: the kernels' `O` is off
+                // by rounding relative to `Σ_j P_j |v_jc|`, not to `|O_c|` (which cancels to 0
+                // when `P_1 v_1 = -P_2 v_2`: crash-c5f3e5…, where `dS` ~6e-21 times k = 1e300).
+                let di_abs: f64 = (0..dv)
+                    .map(|c| dout[[b, h, i, c]].abs() * (0..nk).map(|j| p[j] * v[[b, kh, j, c]].abs()).sum::<f64>())
+                    .sum();
                 for j in 0..nk {
                     // masked keys by their score (p is NaN when an overflowing score made l NaN)
                     if p[j] == 0.0 || s[[i, j]] == f64::NEG_INFINITY {
@@ -372,9 +449,15 @@ pub fn reference(case: &Case) -> Reference {
                     let dp_abs: f64 = (0..dv).map(|c| (dout[[b, h, i, c]] * v[[b, kh, j, c]]).abs()).sum();
                     let ds = p[j] * (dp - di);
                     let ds_abs = p[j] * (dp_abs + di_abs);
+                    // Multiplications that may underflow in a dq/dk/dW term: its own (scale,
+                    // dS, W, q or k, with rotary's f and cos/sin folded in: at most 5) and those
+                    // dS sums (dv products in dP, dv in D, P times their difference).
+                    let ops = 2 * dv + 6;
+                    let ds_m1 = m1(dp_abs + di_abs); // P <= 1
                     for c in 0..dv {
                         r.dv[[b, kh, j, c]] += p[j] * dout[[b, h, i, c]];
                         r.dv_abs[[b, kh, j, c]] += (p[j] * dout[[b, h, i, c]]).abs();
+                        r.dv_floor[[b, kh, j, c]] += underflow_floor(2, m1(dout[[b, h, i, c]]));
                     }
                     let dl = delta(i, j);
                     let w = w_dense(&pos, bh, dl, d);
@@ -386,22 +469,32 @@ pub fn reference(case: &Case) -> Reference {
                             r.dk[[b, kh, j, y]] += sc * ds * w[[x, y]] * q[[b, h, i, x]];
                             r.dq_abs[[b, h, i, x]] += (sc * ds_abs * wa[[x, y]] * k[[b, kh, j, y]]).abs();
                             r.dk_abs[[b, kh, j, y]] += (sc * ds_abs * wa[[x, y]] * q[[b, h, i, x]]).abs();
+                            let f = m1(sc) * ds_m1 * m1(wa[[x, y]]);
+                            r.dq_floor[[b, h, i, x]] += underflow_floor(ops, f * m1(k[[b, kh, j, y]]));
+                            r.dk_floor[[b, kh, j, y]] += underflow_floor(ops, f * m1(q[[b, h, i, x]]));
                         }
                     }
-                    if let (Position::Sparse(sp), Some(dw), Some(dwa)) = (&pos, r.dw.as_mut(), r.dw_abs.as_mut()) {
+                    if let (Position::Sparse(sp), Some(dw), Some(dwa), Some(dwf)) =
+                        (&pos, r.dw.as_mut(), r.dw_abs.as_mut(), r.dw_floor.as_mut())
+                    {
                         let row = dl + (sp.values.dim().1 as i64 - 1) / 2;
                         if (0..sp.values.dim().1 as i64).contains(&row) {
                             for (si, &(l1, l2)) in sp.support.iter().enumerate() {
                                 let t = sc * q[[b, h, i, l1]] * k[[b, kh, j, l2]];
                                 dw[[sp.index[bh], row as usize, si]] += t * ds;
                                 dwa[[sp.index[bh], row as usize, si]] += (t * ds_abs).abs();
+                                let f = m1(sc) * m1(q[[b, h, i, l1]]) * m1(k[[b, kh, j, l2]]) * ds_m1;
+                                dwf[[sp.index[bh], row as usize, si]] += underflow_floor(ops, f);
                             }
                         }
                     }
-                    if let (Some(bi), Some(db), Some(dba)) = (bias.as_ref(), r.db.as_mut(), r.db_abs.as_mut()) {
+                    if let (Some(bi), Some(db), Some(dba), Some(dbf)) =
+                        (bias.as_ref(), r.db.as_mut(), r.db_abs.as_mut(), r.db_floor.as_mut())
+                    {
                         let row = bias_row(bi, dl);
                         db[[bi.index[bh], row]] += ds;
                         dba[[bi.index[bh], row]] += ds_abs;
+                        dbf[[bi.index[bh], row]] += underflow_floor(ops, ds_m1);
                     }
                 }
             }

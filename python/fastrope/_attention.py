@@ -245,7 +245,10 @@ def attention(
         window: ``(left, right)``: keep ``-right <= δ <= left`` (None on a side: unbounded).
         bias: additive score bias per δ, ``(..., 2L-1)`` (e.g. :func:`alibi`); ``-inf`` masks.
         q_offset, k_offset: positions of the first query and key (a KV cache: ``q_offset =
-            n_k - n_q``).
+            n_k - n_q``), ints with ``|offset| <= 2**52``.  Every position ``q_offset + i``,
+            ``k_offset + j`` is then below ``2**53`` in magnitude, where float64 still holds
+            each integer, so RoPE gives each position its own angle; the Rust API refuses
+            Rotary (non-zero frequencies) at positions of ``2**53`` or more.
         method: ``"auto"``, ``"exact"`` or ``"fast"``.
         memory_limit: bytes the working set may use (default: 80% of available memory);
             ``MemoryError`` is raised before allocating beyond it.

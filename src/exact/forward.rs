@@ -99,6 +99,7 @@ pub fn attention_forward_checked<'a, T: Real>(
     let mut sh = Shared::new_with(prob, pos, bias, false, !decoding);
     if decoding {
         decode::forward(&sh, &q, &k, &v, ctl, check_kv, &mut out, &mut lse)?;
+        super::check_forward_result(&sh, &[&q, &k, &v], &out, &lse)?;
         return Ok((out, lse));
     }
     // A small call (`Control::serial`, see `runs_serial`) runs on the calling thread alone.
@@ -174,6 +175,7 @@ pub fn attention_forward_checked<'a, T: Real>(
         units.into_par_iter().for_each(run_unit);
     }
     ctl.check()?;
+    super::check_forward_result(sh, &[&q, &k, &v], &out, &lse)?;
     Ok((out, lse))
 }
 

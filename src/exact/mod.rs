@@ -250,6 +250,92 @@ pub(crate) fn non_finite<T: Real>(name: &str, x: &ArrayView4<'_, T>) -> Error {
     ))
 }
 
+/// The error for a result that is not finite from inputs that are (`what`: the arrays): an
+/// intermediate of the kernels' grouping left the floating-point range where the reference's
+/// `scale Σ q_x W_xy k_y` may not (`scale q`, `W k`, a score's terms, `Σ P v`, a gradient).
+pub(crate) fn overflow_error<T: Real>(what: &str) -> Error {
+    let (ty, max) = if std::mem::size_of::<T>() == 4 {
+        ("float32", f32::MAX as f64)
+    } else {
+        ("float64", f64::MAX)
+    };
+    Error::Value(format!(
+        "{what}: not finite: the scores or an intermediate of them (scale q, W k, the terms \
+         q_x W_xy k_y, the sums of v or of the gradients) overflow {ty} (|x| > {max:.1e}) \
+         although every input is finite; rescale q, k, v or scale"
+    ))
+}
+
+/// Whether query row `i` of head `bh` sees a key: inside the mask and with a bias that is not
+/// `-inf` there (`lse = -inf` is then not a fully masked row but overflowed scores).
+fn row_sees_a_key<T: Real>(sh: &Shared<'_, '_, T>, bh: usize, i: usize) -> bool {
+    let Some((j0, j1)) = sh.visible_keys(i, 1, 0, sh.prob.nk, 1) else {
+        return false;
+    };
+    match sh.bias {
+        None => true,
+        Some(b) => {
+            let seq = sh.logf.for_head(Some(b), bh);
+            let g0 = sh.prob.nq - 1 - i;
+            seq[g0 + j0..g0 + j1]
+                .iter()
+                .any(|&x| x != T::neg_infinity())
+        }
+    }
+}
+
+/// Every entry finite (a contiguous array in one pass without early exit).
+pub(crate) fn all_finite<T: Real, D: ndarray::Dimension>(x: &ndarray::ArrayView<'_, T, D>) -> bool {
+    match x.as_slice() {
+        Some(xs) => xs.iter().fold(true, |a, v| a & v.is_finite()),
+        None => x.iter().all(|v| v.is_finite()),
+    }
+}
+
+/// Whether the call's inputs are finite: `arrays` (q, k, v, ...), a sparse `w`'s table, `scale`,
+/// and the bias (where `-inf` is a legal mask). Read only once a result is found not finite: the
+/// Rust API leaves the NaN/Inf scan to its caller (the Python layer's `check_finite`), and a
+/// caller that skipped it keeps the undefined result it asked for.
+pub(crate) fn inputs_finite<T: Real>(
+    prob: &Problem,
+    pos: &Position<'_, T>,
+    bias: Option<&Bias<'_, T>>,
+    arrays: &[&ArrayView4<'_, T>],
+) -> bool {
+    prob.scale.is_finite()
+        && arrays.iter().all(|a| all_finite(a))
+        && match pos {
+            Position::Sparse(sp) => all_finite(&sp.values),
+            Position::Rotary(_) => true,
+        }
+        && bias.is_none_or(|b| {
+            b.values
+                .iter()
+                .all(|&x| x.is_finite() || x == T::neg_infinity())
+        })
+}
+
+/// The forward's results against silent overflow: every `out` finite, no `lse` NaN or `+inf`,
+/// and `lse = -inf` only for a row that sees no key; otherwise, when the inputs are finite, the
+/// overflow error. One read of `out` and `lse` (`O(output)`); a row's visibility is looked up
+/// only where `lse = -inf`, the inputs read only when a result is not finite.
+pub(crate) fn check_forward_result<T: Real>(
+    sh: &Shared<'_, '_, T>,
+    arrays: &[&ArrayView4<'_, T>],
+    out: &ndarray::Array4<T>,
+    lse: &ndarray::Array3<T>,
+) -> Result<()> {
+    let nq = sh.prob.nq.max(1);
+    let ok = all_finite(&out.view())
+        && lse.iter().enumerate().all(|(n, &l)| {
+            l.is_finite() || (l == T::neg_infinity() && !row_sees_a_key(sh, n / nq, n % nq))
+        });
+    if ok || !inputs_finite(sh.prob, sh.pos, sh.bias, arrays) {
+        return Ok(());
+    }
+    Err(overflow_error::<T>("out, lse"))
+}
+
 /// Everything the units of one call share.
 pub(crate) struct Shared<'a, 'p, T> {
     pub prob: &'p Problem,

@@ -232,6 +232,24 @@ pub fn attention_backward<'a, T: Real>(
         }
         g.dbias = Some(db);
     }
+    // A gradient that is not finite from finite inputs: an intermediate overflowed (e.g.
+    // `scale q = inf` times `dS = 0` in dK); one read of the gradients (`O(output)`), the inputs
+    // read only then (`lse = -inf` marks a row without keys).
+    let finite = |x: Option<ndarray::ArrayViewD<'_, T>>| x.is_none_or(|x| super::all_finite(&x));
+    let grads_finite = finite(Some(g.dq.view().into_dyn()))
+        && finite(Some(g.dk.view().into_dyn()))
+        && finite(Some(g.dv.view().into_dyn()))
+        && finite(g.dw.as_ref().map(|x| x.view().into_dyn()))
+        && finite(g.dbias.as_ref().map(|x| x.view().into_dyn()));
+    if !grads_finite
+        && super::inputs_finite(prob, pos, bias, &[&q, &k, &v, &inp.out, &inp.dout])
+        && inp
+            .lse
+            .iter()
+            .all(|&x| x.is_finite() || x == T::neg_infinity())
+    {
+        return Err(super::overflow_error::<T>("dq, dk, dv, dw, dbias"));
+    }
     Ok(g)
 }
 

@@ -94,3 +94,48 @@ fn backward_in_query_chunks_and_tile_segments_matches_naive() {
     crate::exact::sparse::FORCE_SEGMENTS.with(|f| f.set(0));
     crate::exact::backward::PART_BUDGET_OVERRIDE.with(|b| b.set(None));
 }
+
+/// Gradients that overflow (`dout` = 1e300 times `v` = ±1e300: `dP` = ±inf, `dS` = NaN) came
+/// back NaN from a finite call; the backward now returns the overflow error instead
+/// (fuzz/regressions/exact/crash-0666ad…, crash-11597e…, crash-b53f6a…). The same call at
+/// ordinary `dout` has finite gradients.
+#[test]
+fn overflowing_gradients_are_an_error_not_nan() {
+    let prob = Problem {
+        batch: 1,
+        dv: 1,
+        ..problem(2, 2, 2, 1, 1)
+    };
+    let pos = Position::Rotary(rotary(2));
+    let mut rng = Rng(77);
+    let q = rng.array4((1, 1, 2, 2));
+    let k = rng.array4((1, 1, 2, 2));
+    let mut v = Array4::<f64>::zeros((1, 1, 2, 1));
+    v[[0, 0, 0, 0]] = 1e300;
+    v[[0, 0, 1, 0]] = -1e300;
+    let ctl = Control::new();
+    let (out, lse) =
+        attention_forward(&prob, &pos, None, q.view(), k.view(), v.view(), &ctl).unwrap();
+    for (big, ok) in [(1e300, false), (1.0, true)] {
+        let dout = Array4::from_elem((1, 1, 2, 1), big);
+        let inp = BackwardInputs {
+            out: out.view(),
+            lse: lse.view(),
+            dout: dout.view(),
+            want_dw: true,
+            want_dbias: true,
+            threads: 1,
+        };
+        let g = attention_backward(&prob, &pos, None, q.view(), k.view(), v.view(), &inp, &ctl);
+        match g {
+            Ok(g) => assert!(ok && g.dq.iter().chain(g.dk.iter()).all(|x| x.is_finite())),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    !ok && e.starts_with("dq, dk, dv, dw, dbias: not finite"),
+                    "{e}"
+                );
+            }
+        }
+    }
+}

@@ -363,3 +363,122 @@ fn timing_rotary_f32() {
         }
     }
 }
+
+/// Scores that overflow in the kernels' grouping (`scale q` = ±1e310 times `k` = 1e-300, where
+/// `scale (q k)` = 1e10): `+inf` made `l` NaN and `-inf` made the row look fully masked, so the
+/// row came back with `lse = -inf` and `out = 0`, silently (fuzz/regressions/exact/crash-833680…,
+/// crash-a6874d…). Both are now an error naming the overflow, on the GEMM and decode paths, in
+/// f64 and f32; fully masked rows (causal, a `-inf` bias) still give `lse = -inf`.
+#[test]
+fn overflowing_scores_are_an_error_not_a_masked_row() {
+    let mut prob = Problem {
+        batch: 1,
+        scale: 1e10,
+        ..problem(3, 2, 2, 1, 1)
+    };
+    fn run(
+        prob: &Problem,
+        q0: f64,
+        bias: Option<&Bias<'_, f64>>,
+    ) -> crate::Result<(Array4<f64>, ndarray::Array3<f64>)> {
+        let pos = Position::Rotary(RotaryW {
+            theta: vec![0.0],
+            factor: 1.0,
+            pairs: vec![(0, 1)],
+        });
+        let mut q = Array4::<f64>::zeros((1, 1, prob.nq, 2));
+        q.slice_mut(ndarray::s![.., .., .., 0]).fill(q0);
+        let k = Array4::from_elem((1, 1, 2, 2), 1e-300);
+        let v = Array4::<f64>::ones((1, 1, 2, prob.dv));
+        attention_forward(
+            prob,
+            &pos,
+            bias,
+            q.view(),
+            k.view(),
+            v.view(),
+            &Control::new(),
+        )
+    }
+    for nq in [3, 1] {
+        prob.nq = nq; // GEMM path, decode path
+        for q0 in [1e300, -1e300] {
+            let e = run(&prob, q0, None).unwrap_err().to_string();
+            assert!(
+                e.contains("overflow float64") && e.contains("rescale"),
+                "{e}"
+            );
+        }
+        // the same scores of ordinary size
+        let (out, lse) = run(&prob, 1e-20, None).unwrap();
+        assert!(out.iter().chain(lse.iter()).all(|x| x.is_finite()));
+        // a NaN input is the caller's to scan (check_finite): its result stays undefined, Ok
+        assert!(run(&prob, f64::NAN, None).is_ok());
+    }
+    // Rows that see no key keep lse = -inf: past the causal edge, or masked by a -inf bias.
+    let masked = Problem {
+        causal: true,
+        q_offset: -5,
+        ..prob.clone()
+    };
+    let (out, lse) = run(&masked, 1.0, None).unwrap();
+    assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY) && out.iter().all(|&x| x == 0.0));
+    let bvals = Array2::from_elem((1, 2 * 3 - 1), f64::NEG_INFINITY);
+    let bias = Bias {
+        values: bvals.view(),
+        index: vec![0],
+    };
+    for nq in [3, 1] {
+        let p = Problem { nq, ..prob.clone() };
+        let (_, lse) = run(&p, 1.0, Some(&bias)).unwrap();
+        assert!(lse.iter().all(|&x| x == f64::NEG_INFINITY));
+    }
+    // float32: 1e30 * 1e10 overflows there
+    prob.nq = 3;
+    let q = Array4::<f32>::from_elem((1, 1, 3, 2), 1e30);
+    let k = Array4::<f32>::from_elem((1, 1, 2, 2), 1e-30);
+    let v = Array4::<f32>::ones((1, 1, 2, prob.dv));
+    let pos32 = Position::<f32>::Rotary(RotaryW {
+        theta: vec![0.0],
+        factor: 1.0,
+        pairs: vec![(0, 1)],
+    });
+    let e = attention_forward(
+        &prob,
+        &pos32,
+        None,
+        q.view(),
+        k.view(),
+        v.view(),
+        &Control::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("overflow float32"), "{e}");
+}
+
+/// `Σ P v` that overflows (v = ±1e308 on keys of equal weight, out = 1e308 exactly): `out`
+/// came back inf; it is now the overflow error.
+#[test]
+fn overflowing_weighted_values_are_an_error() {
+    let prob = Problem {
+        batch: 1,
+        ..problem(2, 3, 2, 1, 1)
+    };
+    let pos = Position::Rotary(rotary(2));
+    let q = Array4::<f64>::zeros((1, 1, 2, 2));
+    let k = Array4::<f64>::zeros((1, 1, 3, 2));
+    let v = Array4::from_elem((1, 1, 3, prob.dv), 1e308);
+    let e = attention_forward(
+        &prob,
+        &pos,
+        None,
+        q.view(),
+        k.view(),
+        v.view(),
+        &Control::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with("out, lse: not finite"), "{e}");
+}
