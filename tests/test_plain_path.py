@@ -164,3 +164,34 @@ def test_torch_inference_calls_take_the_plain_path(rng, plain_only, general_only
         ft.attention(qr, k, v, None, grad_error="sideways")
     with torch.inference_mode(), pytest.raises(ValueError, match="eps"):
         ft.attention(qr, k, v, None, eps=-1.0, method="exact")
+
+
+def test_torch_rotate_reuses_its_tables_only_for_the_same_position(rng):
+    torch = pytest.importorskip("torch")
+    import threading
+
+    import fastrope.torch as ft
+
+    w = fastrope.Rotary()
+    x = rng.standard_normal((1, 4, 1, 16)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    want = {p: w.rotate(x, p) for p in (5, 6, 1000)}
+    with torch.inference_mode():
+        for p in (5, 5, 6, 1000, 5, 1000, 6):
+            np.testing.assert_array_equal(ft.rotate(xt, w, p).numpy(), want[p])
+        x64 = torch.from_numpy(x.astype(np.float64))  # same position, another dtype
+        np.testing.assert_array_equal(ft.rotate(x64, w, 6).numpy(), w.rotate(x64.numpy(), 6))
+    errors = []
+
+    def worker(p):
+        with torch.inference_mode():
+            for _ in range(300):
+                if not np.array_equal(ft.rotate(xt, w, p).numpy(), want[p]):
+                    errors.append(p)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in (5, 6, 1000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors

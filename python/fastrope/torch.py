@@ -119,6 +119,11 @@ def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().numpy()
 
 
+def _np_fast(t: Tensor) -> np.ndarray:
+    """``t`` as an array, without the detach (a tensor per call) when ``t`` needs none."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
 def _t(a: Optional[np.ndarray], dtype: torch.dtype) -> Tensor:
     if a is None:
         return torch.empty(0, dtype=dtype)
@@ -466,12 +471,12 @@ def attention(
         check_eps(eps)
         check_grad_error(grad_error)
         res = _plain_forward(
-            _np(q), _np(k), _np(v), w, scale, causal, q_offset, k_offset, check_finite,
-            check_threads(num_threads), memory_limit,
+            _np_fast(q), _np_fast(k), _np_fast(v), w, scale, causal, q_offset, k_offset,
+            check_finite, check_threads(num_threads), memory_limit,
         )  # fmt: skip
         if res is not None:
-            out, lse = torch.from_numpy(res[0]), torch.from_numpy(res[1])
-            return (out, lse) if return_lse else out
+            out = torch.from_numpy(res[0])
+            return (out, torch.from_numpy(res[1])) if return_lse else out
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -601,14 +606,13 @@ def rotate(
         theta, factor = _frequencies(_rotary_spec(w), d)
     else:
         theta, factor = w.frequencies(d, max_position)
-    ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _plain_call(x):
         # Nothing to differentiate: the same arithmetic in NumPy (a decode step's query is one
         # row, and a dozen torch ops on it cost more than the attention's NumPy overhead).
-        xn = x.detach().numpy()
-        c = (np.cos(ang) * factor).astype(xn.dtype)
-        s = (np.sin(ang) * factor).astype(xn.dtype)
+        xn = _np_fast(x)
+        c, s = _tables(theta, factor, position, n, xn.dtype)
         return torch.from_numpy(_rotate_rows(xn, c, s, w.layout))
+    ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
     # float16/bfloat16 rotate in float32 and round once (as the attention computes in float32).
     dt = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
     c = torch.from_numpy(np.cos(ang) * factor).to(dt)
@@ -622,6 +626,25 @@ def rotate(
         xp, xr = xc[..., :h], xc[..., h:]
         out = torch.cat([xp * c - xr * s, xp * s + xr * c], dim=-1)
     return out.to(x.dtype)
+
+
+_last_tables: list = [None]
+
+
+def _tables(theta: np.ndarray, factor: float, position: int, n: int, dtype: np.dtype) -> tuple:
+    """``(f cos φ, f sin φ)`` of rows ``position..position + n`` in ``dtype``; the last call's
+    tables are kept (every layer of a generation step rotates at the same position), as one
+    tuple read and written whole, so threads never mix two calls' tables."""
+    key = (id(theta), float(factor), position, n, dtype)
+    last = _last_tables[0]
+    if last is not None and last[0] == key and last[3] is theta:
+        return last[1], last[2]
+    ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
+    c = (np.cos(ang) * factor).astype(dtype)
+    s = (np.sin(ang) * factor).astype(dtype)
+    c.flags.writeable = s.flags.writeable = False
+    _last_tables[0] = (key, c, s, theta)
+    return c, s
 
 
 @functools.lru_cache(maxsize=64)
