@@ -17,9 +17,9 @@ back on the cores, so interleaved rounds measure that hand-over rather than SDPA
   (the general 2x2-block kernel, as for learned position matrices), unrotated cache;
 * ``none``: ``fastrope.attention(q_rot, k_rot, v, None, ...)``: the cache holds rotated keys
   (as Hugging Face's does) and fastrope runs plain attention;
-* ``torch``: a step of :class:`fastrope.torch.RopeAttention` with a ``KVCache`` on tensors (the
-  custom op): the cache holds rotated keys, the step rotates its query (and its new key) with
-  ``fastrope.torch.rotate`` and attends with ``w=None`` (the cache's ``torch.cat`` not timed);
+* ``torch``: the attention of a :class:`fastrope.torch.RopeAttention` step (under
+  ``inference_mode``, the adapter's plain-call path) on a rotated cache: the step rotates its
+  query with ``fastrope.torch.rotate`` and attends with ``w=None`` (the cache update not timed);
 * ``sdpa``: ``scaled_dot_product_attention(q_rot, k_rot, v)`` under ``inference_mode`` (no mask:
   one query sees the whole cache), with ``enable_gqa=True`` for grouped heads: the call Hugging
   Face's Llama makes on CPU (``use_gqa_in_sdpa``);
@@ -66,6 +66,14 @@ def parse_args(argv=None):
         default=["8/8/64", "32/8/128"],
         help="query heads / kv heads / head dim (default: 8 heads of 64, and Llama-3-8B's "
         "32 query heads sharing 8 kv heads of 128)",
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time causal prefills of these lengths (n query rows against n keys), the same"
+        " way: fastrope with Rotary() on unrotated q/k against SDPA(is_causal) on rotated ones",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=31)
@@ -222,6 +230,86 @@ def bench_point(a, nk, hq, hk, d, torch):
     return rec, row
 
 
+PREFILL_HEADER = ["n", "heads", "d", "fastrope ms", "sdpa ms", "sdpa/fastrope", "max|diff|"]
+PREFILL_HEADER += ["reps", "load1"]
+
+
+def phases(a, fns):
+    """Each variant in phases of its own (bursts of ``--burst`` calls), twice in turn: the median
+    seconds per call and the first result of each."""
+    samples: dict = {n: [] for n in fns}
+    first: dict = {}
+
+    def burst(fn):
+        def run():
+            for _ in range(a.burst - 1):
+                fn()
+            return fn()
+
+        return run
+
+    for _ in range(2):
+        for n, f in fns.items():
+            s_, f_ = C.run_rounds(
+                {n: burst(f)},
+                repeats=max(a.repeats // 2, 3),
+                min_repeats=3,
+                budget=a.budget / (2 * len(fns)),
+                warmup_below=1.0,
+                settle=a.settle,
+            )
+            samples[n] += [t / a.burst for t in s_[n]]
+            first.setdefault(n, f_[n])
+    return samples, first
+
+
+def bench_prefill(a, n, hq, hk, d, torch):
+    """A causal prefill of ``n`` rows: ``fastrope.attention(q, k, v, Rotary(), causal=True)``
+    against SDPA on the rotated q and k, in isolated phases."""
+    import fastrope
+
+    rng = np.random.default_rng(a.seed)
+    q = rng.standard_normal((1, hq, n, d)).astype(np.float32)
+    k = rng.standard_normal((1, hk, n, d)).astype(np.float32)
+    v = rng.standard_normal((1, hk, n, d)).astype(np.float32)
+    angles = C.rope_angles(n, d)
+    tqr = torch.from_numpy(C.rotate_interleaved(q, angles))
+    tkr = torch.from_numpy(C.rotate_interleaved(k, angles))
+    tv = torch.from_numpy(v)
+    w = fastrope.Rotary()
+    F = torch.nn.functional
+    gqa = {"enable_gqa": True} if hq != hk else {}
+
+    def sdpa():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(tqr, tkr, tv, is_causal=True, **gqa)
+
+    fns = {
+        "fastrope": lambda: fastrope.attention(q, k, v, w, causal=True, num_threads=a.threads),
+        "sdpa": sdpa,
+    }
+    load0 = C.loadavg()
+    samples, first = phases(a, fns)
+    med = {name: C.median(s_) for name, s_ in samples.items()}
+    diff = float(np.max(np.abs(np.asarray(first["fastrope"]) - first["sdpa"].numpy())))
+    rec = {
+        "n": n,
+        "hq": hq,
+        "hk": hk,
+        "d": d,
+        "samples_s": samples,
+        "median_s": med,
+        "sdpa_over_fastrope": med["sdpa"] / med["fastrope"],
+        "max_abs_diff_vs_sdpa": diff,
+        "loadavg": [load0, C.loadavg()],
+    }
+    row = [n, f"{hq}/{hk}", d, f"{med['fastrope'] * 1e3:.3f}", f"{med['sdpa'] * 1e3:.3f}"]
+    row += [f"{rec['sdpa_over_fastrope']:.2f}x", f"{diff:.1e}"]
+    row += [str(min(len(s_) for s_ in samples.values())), str((load0 or ["-"])[0])]
+    C.log(" | ".join(str(x) for x in row))
+    return rec, row
+
+
 def main(argv=None):
     a = parse_args(argv)
     snap = None if a.no_snapshot else C.snapshot_package("fastrope")
@@ -250,10 +338,21 @@ def main(argv=None):
             rec, row = bench_point(a, nk, hq, hk, d, torch)
             records.append(rec)
             rows.append(row)
+    prefill_rows = []
+    if a.prefill:
+        C.log(" | ".join(PREFILL_HEADER))
+        for spec in a.heads:
+            hq, hk, d = (int(x) for x in spec.split("/"))
+            for n in a.prefill:
+                rec, row = bench_prefill(a, n, hq, hk, d, torch)
+                records.append({"prefill": rec})
+                prefill_rows.append(row)
     machine["elapsed_s"] = round(time.perf_counter() - t0, 1)
     machine["loadavg_end"] = C.loadavg()
     C.log(f"# done in {machine['elapsed_s']:.0f} s; loadavg at end {machine['loadavg_end']}")
     table = C.format_table(HEADER, rows, markdown=True)
+    if prefill_rows:
+        table += "\n\n" + C.format_table(PREFILL_HEADER, prefill_rows, markdown=True)
     C.log("")
     C.log(table)
     config = {k: v for k, v in vars(a).items() if k not in ("json", "markdown")}

@@ -5,16 +5,20 @@ Hugging Face way with PyTorch's ``scaled_dot_product_attention``.
 
 Each layer of the stack (hidden size ``heads x d``, float32, batch 1) does what a Llama
 attention block does in a generation step: a QKV projection of the step's hidden state, RoPE on
-the new query and key, the KV cache update (``torch.cat``, as Hugging Face's ``DynamicCache``),
+the new query and key, the KV cache update,
 attention of the one query row against the whole cache, the output projection and the residual
-add. The two variants differ only in the attention:
+add (with the layer's input RMSNorm). The variants differ in the attention and the cache:
 
 * ``fastrope``: :class:`fastrope.torch.RopeAttention` (``Rotary()``) with a
   :class:`fastrope.torch.KVCache`: the module rotates the new key once, keeps the cache rotated
-  and attends with ``w=None`` (a call of the plain-call path);
+  (appended in place: the cache's storage doubles when full) and attends with ``w=None`` (a
+  call of the plain-call path);
 * ``sdpa``: RoPE with torch ops on the new query and key (cos/sin tables precomputed, as
-  Hugging Face's rotary embedding module does), then
-  ``scaled_dot_product_attention(q, k_cache, v_cache)`` (``enable_gqa`` for grouped heads).
+  Hugging Face's rotary embedding module does), the cache extended by ``torch.cat`` (as Hugging
+  Face's ``DynamicCache`` does), then ``scaled_dot_product_attention(q, k_cache, v_cache)``
+  (``enable_gqa`` for grouped heads);
+* ``sdpa_static``: the same with a preallocated cache written in place (as Hugging Face's
+  ``StaticCache``), SDPA on the view of its filled rows: the attention alone against fastrope's.
 
 A sample runs ``--steps`` generation steps from a cache of ``n_k - 1`` keys (refilled, untimed,
 before each sample), all under ``inference_mode``; the variants alternate sample by sample, so
@@ -37,8 +41,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-HEADER = ["layers", "heads", "n_k", "steps", "sdpa ms/step", "fastrope ms/step", "sdpa/fastrope"]
-HEADER += ["attention share", "max|diff|", "samples", "load1"]
+HEADER = ["layers", "heads", "n_k", "steps", "sdpa ms/step", "sdpa_static ms/step"]
+HEADER += ["fastrope ms/step", "sdpa/fastrope", "static/fastrope", "attention ms/step"]
+HEADER += ["max|diff|", "samples", "load1"]
 
 
 def parse_args(argv=None):
@@ -86,6 +91,8 @@ def build(torch, a, hq, hk, d, nk):
     gqa = {"enable_gqa": True} if hq != hk else {}
 
     def split(x, lay):
+        # the layer's input RMSNorm (unit weights), as Llama's, keeps the stack's scale
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         qkv = x @ lay["w_qkv"]
         q = qkv[:, : hq * d].reshape(1, hq, 1, d)
         k = qkv[:, hq * d : (hq + hk) * d].reshape(1, hk, 1, d)
@@ -102,7 +109,7 @@ def build(torch, a, hq, hk, d, nk):
         for lay in layers:
             cache = ft.KVCache()
             cache._claim(True, 0)
-            cache.k, cache.v = lay["k0"].clone(), lay["v0"].clone()
+            cache.update(lay["k0"], lay["v0"])
             caches.append(cache)
         return caches
 
@@ -131,6 +138,29 @@ def build(torch, a, hq, hk, d, nk):
                 x = x + o.reshape(1, hq * d) @ lay["w_o"]
         return x
 
+    def fresh_static():
+        caches = []
+        for lay in layers:
+            k = lay["k0"].new_empty(lay["k0"].shape[:-2] + (nk + a.steps, d))
+            v = torch.empty_like(k)
+            k[..., : nk - 1, :], v[..., : nk - 1, :] = lay["k0"], lay["v0"]
+            caches.append((k, v))
+        return caches
+
+    def run_static(caches, steps):
+        x = x0
+        for step in range(steps):
+            p = nk - 1 + step
+            for lay, (kc, vc) in zip(layers, caches):
+                q, k, v = split(x, lay)
+                q, k = rope(q, p), rope(k, p)
+                kc[..., p : p + 1, :], vc[..., p : p + 1, :] = k, v
+                o = F.scaled_dot_product_attention(
+                    q, kc[..., : p + 1, :], vc[..., : p + 1, :], **gqa
+                )
+                x = x + o.reshape(1, hq * d) @ lay["w_o"]
+        return x
+
     def run_proj(caches, steps):
         """The stack without attention (projections and residuals only)."""
         x = x0
@@ -143,6 +173,7 @@ def build(torch, a, hq, hk, d, nk):
     return {
         "fastrope": (fresh, run_fastrope),
         "sdpa": (fresh_sdpa, run_sdpa),
+        "sdpa_static": (fresh_static, run_static),
         "projections": (fresh_sdpa, run_proj),
     }
 
@@ -162,9 +193,10 @@ def bench_point(torch, a, hq, hk, d, nk):
                 run(caches, a.steps)
                 times[n].append((time.perf_counter() - t0) / a.steps)
     med = {n: C.median(ts) for n, ts in times.items()}
-    diff = float((final["fastrope"] - final["sdpa"]).abs().max())
-    att_f = med["fastrope"] - med["projections"]
-    att_s = med["sdpa"] - med["projections"]
+    diff = max(
+        float((final[n] - final["sdpa"]).abs().max()) for n in ("fastrope", "sdpa_static")
+    )
+    att = {n: med[n] - med["projections"] for n in ("sdpa", "sdpa_static", "fastrope")}
     rec = {
         "layers": a.layers,
         "hq": hq,
@@ -174,14 +206,14 @@ def bench_point(torch, a, hq, hk, d, nk):
         "steps": a.steps,
         "samples_s_per_step": times,
         "median_s_per_step": med,
-        "attention_s_per_step": {"fastrope": att_f, "sdpa": att_s},
+        "attention_s_per_step": att,
         "max_abs_diff": diff,
         "loadavg": [load0, C.loadavg()],
     }
     row = [a.layers, f"{hq}/{hk}/{d}", nk, a.steps]
-    row += [f"{med['sdpa'] * 1e3:.2f}", f"{med['fastrope'] * 1e3:.2f}"]
-    row += [f"{med['sdpa'] / med['fastrope']:.2f}x"]
-    row += [f"{att_s * 1e3:.2f} / {att_f * 1e3:.2f} ms"]
+    row += [f"{med[n] * 1e3:.2f}" for n in ("sdpa", "sdpa_static", "fastrope")]
+    row += [f"{med[n] / med['fastrope']:.2f}x" for n in ("sdpa", "sdpa_static")]
+    row += [" / ".join(f"{att[n] * 1e3:.2f}" for n in ("sdpa", "sdpa_static", "fastrope"))]
     row += [f"{diff:.1e}", str(a.samples), str((load0 or ["-"])[0])]
     C.log(" | ".join(str(x) for x in row))
     return rec, row
@@ -199,8 +231,8 @@ def main(argv=None):
     C.log(
         f"# cpu: {machine['cpu']}, {machine['logical_cores']} logical cores, threads={a.threads},"
         f" torch {torch.__version__}; batch 1, float32; ms per generated token through all"
-        " layers (medians); attention share = median step minus the projections-only stack"
-        " (sdpa / fastrope)"
+        " layers (medians); attention = median step minus the projections-only stack"
+        " (sdpa / sdpa_static / fastrope)"
     )
     C.log(" | ".join(HEADER))
     hq, hk, d = (int(x) for x in a.heads.split("/"))

@@ -673,17 +673,62 @@ class KVCache:
     """
 
     def __init__(self) -> None:
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
+        # Storage with room to grow (rows beyond `_n` unused), as a vector grows: appending a
+        # step's key costs O(1) amortised instead of the O(n) copy of a `torch.cat`.
+        self._k: Optional[Tensor] = None
+        self._v: Optional[Tensor] = None
+        self._n = 0
         self.rotated: Optional[bool] = None
         self.k_offset: Optional[int] = None
 
+    @property
+    def k(self) -> Optional[Tensor]:
+        """The cached keys ``(batch, kv_heads, n, d)`` (a view of the cache's storage)."""
+        return None if self._k is None else self._k[..., : self._n, :]
+
+    @property
+    def v(self) -> Optional[Tensor]:
+        """The cached values ``(batch, kv_heads, n, d_v)`` (a view of the cache's storage)."""
+        return None if self._v is None else self._v[..., : self._n, :]
+
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
+        return self._n
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
+        """Append ``k`` ``(batch, kv_heads, m, d)`` and ``v``; returns all keys and values.
+
+        Without autograd (inference mode, ``no_grad``, or nothing requiring grad) the rows are
+        written into the cache's storage, which doubles when full; views returned earlier keep
+        their rows. With autograd the cache is extended by ``torch.cat``, so gradients flow
+        through it."""
+        m = k.shape[-2]
+        if self._k is not None:
+            for name, new, old in (("k", k, self._k), ("v", v, self._v)):
+                if new.shape[:-2] != old.shape[:-2] or new.shape[-1] != old.shape[-1]:
+                    raise ValueError(
+                        f"{name}: expected shape (..., n, {old.shape[-1]}) with leading dims"
+                        f" {tuple(old.shape[:-2])} like the cache's, got {tuple(new.shape)}"
+                    )
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (k, v, self._k, self._v)
+        ):
+            self._k = k if self._k is None else torch.cat([self.k, k], dim=-2)
+            self._v = v if self._v is None else torch.cat([self.v, v], dim=-2)
+            self._n += m
+            return self._k, self._v
+        n = self._n + m
+        if self._k is None or n > self._k.shape[-2]:
+            cap = max(2 * n, 64)
+            for name in ("_k", "_v"):
+                new = k if name == "_k" else v
+                buf = new.new_empty(new.shape[:-2] + (cap, new.shape[-1]))
+                old = getattr(self, name)
+                if old is not None:
+                    buf[..., : self._n, :] = old[..., : self._n, :]
+                setattr(self, name, buf)
+        self._k[..., self._n : n, :] = k
+        self._v[..., self._n : n, :] = v
+        self._n = n
         return self.k, self.v
 
     def _claim(self, rotated: bool, k_offset: int) -> None:
