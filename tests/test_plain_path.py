@@ -195,3 +195,28 @@ def test_torch_rotate_reuses_its_tables_only_for_the_same_position(rng):
     for t in threads:
         t.join(timeout=60)
     assert not errors
+
+
+def test_kv_cache_appends_in_place_and_keeps_earlier_views(rng):
+    torch = pytest.importorskip("torch")
+    import fastrope.torch as ft
+
+    ks = [torch.from_numpy(rng.standard_normal((1, 2, m, 4))) for m in (50, 1, 30, 1)]
+    vs = [torch.from_numpy(rng.standard_normal((1, 2, m, 3))) for m in (50, 1, 30, 1)]
+    cache = ft.KVCache()
+    views = []
+    with torch.inference_mode():
+        for k, v in zip(ks, vs):
+            views.append(cache.update(k, v))
+        # the storage grew past its first capacity (64) and earlier views kept their rows
+        for i, (kv, vv) in enumerate(views):
+            torch.testing.assert_close(kv, torch.cat(ks[: i + 1], dim=-2), rtol=0, atol=0)
+            torch.testing.assert_close(vv, torch.cat(vs[: i + 1], dim=-2), rtol=0, atol=0)
+        assert len(cache) == 82 and cache.k.shape == (1, 2, 82, 4)
+        with pytest.raises(ValueError, match="k: expected shape"):
+            cache.update(ks[0][..., :3], vs[0])
+    # Under autograd the cache is extended functionally: gradients reach the appended keys.
+    k_new = torch.from_numpy(rng.standard_normal((1, 2, 1, 4))).requires_grad_()
+    k_all, _ = cache.update(k_new, vs[-1])
+    k_all.sum().backward()
+    assert k_new.grad is not None and torch.all(k_new.grad == 1)
