@@ -142,29 +142,8 @@ def bench_point(a, nk, hq, hk, d, torch):
     if g > 1:
         fns["sdpa_rep"] = sdpa_rep
 
-    def burst(fn):
-        def run():
-            for _ in range(a.burst - 1):
-                fn()
-            return fn()
-
-        return run
-
     load0 = C.loadavg()
-    samples: dict = {n: [] for n in fns}
-    first: dict = {}
-    for _ in range(2):
-        for n, f in fns.items():
-            s_, f_ = C.run_rounds(
-                {n: burst(f)},
-                repeats=max(a.repeats // 2, 3),
-                min_repeats=3,
-                budget=a.budget / (2 * len(fns)),
-                warmup_below=1.0,
-                settle=a.settle,
-            )
-            samples[n] += [t / a.burst for t in s_[n]]
-            first.setdefault(n, f_[n])
+    samples, first = phases(a, fns)
 
     # The decoder-layer loop.
     hid = hq * d
@@ -189,7 +168,10 @@ def bench_point(a, nk, hq, hk, d, torch):
         return ft.attention(q_rot, tkr, tv, None, causal=True, q_offset=nk - 1, num_threads=T)
 
     lay, _ = C.run_rounds(
-        {"sdpa": burst(layer(layer_sdpa)), "fastrope": burst(layer(layer_fastrope))},
+        {
+            "sdpa": burst(layer(layer_sdpa), a.burst),
+            "fastrope": burst(layer(layer_fastrope), a.burst),
+        },
         repeats=a.repeats,
         min_repeats=5,
         budget=a.budget,
@@ -230,6 +212,17 @@ def bench_point(a, nk, hq, hk, d, torch):
     return rec, row
 
 
+def burst(fn, calls: int):
+    """``fn`` called ``calls`` times back to back (a timed sample); returns the last result."""
+
+    def run():
+        for _ in range(calls - 1):
+            fn()
+        return fn()
+
+    return run
+
+
 PREFILL_HEADER = ["n", "heads", "d", "fastrope ms", "sdpa ms", "sdpa/fastrope", "max|diff|"]
 PREFILL_HEADER += ["reps", "load1"]
 
@@ -239,19 +232,10 @@ def phases(a, fns):
     seconds per call and the first result of each."""
     samples: dict = {n: [] for n in fns}
     first: dict = {}
-
-    def burst(fn):
-        def run():
-            for _ in range(a.burst - 1):
-                fn()
-            return fn()
-
-        return run
-
     for _ in range(2):
         for n, f in fns.items():
             s_, f_ = C.run_rounds(
-                {n: burst(f)},
+                {n: burst(f, a.burst)},
                 repeats=max(a.repeats // 2, 3),
                 min_repeats=3,
                 budget=a.budget / (2 * len(fns)),
