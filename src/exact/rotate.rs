@@ -185,45 +185,20 @@ impl<'r> Rotator<'r> {
         out
     }
 
-    /// Calls `f(i, cos, sin)` for rows `i < n` at positions `offset + i`, with the pairs'
-    /// `mc cos φ_m` and `ms sin φ_m` (`φ_m = (offset + i) θ_m`, from the coarse and fine tables).
+    /// The angles of rows at consecutive positions: [`Angles::at`] gives a row's pairs'
+    /// `mc cos φ_m` and `ms sin φ_m` (`φ_m = pos θ_m`, from the coarse and fine tables).
     #[inline(always)]
-    fn angles(
-        &self,
-        offset: i64,
-        n: usize,
-        mc: f64,
-        ms: f64,
-        mut f: impl FnMut(usize, &[f64], &[f64]),
-    ) {
+    fn angles(&self, mc: f64, ms: f64) -> Angles<'_, 'r> {
         let h = self.r.theta.len();
-        let (mut ca, mut sa) = (vec![1.0; h], vec![0.0; h]);
-        let (mut cc, mut ss) = (vec![0.0; h], vec![0.0; h]);
-        let mut have = None;
-        for i in 0..n {
-            let pos = offset + i as i64;
-            let (a, b) = (pos.div_euclid(B), pos.rem_euclid(B) as usize);
-            if have != Some(a) {
-                for ((c, s), &th) in ca.iter_mut().zip(sa.iter_mut()).zip(&self.r.theta) {
-                    (*s, *c) = ((a * B) as f64 * th).sin_cos();
-                }
-                have = Some(a);
-            }
-            let (fc, fs) = (
-                &self.fine.c[b * h..(b + 1) * h],
-                &self.fine.s[b * h..(b + 1) * h],
-            );
-            for ((((c, s), (&xc, &xs)), &yc), &ys) in cc
-                .iter_mut()
-                .zip(ss.iter_mut())
-                .zip(ca.iter().zip(&sa))
-                .zip(fc)
-                .zip(fs)
-            {
-                *c = mc * (xc * yc - xs * ys);
-                *s = ms * (xs * yc + xc * ys);
-            }
-            f(i, &cc, &ss);
+        Angles {
+            rot: self,
+            ca: vec![1.0; h],
+            sa: vec![0.0; h],
+            cc: vec![0.0; h],
+            ss: vec![0.0; h],
+            have: None,
+            mc,
+            ms,
         }
     }
 
@@ -234,7 +209,11 @@ impl<'r> Rotator<'r> {
     pub fn table<T: Real>(&self, offset: i64, n: usize, mult: f64, c: &mut [T], s: &mut [T]) {
         let h = self.r.theta.len();
         let d = 2 * h;
-        self.angles(offset, n, mult, mult, |i, cm, sm| {
+        // A loop, not a closure: a closure would be compiled without the caller's target
+        // features (SSE2 only), and so would the arithmetic inside it.
+        let mut ang = self.angles(mult, mult);
+        for i in 0..n {
+            let (cm, sm) = ang.at(offset + i as i64);
             let (co, so) = (&mut c[i * d..(i + 1) * d], &mut s[i * d..(i + 1) * d]);
             for (m, (&cv, &sv)) in cm.iter().zip(sm).enumerate() {
                 let (cv, sv) = (T::of(cv), T::of(sv));
@@ -248,7 +227,7 @@ impl<'r> Rotator<'r> {
                 so[p] = -sv;
                 so[r] = sv;
             }
-        });
+        }
     }
 
     #[inline(always)]
@@ -263,7 +242,10 @@ impl<'r> Rotator<'r> {
     ) {
         let h = self.r.theta.len();
         let sgn = if back { -mult } else { mult };
-        self.angles(offset, n, mult, sgn, |i, cc, ss| {
+        // A loop, not a closure (see `table`).
+        let mut ang = self.angles(mult, sgn);
+        for i in 0..n {
+            let (cc, ss) = ang.at(offset + i as i64);
             let row = &mut rows[i * ld..i * ld + 2 * h];
             match self.layout {
                 Layout::Half => {
@@ -289,7 +271,52 @@ impl<'r> Rotator<'r> {
                     }
                 }
             }
-        });
+        }
+    }
+}
+
+/// The angles of a [`Rotator`]'s rows, one position after another (see [`Rotator::angles`]).
+struct Angles<'a, 'r> {
+    rot: &'a Rotator<'r>,
+    /// `cos`, `sin` of the coarse angle `a B θ_m` of the block `have`.
+    ca: Vec<f64>,
+    sa: Vec<f64>,
+    /// The last row's `mc cos φ_m`, `ms sin φ_m`.
+    cc: Vec<f64>,
+    ss: Vec<f64>,
+    have: Option<i64>,
+    mc: f64,
+    ms: f64,
+}
+
+impl Angles<'_, '_> {
+    /// The pairs' `mc cos φ_m` and `ms sin φ_m` at position `pos`: the coarse angle of `pos`'s
+    /// block of `B` positions (computed when the block changes) times the fine table's.
+    #[inline(always)]
+    fn at(&mut self, pos: i64) -> (&[f64], &[f64]) {
+        let rot = self.rot;
+        let h = rot.r.theta.len();
+        let (a, b) = (pos.div_euclid(B), pos.rem_euclid(B) as usize);
+        if self.have != Some(a) {
+            for ((c, s), &th) in self.ca.iter_mut().zip(self.sa.iter_mut()).zip(&rot.r.theta) {
+                (*s, *c) = ((a * B) as f64 * th).sin_cos();
+            }
+            self.have = Some(a);
+        }
+        let (fc, fs) = (&rot.fine.c[b * h..(b + 1) * h], &rot.fine.s[b * h..(b + 1) * h]);
+        let (mc, ms) = (self.mc, self.ms);
+        for ((((c, s), (&xc, &xs)), &yc), &ys) in self
+            .cc
+            .iter_mut()
+            .zip(self.ss.iter_mut())
+            .zip(self.ca.iter().zip(&self.sa))
+            .zip(fc)
+            .zip(fs)
+        {
+            *c = mc * (xc * yc - xs * ys);
+            *s = ms * (xs * yc + xc * ys);
+        }
+        (&self.cc, &self.ss)
     }
 }
 
