@@ -303,7 +303,10 @@ impl Angles<'_, '_> {
             }
             self.have = Some(a);
         }
-        let (fc, fs) = (&rot.fine.c[b * h..(b + 1) * h], &rot.fine.s[b * h..(b + 1) * h]);
+        let (fc, fs) = (
+            &rot.fine.c[b * h..(b + 1) * h],
+            &rot.fine.s[b * h..(b + 1) * h],
+        );
         let (mc, ms) = (self.mc, self.ms);
         for ((((c, s), (&xc, &xs)), &yc), &ys) in self
             .cc
