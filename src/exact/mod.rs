@@ -216,12 +216,11 @@ pub(crate) fn check_rows_of<T: Real>(
     serial: bool,
 ) -> Result<()> {
     let (batch, heads) = (x.dim().0, x.dim().1);
+    let isa = crate::arch::simd::isa();
     let finite = |bh: usize| {
         let xh = x.slice(ndarray::s![bh / heads, bh % heads, j0..j1, ..]);
         match xh.as_slice() {
-            Some(xs) => xs
-                .chunks(4096)
-                .all(|c| c.iter().fold(true, |a, v| a & v.is_finite())),
+            Some(xs) => xs.chunks(4096).all(|c| T::with_lanes(isa, AllFinite(c))),
             None => xh.iter().all(|v| v.is_finite()),
         }
     };
@@ -234,6 +233,18 @@ pub(crate) fn check_rows_of<T: Real>(
         Ok(())
     } else {
         Err(non_finite(name, x))
+    }
+}
+
+/// Whether every entry of a slice is finite ([`kernel::all_finite`] on the best lanes).
+struct AllFinite<'a, T>(&'a [T]);
+
+impl<T: Real> LanesTask<T> for AllFinite<'_, T> {
+    type Out = bool;
+    #[inline(always)]
+    fn run<L: Lanes<E = T>>(self) -> bool {
+        // SAFETY: the pointer and length are the slice's.
+        unsafe { kernel::all_finite::<L>(self.0.as_ptr(), self.0.len()) }
     }
 }
 

@@ -302,3 +302,32 @@ mod backward;
 mod decode;
 mod forward;
 mod miri;
+
+/// The finiteness scan (`check_rows_of`, SIMD lanes over contiguous rows) finds a NaN or an Inf
+/// at any position, the tail after the last whole vector included, and passes the largest
+/// finite values, in both dtypes and on strided rows.
+#[test]
+fn the_finiteness_scan_finds_every_bad_entry_and_passes_huge_finite_ones() {
+    fn run<T: crate::arch::Real>(big: T) {
+        let (b, h, n, d) = (1, 2, 7, 19); // 7 x 19 = 133 entries a head: not a multiple of W
+        let x = Array4::from_elem((b, h, n, d), big);
+        assert!(super::check_rows_of("k", &x.view(), 0, n, true).is_ok());
+        let bad = [T::nan(), T::infinity(), T::neg_infinity()];
+        for (i, &v) in bad.iter().enumerate() {
+            for at in [0, 15, 16, 17, 64, 127, 128, 132] {
+                let mut y = x.clone();
+                y[[0, 1, at / d, at % d]] = v;
+                let e = super::check_rows_of("k", &y.view(), 0, n, i % 2 == 0);
+                assert!(e.is_err(), "entry {at} = {v:?} not found");
+                // outside the rows scanned it is not looked at
+                assert!(super::check_rows_of("k", &y.view(), 0, at / d, true).is_ok());
+                // strided rows (every other column) take the element-wise scan
+                let s = y.slice(ndarray::s![.., .., .., ..;2]);
+                let found = super::check_rows_of("k", &s, 0, n, true).is_err();
+                assert_eq!(found, (at % d) % 2 == 0, "strided entry {at}");
+            }
+        }
+    }
+    run::<f32>(f32::MAX);
+    run::<f64>(-f64::MAX);
+}
