@@ -220,3 +220,20 @@ def test_kv_cache_appends_in_place_and_keeps_earlier_views(rng):
     k_all, _ = cache.update(k_new, vs[-1])
     k_all.sum().backward()
     assert k_new.grad is not None and torch.all(k_new.grad == 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("shape", [(1, 8, 1, 64), (3, 5, 6), (2, 2, 7, 4), (1, 2), (4, 0, 8)])
+def test_native_row_rotation_gives_numpys_bits(rng, dtype, layout, shape):
+    from fastrope._position import _rotate_rows, _rotate_rows_numpy
+
+    x = rng.standard_normal(shape).astype(dtype)
+    n, d = shape[-2:]
+    c, s = (rng.standard_normal((n, d // 2)).astype(dtype) for _ in range(2))
+    got = _rotate_rows(x, c, s, layout)
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_array_equal(got, _rotate_rows_numpy(x, c, s, layout))
+    # strided x (every other row) takes the NumPy operations, with the same result
+    xs = np.repeat(x, 2, axis=-2)[..., ::2, :]
+    np.testing.assert_array_equal(_rotate_rows(xs, c, s, layout), got)

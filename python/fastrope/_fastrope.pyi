@@ -19,6 +19,7 @@ __all__ = [
     "_inject_alloc_failure",
     "planner_calls",
     "profile_phases",
+    "rotate_rows",
     "PlannedCall",
     "__version__",
 ]
@@ -150,6 +151,10 @@ def profile_phases(on: Optional[bool] = None) -> Dict[str, float]:
     """Seconds of thread time per phase of the fast calls since the last call (plan, check,
     rotate, features, gemm, diagonal, output), resetting them; ``on`` turns the timers on or
     off (off by default: then nothing is timed)."""
+
+def rotate_rows(x: np.ndarray, c: np.ndarray, s: np.ndarray, half: bool) -> np.ndarray:
+    """``x`` ``(m, n, d)`` with row ``i``'s pairs rotated by ``c``, ``s`` ``(n, d/2)``."""
+    ...
 
 def default_num_threads() -> int: ...
 def clear_cache() -> None: ...

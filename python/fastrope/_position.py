@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import _fastrope
 from ._rotary import rotary_frequencies
 
 __all__ = ["Rotary", "BlockW", "SparseW", "rotary_pairs", "LAYOUTS"]
@@ -135,7 +136,28 @@ class Rotary:
 
 def _rotate_rows(x: np.ndarray, c: np.ndarray, s: np.ndarray, layout: str) -> np.ndarray:
     """``x`` ``(..., n, d)`` rotated with ``c``, ``s`` ``(n, d/2)`` on ``layout``'s pairs (the
-    arithmetic of :meth:`Rotary.rotate`, shared with ``fastrope.torch.rotate``)."""
+    arithmetic of :meth:`Rotary.rotate`, shared with ``fastrope.torch.rotate``).
+
+    Natively when ``x`` is C-contiguous with ``d > 0`` (the same operations in the same order,
+    so the same bits: :func:`_rotate_rows_numpy`), which a decode step's single row needs: the
+    NumPy version's eight operations cost it about 10 µs."""
+    n, d = x.shape[-2:]
+    if (
+        layout in ("interleaved", "half")
+        and x.flags.c_contiguous
+        and x.size > 0
+        and c.dtype == x.dtype
+        and s.dtype == x.dtype
+    ):
+        out = _fastrope.rotate_rows(
+            x.reshape(-1, n, d), np.ascontiguousarray(c), np.ascontiguousarray(s), layout == "half"
+        )
+        return out.reshape(x.shape)
+    return _rotate_rows_numpy(x, c, s, layout)
+
+
+def _rotate_rows_numpy(x: np.ndarray, c: np.ndarray, s: np.ndarray, layout: str) -> np.ndarray:
+    """:func:`_rotate_rows` in NumPy operations (any strides)."""
     out = np.empty_like(x)
     h = x.shape[-1] // 2
     # The pairs' lanes as strided views: (2m, 2m+1) or (m, m+h).
