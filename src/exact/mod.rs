@@ -198,6 +198,7 @@ pub(crate) fn rotated_key_panels<T: Real>(
 }
 
 /// An error naming `name` when a row `j0..j1` (axis 2) of `x` holds a NaN or an Inf.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
 pub(crate) fn check_rows<T: Real>(
     name: &str,
     x: &ArrayView4<'_, T>,
