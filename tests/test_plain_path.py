@@ -237,3 +237,23 @@ def test_native_row_rotation_gives_numpys_bits(rng, dtype, layout, shape):
     # strided x (every other row) takes the NumPy operations, with the same result
     xs = np.repeat(x, 2, axis=-2)[..., ::2, :]
     np.testing.assert_array_equal(_rotate_rows(xs, c, s, layout), got)
+
+
+def test_kv_cache_moves_between_inference_mode_no_grad_and_autograd(rng):
+    torch = pytest.importorskip("torch")
+    import fastrope.torch as ft
+
+    ks = [torch.from_numpy(rng.standard_normal((1, 2, m, 4))) for m in (3, 1, 1, 1)]
+    vs = [torch.from_numpy(rng.standard_normal((1, 2, m, 4))) for m in (3, 1, 1, 1)]
+    cache = ft.KVCache()
+    with torch.inference_mode():  # storage made in inference mode...
+        cache.update(ks[0], vs[0])
+    with torch.no_grad():  # ...is replaced, not written, outside it
+        cache.update(ks[1], vs[1])
+    k_grad = ks[2].clone().requires_grad_()
+    k_all, _ = cache.update(k_grad, vs[2])  # autograd: extended functionally
+    with torch.no_grad():  # the cache holds keys in the graph: still not written in place
+        k_next, _ = cache.update(ks[3], vs[3])
+    torch.testing.assert_close(k_next, torch.cat(ks, dim=-2), rtol=0, atol=0)
+    k_all.sum().backward()
+    assert torch.all(k_grad.grad == 1)

@@ -116,11 +116,10 @@ def _decode_w(kind: str, spec: str, values: Any, support: Any):
 
 
 def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else t.detach().numpy()
-
-
-def _np_fast(t: Tensor) -> np.ndarray:
-    """``t`` as an array, without the detach (a tensor per call) when ``t`` needs none."""
+    """``t`` as an array (a view), detached only when it requires grad (a detach is a tensor
+    per call)."""
+    if t is None:
+        return None
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
@@ -471,7 +470,7 @@ def attention(
         check_eps(eps)
         check_grad_error(grad_error)
         res = _plain_forward(
-            _np_fast(q), _np_fast(k), _np_fast(v), w, scale, causal, q_offset, k_offset,
+            _np(q), _np(k), _np(v), w, scale, causal, q_offset, k_offset,
             check_finite, check_threads(num_threads), memory_limit,
         )  # fmt: skip
         if res is not None:
@@ -609,7 +608,7 @@ def rotate(
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _plain_call(x):
         # Nothing to differentiate: the same arithmetic in NumPy (a decode step's query is one
         # row, and a dozen torch ops on it cost more than the attention's NumPy overhead).
-        xn = _np_fast(x)
+        xn = _np(x)
         c, s = _tables(theta, factor, position, n, xn.dtype)
         return torch.from_numpy(_rotate_rows(xn, c, s, w.layout))
     ang = np.arange(position, position + n, dtype=np.float64)[:, None] * theta[None, :]
@@ -699,8 +698,8 @@ class KVCache:
 
         Without autograd (inference mode, ``no_grad``, or nothing requiring grad) the rows are
         written into the cache's storage, which doubles when full; views returned earlier keep
-        their rows. With autograd the cache is extended by ``torch.cat``, so gradients flow
-        through it."""
+        their rows. With autograd (or while the cache holds keys that require grad) it is
+        extended by ``torch.cat``, so gradients flow through it."""
         m = k.shape[-2]
         if self._k is not None:
             for name, new, old in (("k", k, self._k), ("v", v, self._v)):
@@ -709,15 +708,18 @@ class KVCache:
                         f"{name}: expected shape (..., n, {old.shape[-1]}) with leading dims"
                         f" {tuple(old.shape[:-2])} like the cache's, got {tuple(new.shape)}"
                     )
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (k, v, self._k, self._v)
+        stored = [t for t in (self._k, self._v) if t is not None]
+        if any(t.requires_grad for t in stored) or (
+            torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
         ):
             self._k = k if self._k is None else torch.cat([self.k, k], dim=-2)
             self._v = v if self._v is None else torch.cat([self.v, v], dim=-2)
             self._n += m
             return self._k, self._v
         n = self._n + m
-        if self._k is None or n > self._k.shape[-2]:
+        # Storage made under inference_mode cannot be written outside it: a new one then.
+        stale = any(t.is_inference() for t in stored) and not torch.is_inference_mode_enabled()
+        if self._k is None or n > self._k.shape[-2] or stale:
             cap = max(2 * n, 64)
             for name in ("_k", "_v"):
                 new = k if name == "_k" else v

@@ -118,17 +118,26 @@ fn rotate_rows_typed<'py, T: crate::arch::Real + numpy::Element>(
             sv.dim()
         )));
     }
-    let mut out = ndarray::Array3::<T>::zeros((m, n, d));
-    for (xb, mut ob) in xv.outer_iter().zip(out.outer_iter_mut()) {
-        for (i, (xr, mut or)) in xb.outer_iter().zip(ob.outer_iter_mut()).enumerate() {
-            for j in 0..h {
-                let (p, r) = if half { (j, j + h) } else { (2 * j, 2 * j + 1) };
-                let (xp, xq, cc, ss) = (xr[p], xr[r], cv[[i, j]], sv[[i, j]]);
-                or[p] = xp * cc - xq * ss;
-                or[r] = xp * ss + xq * cc;
+    let rotate = || {
+        let mut out = ndarray::Array3::<T>::zeros((m, n, d));
+        for (xb, mut ob) in xv.outer_iter().zip(out.outer_iter_mut()) {
+            for (i, (xr, mut or)) in xb.outer_iter().zip(ob.outer_iter_mut()).enumerate() {
+                for j in 0..h {
+                    let (p, r) = if half { (j, j + h) } else { (2 * j, 2 * j + 1) };
+                    let (xp, xq, cc, ss) = (xr[p], xr[r], cv[[i, j]], sv[[i, j]]);
+                    or[p] = xp * cc - xq * ss;
+                    or[r] = xp * ss + xq * cc;
+                }
             }
         }
-    }
+        out
+    };
+    // A large x (a whole cache) is rotated without the GIL, as NumPy's operations were.
+    let out = if xv.len() >= 1 << 16 {
+        py.detach(rotate)
+    } else {
+        rotate()
+    };
     Ok(out.into_pyarray(py).into_any())
 }
 
